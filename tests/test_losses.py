@@ -1,0 +1,185 @@
+"""Tests for d2v_jax.losses (SPEC section 3) against independent numpy loops."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d2v_jax.losses import compute_var, regression_loss, regression_loss_terms
+
+B, T, D = 4, 6, 8
+
+
+def ref_loss(pred, target, mask, beta=0.0, scale=None):
+    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    scale = 1.0 / math.sqrt(pred.shape[-1]) if scale is None else scale
+    total, count = 0.0, 0
+    for idx in np.ndindex(*mask.shape):
+        if not mask[idx]:
+            continue
+        s = 0.0
+        for p, y in zip(pred[idx], target[idx]):
+            d = p - y
+            if beta == 0:
+                s += d * d
+            elif abs(d) < beta:
+                s += 0.5 * d * d / beta
+            else:
+                s += abs(d) - 0.5 * beta
+        total += s * scale
+        count += 1
+    return total / max(count, 1)
+
+
+def _data(seed=0, shape=(B, T, D)):
+    rng = np.random.default_rng(seed)
+    pred = (rng.normal(size=shape) * 2).astype(np.float32)
+    target = rng.normal(size=shape).astype(np.float32)
+    mask = rng.random(shape[:-1]) < 0.5
+    mask.flat[0] = True
+    return pred, target, mask
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0, 4.0])
+@pytest.mark.parametrize("scale", [None, 1.0, 0.3])
+def test_loss_matches_numpy(beta, scale):
+    pred, target, mask = _data()
+    got = regression_loss(pred, target, mask, beta=beta, scale=scale)
+    assert got.shape == () and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref_loss(pred, target, mask, beta, scale), rtol=1e-6, atol=1e-6)
+
+
+def test_smooth_l1_uses_both_branches():
+    # |d| straddles beta so both pieces of the definition are exercised.
+    pred = np.array([[0.5, -1.0, 3.0, -7.0]], np.float32)
+    target = np.zeros_like(pred)
+    got = regression_loss(pred, target, np.array([True]), beta=2.0, scale=1.0)
+    want = 0.5 * 0.25 / 2 + 0.5 * 1.0 / 2 + (3.0 - 1.0) + (7.0 - 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_default_scale_is_inverse_sqrt_d():
+    pred, target, mask = _data()
+    np.testing.assert_allclose(regression_loss(pred, target, mask),
+                               regression_loss(pred, target, mask, scale=1 / math.sqrt(D)), rtol=1e-6)
+    np.testing.assert_allclose(regression_loss(pred, target, mask, scale=1.0),
+                               math.sqrt(D) * regression_loss(pred, target, mask), rtol=1e-6)
+
+
+def test_terms_match_numpy():
+    pred, target, _ = _data()
+    terms = regression_loss_terms(pred, target, beta=0.0, scale=None)
+    assert terms.shape == (B, T)
+    want = ((pred.astype(np.float64) - target) ** 2).sum(-1) / math.sqrt(D)
+    np.testing.assert_allclose(terms, want, rtol=1e-6)
+    terms = regression_loss_terms(pred, target, beta=1.0, scale=2.0)
+    d = np.abs(pred.astype(np.float64) - target)
+    want = 2.0 * np.where(d < 1.0, 0.5 * d * d, d - 0.5).sum(-1)
+    np.testing.assert_allclose(terms, want, rtol=1e-6)
+
+
+def test_unmasked_positions_do_not_change_the_loss():
+    pred, target, mask = _data()
+    p2, t2 = pred.copy(), target.copy()
+    p2[~mask] = 1e4
+    t2[~mask] = np.nan
+    for beta in (0.0, 2.0):
+        np.testing.assert_array_equal(regression_loss(pred, target, mask, beta=beta),
+                                      regression_loss(p2, t2, mask, beta=beta))
+
+
+def test_all_false_mask_gives_zero():
+    pred, target, mask = _data()
+    got = regression_loss(pred, target, np.zeros_like(mask))
+    assert float(got) == 0.0
+    g = jax.grad(lambda p: regression_loss(p, target, np.zeros_like(mask)))(pred)
+    assert np.all(np.asarray(g) == 0.0)
+
+
+def test_bf16_inputs_computed_in_float32():
+    pred, target, mask = _data()
+    pb, tb = jnp.asarray(pred, jnp.bfloat16), jnp.asarray(target, jnp.bfloat16)
+    got = regression_loss(pb, tb, mask)
+    assert got.dtype == jnp.float32
+    want = ref_loss(np.asarray(pb.astype(jnp.float32)), np.asarray(tb.astype(jnp.float32)), mask)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_axis_name_gives_the_global_mean():
+    # 3 "devices" with different masked counts: psum of numerator and count must
+    # give the mean over the concatenated batch, not the mean of per-device means.
+    pred, target, mask = _data(3, shape=(6, T, D))
+    mask[:2] = True
+    mask[4:] = False
+    mask[4, 0] = True
+    shard = lambda a: a.reshape(3, 2, *a.shape[1:])
+    f = jax.vmap(lambda p, y, m: regression_loss(p, y, m, beta=2.0, axis_name="b"), axis_name="b")
+    per_dev = np.asarray(f(shard(pred), shard(target), shard(mask)))
+    want = ref_loss(pred, target, mask, beta=2.0)
+    np.testing.assert_allclose(per_dev, want, rtol=1e-6)
+    np.testing.assert_allclose(regression_loss(pred, target, mask, beta=2.0), want, rtol=1e-6)
+    local_means = [ref_loss(pred[i:i + 2], target[i:i + 2], mask[i:i + 2], beta=2.0) for i in (0, 2, 4)]
+    assert not np.isclose(np.mean(local_means), want)
+
+
+def test_loss_jits_and_shape_errors():
+    pred, target, mask = _data()
+    f = jax.jit(lambda p, y, m: regression_loss(p, y, m, beta=0.0))
+    np.testing.assert_allclose(f(pred, target, mask), ref_loss(pred, target, mask), rtol=1e-6)
+    with pytest.raises(ValueError, match="mask shape"):
+        regression_loss(pred, target, mask[:, :-1])
+    with pytest.raises(ValueError, match="target shape"):
+        regression_loss(pred, target[..., :-1], mask)
+    with pytest.raises(ValueError, match="beta=-1"):
+        regression_loss(pred, target, mask, beta=-1.0)
+
+
+# ---- compute_var -----------------------------------------------------------------
+
+def ref_var(x, mask=None):
+    rows = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    if mask is not None:
+        rows = rows[np.asarray(mask).reshape(-1)]
+    return np.mean(np.sqrt(np.var(rows, axis=0, ddof=1) + 1e-6))
+
+
+def test_compute_var_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(B, T, D)) * rng.uniform(0.01, 3, size=D) + 5).astype(np.float32)
+    mask = rng.random((B, T)) < 0.4
+    np.testing.assert_allclose(compute_var(x), ref_var(x), rtol=1e-6)
+    np.testing.assert_allclose(compute_var(x, mask), ref_var(x, mask), rtol=1e-6)
+    x2 = x.copy()
+    x2[~mask] = np.nan  # rows outside the mask never count
+    np.testing.assert_allclose(compute_var(x2, mask), ref_var(x, mask), rtol=1e-6)
+
+
+def test_compute_var_of_a_collapsed_batch_is_tiny():
+    x = np.ones((B, T, D), np.float32) * 3.0
+    np.testing.assert_allclose(compute_var(x), math.sqrt(1e-6), rtol=1e-6)
+    # Fewer than two rows: variance taken as 0, no NaN.
+    one = np.zeros((B, T), bool)
+    one[0, 0] = True
+    np.testing.assert_allclose(compute_var(np.random.rand(B, T, D), one), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(compute_var(np.random.rand(B, T, D), np.zeros((B, T), bool)),
+                               1e-3, rtol=1e-6)
+
+
+def test_compute_var_axis_name_matches_global():
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(6, T, D)) * 2 + 1).astype(np.float32)
+    mask = rng.random((6, T)) < 0.5
+    f = jax.vmap(lambda a, m: compute_var(a, m, axis_name="b"), axis_name="b")
+    got = np.asarray(f(x.reshape(3, 2, T, D), mask.reshape(3, 2, T)))
+    np.testing.assert_allclose(got, ref_var(x, mask), rtol=1e-6)
+    g = jax.vmap(lambda a: compute_var(a, axis_name="b"), axis_name="b")
+    np.testing.assert_allclose(g(x.reshape(3, 2, T, D)), ref_var(x), rtol=1e-6)
+
+
+def test_compute_var_mask_shape_error():
+    with pytest.raises(ValueError, match="mask shape"):
+        compute_var(np.zeros((B, T, D)), np.zeros((B, T + 1), bool))
