@@ -1,0 +1,275 @@
+"""Image transforms (numpy + PIL) and the per-example pretraining transform.
+
+Small named functions, each uint8 [H, W, C] in and out except `normalize`,
+composed by `PretrainTransform` (augmentation + masks) and `EvalTransform`
+(deterministic). All randomness comes from numpy Generators seeded by
+(config.seed, epoch, example index, stream), never from global state, so a
+resumed or re-sharded run sees the same crops and masks (ARCHITECTURE.md,
+"Masks in the data pipeline"; SPEC.md section 5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from d2v_jax import masking
+
+# Independent random streams per example: crops/flips must not shift when the
+# masking recipe changes, and vice versa.
+AUG_STREAM = 0
+MASK_STREAM = 1
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+# BEiT / data2vec use bicubic RandomResizedCrop.
+DEFAULT_INTERPOLATION = "bicubic"
+
+
+def example_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
+    """A Generator that depends only on (seed, epoch, index, stream)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(index), int(stream)]))
+
+
+def _check_image(image: np.ndarray, where: str) -> np.ndarray:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"{where}: expected uint8 [H, W, 1|3], got {image.dtype} {image.shape}")
+    return image
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    # 1-channel images go through mode "L" so PIL filters them as one plane.
+    return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+
+
+def _from_pil(pil: Image.Image, channels: int) -> np.ndarray:
+    out = np.asarray(pil, dtype=np.uint8)
+    return out[:, :, None] if channels == 1 else out
+
+
+def _resample(interpolation: str) -> Image.Resampling:
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {sorted(_RESAMPLE)}")
+    return _RESAMPLE[interpolation]
+
+
+def crop_params(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) exactly as torchvision's `RandomResizedCrop.get_params`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: the largest centered crop whose aspect lies within `ratio`.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    size: int,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    interpolation: str = DEFAULT_INTERPOLATION,
+) -> np.ndarray:
+    """torchvision RandomResizedCrop: uint8 [H, W, C] -> uint8 [size, size, C]."""
+    image = _check_image(image, "random_resized_crop")
+    top, left, h, w = crop_params(rng, image.shape[0], image.shape[1], scale, ratio)
+    # One PIL call crops and resizes (box=), antialiased like torchvision on PIL.
+    pil = _to_pil(image).resize((size, size), _resample(interpolation), box=(left, top, left + w, top + h))
+    return _from_pil(pil, image.shape[2])
+
+
+def maybe_flip(rng: np.random.Generator, image: np.ndarray, prob: float = 0.5) -> np.ndarray:
+    """Horizontal flip with probability `prob` (one draw from `rng` either way)."""
+    return image[:, ::-1] if rng.uniform() < prob else image
+
+
+def resize_pad(image: np.ndarray, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Centers a small image (an MNIST digit) on a black size x size canvas.
+
+    When the image does not fit, it is resized to size x size instead, so a
+    digit is never cut.
+    """
+    image = _check_image(image, "resize_pad")
+    height, width, channels = image.shape
+    if height > size or width > size:
+        pil = _to_pil(image).resize((size, size), _resample(interpolation))
+        return _from_pil(pil, channels)
+    out = np.zeros((size, size, channels), dtype=np.uint8)
+    top, left = (size - height) // 2, (size - width) // 2
+    out[top:top + height, left:left + width] = image
+    return out
+
+
+def resize_center_crop(
+    image: np.ndarray,
+    size: int,
+    crop_fraction: float = 0.875,
+    interpolation: str = DEFAULT_INTERPOLATION,
+) -> np.ndarray:
+    """Eval resize: shorter side to size / crop_fraction, then a centered size x size crop."""
+    image = _check_image(image, "resize_center_crop")
+    height, width, channels = image.shape
+    factor = size / crop_fraction / min(height, width)
+    new_h = max(size, int(round(height * factor)))
+    new_w = max(size, int(round(width * factor)))
+    pil = _to_pil(image).resize((new_w, new_h), _resample(interpolation))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return _from_pil(pil.crop((left, top, left + size, top + size)), channels)
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 [H, W, C] -> float32 [H, W, C], (x / 255 - mean) / std per channel."""
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(-1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(-1)
+    channels = image.shape[-1]
+    if mean_a.size not in (1, channels) or std_a.size not in (1, channels):
+        raise ValueError(
+            f"normalize: mean {tuple(mean_a.shape)} / std {tuple(std_a.shape)} must have 1 or "
+            f"{channels} entries for an image of shape {image.shape}")
+    return (image.astype(np.float32) * np.float32(1 / 255) - mean_a) / std_a
+
+
+def _check_stats(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
+    channels = config.model.channels
+    stats = []
+    for key in ("mean", "std"):
+        value = np.asarray(config.data[key], dtype=np.float32).reshape(-1)
+        if value.size not in (1, channels):
+            raise ValueError(
+                f"config.data.{key}={tuple(config.data[key])} has {value.size} entries; "
+                f"config.model.channels={channels} needs 1 or {channels}")
+        stats.append(value)
+    if np.any(stats[1] <= 0):
+        raise ValueError(f"config.data.std={tuple(config.data.std)} must be > 0")
+    return stats[0], stats[1]
+
+
+def _check_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    size, patch = config.model.image_size, config.model.patch_size
+    if size <= 0 or patch <= 0 or size % patch:
+        raise ValueError(
+            f"config.model.image_size={size} must be a positive multiple of "
+            f"config.model.patch_size={patch}")
+    return size // patch, size // patch
+
+
+def _check_element(element: dict[str, Any], channels: int) -> np.ndarray:
+    image = element["image"]
+    if image.ndim != 3 or image.shape[2] != channels or image.dtype != np.uint8:
+        raise ValueError(
+            f"example {element.get('index')}: image {image.dtype} {image.shape} does not match "
+            f"uint8 [H, W, config.model.channels={channels}]")
+    return image
+
+
+class PretrainTransform:
+    """(element, epoch) -> {"image": f32 [S,S,C], "mask": bool [M,N], "label": i32, "index": i32}.
+
+    element is a source record {"image": uint8 [H,W,C], "label", "index"}.
+    mnist_5k: resize_pad to S -> random_resized_crop -> flip? -> normalize;
+    image_folder: random_resized_crop to S -> flip? -> normalize.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict) -> None:
+        if int(config.seed) < 0:
+            raise ValueError(f"config.seed={config.seed} must be >= 0 (it seeds numpy SeedSequences)")
+        self.seed = int(config.seed)
+        self.size = int(config.model.image_size)
+        self.channels = int(config.model.channels)
+        self.grid = _check_grid(config)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.num_clones = int(config.masking.num_clones)
+        # Digits are small and centered; padding first keeps them whole.
+        self.pad_first = config.data.source == "mnist_5k"
+        lo, hi = (float(v) for v in config.data.crop_scale)
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"config.data.crop_scale={tuple(config.data.crop_scale)} must satisfy 0 < lo <= hi <= 1")
+        self.crop_scale = (lo, hi)
+        rlo, rhi = (float(v) for v in config.data.crop_ratio)
+        if not 0 < rlo <= rhi:
+            raise ValueError(f"config.data.crop_ratio={tuple(config.data.crop_ratio)} must satisfy 0 < lo <= hi")
+        self.crop_ratio = (rlo, rhi)
+        self.flip = bool(config.data.flip)
+        self.mean, self.std = _check_stats(config)
+        # A plain dict pickles cheaply into grain worker processes.
+        self.masking_cfg = config.masking.to_dict()
+
+    def __call__(self, element: dict[str, Any], epoch: int) -> dict[str, Any]:
+        image = _check_element(element, self.channels)
+        index = int(element["index"])
+        rng = example_rng(self.seed, epoch, index, AUG_STREAM)
+        if self.pad_first:
+            image = resize_pad(image, self.size)
+        image = random_resized_crop(rng, image, self.size, self.crop_scale, self.crop_ratio)
+        if self.flip:
+            image = maybe_flip(rng, image)
+        mask = masking.image_masks(example_rng(self.seed, epoch, index, MASK_STREAM), self.grid, self.masking_cfg)
+        if mask.shape != (self.num_clones, self.num_patches) or mask.dtype != np.bool_:
+            raise ValueError(
+                f"masking.image_masks returned {mask.dtype} {mask.shape}; expected bool "
+                f"[config.masking.num_clones={self.num_clones}, {self.num_patches} patches]")
+        return {
+            "image": normalize(image, self.mean, self.std),
+            "mask": mask,
+            "label": np.int32(element["label"]),
+            "index": np.int32(index),
+        }
+
+
+class EvalTransform:
+    """element -> {"image": f32 [S,S,C], "label": i32, "index": i32}; no randomness, no mask.
+
+    mnist_5k: resize_pad to S; image_folder: resize shorter side to S / 0.875 and
+    center-crop S (the usual ImageNet eval). Then normalize.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, crop_fraction: float = 0.875) -> None:
+        self.size = int(config.model.image_size)
+        self.channels = int(config.model.channels)
+        _check_grid(config)
+        self.pad_only = config.data.source == "mnist_5k"
+        self.crop_fraction = float(crop_fraction)
+        self.mean, self.std = _check_stats(config)
+
+    def __call__(self, element: dict[str, Any]) -> dict[str, Any]:
+        image = _check_element(element, self.channels)
+        if self.pad_only:
+            image = resize_pad(image, self.size)
+        else:
+            image = resize_center_crop(image, self.size, self.crop_fraction)
+        return {
+            "image": normalize(image, self.mean, self.std),
+            "label": np.int32(element["label"]),
+            "index": np.int32(element["index"]),
+        }
