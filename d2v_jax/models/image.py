@@ -1,0 +1,191 @@
+"""The image modality: a ViT for data2vec 1.0 (BEiT recipe) and 2.0.
+
+One module, three entry points that the train step calls with `method=`:
+
+- `teacher(image)`: the full, unmasked image through the encoder, deterministic;
+  returns the per-block target tensors [L, B, N, D] with the CLS position dropped.
+- `student(image, mask)`: the masked view. 1.0 replaces masked patch embeddings
+  by a learned mask token and runs the whole sequence; 2.0 runs the encoder on
+  the visible patches of M clones only and lets the conv decoder predict the
+  full grid. Returns predictions [B*M, N, D] (and the 2.0 CLS output).
+- `encode(image)`: final hidden states [B, 1+N, D] for probes and fine-tuning.
+
+The teacher uses only the `frontend` and `encoder` subtrees (`TEACHER_MODULES`),
+so `ema_params` holds just those.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from d2v_jax import masking
+from d2v_jax.models.decoder import ConvDecoder
+from d2v_jax.models.layers import (Encoder, RelativePositionBias, dense, kernel,
+                                   layer_norm, sincos_2d)
+
+TEACHER_MODULES = ("frontend", "encoder")
+
+
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """A batch of the right shapes and a valid mask, for `init` and tracing."""
+    m = config.model
+    grid = (m.image_size // m.patch_size,) * 2
+    n = grid[0] * grid[1]
+    if config.version == "v2":
+        num_masked = masking.num_masked_inverse(grid, config.masking.ratio)
+    else:
+        num_masked = n // 2
+    mask = np.zeros((batch_size, config.masking.num_clones, n), bool)
+    mask[..., :num_masked] = True
+    return {"image": np.zeros((batch_size, m.image_size, m.image_size, m.channels), np.float32),
+            "mask": mask}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class ImageFrontEnd(nn.Module):
+    """Patch embedding, positions, CLS and mask tokens, embedding LN (2.0)."""
+
+    cfg: ml_collections.ConfigDict  # config.model
+    version: str
+
+    def setup(self):
+        m = self.cfg
+        dtype = _dtype(m.dtype)
+        self.grid = (m.image_size // m.patch_size,) * 2
+        self.patch_embed = nn.Conv(
+            m.dim, (m.patch_size, m.patch_size), strides=(m.patch_size, m.patch_size),
+            padding="VALID", dtype=dtype, name="patch_embed",
+            kernel_init=kernel((None, None, None, "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+        tok_init = kernel(("embed",))
+        self.cls_token = self.param("cls_token", tok_init, (m.dim,))
+        if self.version == "v1":
+            self.mask_token = self.param("mask_token", tok_init, (m.dim,))
+        if m.rel_pos_bias == "shared":
+            self.rel_pos = RelativePositionBias(self.grid, m.num_heads, name="rel_pos_bias")
+        if not m.layer_norm_first:  # post-LN blocks need normalized inputs
+            self.emb_norm = layer_norm(m.norm_eps, dtype, "emb_norm")
+
+    def patches(self, image: jax.Array) -> jax.Array:
+        """[B,H,W,C] -> [B,N,D] patch embeddings (with fixed positions for 2.0)."""
+        x = self.patch_embed(image)
+        b = x.shape[0]
+        x = x.reshape(b, -1, x.shape[-1])
+        if self.cfg.abs_pos == "sincos":
+            x = x + sincos_2d(self.grid, self.cfg.dim).astype(x.dtype)
+        return x
+
+    def with_cls(self, x: jax.Array) -> jax.Array:
+        """Prepends CLS (which gets no position, as fairseq's extra tokens)."""
+        cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1)
+        if not self.cfg.layer_norm_first:
+            x = self.emb_norm(x)
+        return x
+
+    def apply_mask_token(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        return jnp.where(mask[..., None], self.mask_token.astype(x.dtype), x)
+
+    def bias(self):
+        return self.rel_pos() if self.cfg.rel_pos_bias == "shared" else None
+
+
+class ImageData2Vec(nn.Module):
+    config: ml_collections.ConfigDict  # the whole experiment config
+
+    def setup(self):
+        c = self.config
+        m = c.model
+        self.version = c.version
+        dtype = _dtype(m.dtype)
+        self.grid = (m.image_size // m.patch_size,) * 2
+        self.frontend = ImageFrontEnd(m, c.version)
+        self.encoder = Encoder(
+            depth=m.depth, dim=m.dim, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+            qkv_bias=m.qkv_bias, layer_norm_first=m.layer_norm_first,
+            layer_scale_init=m.layer_scale_init, norm_eps=m.norm_eps, dropout=m.dropout,
+            attn_dropout=m.attn_dropout, drop_path=m.drop_path, remat=m.remat,
+            attention_impl=m.attention_impl, dtype=dtype)
+        if m.layer_norm_first:  # pre-LN stacks end with a LayerNorm (BEiT)
+            self.final_norm = layer_norm(m.norm_eps, dtype, "final_norm")
+        if c.version == "v1":
+            self.head = dense(m.dim, ("embed", "embed_out"), dtype, name="head")
+        else:
+            d = c.decoder
+            self.decoder = ConvDecoder(self.grid, d.dim, m.dim, d.kernel, d.layers, d.groups,
+                                       d.residual, dtype=dtype)
+
+    # -- shared pieces ----------------------------------------------------------
+    def _encode(self, x, *, deterministic: bool, final_norm: bool = True):
+        x, layer_targets = self.encoder(x, self.frontend.bias(), deterministic=deterministic)
+        if final_norm and self.config.model.layer_norm_first:
+            x = self.final_norm(x)
+        return x, layer_targets
+
+    # -- entry points -------------------------------------------------------------
+    def teacher(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
+        """{'layers': per-block target tensors [L, B, N, D] of the full image
+        (SPEC 2, CLS dropped), 'padding_mask': None}."""
+        x = self.frontend.with_cls(self.frontend.patches(batch["image"]))
+        # The teacher needs only the block tensors, not the student's final norm.
+        _, layer_targets = self._encode(x, deterministic=True, final_norm=False)
+        return {"layers": layer_targets[:, :, 1:], "padding_mask": None}
+
+    def encode(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """Final hidden states [B, 1+N, D] of the full image (CLS first)."""
+        x = self.frontend.with_cls(self.frontend.patches(batch["image"]))
+        return self._encode(x, deterministic=True)[0]
+
+    def student(self, batch: dict[str, jax.Array], *, deterministic: bool = False
+                ) -> dict[str, Any]:
+        """batch['mask']: bool [B, M, N], True = masked. Returns
+        {'pred': [B*M, N, D], 'loss_mask': [B*M, N], 'cls': [B*M, D] or None};
+        row b*M + j is clone j of image b."""
+        image, mask = batch["image"], batch["mask"]
+        if self.version == "v1":
+            out = self._student_v1(image, mask, deterministic)
+        else:
+            out = self._student_v2(image, mask, deterministic)
+        out["loss_mask"] = mask.reshape(-1, mask.shape[-1])
+        return out
+
+    def _student_v1(self, image, mask, deterministic):
+        b, m, n = mask.shape
+        x = self.frontend.patches(image)
+        if m > 1:
+            x = jnp.repeat(x, m, axis=0)
+        x = self.frontend.apply_mask_token(x, mask.reshape(b * m, n))
+        x, _ = self._encode(self.frontend.with_cls(x), deterministic=deterministic)
+        return {"pred": self.head(x[:, 1:]), "cls": None}
+
+    def _student_v2(self, image, mask, deterministic):
+        b, m, n = mask.shape
+        x = self.frontend.patches(image)  # once per image, then cloned
+        x = jnp.repeat(x, m, axis=0)
+        mask = mask.reshape(b * m, n)
+        # Every row has the same masked count (inverse block masking adjusts it
+        # exactly), so the visible set has a static size. A stable argsort puts
+        # the visible (False) positions first, in increasing order.
+        num_keep = n - masking.num_masked_inverse(self.grid, self.config.masking.ratio)
+        keep = jnp.argsort(mask, axis=1, stable=True)[:, :num_keep]
+        visible = jnp.take_along_axis(x, keep[..., None], axis=1)
+        h, _ = self._encode(self.frontend.with_cls(visible), deterministic=deterministic)
+        # Decoder input: visible outputs back in place, masked slots ~ N(0, std).
+        std = self.config.decoder.mask_noise_std
+        noise = std * jax.random.normal(self.make_rng("noise"), (b * m, n, h.shape[-1]), h.dtype)
+        rows = jnp.arange(b * m)[:, None]
+        full = noise.at[rows, keep].set(h[:, 1:])
+        return {"pred": self.decoder(full), "cls": h[:, 0]}

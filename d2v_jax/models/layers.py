@@ -1,0 +1,285 @@
+"""Transformer building blocks shared by every modality.
+
+Parameters carry logical axis names (`nn.with_logical_partitioning`) so that
+`parallel.py` maps them onto a mesh by a rule table; on one device the names are
+inert metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# BEiT / data2vec initialize linear layers with trunc_normal(std=0.02).
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def kernel(names: tuple[str, ...], init: Callable = dense_init) -> Callable:
+    return nn.with_logical_partitioning(init, names)
+
+
+def zeros(names: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def ones(names: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: str | None = None, affine: bool = True) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, use_bias=affine, use_scale=affine, name=name,
+        scale_init=ones(("embed",)), bias_init=zeros(("embed",)))
+
+
+def dense(features: int, names: tuple[str, str], dtype: Dtype, use_bias: bool = True,
+          name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                    kernel_init=kernel(names), bias_init=zeros(names[-1:]))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rate: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic:
+            return x
+        # `rate` may be traced (it is scanned per block), so no Python branch on it.
+        keep = 1.0 - rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        draw = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(draw, x / keep, 0).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection."""
+
+    dim: int
+    num_heads: int
+    qkv_bias: bool = True
+    attn_dropout: float = 0.0
+    dropout: float = 0.0
+    attention_impl: str | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, bias=None, key_padding_mask=None, *, deterministic: bool):
+        b, t, _ = x.shape
+        head_dim = self.dim // self.num_heads
+        qkv = dense(3 * self.dim, ("embed", "qkv"), self.dtype, self.qkv_bias, name="qkv")(x)
+        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.num_heads, head_dim), 3, axis=2)
+        q, k, v = (a[:, :, 0] for a in (q, k, v))  # [B, T, H, hd]
+        mask = None
+        if key_padding_mask is not None:  # True = padded key -> may not be attended
+            mask = ~key_padding_mask[:, None, None, :]
+        if bias is not None:
+            bias = bias.astype(q.dtype)
+        if self.attn_dropout > 0 and not deterministic:
+            # The fused kernels have no dropout; spell the softmax out.
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(q.dtype)
+            if bias is not None:
+                logits = logits + bias
+            if mask is not None:
+                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+            probs = jax.nn.softmax(logits.astype(jnp.float32)).astype(q.dtype)
+            probs = nn.Dropout(self.attn_dropout)(probs, deterministic=False)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k, v, bias=bias, mask=mask, implementation=self.attention_impl)
+        out = out.reshape(b, t, self.dim)
+        out = dense(self.dim, ("qkv", "embed"), self.dtype, name="proj")(out)
+        return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+    dim: int
+    hidden: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        x = dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1")(x)
+        x = nn.gelu(x, approximate=False)  # PyTorch's default GELU is the exact one
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        x = dense(self.dim, ("mlp", "embed"), self.dtype, name="fc2")(x)
+        return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """One Transformer block returning `(x, target)`.
+
+    `target` is the tensor data2vec regresses from this block (SPEC 2): for a
+    pre-LN block (1.0 vision, BEiT) the block's full output after the residual
+    (layer scale included); for a post-LN block (audio, text, every 2.0 model)
+    the FFN output before the residual add and the block's final LayerNorm.
+
+    Written as a scan body: `carry = x`, per-block inputs `(drop_path_rate,)`.
+    """
+
+    dim: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layer_norm_first: bool = False
+    layer_scale_init: float = 0.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    attention_impl: str | None = None
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, drop_path_rate, bias=None, key_padding_mask=None):
+        det = self.deterministic
+        attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_dropout,
+                         self.dropout, self.attention_impl, self.dtype, name="attn")
+        mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dropout, self.dtype, name="mlp")
+        norm1 = layer_norm(self.norm_eps, self.dtype, "norm1")
+        norm2 = layer_norm(self.norm_eps, self.dtype, "norm2")
+        drop_path = DropPath()
+
+        def scale(name, h):
+            if self.layer_scale_init <= 0:
+                return h
+            init = nn.with_logical_partitioning(
+                nn.initializers.constant(self.layer_scale_init), ("embed",))
+            return h * self.param(name, init, (self.dim,)).astype(h.dtype)
+
+        if self.layer_norm_first:
+            h = attn(norm1(x), bias, key_padding_mask, deterministic=det)
+            x = x + drop_path(scale("gamma_1", h), drop_path_rate, det)
+            h = mlp(norm2(x), deterministic=det)
+            x = x + drop_path(scale("gamma_2", h), drop_path_rate, det)
+            target = x
+        else:
+            h = attn(x, bias, key_padding_mask, deterministic=det)
+            x = norm1(x + drop_path(h, drop_path_rate, det))
+            h = mlp(x, deterministic=det)
+            target = h
+            x = norm2(x + drop_path(h, drop_path_rate, det))
+        return x, target
+
+
+REMAT_POLICIES = {
+    "none": None,
+    # Save nothing inside a block: recompute it in the backward pass.
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep the matmul outputs, recompute the cheap elementwise work.
+    "block": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+class Encoder(nn.Module):
+    """A stack of `depth` identical blocks under `nn.scan` (one compiled block).
+
+    Returns the final hidden states [B,T,D] and the per-block target tensors
+    stacked as [L,B,T,D], ready for `targets.make_targets`.
+    """
+
+    depth: int
+    dim: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layer_norm_first: bool = False
+    layer_scale_init: float = 0.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    remat: str = "none"
+    attention_impl: str | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, bias=None, key_padding_mask=None, *, deterministic: bool):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        block = Block
+        if self.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=self.depth,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(
+            dim=self.dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+            qkv_bias=self.qkv_bias, layer_norm_first=self.layer_norm_first,
+            layer_scale_init=self.layer_scale_init, norm_eps=self.norm_eps,
+            dropout=self.dropout, attn_dropout=self.attn_dropout,
+            attention_impl=self.attention_impl, deterministic=deterministic,
+            dtype=self.dtype, name="blocks")
+        # Linearly increasing stochastic depth, as BEiT / data2vec.
+        rates = jnp.linspace(0.0, self.drop_path, self.depth, dtype=jnp.float32)
+        return blocks(x, rates, bias, key_padding_mask)
+
+
+def sincos_2d(grid: tuple[int, int], dim: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position table [h*w, dim] (MAE / data2vec 2.0 images).
+
+    Half the channels encode the row, half the column; each half is
+    [sin(pos * w_k), cos(pos * w_k)] with w_k = 1 / 10000^(k / (dim/4)).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need model.dim divisible by 4, got {dim}")
+    h, w = grid
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+
+    def encode(pos):
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gw, gh = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    # MAE's convention: the first half encodes the column (w), the second the row.
+    return np.concatenate([encode(gw), encode(gh)], axis=1).astype(np.float32)
+
+
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+    """BEiT's [1+N, 1+N] index into a relative-position table with 3 extra
+    entries for cls->token, token->cls and cls->cls."""
+    h, w = grid
+    coords = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")).reshape(2, -1)
+    rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N]
+    rel = rel.transpose(1, 2, 0)
+    rel[:, :, 0] += h - 1
+    rel[:, :, 1] += w - 1
+    rel[:, :, 0] *= 2 * w - 1
+    n = h * w
+    num_rel = (2 * h - 1) * (2 * w - 1)
+    index = np.zeros((n + 1, n + 1), dtype=np.int32)
+    index[1:, 1:] = rel.sum(-1)
+    index[0, 0:] = num_rel
+    index[0:, 0] = num_rel + 1
+    index[0, 0] = num_rel + 2
+    return index
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's relative position bias, one table shared by all blocks (1.0)."""
+
+    grid: tuple[int, int]
+    num_heads: int
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        h, w = self.grid
+        size = (2 * h - 1) * (2 * w - 1) + 3
+        table = self.param(
+            "relative_position_bias_table", kernel(("rel_pos", "heads"), nn.initializers.zeros_init()),
+            (size, self.num_heads))
+        index = relative_position_index(self.grid)
+        bias = table[index.reshape(-1)].reshape(index.shape + (self.num_heads,))
+        return bias.transpose(2, 0, 1)[None]  # [1, H, 1+N, 1+N]
