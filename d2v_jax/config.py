@@ -1,0 +1,103 @@
+"""Loading and validating experiment configs.
+
+An experiment file is a Python file with `get_config(arg)`; `load_config(
+"experiments/image.py:tiny_v2")` mirrors what `--config` does on the command
+line. `validate` rejects impossible combinations with a message that names the
+field, so a typo or a shape that cannot work fails before any compilation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+_NORMS = ("instance", "layer", "batch", "none")
+_FINAL_NORMS = ("instance", "layer", "none")
+
+
+def load_config(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """`path/to/file.py[:arg]` -> locked ConfigDict, with dotted-key overrides."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    mod_spec = importlib.util.spec_from_file_location("_d2v_experiment", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    config.lock()
+    for key, value in (overrides or {}).items():
+        set_field(config, key, value)
+    return config
+
+
+def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
+    """Sets `a.b.c`; a misspelt field is an error naming it, never a new key."""
+    *parents, leaf = key.split(".")
+    node = config
+    for i, name in enumerate(parents):
+        if name not in node:
+            raise KeyError(f"config has no field {'.'.join(parents[:i + 1])!r}")
+        node = node[name]
+    if leaf not in node:
+        raise KeyError(f"config has no field {key!r}; fields under "
+                       f"{'.'.join(parents) or 'config'}: {sorted(node.keys())}")
+    with node.unlocked():
+        node[leaf] = value
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"config.{field}: {msg}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raises ValueError naming the first impossible field."""
+    m, t = config.model, config.target
+    _check(config.version in ("v1", "v2"), "version", f"{config.version!r} is not 'v1' or 'v2'")
+    _check(m.dim % m.num_heads == 0, "model.num_heads",
+           f"model.dim={m.dim} is not divisible by num_heads={m.num_heads}")
+    _check(1 <= t.top_k <= m.depth, "target.top_k",
+           f"{t.top_k} must be in [1, model.depth={m.depth}]")
+    _check(t.layer_norm in _NORMS, "target.layer_norm", f"{t.layer_norm!r} not in {_NORMS}")
+    _check(t.final_norm in _FINAL_NORMS, "target.final_norm",
+           f"{t.final_norm!r} not in {_FINAL_NORMS}")
+    _check(config.loss.beta >= 0, "loss.beta", f"{config.loss.beta} < 0")
+    e = config.ema
+    _check(0 <= e.start <= 1 and 0 <= e.end <= 1, "ema", f"start={e.start}, end={e.end} not in [0, 1]")
+    k = config.masking
+    _check(0 < k.ratio < 1, "masking.ratio", f"{k.ratio} is not in (0, 1)")
+    _check(k.num_clones >= 1, "masking.num_clones", f"{k.num_clones} < 1")
+    _check(config.data.batch_size >= 1, "data.batch_size", f"{config.data.batch_size} < 1")
+    _check(config.train.num_steps >= 1, "train.num_steps", f"{config.train.num_steps} < 1")
+    _check(config.collapse.action in ("warn", "stop"), "collapse.action",
+           f"{config.collapse.action!r} is not 'warn' or 'stop'")
+    if config.modality == "image":
+        _validate_image(config)
+    return config
+
+
+def _validate_image(config: ml_collections.ConfigDict) -> None:
+    m, k = config.model, config.masking
+    _check(m.image_size % m.patch_size == 0, "model.image_size",
+           f"{m.image_size} is not divisible by model.patch_size={m.patch_size}")
+    n = (m.image_size // m.patch_size) ** 2
+    _check(len(config.data.mean) == m.channels and len(config.data.std) == m.channels,
+           "data.mean", f"data.mean/std have {len(config.data.mean)}/{len(config.data.std)} "
+           f"entries but model.channels={m.channels}")
+    if config.version == "v2":
+        _check(k.kind == "inverse_block", "masking.kind",
+               "2.0 runs the student on visible patches only, which needs the same masked "
+               f"count in every row: use 'inverse_block', not {k.kind!r}")
+        _check(config.decoder.dim % config.decoder.groups == 0, "decoder.groups",
+               f"decoder.dim={config.decoder.dim} is not divisible by groups={config.decoder.groups}")
+        _check(m.dim % config.decoder.groups == 0, "decoder.groups",
+               f"model.dim={m.dim} is not divisible by decoder.groups={config.decoder.groups}")
+        _check(m.abs_pos != "sincos" or m.dim % 4 == 0, "model.dim",
+               f"{m.dim} must be divisible by 4 for sin-cos positions")
+    else:
+        _check(config.loss.cls_weight == 0, "loss.cls_weight", "the CLS loss is a 2.0 feature")
+    if k.kind == "block":
+        num = k.num_masked if k.num_masked is not None else int(k.ratio * n)
+        _check(0 < num < n, "masking.num_masked", f"{num} is not in (0, {n}) patches")

