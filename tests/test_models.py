@@ -188,3 +188,17 @@ def test_teacher_returns_top_block_tensors_without_cls():
     n = (config.model.image_size // config.model.patch_size) ** 2
     assert out["layers"].shape == (config.model.depth, 3, n, config.model.dim)
     assert out["padding_mask"] is None
+
+
+@pytest.mark.parametrize("impl", ["einsum", "dense"])
+@pytest.mark.parametrize("grid, kernel_size, groups", [((5, 6), 3, 4), ((7,), 4, 2), ((4, 4), 2, 1)])
+def test_grouped_conv_impls_match_xla(impl, grid, kernel_size, groups):
+    from d2v_jax.models.decoder import grouped_conv
+    rng = np.random.default_rng(0)
+    cin, cout = 8, 12
+    x = rng.standard_normal((2,) + grid + (cin,)).astype(np.float32)
+    w = rng.standard_normal((kernel_size,) * len(grid) + (cin // groups, cout)).astype(np.float32)
+    ref = grouped_conv(x, w, groups, "xla")
+    np.testing.assert_allclose(grouped_conv(x, w, groups, impl), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="split into 5 groups"):
+        grouped_conv(x, w, 5, impl)

@@ -126,7 +126,7 @@ class ImageData2Vec(nn.Module):
         else:
             d = c.decoder
             self.decoder = ConvDecoder(self.grid, d.dim, m.dim, d.kernel, d.layers, d.groups,
-                                       d.residual, dtype=dtype)
+                                       d.residual, conv_impl=d.conv_impl, dtype=dtype)
 
     # -- shared pieces ----------------------------------------------------------
     def _encode(self, x, *, deterministic: bool, final_norm: bool = True):
