@@ -12,7 +12,6 @@ step t are fetched while step t+1 runs (no host sync in the hot path); logs to
 from __future__ import annotations
 
 import collections
-import json
 import logging as pylogging
 import os
 import time
@@ -85,37 +84,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), int(state.step))
     start, num_steps = int(state.step), config.train.num_steps
 
-    batches = device_prefetch(iter(data.make_pretrain_dataset(config)), config.data.prefetch)
+    batches = device_prefetch(iter(data.make_pretrain_dataset(
+        config, process_index=jax.process_index(), process_count=jax.process_count())), config.data.prefetch)
     step_fn = make_train_step(config, model=model, tx=tx, schedule=schedule)
     writer = metrics.MetricWriter(workdir)
     log_every = max(config.train.log_every, 1)
     bar = _progress(start, num_steps)
 
-    pending = None  # (step, device metrics) of the last logged step, fetched one step late
-    t_last, steps_since = None, 0
+    # Metrics of a logged step are fetched after the next step is dispatched, so
+    # the host never waits on the device in the hot path. samples/s is measured
+    # between two such fetches (each waits for its step to finish), which
+    # excludes the first step's compilation.
+    pending = None  # (step, device metrics) waiting to be fetched
+    clock = {"step": None, "time": None}
     for step in range(start, num_steps):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, step_metrics = step_fn(state, next(batches), step_rng)
-        if t_last is None:  # the first step carries compilation; time from its end
+        if clock["step"] is None:  # the first step carries compilation
             jax.block_until_ready(state.step)
-            t_last, steps_since = time.perf_counter(), 0
+            clock.update(step=step + 1, time=time.perf_counter())
             logging.info("first step (incl. compilation) done")
-        else:
-            steps_since += 1
         if pending is not None:
-            _log(config, writer, bar, *pending)
+            _log(config, writer, bar, clock, *pending)
             pending = None
         done = step + 1
         if done % log_every == 0 or done == num_steps:
-            now = time.perf_counter()
-            rate = config.data.batch_size * steps_since / max(now - t_last, 1e-9) if steps_since else 0.0
-            t_last, steps_since = now, 0
-            pending = (done, step_metrics, rate)
+            pending = (done, step_metrics)
         if config.train.checkpoint_every and done % config.train.checkpoint_every == 0 and done < num_steps:
             checkpoint.save(manager, done, state, config)
         bar.update(1)
     if pending is not None:
-        _log(config, writer, bar, *pending)
+        _log(config, writer, bar, clock, *pending)
     checkpoint.save(manager, num_steps, state, config)
     manager.wait_until_finished()
     manager.close()
@@ -126,9 +125,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def _log(config, writer, bar, step, device_metrics, samples_per_sec):
+def _log(config, writer, bar, clock, step, device_metrics):
     scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    scalars["samples_per_sec"] = samples_per_sec
+    now = time.perf_counter()
+    steps = step - clock["step"]
+    scalars["samples_per_sec"] = config.data.batch_size * steps / (now - clock["time"]) if steps > 0 else 0.0
+    clock.update(step=step, time=now)
+    samples_per_sec = scalars["samples_per_sec"]
     if not np.isfinite(scalars["loss"]):
         raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
     writer.write(step, scalars)

@@ -1,0 +1,84 @@
+"""End to end: the train loop's outputs, resume, and the CLI's config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from d2v_jax import metrics
+from d2v_jax.config import load_config, validate
+from d2v_jax.train import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = os.path.join(ROOT, "experiments", "image.py")
+
+SMALL = {
+    "model.depth": 2, "target.top_k": 2, "decoder.layers": 1, "data.batch_size": 8,
+    "masking.num_clones": 2, "train.log_every": 2, "train.checkpoint_every": 2,
+    "data.prefetch": 1,
+}
+
+
+def _config(num_steps):
+    return load_config(f"{EXPERIMENT}:tiny_v2", {**SMALL, "train.num_steps": num_steps})
+
+
+def test_train_writes_metrics_plot_checkpoints_and_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    state = train_and_evaluate(_config(4), workdir)
+    assert int(state.step) == 4
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        for key in ("loss", "samples_per_sec", "target_var", "pred_var", "lr", "tau", "grad_norm"):
+            assert np.isfinite(r[key]), key
+        assert r["samples_per_sec"] > 0
+    assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps == [2, 4]  # keep_checkpoints = 2
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["num_steps"] == 4
+
+    # A longer run in the same workdir resumes from step 4 and logs only new steps.
+    resumed = train_and_evaluate(_config(6), workdir)
+    assert int(resumed.step) == 6
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    # The restored params were trained on: they differ from the step-4 ones.
+    before = jax.tree.leaves(state.params)
+    after = jax.tree.leaves(resumed.params)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"model.image_size": 30}, "model.image_size"),
+    ({"target.top_k": 9}, "target.top_k"),
+    ({"masking.ratio": 1.0}, "masking.ratio"),
+    ({"model.num_heads": 3}, "model.num_heads"),
+    ({"masking.kind": "block"}, "masking.kind"),
+])
+def test_validate_names_the_impossible_field(override, field):
+    config = load_config(f"{EXPERIMENT}:tiny_v2", override)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        validate(config)
+
+
+def test_load_config_rejects_misspelt_field():
+    with pytest.raises(KeyError, match="model.dimm"):
+        load_config(f"{EXPERIMENT}:tiny_v2", {"model.dimm": 8})
+    with pytest.raises(ValueError, match="size in"):
+        load_config(f"{EXPERIMENT}:huge_v3")
+
+
+def test_cli_rejects_unknown_field(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "d2v_jax.train", f"--config={EXPERIMENT}:tiny_v2",
+         f"--workdir={tmp_path}", "--config.model.dimm=8"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "dimm" in proc.stderr
