@@ -49,16 +49,17 @@ def read_jsonl(path: str) -> list[dict]:
 
 def plot_loss(metrics_path: str, out_path: str) -> None:
     """Loss (and target/prediction variance) against step, from metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): never switches the caller's backend, so plots
+    # still show inline in a notebook that called train_and_evaluate.
+    from matplotlib.figure import Figure
 
     rows = read_jsonl(metrics_path)
     rows = [r for r in rows if "loss" in r]
     if not rows:
         return
     steps = np.array([r["step"] for r in rows])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(steps, [r["loss"] for r in rows])
     ax1.set(xlabel="step", ylabel="loss", title="data2vec loss", yscale="log")
     for key in ("target_var", "pred_var"):
@@ -68,4 +69,3 @@ def plot_loss(metrics_path: str, out_path: str) -> None:
     ax2.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)

@@ -105,6 +105,8 @@ class ImageFrontEnd(nn.Module):
 
 class ImageData2Vec(nn.Module):
     config: ml_collections.ConfigDict  # the whole experiment config
+    # `encode` returns the CLS position first (pooling skips it for "mean").
+    cls_first = True
 
     def setup(self):
         c = self.config

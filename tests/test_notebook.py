@@ -1,0 +1,43 @@
+"""notebooks/quickstart.ipynb runs top to bottom (with fewer steps) and its
+outputs say what the notebook promises."""
+
+import json
+import os
+import re
+
+import nbformat
+import numpy as np
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
+
+
+def test_quickstart_notebook_executes(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1
+    params[0].source = (f"NUM_STEPS = 40\nLABEL_FRACTION = 0.05\nNUM_EMBED = 1000\n"
+                        f"WORKDIR = {str(tmp_path / 'run')!r}\nSEED = 0")
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the loss plot and the two PCA panels
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    results = json.loads(re.search(r"RESULTS (\{.*\})", text).group(1))
+    assert results["num_steps"] == 40
+    assert results["loss_last"] < results["loss_first"]
+    # A stratified 5% of the 800 training images of the first 1000 digits.
+    from d2v_jax.data.sources import Mnist5kSource
+    src = Mnist5kSource()
+    y = np.array([src[i]["label"] for i in range(1000)])
+    rng = np.random.default_rng(0)
+    pool = rng.permutation(1000)[200:]
+    expected = sum(max(1, round(0.05 * np.sum(y[pool] == c))) for c in np.unique(y))
+    assert results["num_labels"] == expected and results["num_test"] == 200
+    for name in ("pretrained", "random init"):
+        assert 0.15 < results["accuracy"][name] <= 1.0, results  # above 10-class chance
+    assert os.path.exists(tmp_path / "run" / "checkpoints")
