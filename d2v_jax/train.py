@@ -1,49 +1,86 @@
 r"""Pretraining entry point and loop.
 
   python -m d2v_jax.train --config experiments/image.py:tiny_v2 --workdir runs/x \
-      [--config.train.num_steps=200 ...]
+      [--init_from runs/other] [--config.train.num_steps=200 ...]
 
 The loop: restore-or-init, then jitted steps with the state donated; metrics of
 step t are fetched while step t+1 runs (no host sync in the hot path); logs to
-`workdir/metrics.jsonl`, TensorBoard and a progress bar; an orbax checkpoint at
-`train.checkpoint_every` steps and at the end; the loss curve to `loss.png`.
+`workdir/metrics.jsonl`, TensorBoard and a progress bar; the loss curve to
+`loss.png`. Checkpoints (docs/checkpoints.md):
+
+- Resume order: the newest readable checkpoint in `workdir`, else `--init_from`
+  (another run's params and EMA teacher; fresh optimizer, step 0), else scratch.
+- Async saves every `train.checkpoint_every` steps and at the end, with the
+  data iterator's position; the RNG is `fold_in(key(seed), step)`, so it needs
+  no saving. A killed run loses at most the steps since its last checkpoint and
+  continues bit-for-bit as if it had not stopped.
+- SIGTERM (or JAX's multi-host preemption notice) -> save at the next step
+  boundary, exit with `PREEMPTED_EXIT_CODE` (42) so a launcher can requeue.
+- `train.nonfinite`: "stop" raises NonFiniteError naming the step and the last
+  good checkpoint; "skip" drops that step's update inside the jitted step.
+- The SPEC 3 collapse guard warns or stops (`collapse.action`).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging as pylogging
 import os
+import signal
+import sys
+import threading
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from d2v_jax import checkpoint, data, metrics, models, optim
 from d2v_jax.config import validate
 from d2v_jax.train_state import TrainState, create_train_state
-from d2v_jax.train_step import make_train_step
+from d2v_jax.train_step import make_train_step_fn
+
+# Exit status after a preemption save: distinct from success (0), errors (1),
+# usage errors (2) and deaths by signal (128 + n), so a launcher can requeue on it.
+PREEMPTED_EXIT_CODE = 42
 
 
 class CollapseError(RuntimeError):
     """The representation collapsed (SPEC 3 collapse guard, action='stop')."""
 
 
-def device_prefetch(iterator: Iterator, size: int) -> Iterator:
-    """Keeps `size` batches in flight to the device (device_put is async)."""
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient (train.nonfinite='stop')."""
+
+
+class Preempted(Exception):
+    """Raised by `train_and_evaluate` after the preemption checkpoint is written."""
+
+    def __init__(self, step: int, path: str):
+        super().__init__(f"preempted: saved step {step} to {path}")
+        self.step, self.path = step, path
+
+
+# --- input ------------------------------------------------------------------------
+def device_prefetch(iterator: Iterator, size: int, sharding: Any = None) -> Iterator[tuple[Any, Any]]:
+    """Yields (device batch, the iterator's state right after that batch),
+    keeping `size` batches in flight to the device (device_put is async)."""
+    get_state = getattr(iterator, "get_state", None)
     queue = collections.deque()
 
     def enqueue(n):
         for _ in range(n):
             try:
-                queue.append(jax.device_put(next(iterator)))
+                host = next(iterator)
             except StopIteration:
                 return
+            queue.append((jax.device_put(host, sharding), get_state() if get_state else None))
 
     enqueue(max(size, 1))
     while queue:
@@ -51,6 +88,130 @@ def device_prefetch(iterator: Iterator, size: int) -> Iterator:
         enqueue(1)
 
 
+# --- state --------------------------------------------------------------------------
+def state_shardings(config: ml_collections.ConfigDict, model, tx) -> Any:
+    """Shardings of the TrainState, or None for the default device.
+
+    The one place a mesh enters the loop (`d2v_jax/parallel.py` provides the
+    tree of NamedShardings from the logical axis rules).
+    """
+    del config, model, tx
+    return None
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model, tx, shardings: Any = None) -> TrainState:
+    """The TrainState as ShapeDtypeStructs carrying shardings (nothing allocated):
+    the target that checkpoints are restored (and resharded) onto."""
+    abstract = jax.eval_shape(lambda r: create_train_state(config, r, tx, model), jax.random.PRNGKey(0))
+    if shardings is None:
+        shardings = _one_device(abstract)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def _one_device(tree: Any) -> Any:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: device, tree)
+
+
+def init_train_state(config: ml_collections.ConfigDict, model, tx, rng: jax.Array,
+                     shardings: Any = None) -> TrainState:
+    """A fresh state, made by one compiled program (op-by-op init of a deep
+    model is slower) and placed exactly as a restored one would be (same
+    shardings, hence the same compiled step whether fresh or resumed)."""
+    create = lambda r: create_train_state(config, r, tx, model)  # noqa: E731
+    if shardings is None:
+        shardings = _one_device(jax.eval_shape(create, rng))
+    return jax.jit(create, out_shardings=shardings)(rng)
+
+
+def restore_or_init(config: ml_collections.ConfigDict, manager, model, tx, rng: jax.Array, *,
+                    data_iter: checkpoint.ConsumedIterator | None = None,
+                    init_from: str | None = None, shardings: Any = None) -> tuple[TrainState, str]:
+    """(state, where it came from): the workdir's newest readable checkpoint
+    (with the data position), else `init_from`'s params + EMA teacher on a
+    fresh optimizer at step 0, else a fresh state from `rng`."""
+    abstract = abstract_train_state(config, model, tx, shardings)
+    restored = checkpoint.restore_latest(manager, abstract, data_iter)
+    if restored is not None:
+        state, step = restored
+        if init_from:
+            logging.info("--init_from=%s ignored: the work dir has a checkpoint", init_from)
+        return state, f"resumed from {manager.directory}/{step}"
+    state = init_train_state(config, model, tx, rng, shardings)
+    if not init_from:
+        return state, "initialized from scratch"
+    loaded, _ = checkpoint.restore_params(
+        init_from, subtrees=("params", "ema_params"),
+        abstract_params={"params": abstract.params, "ema_params": abstract.ema_params})
+    return (state.replace(params=loaded["params"], ema_params=loaded["ema_params"]),
+            f"params and EMA teacher from --init_from={init_from}")
+
+
+# --- the guarded step ---------------------------------------------------------------
+def guard_nonfinite(step_fn: Callable, mode: str) -> Callable:
+    """Adds `finite` (loss and gradient norm finite) to the step's metrics;
+    mode 'skip' keeps the old params, EMA and optimizer state when it is False
+    (a select inside the step: no host sync). The step count always advances,
+    so the data and RNG streams stay aligned with an unskipped run."""
+    if mode not in ("stop", "skip"):
+        raise ValueError(f"config.train.nonfinite={mode!r}; expected 'stop' or 'skip'")
+
+    def step(state: TrainState, batch, rng):
+        new_state, step_metrics = step_fn(state, batch, rng)
+        finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
+        if mode == "skip":
+            kept = state.replace(step=new_state.step)
+            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
+        return new_state, dict(step_metrics, finite=finite)
+
+    return step
+
+
+def make_step(config: ml_collections.ConfigDict, model, tx, schedule: optax.Schedule) -> Callable:
+    """The jitted, guarded train step with the state donated."""
+    step = make_train_step_fn(config, model=model, tx=tx, schedule=schedule)
+    return jax.jit(guard_nonfinite(step, _nonfinite_mode(config)), donate_argnums=(0,))
+
+
+def _nonfinite_mode(config) -> str:
+    return config.train.get("nonfinite", "stop")
+
+
+# --- preemption ---------------------------------------------------------------------
+class PreemptionWatcher:
+    """SIGTERM -> save at the next step boundary.
+
+    One process: a Python SIGTERM handler sets a flag. Several processes: the
+    hosts must agree on the step, so JAX's preemption sync point decides
+    (`jax.distributed.initialize()` installs its notifier on SIGTERM; orbax's
+    `reached_preemption` asks it), and no Python handler is installed.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = None
+        self._multi = jax.process_count() > 1
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signum = signum
+        logging.warning("received signal %d: saving at the next step boundary", signum)
+
+    def requested(self, step: int, manager) -> bool:
+        if self.signum is not None:
+            return True
+        return self._multi and manager.reached_preemption(step)
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+# --- guards -------------------------------------------------------------------------
 def collapse_check(config: ml_collections.ConfigDict, step: int, scalars: dict) -> str | None:
     """A message when target or prediction variance fell below SPEC 3's bounds."""
     g = config.collapse
@@ -63,33 +224,84 @@ def collapse_check(config: ml_collections.ConfigDict, step: int, scalars: dict) 
     return None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+class _FiniteChecks:
+    """Per-step `finite` flags, read one step late (mode 'stop': the host waits
+    for step t-1 while step t runs) or at log time (mode 'skip': counted)."""
+
+    def __init__(self, mode: str, manager):
+        self.mode, self.manager = mode, manager
+        self.pending: collections.deque = collections.deque()  # (step, metrics)
+        self.skipped = 0
+
+    def add(self, step: int, step_metrics: dict) -> None:
+        self.pending.append((step, {k: step_metrics[k] for k in ("finite", "loss", "grad_norm")}))
+        if self.mode == "stop":
+            self.check(keep_last=1)
+
+    def check(self, keep_last: int = 0) -> None:
+        while len(self.pending) > keep_last:
+            step, m = self.pending.popleft()
+            if bool(m["finite"]):
+                continue
+            if self.mode == "skip":
+                self.skipped += 1
+                logging.warning("step %d: non-finite loss/gradients; update skipped (%d so far)",
+                                step, self.skipped)
+                continue
+            self.manager.wait_until_finished()
+            last = self.manager.latest_step()
+            where = (f"{self.manager.directory}/{last}" if last is not None else
+                     "none (no checkpoint was saved before it)")
+            raise NonFiniteError(
+                f"non-finite training at step {step}: loss={float(m['loss'])}, "
+                f"grad_norm={float(m['grad_norm'])}. Last good checkpoint: {where}. "
+                "Set config.train.nonfinite='skip' to skip such updates instead.")
+
+
+# --- the loop -----------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       init_from: str | None = None) -> TrainState:
+    """Pretrains to `config.train.num_steps`, resuming from `workdir` if it
+    holds checkpoints. Raises Preempted after a SIGTERM save."""
     validate(config)
     os.makedirs(workdir, exist_ok=True)
+    # Run-level set-up of the modality (text: train or reload the tokenizer in the
+    # work dir and set model.vocab_size from it), before the config is saved.
+    config = data.prepare(config, workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
     model = models.build_model(config)
     tx, schedule = optim.make_optimizer(config)
+    # The step folds its count into step_rng: the RNG is a function of (seed, step).
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = create_train_state(config, init_rng, tx, model)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("model: %s %s, %.2fM params", config.modality, config.version, n_params / 1e6)
+    shardings = state_shardings(config, model, tx)
 
+    iterator = iter(data.make_pretrain_dataset(
+        config, process_index=jax.process_index(), process_count=jax.process_count()))
+    data_iter = checkpoint.ConsumedIterator(iterator)
     manager = checkpoint.make_manager(workdir, config)
-    restored = checkpoint.restore(manager, checkpoint.abstract_like(state))
-    if restored is not None:
-        state = restored
-        logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), int(state.step))
+    state, origin = restore_or_init(config, manager, model, tx, init_rng, data_iter=data_iter,
+                                    init_from=init_from, shardings=shardings)
     start, num_steps = int(state.step), config.train.num_steps
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("model: %s %s, %.2fM params; %s at step %d", config.modality, config.version,
+                 n_params / 1e6, origin, start)
+    if start >= num_steps:
+        logging.info("step %d >= train.num_steps=%d: nothing to do", start, num_steps)
+        manager.close()
+        return state
 
-    batches = device_prefetch(iter(data.make_pretrain_dataset(
-        config, process_index=jax.process_index(), process_count=jax.process_count())), config.data.prefetch)
-    step_fn = make_train_step(config, model=model, tx=tx, schedule=schedule)
+    _trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+    batches = device_prefetch(iterator, config.data.prefetch)
+    step_fn = make_step(config, model, tx, schedule)
     writer = metrics.MetricWriter(workdir)
     log_every = max(config.train.log_every, 1)
+    every = config.train.checkpoint_every
     bar = _progress(start, num_steps)
+    finite = _FiniteChecks(_nonfinite_mode(config), manager)
+    watcher = PreemptionWatcher()
 
     # Metrics of a logged step are fetched after the next step is dispatched, so
     # the host never waits on the device in the hot path. samples/s is measured
@@ -97,46 +309,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # excludes the first step's compilation.
     pending = None  # (step, device metrics) waiting to be fetched
     clock = {"step": None, "time": None}
-    for step in range(start, num_steps):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, step_metrics = step_fn(state, next(batches), step_rng)
-        if clock["step"] is None:  # the first step carries compilation
-            jax.block_until_ready(state.step)
-            clock.update(step=step + 1, time=time.perf_counter())
-            logging.info("first step (incl. compilation) done")
+
+    def flush():
+        nonlocal pending
+        finite.check()
         if pending is not None:
-            _log(config, writer, bar, clock, *pending)
+            _log(config, writer, bar, clock, finite.skipped, *pending)
             pending = None
-        done = step + 1
-        if done % log_every == 0 or done == num_steps:
-            pending = (done, step_metrics)
-        if config.train.checkpoint_every and done % config.train.checkpoint_every == 0 and done < num_steps:
-            checkpoint.save(manager, done, state, config)
-        bar.update(1)
-    if pending is not None:
-        _log(config, writer, bar, clock, *pending)
-    checkpoint.save(manager, num_steps, state, config)
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    bar.close()
+
+    try:
+        for step in range(start, num_steps):
+            batch, batch_state = next(batches)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, step_metrics = step_fn(state, batch, step_rng)
+            data_iter.consumed = batch_state
+            done = step + 1
+            if clock["step"] is None:  # the first step carries compilation
+                jax.block_until_ready(state.step)
+                clock.update(step=done, time=time.perf_counter())
+                logging.info("first step (incl. compilation) done")
+            finite.add(done, step_metrics)
+            if pending is not None:
+                finite.check(keep_last=1)
+                _log(config, writer, bar, clock, finite.skipped, *pending)
+                pending = None
+            if done % log_every == 0 or done == num_steps:
+                pending = (done, step_metrics)
+            preempted = watcher.requested(done, manager)
+            if (every and done % every == 0) or done == num_steps or preempted:
+                flush()  # never checkpoint a state that has not passed the guards
+                checkpoint.save(manager, done, state, config, data_iter)
+            bar.update(1)
+            if preempted:
+                manager.wait_until_finished()
+                raise Preempted(done, f"{manager.directory}/{done}")
+        flush()
+    finally:
+        watcher.close()
+        manager.wait_until_finished()  # a started save completes, even on error
+        manager.close()
+        writer.close()
+        bar.close()
     if jax.process_index() == 0 and os.path.exists(writer.path):
         metrics.plot_loss(writer.path, os.path.join(workdir, "loss.png"))
     return state
 
 
-def _log(config, writer, bar, clock, step, device_metrics):
+def _trim_metrics(path: str, step: int) -> None:
+    """Drops rows logged after `step` by a run that died before checkpointing
+    them, so a resumed run's metrics.jsonl has each step once."""
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def _log(config, writer, bar, clock, skipped, step, device_metrics):
     scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    scalars.pop("finite", None)
     now = time.perf_counter()
     steps = step - clock["step"]
     scalars["samples_per_sec"] = config.data.batch_size * steps / (now - clock["time"]) if steps > 0 else 0.0
     clock.update(step=step, time=now)
-    samples_per_sec = scalars["samples_per_sec"]
-    if not np.isfinite(scalars["loss"]):
-        raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
+    if _nonfinite_mode(config) == "skip":
+        scalars["skipped_updates"] = float(skipped)
     writer.write(step, scalars)
     bar.set_postfix(loss=f"{scalars['loss']:.4f}", tvar=f"{scalars['target_var']:.3f}",
-                    sps=f"{samples_per_sec:.0f}")
+                    sps=f"{scalars['samples_per_sec']:.0f}")
     msg = collapse_check(config, step, scalars)
     if msg:
         if config.collapse.action == "stop":
@@ -152,14 +395,22 @@ def _progress(start, total):
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file and arg, e.g. experiments/image.py:tiny_v2.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, plots and checkpoints.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, plots and checkpoints; "
+                               "resumes from its newest checkpoint if it has one.")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Another run's work dir (or checkpoints dir): "
+                                 "start from its params and EMA teacher (fresh optimizer, step 0). "
+                                 "Ignored when --workdir already holds a checkpoint.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     pylogging.getLogger("absl").setLevel(pylogging.INFO)
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
+    except Preempted as e:
+        logging.warning("%s; exiting with code %d", e, PREEMPTED_EXIT_CODE)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""Exact resume: a run stopped by SIGTERM or killed by SIGKILL, then resumed,
+ends bit-for-bit where an uninterrupted run of the same length ends.
+
+The runs are real `python -m d2v_jax.train` processes on a tiny model; they
+share a persistent compilation cache so only the first one compiles.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from d2v_jax.train import PREEMPTED_EXIT_CODE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = os.path.join(ROOT, "experiments", "image.py")
+NUM_STEPS, EVERY = 40, 10
+
+
+def make_image_folder(root, n=24, size=12, seed=0):
+    """A one-class image folder of small random grayscale PNGs."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "a"), exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(
+            os.path.join(root, "a", f"{i:03d}.png"))
+    return root
+
+
+def tiny_overrides(data_path):
+    return {
+        "model.image_size": 16, "model.depth": 1, "model.dim": 32, "model.num_heads": 2,
+        "target.top_k": 1, "decoder.layers": 1, "decoder.dim": 32, "masking.num_clones": 2,
+        "data.source": "image_folder", "data.path": data_path, "data.batch_size": 4,
+        "data.prefetch": 2, "train.log_every": 1, "train.checkpoint_every": EVERY,
+        "train.num_steps": NUM_STEPS, "train.keep_checkpoints": 2,
+    }
+
+
+def env_with_cache(cache_dir):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def start(workdir, overrides, env):
+    args = [sys.executable, "-m", "d2v_jax.train", f"--config={EXPERIMENT}:tiny_v2",
+            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    log = open(os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + ".log"), "ab")
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def logged_steps(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
+def checkpoint_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def wait_for(cond, proc, what, timeout=240):
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited ({proc.returncode}) before {what}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def finish(proc, timeout=240):
+    return proc.wait(timeout=timeout)
+
+
+def load_state(workdir, step):
+    """The saved TrainState as a flat {path: numpy array} (restored as saved)."""
+    tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(f"{prefix}/{i}", v)
+        elif node is not None:
+            flat[prefix] = np.asarray(node)
+
+    walk("", tree)
+    return flat
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_sigterm_then_sigkill_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    data_path = make_image_folder(str(tmp_path / "images"))
+    overrides = tiny_overrides(data_path)
+    env = env_with_cache(str(tmp_path / "jax_cache"))
+
+    # The reference: one uninterrupted run.
+    ref = str(tmp_path / "ref")
+    assert finish(start(ref, overrides, env)) == 0
+    assert checkpoint_steps(ref)[-1] == NUM_STEPS
+
+    run = str(tmp_path / "run")
+    # 1. SIGTERM at a random step before the first periodic checkpoint: the run
+    #    saves the step it is at and exits with PREEMPTED_EXIT_CODE.
+    term_at = rng.randrange(2, EVERY - 1)
+    proc = start(run, overrides, env)
+    wait_for(lambda: len(logged_steps(run)) >= term_at, proc, f"step {term_at} (seed {seed})")
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc) == PREEMPTED_EXIT_CODE, f"seed {seed}"
+    saved = checkpoint_steps(run)
+    assert len(saved) == 1 and saved[0] >= term_at, (saved, term_at, seed)
+    # No step lost: every step the run logged is in the checkpoint.
+    assert logged_steps(run)[-1] == saved[0], (logged_steps(run), saved, seed)
+
+    # 2. Resume, then SIGKILL at a random step after the next periodic
+    #    checkpoint: the steps since that checkpoint are lost and redone.
+    kill_ckpt = (saved[0] // EVERY + 1) * EVERY
+    kill_at = kill_ckpt + rng.randrange(1, EVERY)
+    proc = start(run, overrides, env)
+    wait_for(lambda: kill_ckpt in checkpoint_steps(run) and logged_steps(run)[-1] >= kill_at,
+             proc, f"checkpoint {kill_ckpt} and step {kill_at} (seed {seed})")
+    proc.send_signal(signal.SIGKILL)
+    assert finish(proc) == -signal.SIGKILL, f"seed {seed}"
+    killed_at = logged_steps(run)[-1]
+    assert killed_at > checkpoint_steps(run)[-1], (killed_at, checkpoint_steps(run), seed)
+
+    # 3. Resume to the end.
+    assert finish(start(run, overrides, env)) == 0, f"seed {seed}"
+
+    a, b = load_state(ref, NUM_STEPS), load_state(run, NUM_STEPS)
+    assert sorted(a) == sorted(b)
+    assert any(k.startswith("/opt_state") for k in a) and any(k.startswith("/ema_params") for k in a)
+    different = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not different, f"seed {seed}: {different[:5]}"
+    # Each step logged once, with the same loss as the uninterrupted run: the
+    # data stream, the masks and the RNG resumed exactly.
+    assert sorted(logged_steps(run)) == list(range(1, NUM_STEPS + 1))
+    assert losses(run) == losses(ref), f"seed {seed}"
+    with open(os.path.join(run, "checkpoints", str(NUM_STEPS), "data_iter", "process_0-of-1.json")) as f:
+        assert json.load(f) == {"next_index": NUM_STEPS}
