@@ -73,6 +73,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(config.train.num_steps >= 1, "train.num_steps", f"{config.train.num_steps} < 1")
     _check(config.collapse.action in ("warn", "stop"), "collapse.action",
            f"{config.collapse.action!r} is not 'warn' or 'stop'")
+    r = config.train
+    _check(r.checkpoint_every >= 0, "train.checkpoint_every", f"{r.checkpoint_every} < 0")
+    _check(r.keep_checkpoints >= 1, "train.keep_checkpoints", f"{r.keep_checkpoints} < 1")
+    _check(r.get("keep_every", 0) >= 0, "train.keep_every", f"{r.get('keep_every')} < 0")
+    _check(r.get("nonfinite", "stop") in ("stop", "skip"), "train.nonfinite",
+           f"{r.get('nonfinite')!r} is not 'stop' or 'skip'")
     if config.modality == "image":
         _validate_image(config)
     return config

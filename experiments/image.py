@@ -160,8 +160,10 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   else:  # 150 epochs at batch 256 (x16 clones) = 5005 steps/epoch, 10 warm-up epochs
     r.num_steps, o.warmup_steps = 150 * 5005, 10 * 5005
   r.log_every = 20 if tiny else 100
-  r.checkpoint_every = 0  # 0 = only at the end
-  r.keep_checkpoints = 2
+  r.checkpoint_every = 0 if tiny else 5000  # 0 = only at the end (and on SIGTERM)
+  r.keep_checkpoints = 2  # the latest N steps ...
+  r.keep_every = 0  # ... plus every multiple of this step (0 = none)
+  r.nonfinite = "stop"  # NaN/inf loss or gradients: stop | skip (drop that update)
 
   # --- collapse guard (SPEC 3) ------------------------------------------------
   c.collapse = g = ml_collections.ConfigDict()
