@@ -81,6 +81,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"{r.get('nonfinite')!r} is not 'stop' or 'skip'")
     if config.modality == "image":
         _validate_image(config)
+    elif config.modality == "text":
+        _validate_text(config)
     return config
 
 
@@ -107,3 +109,35 @@ def _validate_image(config: ml_collections.ConfigDict) -> None:
     if k.kind == "block":
         num = k.num_masked if k.num_masked is not None else int(k.ratio * n)
         _check(0 < num < n, "masking.num_masked", f"{num} is not in (0, {n}) patches")
+
+def _validate_text(config: ml_collections.ConfigDict) -> None:
+    """Text, SMILES and proteins (d2v_jax/models/text.py, d2v_jax/data/text.py)."""
+    from d2v_jax import text_masking
+    from d2v_jax.data import text as text_data
+    from d2v_jax.data import tokenizer
+    m, k, d = config.model, config.masking, config.data
+    _check(config.tokenizer.kind in tokenizer.TOKENIZERS, "tokenizer.kind",
+           f"{config.tokenizer.kind!r} not in {sorted(tokenizer.TOKENIZERS)}")
+    _check(d.source in text_data.SOURCES, "data.source", f"{d.source!r} not in {text_data.SOURCES}")
+    _check(d.packing in text_data.PACKINGS, "data.packing", f"{d.packing!r} not in {text_data.PACKINGS}")
+    _check(d.too_long in text_data.TOO_LONG, "data.too_long", f"{d.too_long!r} not in {text_data.TOO_LONG}")
+    _check(d.on_invalid in ("skip", "error"), "data.on_invalid", f"{d.on_invalid!r} is not 'skip' or 'error'")
+    _check(3 <= d.max_len <= m.max_positions, "data.max_len",
+           f"{d.max_len} must be in [3, model.max_positions={m.max_positions}]: a sequence longer "
+           "than the learned positions cannot be embedded")
+    _check(k.kind in text_masking.KINDS, "masking.kind", f"{k.kind!r} not in {text_masking.KINDS}")
+    if config.version == "v2":
+        _check(k.kind == "random", "masking.kind",
+               "2.0 encodes only the visible tokens, which needs the exact per-row count of "
+               f"'random' masking, not {k.kind!r}")
+        _check(k.leave_unmasked_prob == 0 and k.random_token_prob == 0, "masking.random_token_prob",
+               "2.0 removes masked tokens from the student; leave_unmasked_prob and "
+               "random_token_prob must be 0")
+        _check(config.decoder.dim % config.decoder.groups == 0 and m.dim % config.decoder.groups == 0,
+               "decoder.groups", f"decoder.dim={config.decoder.dim} and model.dim={m.dim} must be "
+               f"divisible by decoder.groups={config.decoder.groups}")
+    else:
+        _check(k.kind != "random", "masking.kind", "1.0 text masking is 'bert' or 'span'")
+        _check(k.loss_on in ("mask_token", "all"), "masking.loss_on",
+               f"{k.loss_on!r} is not 'mask_token' or 'all'")
+    _check(config.loss.cls_weight == 0, "loss.cls_weight", "the text model has no CLS loss")

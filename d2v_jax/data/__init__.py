@@ -1,7 +1,7 @@
 """Input pipelines: grain sources, per-example transforms (with masks), batching."""
 
 from d2v_jax.data.image import EvalTransform, PretrainTransform
-from d2v_jax.data.pipeline import make_pretrain_dataset
+from d2v_jax.data.pipeline import make_pretrain_dataset, prepare
 from d2v_jax.data.sources import SOURCES, ImageFolderSource, Mnist5kSource, make_source
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "SOURCES",
     "make_pretrain_dataset",
     "make_source",
+    "prepare",
 ]

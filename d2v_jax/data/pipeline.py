@@ -15,8 +15,26 @@ import grain
 import ml_collections
 from absl import flags
 
+from d2v_jax.data import text
 from d2v_jax.data.image import PretrainTransform
 from d2v_jax.data.sources import ImageSource, make_source
+
+
+def _image_parts(config: ml_collections.ConfigDict, source=None):
+    return (make_source(config) if source is None else source), PretrainTransform(config)
+
+
+# modality -> (config, source or None) -> (grain source, transform(element, epoch)).
+PRETRAIN_PARTS = {"image": _image_parts, "text": text.pretrain_parts}
+# modality -> (config, workdir) -> config: run-level set-up before the model is
+# built (text: train or reload the tokenizer, set model.vocab_size).
+PREPARE = {"text": text.prepare}
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | None) -> ml_collections.ConfigDict:
+    """What a modality must set up once per run; the identity for images."""
+    fn = PREPARE.get(config.modality)
+    return fn(config, workdir) if fn is not None else config
 
 
 def local_batch_size(config: ml_collections.ConfigDict, process_count: int) -> int:
@@ -51,11 +69,13 @@ def make_pretrain_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     batch = local_batch_size(config, process_count)
-    src = make_source(config) if source is None else source
+    if config.modality not in PRETRAIN_PARTS:
+        raise ValueError(f"config.modality={config.modality!r} has no input pipeline; "
+                         f"expected one of {sorted(PRETRAIN_PARTS)}")
+    src, transform = PRETRAIN_PARTS[config.modality](config, source)
     num_examples = len(src)
     if num_examples < 1:
         raise ValueError(f"data source {src!r} is empty")
-    transform = PretrainTransform(config)
 
     def apply(position: int, element: dict[str, Any]) -> dict[str, Any]:
         # `position` counts examples in the global stream (all processes), so

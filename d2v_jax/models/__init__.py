@@ -5,11 +5,13 @@ from __future__ import annotations
 import flax.linen as nn
 import ml_collections
 
-from d2v_jax.models import image
+from d2v_jax.models import image, text
 
 # modality -> (module class, top-level subtrees the teacher uses, dummy batch)
 MODELS = {
     "image": (image.ImageData2Vec, image.TEACHER_MODULES, image.dummy_batch),
+    # text, SMILES and protein sequences: one model, the tokenizer differs
+    "text": (text.TextData2Vec, text.TEACHER_MODULES, text.dummy_batch),
 }
 
 

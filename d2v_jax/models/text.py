@@ -1,0 +1,161 @@
+"""The token-sequence modality (text, SMILES, proteins): data2vec 1.0 and 2.0.
+
+Front-end (SPEC 6): token embeddings + learned absolute positions + embedding
+LayerNorm (+ dropout), then post-LN Transformer blocks with a fused qkv
+projection (`layers.Encoder`), as RoBERTa / fairseq data2vec text. Entry points
+for the train step (`method=`):
+
+- `teacher(batch)`: the full, unmasked `tokens` (SPEC 9: fairseq 1.0 feeds the
+  teacher pad-filled target tokens; here it sees the real input), deterministic;
+  returns the block FFN outputs [L, B, T, D] and the padding mask.
+- `student(batch)`: 1.0 embeds the corrupted `inputs` (mask / random / kept tokens,
+  drawn in the pipeline) and runs the whole sequence, then the two-layer head
+  Linear(D, 2D) -> GELU -> Linear(2D, D) (SPEC 3). 2.0 encodes only the visible
+  tokens of M clones (a static `num_keep`, `text_masking.num_keep_random`) and the
+  1-D conv decoder predicts every position.
+- `encode(batch)`: final hidden states [B, T, D] of the full sequence.
+
+Padding is masked out as attention keys everywhere. The teacher uses only
+`frontend` and `encoder`; data2vec text shares the embeddings with the student
+(`ema.shared = ("frontend",)`, SPEC 4), so the EMA holds just the blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from d2v_jax import text_masking
+from d2v_jax.models.decoder import ConvDecoder
+from d2v_jax.models.image import _dtype
+from d2v_jax.models.layers import Encoder, dense, kernel, layer_norm
+
+TEACHER_MODULES = ("frontend", "encoder")
+DUMMY_TOKEN = 5  # any non-special id: the dummy batch must not be all padding
+
+
+def _vocab_size(config: ml_collections.ConfigDict) -> int:
+    v = config.model.vocab_size
+    if v is None:
+        raise ValueError("config.model.vocab_size is unset: it comes from the tokenizer; call "
+                         "d2v_jax.data.prepare(config, workdir) first (train.py does)")
+    return int(v)
+
+
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """A batch of the pipeline's shapes with a valid mask, for `init` and tracing."""
+    t, k = config.data.max_len, config.masking
+    tokens = np.full((batch_size, t), DUMMY_TOKEN, np.int32)
+    mask = np.zeros((batch_size, k.num_clones, t), bool)
+    mask[..., :text_masking.num_masked_random(t, k.ratio)] = True
+    batch = {"tokens": tokens, "padding_mask": np.zeros((batch_size, t), bool), "mask": mask}
+    if config.version == "v1":
+        batch["inputs"] = np.repeat(tokens[:, None], k.num_clones, axis=1)
+    return batch
+
+
+class TextFrontEnd(nn.Module):
+    """Token + learned position embeddings, embedding LayerNorm, dropout."""
+
+    cfg: ml_collections.ConfigDict  # config.model
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, deterministic: bool) -> jax.Array:
+        m = self.cfg
+        t = tokens.shape[-1]
+        if t > m.max_positions:
+            raise ValueError(f"sequence length {t} > model.max_positions={m.max_positions}")
+        dtype = _dtype(m.dtype)
+        embed = nn.Embed(m.vocab_size, m.dim, dtype=dtype, name="token_embed",
+                         embedding_init=kernel((None, "embed")))
+        pos = self.param("pos_embed", kernel((None, "embed")), (m.max_positions, m.dim))
+        x = embed(tokens) + pos[:t].astype(dtype)
+        x = layer_norm(m.norm_eps, dtype, "emb_norm")(x)
+        return nn.Dropout(m.dropout)(x, deterministic=deterministic)
+
+
+class TextData2Vec(nn.Module):
+    config: ml_collections.ConfigDict  # the whole experiment config
+    # `encode` puts <s> first, RoBERTa's sequence representation.
+    cls_first = True
+
+    def setup(self):
+        c = self.config
+        m = c.model
+        _vocab_size(c)
+        dtype = _dtype(m.dtype)
+        self.version = c.version
+        self.frontend = TextFrontEnd(m)
+        self.encoder = Encoder(
+            depth=m.depth, dim=m.dim, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+            qkv_bias=m.qkv_bias, layer_norm_first=False, layer_scale_init=0.0,
+            norm_eps=m.norm_eps, dropout=m.dropout, attn_dropout=m.attn_dropout,
+            drop_path=m.drop_path, remat=m.remat, attention_impl=m.attention_impl, dtype=dtype)
+        if c.version == "v1":
+            # SPEC 3: text 1.0 regresses with Linear(D, 2D) -> GELU -> Linear(2D, D).
+            self.head_fc1 = dense(2 * m.dim, ("embed", "mlp"), dtype, name="head_fc1")
+            self.head_fc2 = dense(m.dim, ("mlp", "embed"), dtype, name="head_fc2")
+        else:
+            d = c.decoder
+            self.decoder = ConvDecoder((c.data.max_len,), d.dim, m.dim, d.kernel, d.layers,
+                                       d.groups, d.residual, conv_impl=d.conv_impl, dtype=dtype)
+
+    def _encode(self, tokens, padding_mask, *, deterministic: bool):
+        x = self.frontend(tokens, deterministic=deterministic)
+        return self.encoder(x, None, padding_mask, deterministic=deterministic)
+
+    # -- entry points -------------------------------------------------------------
+    def teacher(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
+        """{'layers': [L, B, T, D] block FFN outputs of the full sequence (SPEC 2),
+        'padding_mask': [B, T]}."""
+        padding = batch["padding_mask"]
+        _, layers = self._encode(batch["tokens"], padding, deterministic=True)
+        return {"layers": layers, "padding_mask": padding}
+
+    def encode(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """Final hidden states [B, T, D] of the full sequence (<s> first)."""
+        return self._encode(batch["tokens"], batch["padding_mask"], deterministic=True)[0]
+
+    def student(self, batch: dict[str, jax.Array], *, deterministic: bool = False
+                ) -> dict[str, Any]:
+        """batch['mask']: bool [B, M, T], the positions the loss counts. Returns
+        {'pred': [B*M, T, D], 'loss_mask': [B*M, T], 'cls': None}; row b*M + j is
+        clone j of sequence b."""
+        mask = batch["mask"]
+        b, m, t = mask.shape
+        padding = jnp.repeat(batch["padding_mask"], m, axis=0)
+        if self.version == "v1":
+            x, _ = self._encode(batch["inputs"].reshape(b * m, t), padding,
+                                deterministic=deterministic)
+            pred = self.head_fc2(nn.gelu(self.head_fc1(x), approximate=False))
+        else:
+            pred = self._student_v2(batch["tokens"], padding, mask.reshape(b * m, t), m,
+                                    deterministic)
+        return {"pred": pred, "cls": None, "loss_mask": mask.reshape(b * m, t)}
+
+    def _student_v2(self, tokens, padding, mask, clones, deterministic):
+        bm, t = mask.shape
+        x = self.frontend(tokens, deterministic=deterministic)  # once per sequence
+        x = jnp.repeat(x, clones, axis=0)
+        # Visible real tokens first, then padding, then masked tokens (stable, so in
+        # order). A row with n real tokens has n - int(p n) visible ones, never more
+        # than num_keep; the padding positions that fill the rest stay padding.
+        num_keep = text_masking.num_keep_random(t, self.config.masking.ratio)
+        order = jnp.where(mask, 2, jnp.where(padding, 1, 0))
+        keep = jnp.argsort(order, axis=1, stable=True)[:, :num_keep]
+        visible = jnp.take_along_axis(x, keep[..., None], axis=1)
+        kept_padding = jnp.take_along_axis(padding, keep, axis=1)
+        h, _ = self.encoder(visible, None, kept_padding, deterministic=deterministic)
+        # Decoder input: visible outputs back in place, masked slots ~ N(0, std),
+        # padding 0 (the convolution must not read the pad tokens' states).
+        std = self.config.decoder.mask_noise_std
+        noise = std * jax.random.normal(self.make_rng("noise"), (bm, t, h.shape[-1]), h.dtype)
+        rows = jnp.arange(bm)[:, None]
+        full = noise.at[rows, keep].set(h)
+        full = jnp.where(padding[..., None], 0, full)
+        return self.decoder(full)
