@@ -1,0 +1,150 @@
+"""Fault handling and bad input: every error names the step, field, path, file
+or parameter that caused it."""
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from d2v_jax import checkpoint, data, metrics, models, optim, train
+from d2v_jax.config import load_config, validate
+from test_resume import EXPERIMENT, make_image_folder, tiny_overrides
+
+
+def _config(tmp_path, **extra):
+    images = str(tmp_path / "images")
+    if not os.path.isdir(images):
+        make_image_folder(images, n=8)
+    return load_config(f"{EXPERIMENT}:tiny_v2", {**tiny_overrides(images), **extra})
+
+
+# An lr of 1e38 from step 2 on (step 1 is the 0-lr warm-up step): step 2's
+# update is finite but puts the params near float32's max, so step 3's
+# forward pass overflows. Steps 1 and 2 are checkpointed.
+EXPLODE = {"optim.schedule": "constant", "optim.warmup_steps": 1, "optim.lr": 1e38,
+           "train.checkpoint_every": 1, "train.keep_checkpoints": 5, "train.num_steps": 5}
+
+
+def test_nonfinite_stop_names_step_and_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(train.NonFiniteError) as e:
+        train.train_and_evaluate(_config(tmp_path, **EXPLODE), workdir)
+    msg = str(e.value)
+    assert "at step 3" in msg, msg
+    assert f"Last good checkpoint: {os.path.join(workdir, 'checkpoints')}/2" in msg, msg
+    assert "train.nonfinite='skip'" in msg
+    # The bad state was never saved; the named checkpoint is finite.
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps == [1, 2]
+    params, _ = checkpoint.restore_params(workdir, step=2)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_nonfinite_skip_keeps_the_last_finite_state(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = _config(tmp_path, **EXPLODE, **{"train.nonfinite": "skip"})
+    state = train.train_and_evaluate(config, workdir)
+    assert int(state.step) == 5  # the step count (data, RNG) advances through skips
+    # Steps 3..5 were skipped: params, teacher and optimizer are those of step 2.
+    saved, _ = checkpoint.restore_params(workdir, step=2, subtrees=("params", "ema_params"))
+    for name in ("params", "ema_params"):
+        for a, b in zip(jax.tree.leaves(getattr(state, name)), jax.tree.leaves(saved[name])):
+            np.testing.assert_array_equal(a, b)
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 2, 3]  # skips up to that step
+    assert not np.isfinite(rows[-1]["loss"])
+
+
+def test_collapse_guard_warns_or_stops():
+    config = load_config(f"{EXPERIMENT}:tiny_v2")
+    ok = {"target_var": 0.5, "pred_var": 0.5}
+    assert train.collapse_check(config, 1000, ok) is None
+    msg = train.collapse_check(config, 1000, {"target_var": 0.05, "pred_var": 0.5})
+    assert msg == "step 1000: target_var 0.0500 < 0.1"
+    assert "pred_var 0.0010 < 0.01" in train.collapse_check(config, 1000, {"target_var": 1, "pred_var": 1e-3})
+    # Before collapse.after_step nothing is reported.
+    assert train.collapse_check(config, config.collapse.after_step - 1, {"target_var": 0, "pred_var": 0}) is None
+
+
+def test_collapse_stop_raises_from_the_logging_path(tmp_path):
+    config = load_config(f"{EXPERIMENT}:tiny_v2", {"collapse.action": "stop", "collapse.after_step": 0})
+    writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    clock = {"step": 0, "time": 0.0}
+    scalars = {"loss": 1.0, "target_var": 0.01, "pred_var": 0.5, "finite": True}
+    with pytest.raises(train.CollapseError, match=r"step 7: target_var 0.0100 < 0.1"):
+        train._log(config, writer, train._progress(0, 10), clock, 0, 7, scalars)
+    writer.close()
+    # The step's metrics are written before it stops, for the post-mortem.
+    assert metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))[0]["target_var"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"train.nonfinite": "ignore"}, "train.nonfinite"),
+    ({"train.keep_every": -1}, "train.keep_every"),
+    ({"train.keep_checkpoints": 0}, "train.keep_checkpoints"),
+    ({"masking.ratio": 0.0}, "masking.ratio"),
+    ({"model.patch_size": 5}, "model.image_size"),
+    ({"target.top_k": 2}, "target.top_k"),  # > model.depth=1
+])
+def test_bad_config_names_the_field(tmp_path, override, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        validate(_config(tmp_path, **override))
+
+
+def test_misspelt_field_is_named(tmp_path):
+    with pytest.raises(KeyError, match=r"train\.nonfinte"):
+        _config(tmp_path, **{"train.nonfinte": "skip"})
+
+
+def test_missing_and_empty_data_paths_are_named(tmp_path):
+    missing = str(tmp_path / "no_such_dir")
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        data.make_pretrain_dataset(_config(tmp_path, **{"data.path": missing}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"no class folders under '{empty}'"):
+        data.make_pretrain_dataset(_config(tmp_path, **{"data.path": str(empty)}))
+    (empty / "cats").mkdir()
+    (empty / "cats" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"no images .* under"):
+        data.make_pretrain_dataset(_config(tmp_path, **{"data.path": str(empty)}))
+
+
+def test_corrupt_image_file_is_named(tmp_path):
+    root = make_image_folder(str(tmp_path / "bad"), n=4)
+    victim = os.path.join(root, "a", "002.png")
+    with open(victim, "r+b") as f:
+        f.truncate(20)
+    config = _config(tmp_path, **{"data.path": root, "data.batch_size": 4})
+    with pytest.raises(Exception, match="002.png"):
+        next(iter(data.make_pretrain_dataset(config)))
+
+
+def test_incompatible_checkpoint_names_parameter_paths_and_shapes(tmp_path):
+    workdir = str(tmp_path / "run")
+    small = _config(tmp_path)
+    model = models.build_model(small)
+    tx, _ = optim.make_optimizer(small)
+    manager = checkpoint.make_manager(workdir, small)
+    checkpoint.save(manager, 1, train.init_train_state(small, model, tx, jax.random.PRNGKey(0)), small)
+    manager.wait_until_finished()
+    manager.close()
+
+    wider = _config(tmp_path, **{"model.dim": 48, "model.num_heads": 3})
+    with pytest.raises(checkpoint.IncompatibleCheckpointError) as e:
+        train.train_and_evaluate(wider, workdir)
+    msg = str(e.value)
+    assert os.path.join(workdir, "checkpoints", "1") in msg
+    assert "params/frontend/patch_embed/kernel: checkpoint (4, 4, 1, 32) vs config (4, 4, 1, 48)" in msg, msg
+    # The same check guards params-only restore.
+    wider_model = models.build_model(wider)
+    wider_tx, _ = optim.make_optimizer(wider)
+    abstract = train.abstract_train_state(wider, wider_model, wider_tx).params
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"encoder/blocks/mlp/fc1/kernel: "
+                       r"checkpoint \(1, 32, 128\) vs config \(1, 48, 192\)"):
+        checkpoint.restore_params(workdir, abstract_params=abstract)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["dim"] == 48
