@@ -6,7 +6,9 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from d2v_jax import checkpoint, data, metrics, models, optim, train
@@ -43,19 +45,60 @@ def test_nonfinite_stop_names_step_and_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_nonfinite_skip_keeps_the_last_finite_state(tmp_path):
-    workdir = str(tmp_path / "run")
-    config = _config(tmp_path, **EXPLODE, **{"train.nonfinite": "skip"})
-    state = train.train_and_evaluate(config, workdir)
-    assert int(state.step) == 5  # the step count (data, RNG) advances through skips
-    # Steps 3..5 were skipped: params, teacher and optimizer are those of step 2.
-    saved, _ = checkpoint.restore_params(workdir, step=2, subtrees=("params", "ema_params"))
-    for name in ("params", "ema_params"):
-        for a, b in zip(jax.tree.leaves(getattr(state, name)), jax.tree.leaves(saved[name])):
-            np.testing.assert_array_equal(a, b)
-    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    assert [r["skipped_updates"] for r in rows] == [0, 0, 1, 2, 3]  # skips up to that step
-    assert not np.isfinite(rows[-1]["loss"])
+def test_nonfinite_skip_keeps_the_old_state_inside_the_jitted_step():
+    """train.nonfinite='skip': a select in the step, the state donated, no host sync."""
+    state = train.TrainState(step=jnp.int32(4), params={"w": jnp.arange(3.0)},
+                             ema_params={"w": jnp.ones(3)}, opt_state=(jnp.zeros(3),))
+
+    def toy_step(state, batch, rng):  # a loss that is NaN when the batch says so
+        loss = jnp.where(batch["bad"], jnp.nan, 1.0)
+        grads = {"w": jnp.full(3, loss)}
+        new = state.replace(step=state.step + 1, params={"w": state.params["w"] - grads["w"]},
+                            ema_params={"w": state.ema_params["w"] * 0.5},
+                            opt_state=(state.opt_state[0] + 1,))
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    step = jax.jit(train.guard_nonfinite(toy_step, "skip"), donate_argnums=(0,))
+    state, m = step(state, {"bad": jnp.bool_(False)}, None)
+    assert bool(m["finite"]) and int(state.step) == 5
+    np.testing.assert_array_equal(state.params["w"], [-1.0, 0.0, 1.0])
+    bad = jax.device_put(np.bool_(True))
+    with jax.transfer_guard("disallow"):  # no host transfer: the decision is on device
+        state, m = step(state, {"bad": bad}, None)
+    assert not bool(m["finite"]) and int(state.step) == 6  # the count still advances
+    np.testing.assert_array_equal(state.params["w"], [-1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(state.ema_params["w"], [0.5] * 3)
+    np.testing.assert_array_equal(state.opt_state[0], [1.0] * 3)
+    # Mode 'stop' passes the non-finite update through (the host stops the run).
+    stop = jax.jit(train.guard_nonfinite(toy_step, "stop"))
+    assert np.isnan(stop(state, {"bad": jnp.bool_(True)}, None)[0].params["w"]).all()
+    with pytest.raises(ValueError, match="train.nonfinite='ignore'"):
+        train.guard_nonfinite(toy_step, "ignore")
+
+
+class _Manager:
+    directory = "/runs/x/checkpoints"
+
+    def wait_until_finished(self):
+        pass
+
+    def latest_step(self):
+        return 2
+
+
+def test_finite_checks_count_skips_and_name_the_checkpoint_on_stop():
+    flags = {3: False, 4: True, 5: False}
+    checks = train._FiniteChecks("skip", _Manager())
+    for step, ok in [(1, True), (2, True)] + sorted(flags.items()):
+        checks.add(step, {"finite": np.bool_(ok), "loss": np.float32(1.0 if ok else np.nan),
+                          "grad_norm": np.float32(1.0)})
+    checks.check()
+    assert checks.skipped == 2
+    checks = train._FiniteChecks("stop", _Manager())
+    checks.add(1, {"finite": np.bool_(True), "loss": np.float32(1), "grad_norm": np.float32(1)})
+    checks.add(2, {"finite": np.bool_(False), "loss": np.float32(np.inf), "grad_norm": np.float32(1)})
+    with pytest.raises(train.NonFiniteError, match="at step 2: loss=inf"):
+        checks.check()
 
 
 def test_collapse_guard_warns_or_stops():
