@@ -236,7 +236,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
             out = manager.restore(step, args=ocp.args.Composite(**items))
             # Reading every byte now surfaces truncated data here, not mid-step.
             jax.block_until_ready(out[STATE])
-        except Exception as e:
+        except MemoryError:
+            raise  # the host's problem, not the checkpoint's
+        except Exception as e:  # orbax/TensorStore report bad files as plain errors
             _quarantine(manager, step, e)
             continue
         if data_iter is not None and not has_iter:

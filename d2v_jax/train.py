@@ -340,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 flush()  # never checkpoint a state that has not passed the guards
                 checkpoint.save(manager, done, state, config, data_iter)
             bar.update(1)
-            if preempted:
+            if preempted and done < num_steps:
                 manager.wait_until_finished()
                 raise Preempted(done, f"{manager.directory}/{done}")
         flush()
