@@ -83,6 +83,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _validate_image(config)
     elif config.modality == "text":
         _validate_text(config)
+    elif config.modality == "audio":
+        _validate_audio(config)
     return config
 
 
@@ -109,6 +111,7 @@ def _validate_image(config: ml_collections.ConfigDict) -> None:
     if k.kind == "block":
         num = k.num_masked if k.num_masked is not None else int(k.ratio * n)
         _check(0 < num < n, "masking.num_masked", f"{num} is not in (0, {n}) patches")
+
 
 def _validate_text(config: ml_collections.ConfigDict) -> None:
     """Text, SMILES and proteins (d2v_jax/models/text.py, d2v_jax/data/text.py)."""
@@ -141,3 +144,34 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
         _check(k.loss_on in ("mask_token", "all"), "masking.loss_on",
                f"{k.loss_on!r} is not 'mask_token' or 'all'")
     _check(config.loss.cls_weight == 0, "loss.cls_weight", "the text model has no CLS loss")
+
+
+def _validate_audio(config: ml_collections.ConfigDict) -> None:
+    m, k, d = config.model, config.masking, config.data
+    n = len(m.conv_dims)
+    _check(n >= 1 and len(m.conv_kernels) == n and len(m.conv_strides) == n, "model.conv_dims",
+           f"conv_dims/conv_kernels/conv_strides have {n}/{len(m.conv_kernels)}/"
+           f"{len(m.conv_strides)} entries; they must be equally long and non-empty")
+    _check(m.pos_conv in ("stack", "single"), "model.pos_conv", f"{m.pos_conv!r} is not 'stack' or 'single'")
+    _check(m.dim % m.pos_conv_groups == 0, "model.pos_conv_groups",
+           f"model.dim={m.dim} is not divisible by pos_conv_groups={m.pos_conv_groups}")
+    _check(0.0 <= m.feature_grad_mult <= 1.0, "model.feature_grad_mult",
+           f"{m.feature_grad_mult} is not in [0, 1]")
+    buckets = tuple(d.buckets)
+    _check(len(buckets) >= 1 and list(buckets) == sorted(set(buckets))
+           and buckets[-1] == d.max_sample_size, "data.buckets",
+           f"{buckets} must be strictly increasing and end with data.max_sample_size="
+           f"{d.max_sample_size}")
+    _check(d.on_error in ("raise", "skip"), "data.on_error", f"{d.on_error!r} is not 'raise' or 'skip'")
+    _check(k.span >= 1, "masking.span", f"{k.span} < 1")
+    if config.version == "v2":
+        _check(k.kind == "block_1d", "masking.kind",
+               "2.0 runs the student on unmasked frames only, which needs the same masked "
+               f"count in every row: use 'block_1d', not {k.kind!r}")
+        _check(config.decoder.dim % config.decoder.groups == 0, "decoder.groups",
+               f"decoder.dim={config.decoder.dim} is not divisible by groups={config.decoder.groups}")
+        _check(m.dim % config.decoder.groups == 0, "decoder.groups",
+               f"model.dim={m.dim} is not divisible by decoder.groups={config.decoder.groups}")
+    else:
+        _check(k.kind in ("span", "block_1d"), "masking.kind", f"{k.kind!r} is not 'span' or 'block_1d'")
+    _check(config.loss.cls_weight == 0, "loss.cls_weight", "the audio model has no CLS token")

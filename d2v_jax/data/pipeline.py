@@ -66,6 +66,12 @@ def make_pretrain_dataset(
     `prefetch_buffer_size` are grain's in-process read threads and the number
     of batches they buffer (per worker when data.num_workers > 0).
     """
+    if config.modality == "audio":  # batch-level pipeline: length buckets, batch masks
+        from d2v_jax.data import audio
+
+        return audio.make_pretrain_dataset(
+            config, process_index=process_index, process_count=process_count, source=source,
+            num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     batch = local_batch_size(config, process_count)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import flax.linen as nn
 import ml_collections
 
-from d2v_jax.models import image, text
+from d2v_jax.models import audio, image, text
 
 # modality -> (module class, top-level subtrees the teacher uses, dummy batch)
 MODELS = {
     "image": (image.ImageData2Vec, image.TEACHER_MODULES, image.dummy_batch),
     # text, SMILES and protein sequences: one model, the tokenizer differs
     "text": (text.TextData2Vec, text.TEACHER_MODULES, text.dummy_batch),
+    "audio": (audio.AudioData2Vec, audio.TEACHER_MODULES, audio.dummy_batch),
 }
 
 

@@ -283,3 +283,32 @@ class RelativePositionBias(nn.Module):
         index = relative_position_index(self.grid)
         bias = table[index.reshape(-1)].reshape(index.shape + (self.num_heads,))
         return bias.transpose(2, 0, 1)[None]  # [1, H, 1+N, 1+N]
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi head slopes (Press et al. 2022), as fairseq data2vec 2.0 `get_slopes`.
+
+    For a power of two n: 2^(-8/n), 2^(-16/n), ...; otherwise the slopes of the
+    closest smaller power of two p, then every other slope of 2p.
+    """
+    def power_of_2(n):
+        start = 2.0 ** (-(2.0 ** -(np.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if num_heads < 1:
+        raise ValueError(f"alibi_slopes: num_heads={num_heads} must be >= 1")
+    if np.log2(num_heads).is_integer():
+        slopes = power_of_2(num_heads)
+    else:
+        p = 2 ** int(np.floor(np.log2(num_heads)))
+        slopes = power_of_2(p) + power_of_2(2 * p)[0::2][: num_heads - p]
+    return np.asarray(slopes, np.float32)
+
+
+def alibi_bias(positions: jax.Array, slopes: jax.Array) -> jax.Array:
+    """Symmetric ALiBi attention bias [B, H, T, T] for 1-D token positions [B, T]:
+    -slope_h * |pos_q - pos_k| (data2vec 2.0 audio, SPEC 6). Positions are the
+    original frame indices, so a student that keeps only visible frames gets the
+    rows and columns of the full-sequence bias."""
+    dist = jnp.abs(positions[:, :, None] - positions[:, None, :]).astype(jnp.float32)
+    return -slopes[None, :, None, None] * dist[:, None]

@@ -1,0 +1,394 @@
+"""Speech data: fairseq manifests or audio folders -> length-bucketed, masked batches.
+
+A fairseq manifest (`train.tsv`) has the root folder on its first line, then one
+`relative/path.wav<TAB>num_samples` per line. A plain folder of audio files works
+too (`scan_folder` builds the manifest). Files are read with soundfile (WAV, FLAC,
+OGG, ...), mixed down to mono and resampled to `data.sample_rate` (16 kHz) when
+their rate differs.
+
+Batching (static shapes, little padding): `data.buckets` is a sorted tuple of
+waveform lengths ending with `data.max_sample_size`. With `data.pad=True` an
+example (randomly cropped to at most `max_sample_size`) joins the smallest bucket
+that holds it and is zero-padded to it, with a padding mask; with `pad=False` it
+joins the largest bucket it covers and is randomly cropped to exactly that length
+(fairseq's no-padding pretraining, no mask needed). Every batch comes from one
+bucket, so jit compiles one step per bucket.
+
+Masks (SPEC 5) are drawn here in numpy on the feature-frame grid: T =
+`frame_count(bucket length)` frames, of which the first `frame_count(crop length)`
+are real. All randomness is seeded by (seed, epoch, example index, stream) or
+(seed, epoch, batch index), so a resumed or re-sharded run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags, logging
+
+from d2v_jax import masking
+from d2v_jax.data.image import example_rng
+from d2v_jax.models.audio import config_frame_count
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".au")
+CROP_STREAM, MASK_STREAM, BATCH_STREAM = 0, 1, 2
+ON_ERROR = ("raise", "skip")
+
+
+@dataclasses.dataclass
+class Manifest:
+    """Audio files and their lengths in samples at the target rate."""
+
+    root: str
+    paths: list[str]  # relative to root
+    lengths: np.ndarray  # int64 [N]
+    lines: list[int]  # 1-based line of each entry in `source` (0 for a scanned folder)
+    source: str  # the manifest file or folder it came from
+    skipped: int = 0  # files left out by `check_files(on_error="skip")`
+
+    def where(self, i: int) -> str:
+        path = os.path.join(self.root, self.paths[i])
+        return f"{path!r} ({self.source} line {self.lines[i]})" if self.lines[i] else repr(path)
+
+    def subset(self, keep: np.ndarray) -> "Manifest":
+        keep = np.asarray(keep, bool)
+        pick = lambda xs: [x for x, k in zip(xs, keep) if k]
+        return Manifest(self.root, pick(self.paths), self.lengths[keep], pick(self.lines),
+                        self.source, self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_manifest(path: str) -> Manifest:
+    """Parses a fairseq manifest; every format error names the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"audio manifest {path!r} does not exist")
+    with open(path) as f:
+        text = f.read().splitlines()
+    if not text or not text[0].strip():
+        raise ValueError(f"{path} line 1: expected the root folder, got an empty line")
+    root = text[0].strip()
+    if not os.path.isabs(root):  # relative roots are relative to the manifest's folder
+        root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), root))
+    paths, lengths, lines = [], [], []
+    for lineno, line in enumerate(text[1:], start=2):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) != 2:
+            raise ValueError(f"{path} line {lineno}: expected 2 tab-separated columns "
+                             f"(relative path, num_samples), got {len(cols)}: {line!r}")
+        try:
+            n = int(cols[1])
+        except ValueError:
+            raise ValueError(f"{path} line {lineno}: num_samples {cols[1]!r} is not an "
+                             "integer") from None
+        if n < 0:
+            raise ValueError(f"{path} line {lineno}: num_samples {n} < 0")
+        paths.append(cols[0])
+        lengths.append(n)
+        lines.append(lineno)
+    if not paths:
+        raise ValueError(f"audio manifest {path} lists no files")
+    return Manifest(root, paths, np.asarray(lengths, np.int64), lines, path)
+
+
+def _info(path: str):
+    import soundfile as sf
+
+    return sf.info(path)
+
+
+def resampled_length(frames: int, rate: int, target: int) -> int:
+    """Samples after resampling `frames` samples from `rate` to `target` (ceil, as
+    scipy's resample_poly)."""
+    if rate == target:
+        return int(frames)
+    from math import gcd
+
+    g = gcd(int(rate), int(target))
+    up, down = target // g, rate // g
+    return -(-int(frames) * up // down)
+
+
+def scan_folder(root: str, sample_rate: int, extensions=AUDIO_EXTENSIONS) -> Manifest:
+    """A manifest of every audio file under `root` (sorted, recursive); lengths from
+    the file headers, converted to `sample_rate`."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"audio folder {root!r} does not exist")
+    paths, lengths = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(extensions):
+                full = os.path.join(dirpath, name)
+                try:
+                    info = _info(full)
+                except Exception as e:  # soundfile raises LibsndfileError / RuntimeError
+                    raise ValueError(f"cannot read audio file {full!r}: {e}") from e
+                paths.append(os.path.relpath(full, root))
+                lengths.append(resampled_length(info.frames, info.samplerate, sample_rate))
+    if not paths:
+        raise ValueError(f"no audio files with extensions {extensions} under {root!r}")
+    return Manifest(root, paths, np.asarray(lengths, np.int64), [0] * len(paths), root)
+
+
+def write_manifest(manifest: Manifest, path: str) -> None:
+    """Writes `manifest` in fairseq's format (root line, then path<TAB>samples)."""
+    with open(path, "w") as f:
+        f.write(manifest.root + "\n")
+        for p, n in zip(manifest.paths, manifest.lengths):
+            f.write(f"{p}\t{int(n)}\n")
+
+
+def check_files(manifest: Manifest, sample_rate: int, on_error: str = "raise") -> Manifest:
+    """Opens every file's header: a missing, unreadable or empty file raises an
+    error naming it and its manifest line, or (on_error='skip') is dropped, counted
+    and logged. Lengths are taken from the headers (converted to `sample_rate`)."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"config.data.on_error={on_error!r}; expected one of {ON_ERROR}")
+    keep = np.ones(len(manifest), bool)
+    lengths = manifest.lengths.copy()
+    problems = []
+    for i, rel in enumerate(manifest.paths):
+        full = os.path.join(manifest.root, rel)
+        if not os.path.isfile(full):
+            problem = f"audio file {manifest.where(i)} does not exist"
+        else:
+            try:
+                info = _info(full)
+                problem = None if info.frames > 0 else f"audio file {manifest.where(i)} is empty"
+                lengths[i] = resampled_length(info.frames, info.samplerate, sample_rate)
+            except Exception as e:
+                problem = f"cannot read audio file {manifest.where(i)}: {e}"
+        if problem:
+            if on_error == "raise":
+                raise ValueError(problem)
+            keep[i] = False
+            problems.append(problem)
+    if problems:
+        logging.warning("skipped %d of %d audio files (data.on_error='skip'); first: %s",
+                        len(problems), len(manifest), "; ".join(problems[:3]))
+    out = dataclasses.replace(manifest, lengths=lengths, skipped=len(problems)).subset(keep)
+    if not len(out):
+        raise ValueError(f"no readable audio files in {manifest.source}")
+    return out
+
+
+def load_audio(manifest: Manifest, i: int, sample_rate: int) -> np.ndarray:
+    """float32 mono [n] at `sample_rate`; errors name the file and manifest line."""
+    import soundfile as sf
+
+    full = os.path.join(manifest.root, manifest.paths[i])
+    try:
+        audio, rate = sf.read(full, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise ValueError(f"cannot read audio file {manifest.where(i)}: {e}") from e
+    if audio.shape[0] == 0:
+        raise ValueError(f"audio file {manifest.where(i)} is empty")
+    audio = audio.mean(axis=1)  # mono
+    if rate != sample_rate:
+        from d2v_jax.data.speech_set import resample
+
+        audio = resample(audio, rate, sample_rate)
+    return audio
+
+
+def normalize(audio: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """Zero mean, unit variance per utterance (fairseq `normalize: true`, i.e.
+    F.layer_norm over the whole waveform)."""
+    audio = audio.astype(np.float32)
+    return (audio - audio.mean()) / np.sqrt(audio.var() + eps)
+
+
+class AudioSource:
+    """A manifest plus how to read it: `len`, `lengths`, `read(i) -> float32 [n]`."""
+
+    def __init__(self, manifest: Manifest, sample_rate: int = 16_000) -> None:
+        self.manifest = manifest
+        self.sample_rate = int(sample_rate)
+        self.lengths = manifest.lengths
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "AudioSource":
+        d = config.data
+        sr = int(d.sample_rate)
+        if d.source == "espeak_words":
+            from d2v_jax.data.speech_set import ensure_espeak_set
+
+            root = d.path or ensure_espeak_set(d.cache_dir)
+            manifest = read_manifest(os.path.join(root, f"{d.split}.tsv"))
+        elif d.source == "manifest":
+            if not d.path:
+                raise ValueError("config.data.path is empty; data.source='manifest' needs a "
+                                 "manifest file or a folder holding <data.split>.tsv")
+            path = os.path.join(d.path, f"{d.split}.tsv") if os.path.isdir(d.path) else d.path
+            manifest = read_manifest(path)
+        elif d.source == "audio_folder":
+            if not d.path:
+                raise ValueError("config.data.path is empty; data.source='audio_folder' needs "
+                                 "a folder of audio files")
+            manifest = scan_folder(d.path, sr)
+        else:
+            raise ValueError(f"config.data.source={d.source!r} is unknown for audio; expected "
+                             "'espeak_words', 'manifest' or 'audio_folder'")
+        if d.check_files:
+            manifest = check_files(manifest, sr, d.on_error)
+        return cls(manifest, sr)
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def read(self, i: int) -> np.ndarray:
+        audio = load_audio(self.manifest, i, self.sample_rate)
+        if len(audio) < self.lengths[i]:
+            raise ValueError(f"audio file {self.manifest.where(i)} has {len(audio)} samples "
+                             f"at {self.sample_rate} Hz but the manifest says {self.lengths[i]}")
+        return audio
+
+    def __repr__(self) -> str:
+        return f"AudioSource({self.manifest.source!r}, len={len(self)})"
+
+
+def check_buckets(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    d = config.data
+    buckets = tuple(int(b) for b in d.buckets)
+    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[-1] != d.max_sample_size:
+        raise ValueError(f"config.data.buckets={tuple(d.buckets)} must be strictly increasing "
+                         f"and end with data.max_sample_size={d.max_sample_size}")
+    if config_frame_count(config, buckets[0]) < 1:
+        raise ValueError(f"config.data.buckets: {buckets[0]} samples give no feature frame "
+                         "through the conv feature extractor")
+    return buckets
+
+
+class BatchPlan:
+    """Which examples form global batch k, their crops, bucket and masks.
+
+    Pure numpy from the manifest lengths (no audio is read), so every process
+    computes the same plan and the same-count trim sees the whole global batch.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, lengths: np.ndarray) -> None:
+        d = config.data
+        self.config = config
+        self.seed = int(config.seed)
+        self.batch_size = int(d.batch_size)
+        self.buckets = check_buckets(config)
+        self.pad = bool(d.pad)
+        self.masking_cfg = config.masking.to_dict()
+        lengths = np.minimum(np.asarray(lengths, np.int64), d.max_sample_size)
+        usable = lengths >= max(int(d.min_sample_size), 1)
+        b = np.asarray(self.buckets)
+        if self.pad:  # smallest bucket that holds the (cropped) example
+            bucket = np.searchsorted(b, lengths, side="left")
+        else:  # largest bucket the example covers; shorter ones cannot be used
+            bucket = np.searchsorted(b, lengths, side="right") - 1
+            usable &= bucket >= 0
+        dropped = int((~usable).sum())
+        if dropped:
+            logging.info("audio: %d of %d examples are shorter than data.min_sample_size=%d%s "
+                         "and are left out", dropped, len(lengths), d.min_sample_size,
+                         "" if self.pad else f" or the smallest bucket {b[0]}")
+        self.lengths, self.bucket = lengths, np.where(usable, bucket, -1)
+        per_bucket = [int((self.bucket == i).sum()) // self.batch_size for i in range(len(b))]
+        self.num_batches = sum(per_bucket)  # per epoch
+        if self.num_batches == 0:
+            raise ValueError(
+                f"audio: no bucket of data.buckets={self.buckets} holds data.batch_size="
+                f"{self.batch_size} usable examples (bucket sizes "
+                f"{[int((self.bucket == i).sum()) for i in range(len(b))]})")
+
+    @functools.lru_cache(maxsize=2)
+    def epoch(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's batches (index arrays), each from one bucket, in random order."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(epoch), BATCH_STREAM]))
+        perm = rng.permutation(len(self.lengths))
+        batches = []
+        for i in range(len(self.buckets)):
+            members = perm[self.bucket[perm] == i]
+            n = len(members) // self.batch_size * self.batch_size
+            batches.extend(members[:n].reshape(-1, self.batch_size))
+        return [batches[j] for j in rng.permutation(len(batches))]
+
+    def batch(self, k: int) -> dict[str, Any]:
+        """Global batch k: example indices, crop windows, the padded length and masks."""
+        epoch, j = divmod(int(k), self.num_batches)
+        idx = self.epoch(epoch)[j]
+        size = self.buckets[int(self.bucket[idx[0]])]
+        frames = config_frame_count(self.config, size)
+        starts, crops, masks = [], [], []
+        for i in idx:
+            crop = int(min(self.lengths[i], size))
+            full = int(self.lengths[i])  # the file may be longer than the crop limit
+            rng = example_rng(self.seed, epoch, int(i), CROP_STREAM)
+            starts.append(int(rng.integers(0, full - crop + 1)))
+            crops.append(crop)
+            masks.append(masking.sequence_masks(
+                example_rng(self.seed, epoch, int(i), MASK_STREAM), frames,
+                config_frame_count(self.config, crop), self.masking_cfg))
+        masks = np.stack(masks)  # [B, M, T]
+        if self.masking_cfg["kind"] == "span" and self.masking_cfg.get("same_count", True):
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(k), BATCH_STREAM]))
+            masks = masking.same_count(rng, masks.reshape(-1, frames)).reshape(masks.shape)
+        return {"index": idx, "start": starts, "crop": crops, "size": size, "mask": masks}
+
+
+class AudioBatcher:
+    """Global batch k -> this process's rows, read and padded (grain map fn)."""
+
+    def __init__(self, config, source: AudioSource, process_index: int, local_batch: int):
+        self.plan = BatchPlan(config, source.lengths)
+        self.source = source
+        self.rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+        self.normalize = bool(config.data.normalize)
+
+    def __call__(self, k: int, _: Any = None) -> dict[str, np.ndarray]:
+        p = self.plan.batch(k)
+        rows = range(len(p["index"]))[self.rows]
+        audio = np.zeros((len(rows), p["size"]), np.float32)
+        padding = np.ones((len(rows), p["size"]), bool)
+        for r_out, r in enumerate(rows):
+            i, start, crop = int(p["index"][r]), p["start"][r], p["crop"][r]
+            wav = self.source.read(i)[start:start + crop]
+            if self.normalize:
+                wav = normalize(wav)
+            audio[r_out, :crop] = wav
+            padding[r_out, :crop] = False
+        return {"audio": audio, "padding_mask": padding, "mask": p["mask"][self.rows],
+                "index": np.asarray(p["index"][self.rows], np.int32)}
+
+
+def make_pretrain_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
+                          process_count: int = 1, source: AudioSource | None = None,
+                          num_threads: int = 4, prefetch_buffer_size: int = 8) -> grain.IterDataset:
+    """Endless audio batches for this process: {"audio": f32 [b, S], "padding_mask":
+    bool [b, S], "mask": bool [b, M, T], "index": i32 [b]}, S one of data.buckets.
+    Process p gets rows [p*b, (p+1)*b) of every global batch."""
+    from d2v_jax.data.pipeline import local_batch_size
+
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    local = local_batch_size(config, process_count)
+    src = AudioSource.from_config(config) if source is None else source
+    batcher = AudioBatcher(config, src, process_index, local)
+    logging.info("audio: %d examples, %d batches per epoch, buckets %s", len(src),
+                 batcher.plan.num_batches, batcher.plan.buckets)
+    # A lazy random-access dataset over global batch numbers: the iterator's
+    # checkpoint state is a position, and batch k is a pure function of k.
+    ds = grain.MapDataset.range(batcher.plan.num_batches).repeat(None)
+    ds = ds.map_with_index(batcher)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=prefetch_buffer_size))
+    if config.data.num_workers > 0:
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)))
+    return it

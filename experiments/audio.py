@@ -1,0 +1,183 @@
+r"""data2vec speech pretraining on raw 16 kHz waveforms, 1.0 or 2.0.
+
+`arg` is `<size>_<version>`, size in {tiny, base}, version in {v1, v2}:
+
+  python -m d2v_jax.train --config experiments/audio.py:tiny_v2 --workdir runs/a
+
+`tiny` trains on a small spoken-words set that espeak-ng synthesizes into a
+cache folder on first use (`d2v_jax/data/speech_set.py`; nothing is downloaded)
+and runs on a laptop CPU in minutes. `base` carries the numbers of SPEC.md
+(sections 2-7) and reads a fairseq manifest: `--config.data.path=/data/ls/train.tsv`
+(or a folder holding `train.tsv`; `--config.data.source=audio_folder` for a
+plain folder of audio files).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+_SIZES = {
+    #        dim, depth, heads, conv channels
+    "tiny": (64, 4, 4, 32),
+    "base": (768, 12, 12, 512),
+}
+
+
+def _parse(arg: str) -> tuple[str, str]:
+  parts = (arg or "tiny_v2").split("_")
+  if len(parts) != 2 or parts[0] not in _SIZES or parts[1] not in ("v1", "v2"):
+    raise ValueError(
+        f"experiments/audio.py: bad config arg {arg!r}; expected <size>_<version> with "
+        f"size in {sorted(_SIZES)} and version in ['v1', 'v2'], e.g. 'tiny_v2'.")
+  return parts[0], parts[1]
+
+
+def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
+  size, version = _parse(arg)
+  dim, depth, heads, conv = _SIZES[size]
+  tiny, v1 = size == "tiny", version == "v1"
+
+  c = ml_collections.ConfigDict()
+  c.modality = "audio"
+  c.version = version
+  c.seed = 0
+
+  # --- model (SPEC 6, 7) ------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  # wav2vec 2.0 feature extractor: 7 convs, 320x down-sampling (20 ms frames).
+  m.conv_dims = (conv,) * 7
+  m.conv_kernels = (10, 3, 3, 3, 3, 2, 2)
+  m.conv_strides = (5, 2, 2, 2, 2, 2, 2)
+  m.conv_bias = False  # layer-norm mode convs have no bias
+  m.feature_grad_mult = 1.0  # gradient scale into the conv extractor (0 freezes it)
+  m.dim = dim
+  m.depth = depth
+  m.num_heads = heads
+  m.mlp_ratio = 4.0
+  m.qkv_bias = True
+  m.norm_eps = 1e-5  # torch LayerNorm default, as fairseq's post-LN blocks
+  # Conv positional encoder: "stack" = pos_conv_depth grouped convs of kernel
+  # max(3, width // depth) = 19 (data2vec); "single" = one weight-normed conv of
+  # kernel width (wav2vec 2.0 uses width 128).
+  m.pos_conv = "stack"  # stack | single
+  m.pos_conv_width = 38 if tiny else 95  # tiny: 2 layers of kernel 19
+  m.pos_conv_depth = 2 if tiny else 5
+  m.pos_conv_groups = 16 if not tiny else 4
+  m.conv_impl = "dense" if tiny else "xla"  # grouped conv kernel (see decoder.conv_impl)
+  m.alibi = not v1  # 2.0: ALiBi attention bias with a learned per-head scale
+  m.alibi_scale_init = 1.0
+  m.dropout = 0.0 if tiny else 0.1
+  m.attn_dropout = 0.0 if tiny else 0.1
+  m.dropout_input = 0.0  # on the projected features of the student
+  m.drop_path = 0.0
+  m.remat = "none"  # none | block | full
+  m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
+  m.dtype = "float32"  # compute dtype; params and EMA stay float32
+
+  # --- 2.0 conv decoder (SPEC 6) ----------------------------------------------
+  c.decoder = d = ml_collections.ConfigDict()
+  d.dim = 32 if tiny else 384
+  d.kernel = 7
+  d.layers = 2 if tiny else 4
+  d.groups = 4 if tiny else 16
+  d.residual = True
+  d.conv_impl = "dense" if tiny else "xla"
+  d.mask_noise_std = 0.01
+  d.input_dropout = 0.0 if tiny else 0.1
+
+  # --- targets (SPEC 2): FFN outputs of the top K blocks, instance norm each --
+  c.target = t = ml_collections.ConfigDict()
+  t.top_k = 3 if tiny else 8
+  t.layer_norm = "instance"  # over time, padded frames excluded
+  t.final_norm = "none"
+  t.eps = 1e-5
+
+  # --- loss (SPEC 3) ----------------------------------------------------------
+  c.loss = l = ml_collections.ConfigDict()
+  l.beta = 0.0  # L2
+  l.scale = config_dict.placeholder(float)  # None -> 1/sqrt(D)
+  l.cls_weight = 0.0
+  l.cls_reduction = "sum"
+
+  # --- EMA teacher (SPEC 4) ---------------------------------------------------
+  c.ema = e = ml_collections.ConfigDict()
+  if v1:
+    e.start, e.end, e.anneal_steps = 0.999, 0.9999, 30_000
+  else:
+    e.start, e.end, e.anneal_steps = 0.999, 0.99999, 75_000
+  if tiny:  # short runs need a teacher that moves within a few hundred steps
+    e.start, e.end, e.anneal_steps = 0.99, 0.999, 300
+  # SPEC 4: the teacher uses the student's conv features and projection; the
+  # positional encoder and blocks are EMA. fairseq 2.0 (ema_encoder_only) also
+  # shares the positional encoder: ("frontend", "context").
+  e.shared = ("frontend",)
+
+  # --- masking (SPEC 5), on the frame grid, in the input pipeline -------------
+  c.masking = k = ml_collections.ConfigDict()
+  if v1:  # wav2vec 2.0 span masking; rows trimmed to one count
+    k.kind = "span"
+    k.num_clones = 1
+    k.ratio = 0.65  # fairseq mask_prob: spans start at ratio / span of the frames
+    k.span = 10
+    k.min_masks = 2
+    k.same_count = True
+  else:  # 1-D blocks, exactly int(ratio * frames) masked, M clones (SPEC 6)
+    k.kind = "block_1d"
+    k.num_clones = 4 if tiny else 8
+    k.ratio = 0.5
+    k.span = 5  # block length
+    k.prob_adjust = 0.05
+
+  # --- data -------------------------------------------------------------------
+  c.data = dt = ml_collections.ConfigDict()
+  dt.source = "espeak_words" if tiny else "manifest"  # espeak_words | manifest | audio_folder
+  dt.path = ""  # manifest file, folder with <split>.tsv, or audio folder
+  dt.split = "train"
+  dt.cache_dir = ""  # espeak_words: "" = $D2V_JAX_CACHE or ~/.cache/d2v_jax
+  dt.sample_rate = 16_000
+  dt.normalize = True  # zero mean, unit variance per utterance
+  dt.max_sample_size = 16_000 if tiny else 320_000  # random crop to at most this
+  dt.min_sample_size = 4_000 if tiny else 32_000  # shorter files are left out
+  # Waveform lengths of the batch shapes (one compiled step each); the last is
+  # max_sample_size. pad=True: pad up to the bucket (with a padding mask);
+  # pad=False: crop down to it (fairseq's default, no padding).
+  dt.buckets = (12_000, 16_000) if tiny else (120_000, 200_000, 260_000, 320_000)
+  dt.pad = True
+  dt.check_files = True  # open every header at start: bad files fail (or skip) early
+  dt.on_error = "raise"  # raise | skip (count and log bad files, train on the rest)
+  # base: fairseq's 16 GPUs x 3.8M samples ~ 250 LibriSpeech utterances per step.
+  dt.batch_size = 16 if tiny else 256
+  dt.num_workers = 0
+  dt.prefetch = 2
+
+  # --- optimizer (SPEC 7) -----------------------------------------------------
+  c.optim = o = ml_collections.ConfigDict()
+  o.name = "adamw"
+  o.b1, o.b2, o.eps = 0.9, 0.98, 1e-6
+  o.weight_decay = 0.01
+  o.clip_norm = 0.0 if v1 else 1.0
+  # 1.0 used a tri-stage schedule (3/90/7 %); optim offers cosine | constant,
+  # so base_v1 uses cosine with the same 3 % warm-up.
+  o.schedule = "cosine"
+  o.end_lr_ratio = 0.0
+  o.no_decay = ("alibi_scale", "mask_emb")
+  o.lr = 5e-4 if v1 else 7.5e-4
+
+  # --- run --------------------------------------------------------------------
+  c.train = r = ml_collections.ConfigDict()
+  if tiny:
+    r.num_steps, o.warmup_steps, o.lr = 300, 30, 1e-3
+  elif v1:
+    r.num_steps, o.warmup_steps = 400_000, 12_000
+  else:
+    r.num_steps, o.warmup_steps = 400_000, 8_000
+  r.log_every = 10 if tiny else 100
+  r.checkpoint_every = 0  # 0 = only at the end
+  r.keep_checkpoints = 2
+
+  # --- collapse guard (SPEC 3) ------------------------------------------------
+  c.collapse = g = ml_collections.ConfigDict()
+  g.min_target_var = 0.1
+  g.min_pred_var = 0.01
+  g.after_step = 50 if tiny else 5000
+  g.action = "warn"
+  return c

@@ -1,0 +1,175 @@
+"""Speech data: manifests, bad files, resampling, length buckets, batch masks."""
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from d2v_jax import masking
+from d2v_jax.config import load_config
+from d2v_jax.data import audio as A
+from d2v_jax.models.audio import config_frame_count
+
+
+def _config(**over):
+    base = {"data.max_sample_size": 4000, "data.buckets": (2400, 4000),
+            "data.min_sample_size": 1200, "data.batch_size": 4}
+    base.update(over)
+    return load_config("experiments/audio.py:tiny_v2", base)
+
+
+def _write(path, n, rate=16000, seed=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    x = np.random.default_rng(seed).uniform(-0.5, 0.5, n).astype(np.float32)
+    sf.write(path, x, rate, subtype="PCM_16")
+    return x
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """12 WAV/FLAC files of 1000-5000 samples and their fairseq manifest."""
+    root = tmp_path / "corpus"
+    lengths = [1000, 1500, 2000, 2300, 2400, 2600, 3000, 3500, 4000, 4500, 5000, 3900]
+    lines = [str(root)]
+    for i, n in enumerate(lengths):
+        rel = f"spk{i % 3}/utt{i}.{'flac' if i % 4 == 0 else 'wav'}"
+        _write(str(root / rel), n, seed=i)
+        lines.append(f"{rel}\t{n}")
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    return tmp_path, np.asarray(lengths)
+
+
+def test_manifest_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("/root\na.wav\t100\nb.wav\t200\textra\n")
+    with pytest.raises(ValueError, match=r"bad\.tsv line 3: expected 2 tab-separated columns"):
+        A.read_manifest(str(bad))
+    bad.write_text("/root\na.wav\tmany\n")
+    with pytest.raises(ValueError, match=r"bad\.tsv line 2: num_samples 'many' is not an integer"):
+        A.read_manifest(str(bad))
+    with pytest.raises(FileNotFoundError, match="nope.tsv"):
+        A.read_manifest(str(tmp_path / "nope.tsv"))
+
+
+def test_bad_audio_files_raise_or_are_skipped(corpus, caplog):
+    tmp, _ = corpus
+    root = tmp / "corpus"
+    (root / "garbage.wav").write_bytes(b"this is not a wav file at all")
+    sf.write(str(root / "empty.wav"), np.zeros(0, np.float32), 16000)
+    lines = (tmp / "train.tsv").read_text().splitlines()
+    lines += ["missing.wav\t100", "garbage.wav\t100", "empty.wav\t0"]
+    (tmp / "train.tsv").write_text("\n".join(lines) + "\n")
+    manifest = A.read_manifest(str(tmp / "train.tsv"))
+    with pytest.raises(ValueError, match=r"missing\.wav.*train\.tsv line 14\).*does not exist"):
+        A.check_files(manifest, 16000)
+    ok = manifest.subset(np.array([p != "missing.wav" for p in manifest.paths]))
+    with pytest.raises(ValueError, match=r"cannot read audio file .*garbage\.wav.*line 15"):
+        A.check_files(ok, 16000)
+    ok = ok.subset(np.array([p != "garbage.wav" for p in ok.paths]))
+    with pytest.raises(ValueError, match=r"empty\.wav.*line 16\) is empty"):
+        A.check_files(ok, 16000)
+    with caplog.at_level(logging.WARNING):
+        kept = A.check_files(manifest, 16000, on_error="skip")
+    assert len(kept) == 12 and kept.skipped == 3
+    assert "skipped 3 of 15 audio files" in caplog.text
+
+
+def test_resampling_keeps_pitch_and_length(tmp_path):
+    rate, n = 22050, 22050
+    t = np.arange(n) / rate
+    sf.write(str(tmp_path / "a.wav"), 0.5 * np.sin(2 * np.pi * 440 * t), rate, subtype="FLOAT")
+    m = A.scan_folder(str(tmp_path), 16000)
+    assert m.lengths.tolist() == [-(-n * 320 // 441)]  # ceil(n * 16000 / 22050)
+    x = A.load_audio(m, 0, 16000)
+    assert len(x) == m.lengths[0]
+    freq = np.fft.rfftfreq(len(x), 1 / 16000)[np.argmax(np.abs(np.fft.rfft(x)))]
+    assert abs(freq - 440) < 2
+
+
+def test_scan_folder_roundtrip(corpus, tmp_path):
+    tmp, lengths = corpus
+    m = A.scan_folder(str(tmp / "corpus"), 16000)
+    assert sorted(m.lengths.tolist()) == sorted(lengths.tolist())
+    A.write_manifest(m, str(tmp_path / "built.tsv"))
+    again = A.read_manifest(str(tmp_path / "built.tsv"))
+    assert again.paths == m.paths and (again.lengths == m.lengths).all()
+
+
+def test_batches_pad_to_smallest_bucket_with_masks(corpus):
+    tmp, lengths = corpus
+    config = _config(**{"data.source": "manifest", "data.path": str(tmp)})
+    src = A.AudioSource.from_config(config)
+    plan = A.BatchPlan(config, src.lengths)
+    # 1000 < min_sample_size is left out; 11 usable -> 4 in bucket 2400, 7 in 4000.
+    assert (plan.bucket >= 0).sum() == 11 and plan.num_batches == 2
+    batcher = A.AudioBatcher(config, src, 0, 4)
+    seen = set()
+    for k in range(6):
+        b = batcher(k)
+        size = b["audio"].shape[1]
+        assert size in (2400, 4000)
+        t = config_frame_count(config, size)
+        assert b["mask"].shape == (4, config.masking.num_clones, t)
+        for r, i in enumerate(b["index"]):
+            crop = min(lengths[i], 4000)
+            assert size == (2400 if crop <= 2400 else 4000)  # smallest bucket that holds it
+            assert (~b["padding_mask"][r]).sum() == crop and not b["padding_mask"][r, :crop].any()
+            assert (b["audio"][r, crop:] == 0).all()
+            np.testing.assert_allclose(b["audio"][r, :crop].mean(), 0, atol=1e-4)  # normalized
+            n = config_frame_count(config, crop)
+            assert (b["mask"][r].sum(-1) == int(0.5 * n)).all()  # exact count (2.0)
+            assert not b["mask"][r][:, n:].any()
+            seen.add(int(i))
+        # batch k is a pure function of k (resumable)
+        np.testing.assert_array_equal(batcher(k)["audio"], b["audio"])
+    assert len(seen) >= 8
+    # two processes together see exactly the one-process batch
+    halves = [A.AudioBatcher(config, src, p, 2)(3) for p in (0, 1)]
+    whole = batcher(3)
+    for key in whole:
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
+
+
+def test_crop_mode_and_v1_same_count(corpus):
+    tmp, lengths = corpus
+    config = load_config("experiments/audio.py:tiny_v1", {
+        "data.source": "manifest", "data.path": str(tmp / "train.tsv"),
+        "data.max_sample_size": 4000, "data.buckets": (2400, 4000), "data.min_sample_size": 800,
+        "data.batch_size": 4, "data.pad": False})
+    src = A.AudioSource.from_config(config)
+    batcher = A.AudioBatcher(config, src, 0, 4)
+    for k in range(4):
+        b = batcher(k)
+        size = b["audio"].shape[1]
+        assert not b["padding_mask"].any()  # cropped down to the bucket, never padded
+        assert all(lengths[i] >= size for i in b["index"])
+        counts = b["mask"].sum(-1)
+        assert (counts == counts.min()).all() and counts.min() > 0  # require_same_masks
+
+
+def test_bad_buckets_error():
+    config = _config(**{"data.buckets": (4000, 2400)})
+    with pytest.raises(ValueError, match=r"data.buckets=\(4000, 2400\) must be strictly increasing"):
+        A.check_buckets(config)
+
+
+def test_espeak_builder_small(tmp_path):
+    from d2v_jax.data import speech_set
+
+    assert shutil.which("espeak-ng"), "espeak-ng is required (.ci/run installs it)"
+    out = speech_set.build_espeak_set(str(tmp_path / "set"), words=("one", "two"),
+                                      voices=("en-us", "en-gb"), speeds=(160,), pitches=(50,),
+                                      num_phrases=2, valid_voice="en-gb")
+    train = A.read_manifest(os.path.join(out, "train.tsv"))
+    valid = A.read_manifest(os.path.join(out, "valid.tsv"))
+    assert len(train) + len(valid) == 2 * 2 + 2  # words x voices + phrases
+    assert sum(p.startswith("words/") for p in train.paths) == 2  # en-us only
+    assert sorted(os.listdir(os.path.join(out, "words"))) == ["one", "two"]
+    assert all("en-gb" in p for p in valid.paths if p.startswith("words"))
+    for m in (train, valid):
+        for i, rel in enumerate(m.paths):
+            info = sf.info(os.path.join(out, rel))
+            assert info.samplerate == 16000 and info.frames == m.lengths[i] > 1000
