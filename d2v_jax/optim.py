@@ -41,6 +41,17 @@ def decay_mask(params: Any, no_decay: tuple[str, ...] = ()) -> Any:
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
+def accum_steps(config: ml_collections.ConfigDict) -> int:
+    """`optim.accum_steps`: micro-batches per optimizer step (1 = none)."""
+    k = config.optim.get("accum_steps", 1)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"optim.accum_steps={k!r}; expected an integer >= 1")
+    if config.data.batch_size % k:
+        raise ValueError(f"optim.accum_steps={k} does not divide data.batch_size="
+                         f"{config.data.batch_size}")
+    return k
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
     o = config.optim
     if o.name != "adamw":

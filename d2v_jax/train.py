@@ -41,7 +41,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from d2v_jax import checkpoint, data, metrics, models, optim
+from d2v_jax import checkpoint, data, metrics, models, optim, parallel
 from d2v_jax.config import validate
 from d2v_jax.train_state import TrainState, create_train_state
 from d2v_jax.train_step import make_train_step_fn
@@ -80,7 +80,9 @@ def device_prefetch(iterator: Iterator, size: int, sharding: Any = None) -> Iter
                 host = next(iterator)
             except StopIteration:
                 return
-            queue.append((jax.device_put(host, sharding), get_state() if get_state else None))
+            # [scale-out, issue 5] this process's rows -> the global sharded batch
+            device = jax.device_put(host) if sharding is None else parallel.global_batch(host, sharding)
+            queue.append((device, get_state() if get_state else None))
 
     enqueue(max(size, 1))
     while queue:
@@ -95,8 +97,8 @@ def state_shardings(config: ml_collections.ConfigDict, model, tx) -> Any:
     The one place a mesh enters the loop (`d2v_jax/parallel.py` provides the
     tree of NamedShardings from the logical axis rules).
     """
-    del config, model, tx
-    return None
+    # [scale-out, issue 5] the mesh from config.mesh; None for parallel.mode='pmap'.
+    return parallel.loop_shardings(config, parallel.make_mesh(config), model, tx)[0]
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model, tx, shardings: Any = None) -> TrainState:
@@ -168,10 +170,20 @@ def guard_nonfinite(step_fn: Callable, mode: str) -> Callable:
     return step
 
 
-def make_step(config: ml_collections.ConfigDict, model, tx, schedule: optax.Schedule) -> Callable:
+def make_step(config: ml_collections.ConfigDict, model, tx, schedule: optax.Schedule,
+              shardings: Any = None) -> Callable:
     """The jitted, guarded train step with the state donated."""
-    step = make_train_step_fn(config, model=model, tx=tx, schedule=schedule)
-    return jax.jit(guard_nonfinite(step, _nonfinite_mode(config)), donate_argnums=(0,))
+    if shardings is None and parallel.parallel_config(config)["mode"] != "pmap":
+        step = make_train_step_fn(config, model=model, tx=tx, schedule=schedule)
+        return jax.jit(guard_nonfinite(step, _nonfinite_mode(config)), donate_argnums=(0,))
+    # [scale-out, issue 5] jit over the mesh with the rules' shardings, or pmap / shard_map.
+    mesh = parallel.make_mesh(config)
+    jit_mode = parallel.parallel_config(config)["mode"] == "jit"
+    step = make_train_step_fn(config, model=model, tx=tx, schedule=schedule,
+                              axis_name=parallel.step_axis_name(config),
+                              batch_sharding=parallel.batch_sharding(mesh) if jit_mode else None)
+    return parallel.compile_step(config, guard_nonfinite(step, _nonfinite_mode(config)), mesh,
+                                 shardings)
 
 
 def _nonfinite_mode(config) -> str:
@@ -294,8 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return state
 
     _trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
-    batches = device_prefetch(iterator, config.data.prefetch)
-    step_fn = make_step(config, model, tx, schedule)
+    batches = device_prefetch(iterator, config.data.prefetch,  # [scale-out, issue 5]
+                              parallel.loop_batch_sharding(config, parallel.make_mesh(config)))
+    step_fn = make_step(config, model, tx, schedule, shardings)
     writer = metrics.MetricWriter(workdir)
     log_every = max(config.train.log_every, 1)
     every = config.train.checkpoint_every
@@ -406,6 +419,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     pylogging.getLogger("absl").setLevel(pylogging.INFO)
+    # [scale-out, issue 5] multi-process start (SLURM, Cloud TPU, JAX_COORDINATOR_ADDRESS)
+    # before anything touches the devices.
+    parallel.maybe_initialize_distributed(parallel.parallel_config(_CONFIG.value)["distributed"])
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
     except Preempted as e:

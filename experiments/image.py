@@ -62,7 +62,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   m.drop_path = 0.0 if tiny else (0.1 if v1 else 0.0)
   m.remat = "none"  # none | block | full
   m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
-  m.dtype = "float32"  # compute dtype; params and EMA stay float32
+  m.dtype = "float32"  # compute dtype (float32 | bfloat16); params and EMA stay float32
   m.head = "linear"  # 1.0 prediction head: Linear(D, D) (SPEC 3)
 
   # --- 2.0 conv decoder (SPEC 6) ----------------------------------------------
@@ -146,6 +146,9 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
     o.lr, o.b1, o.b2, o.eps = 1e-3, 0.9, 0.95, 1e-6
     o.weight_decay, o.clip_norm = 0.05, 4.0
   o.schedule = "cosine"  # cosine | constant
+  # Micro-batches per step (gradient accumulation inside the jitted step):
+  # data.batch_size is the global batch of one optimizer update either way.
+  o.accum_steps = 1
   o.end_lr_ratio = 0.0
   # Besides biases, norms and other 1-D params (always excluded, SPEC 7), the
   # parameters whose path contains one of these names get no weight decay (BEiT).
@@ -164,6 +167,18 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   r.keep_checkpoints = 2  # the latest N steps ...
   r.keep_every = 0  # ... plus every multiple of this step (0 = none)
   r.nonfinite = "stop"  # NaN/inf loss or gradients: stop | skip (drop that update)
+
+  # --- scale-out (docs/scaling.md) ---------------------------------------------
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1  # data-parallel replicas; -1 = the devices the other axes leave
+  ms.fsdp = 1  # ZeRO-3: params, grads, Adam moments and ema_params split over it
+  ms.tensor = 1  # Megatron-style split of the mlp / qkv / heads axes
+  # ((logical_name, mesh_axis | (axes...) | None), ...) overriding
+  # parallel.DEFAULT_RULES, e.g. (("embed", None),) to keep embeddings whole.
+  ms.rules = ()
+  c.parallel = pl = ml_collections.ConfigDict()
+  pl.mode = "jit"  # jit (NamedSharding; main path) | pmap | shard_map (data parallel)
+  pl.distributed = "auto"  # auto | on | off: jax.distributed.initialize()
 
   # --- collapse guard (SPEC 3) ------------------------------------------------
   c.collapse = g = ml_collections.ConfigDict()

@@ -1,0 +1,433 @@
+"""Scale-out: device mesh, sharding by logical names, multi-host start, and the
+jit / pmap / shard_map versions of the one train step.
+
+Parameters carry logical axis names (`models/layers.py`); `logical_rules` maps
+them to the mesh axes `data`, `fsdp` and `tensor`, so that
+
+  data parallel      mesh.data=-1                   params replicated, batch split
+  FSDP (ZeRO-3)      mesh.fsdp=-1                   params, grads, Adam moments and
+                                                    ema_params split on their `embed`
+                                                    axis, batch split
+  DP x FSDP          mesh.data=2, mesh.fsdp=-1      both
+  + tensor parallel  mesh.tensor=2                  `mlp`/`qkv`/`heads` axes split
+
+are config, not code. The main path (`parallel.mode='jit'`) is one `jax.jit`
+with `NamedSharding` in/out shardings: XLA inserts the all-gathers and
+reduce-scatters, and the program is the 1-device one, so the numbers are the
+same. `pmap` and `shard_map` run `train_step.make_train_step_fn(axis_name=...)`
+per device with replicated params: the loss is normalized by the global masked
+count and the gradients are psum-ed (SPEC 3).
+
+Multi-host: `maybe_initialize_distributed` starts JAX's runtime (SLURM, Cloud
+TPU, or explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID);
+each process feeds its grain shard and `global_batch` assembles the global array.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from d2v_jax import models, optim
+from d2v_jax.train_state import TrainState, create_train_state, ema_subtree, init_params
+from d2v_jax.train_step import make_train_step_fn
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch is split over every axis that holds a different slice of the data.
+BATCH_AXES = ("data", "fsdp")
+MODES = ("jit", "pmap", "shard_map")
+
+# logical name -> mesh axis (or tuple of axes, or None = replicated). The
+# per-block `layers` axis of the scanned encoder stays whole: FSDP splits each
+# block's matrices instead, so the scan body sees the same layout every step.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("embed_out", "tensor"),
+    ("mlp", "tensor"),
+    ("qkv", "tensor"),
+    ("heads", "tensor"),
+    ("rel_pos", None),
+)
+
+
+# --- config -----------------------------------------------------------------------
+_MESH_DEFAULTS = {"data": -1, "fsdp": 1, "tensor": 1, "rules": ()}
+_PARALLEL_DEFAULTS = {"mode": "jit", "distributed": "auto"}
+
+
+def mesh_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config.mesh` with defaults (pure data parallel) for experiment files
+    that have no such section."""
+    m = config.get("mesh") or {}
+    return {k: m.get(k, v) for k, v in _MESH_DEFAULTS.items()}
+
+
+def parallel_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    p = config.get("parallel") or {}
+    out = {k: p.get(k, v) for k, v in _PARALLEL_DEFAULTS.items()}
+    if out["mode"] not in MODES:
+        raise ValueError(f"config.parallel.mode={out['mode']!r}; expected one of {MODES}")
+    return out
+
+
+# --- mesh and rules -------------------------------------------------------------
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) from `config.mesh`; at most one -1 = the remaining devices."""
+    sizes = [int(mesh_config(config)[a]) for a in MESH_AXES]
+    free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+    if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"config.mesh: sizes {dict(zip(MESH_AXES, sizes))} must be positive "
+                         "with at most one -1 (= the remaining devices)")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"config.mesh: {num_devices} devices do not split into "
+                             f"{dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                         f"devices, there are {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over all devices of all processes.
+
+    `jax.make_mesh` orders devices so that the last axes (tensor, then fsdp) are
+    the most tightly connected ones (NVLink / ICI) and `data` spans hosts.
+    Axis types are Auto: shardings come from the rules, XLA propagates the rest.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(config, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+    """DEFAULT_RULES with `config.mesh.rules` ((name, axes), ...) taking precedence."""
+    rules = dict(DEFAULT_RULES)
+    for entry in mesh_config(config)["rules"] or ():
+        if len(entry) != 2:
+            raise ValueError(f"config.mesh.rules: entry {entry!r} is not (logical_name, mesh_axes)")
+        name, axes = entry
+        for a in (axes if isinstance(axes, (tuple, list)) else (axes,)):
+            if a is not None and a not in MESH_AXES:
+                raise ValueError(f"config.mesh.rules: {name!r} -> {axes!r}: {a!r} is not a "
+                                 f"mesh axis {MESH_AXES}")
+        rules[name] = tuple(axes) if isinstance(axes, list) else axes
+    return tuple(rules.items())
+
+
+def _mesh_spec(logical: P | None, shape: tuple[int, ...], mesh: Mesh,
+               rules: tuple[tuple[str, Any], ...]) -> P:
+    """Logical PartitionSpec -> mesh PartitionSpec for an array of `shape`.
+
+    A dimension whose size the mesh axes do not divide, or whose axes an earlier
+    dimension already uses, stays replicated: the alternative would be padding or
+    an invalid spec. Unknown logical names are an error naming them.
+    """
+    if logical is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; add it to parallel.DEFAULT_RULES "
+                             f"or config.mesh.rules (known: {sorted(table)})")
+        axes = table[name]
+        axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or dim % size:
+            out.append(None)
+            continue
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else axes)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def logical_to_shardings(logical_specs: Any, abstract: Any, mesh: Mesh,
+                         rules: tuple[tuple[str, Any], ...]) -> Any:
+    """A tree of NamedShardings for `abstract` (arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh, rules)),
+        logical_specs, abstract, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+# --- the sharded train state ------------------------------------------------------
+def _boxed_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                 model: nn.Module, rng: jax.Array) -> TrainState:
+    """The train state with every parameter-shaped leaf still boxed with its
+    logical names (params, their EMA copy, Adam's moments)."""
+    params = init_params(config, rng, model)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=ema_subtree(params, config), opt_state=tx.init(params))
+
+
+def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh,
+                    tx: optax.GradientTransformation | None = None,
+                    model: nn.Module | None = None) -> TrainState:
+    """NamedShardings of the whole TrainState from the logical rules, found
+    abstractly (nothing is allocated). `ema_params` and the optimizer moments
+    are sharded exactly as the params they mirror; scalars are replicated."""
+    model = model or models.build_model(config)
+    tx = tx or optim.make_optimizer(config)[0]
+    boxed = jax.eval_shape(functools.partial(_boxed_state, config, tx, model), jax.random.key(0))
+    specs = nn.get_partition_spec(boxed)
+    return logical_to_shardings(specs, nn.unbox(boxed), mesh, logical_rules(config))
+
+
+def create_sharded_train_state(config: ml_collections.ConfigDict, rng: jax.Array, mesh: Mesh,
+                               tx: optax.GradientTransformation | None = None,
+                               model: nn.Module | None = None) -> tuple[TrainState, TrainState]:
+    """(state, shardings): the state is born sharded (`jit` with out_shardings),
+    so no device ever holds the whole unsharded model."""
+    model = model or models.build_model(config)
+    tx = tx or optim.make_optimizer(config)[0]
+    shardings = state_shardings(config, mesh, tx, model)
+    create = jax.jit(lambda r: create_train_state(config, r, tx, model), out_shardings=shardings)
+    return create(rng), shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over `data` x `fsdp`, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of the global batch -> global jax.Arrays.
+
+    Each process passes its own shard (`data.make_pretrain_dataset(config,
+    process_index=, process_count=)`); the global batch is their concatenation in
+    process order. Works unchanged on one host.
+    """
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        local_batch)
+
+
+def device_bytes(tree: Any, shardings: Any | None = None) -> tuple[int, int]:
+    """(bytes per device, unsharded bytes) of a tree of arrays or
+    ShapeDtypeStructs, from the shardings (no data is read)."""
+    leaves = jax.tree.leaves(tree)
+    shards = jax.tree.leaves(shardings) if shardings is not None else [x.sharding for x in leaves]
+    per = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, shards))
+    total = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+    return per, total
+
+
+# --- the three execution modes ----------------------------------------------------
+def make_jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, shardings: TrainState,
+                        **kwargs) -> Callable:
+    """The main path: one jit over the mesh, state donated, in/out shardings fixed."""
+    step = make_train_step_fn(config, batch_sharding=batch_sharding(mesh), **kwargs)
+    return compile_step(_with_mode(config, "jit"), step, mesh, shardings)
+
+
+def _with_mode(config: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
+    if parallel_config(config)["mode"] == mode:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.parallel = ml_collections.ConfigDict(dict(parallel_config(config), mode=mode))
+    return config
+
+
+def _check_data_parallel(config: ml_collections.ConfigDict, mode: str) -> None:
+    m = mesh_config(config)
+    if int(m["fsdp"]) != 1 or int(m["tensor"]) != 1:
+        raise ValueError(f"parallel.mode={mode!r} replicates the params (pure data parallel); "
+                         f"config.mesh.fsdp={m['fsdp']} and mesh.tensor={m['tensor']} "
+                         "must be 1 (use parallel.mode='jit' for FSDP / tensor parallel)")
+    if config.target.layer_norm == "batch":
+        raise ValueError(f"parallel.mode={mode!r}: target.layer_norm='batch' would normalize over "
+                         "each device's shard only; use parallel.mode='jit'")
+
+
+def make_pmap_train_step(config: ml_collections.ConfigDict, **kwargs) -> Callable:
+    """`jax.pmap` over this process's devices (axis 'data'), for users who need it.
+
+    Takes the ordinary (unreplicated) state and a host-local batch [B_local, ...]
+    that it splits over the local devices; returns the updated state (the same
+    on every device) and the global metrics.
+    """
+    _check_data_parallel(config, "pmap")
+    step = make_train_step_fn(config, axis_name="data", **kwargs)
+    return compile_step(_with_mode(config, "pmap"), step, None, None)
+
+
+def make_shard_map_train_step(config: ml_collections.ConfigDict, mesh: Mesh, **kwargs) -> Callable:
+    """`jax.shard_map` over the mesh inside one jit: the per-device program is
+    written out (psum of gradients, global masked count) rather than derived by
+    XLA. Params replicated; batch split on its first axis over `data`."""
+    _check_data_parallel(config, "shard_map")
+    step = make_train_step_fn(config, axis_name="data", **kwargs)
+    shardings = replicated_shardings(
+        jax.eval_shape(lambda r: create_train_state(config, r), jax.random.key(0)), mesh)
+    return compile_step(_with_mode(config, "shard_map"), step, mesh, shardings)
+
+
+def replicated_shardings(tree: Any, mesh: Mesh) -> Any:
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+
+
+# --- what the train loop calls (d2v_jax/train.py) -----------------------------------
+def step_axis_name(config: ml_collections.ConfigDict) -> str | None:
+    """The axis name `make_train_step_fn` needs in this mode (None for jit)."""
+    return None if parallel_config(config)["mode"] == "jit" else "data"
+
+
+def loop_batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh) -> NamedSharding | None:
+    """Where the loop puts each global batch: split over `data` x `fsdp` (jit),
+    over `data` (shard_map), or None (pmap: host-local, split by pmap itself)."""
+    mode = parallel_config(config)["mode"]
+    if mode == "pmap":
+        return None
+    return NamedSharding(mesh, P("data")) if mode == "shard_map" else batch_sharding(mesh)
+
+
+def loop_shardings(config: ml_collections.ConfigDict, mesh: Mesh, model: nn.Module,
+                   tx: optax.GradientTransformation) -> tuple[Any, Any]:
+    """(state shardings, batch sharding) for the configured mode. pmap takes a
+    host-local state and batch on the default device: (None, None)."""
+    mode = parallel_config(config)["mode"]
+    if mode == "pmap":
+        _check_data_parallel(config, mode)
+        return None, None
+    if mode == "shard_map":
+        _check_data_parallel(config, mode)
+        abstract = jax.eval_shape(lambda r: create_train_state(config, r, tx, model),
+                                  jax.random.key(0))
+        return replicated_shardings(abstract, mesh), loop_batch_sharding(config, mesh)
+    return state_shardings(config, mesh, tx, model), loop_batch_sharding(config, mesh)
+
+
+def compile_step(config: ml_collections.ConfigDict, step_fn: Callable, mesh: Mesh,
+                 shardings: Any) -> Callable:
+    """Compiles a pure step built with `axis_name=step_axis_name(config)` in the
+    configured mode, with the state donated."""
+    mode = parallel_config(config)["mode"]
+    replicated = NamedSharding(mesh, P()) if mesh is not None else None
+    if mode == "jit":
+        return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh), replicated),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+    if mode == "shard_map":
+        # The batch axis over `data` only (fsdp = tensor = 1 here): the step's
+        # psum runs over `data`, so nothing may vary along the other axes.
+        step = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P("data"), P()),
+                             out_specs=(P(), P()))
+        return jax.jit(step, in_shardings=(shardings, NamedSharding(mesh, P("data")), replicated),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+    step = jax.pmap(step_fn, axis_name="data", in_axes=(None, 0, None), out_axes=(None, None),
+                    donate_argnums=(0,))
+    n = jax.local_device_count()
+
+    def run(state, batch, rng):
+        def split(x):
+            if x.shape[0] % n:
+                raise ValueError(f"pmap: batch of {x.shape[0]} rows does not split over {n} devices")
+            return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+        return step(state, jax.tree.map(split, batch), rng)
+
+    return run
+
+
+# --- multi-host --------------------------------------------------------------------
+def distributed_env(environ: dict[str, str] | None = None) -> str | None:
+    """Which multi-process environment this is: 'explicit', 'slurm', 'tpu' or None."""
+    env = os.environ if environ is None else environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "explicit"
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm"
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return "tpu"
+    return None
+
+
+def maybe_initialize_distributed(mode: str = "auto", environ: dict[str, str] | None = None) -> bool:
+    """`jax.distributed.initialize()` when the environment is multi-process.
+
+    mode: 'auto' (initialize if `distributed_env` finds one), 'on' (always; JAX
+    auto-detects SLURM and Cloud TPU), 'off'. 'explicit' reads
+    JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID, as
+    `launch/local.sh` sets them. Must run before anything touches the devices.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"parallel.distributed={mode!r}; expected 'auto', 'on' or 'off'")
+    env = os.environ if environ is None else environ
+    kind = distributed_env(env)
+    if mode == "off" or (mode == "auto" and kind is None):
+        return False
+    if kind == "explicit":
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(env["JAX_NUM_PROCESSES"]),
+                                   process_id=int(env["JAX_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d (%s), %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), kind, jax.local_device_count(),
+                 jax.device_count())
+    return True
+
+
+def is_host0() -> bool:
+    """The one process that writes logs, plots and config files."""
+    return jax.process_index() == 0
+
+
+# --- memory report ------------------------------------------------------------------
+def memory_report(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, tuple[int, int]]:
+    """{part: (bytes per device, unsharded bytes)} for params, ema_params and
+    opt_state under the rules, computed abstractly (nothing is allocated)."""
+    model = models.build_model(config)
+    tx = optim.make_optimizer(config)[0]
+    abstract = jax.eval_shape(lambda r: create_train_state(config, r, tx, model), jax.random.key(0))
+    sh = state_shardings(config, mesh, tx, model)
+    return {part: device_bytes(getattr(abstract, part), getattr(sh, part))
+            for part in ("params", "ema_params", "opt_state")}
+
+
+def _main(argv):
+    """python -m d2v_jax.parallel --config experiments/image.py:base_v2 --config.mesh.fsdp=-1 ...
+    prints the per-device state bytes (fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
+    del argv
+    config = _CONFIG.value
+    mesh = make_mesh(config)
+    report = memory_report(config, mesh)
+    print(f"mesh {dict(mesh.shape)} ({jax.device_count()} devices)")
+    print(f"{'part':<12}{'per device MiB':>16}{'unsharded MiB':>16}")
+    tot = [0, 0]
+    for part, (per, total) in report.items():
+        tot[0] += per
+        tot[1] += total
+        print(f"{part:<12}{per / 2**20:>16.1f}{total / 2**20:>16.1f}")
+    print(f"{'total':<12}{tot[0] / 2**20:>16.1f}{tot[1] / 2**20:>16.1f}")
+
+
+if __name__ == "__main__":
+    from absl import app
+    from ml_collections import config_flags
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and arg.", lock_config=True)
+    app.run(_main)
