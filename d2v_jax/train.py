@@ -402,7 +402,8 @@ def _log(config, writer, bar, clock, skipped, step, device_metrics):
 
 def _progress(start, total):
     from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc="pretrain", unit="step",
+    # A redraw at most every few seconds keeps logs and notebook outputs short.
+    return tqdm(total=total, initial=start, desc="pretrain", unit="step", mininterval=5.0,
                 disable=jax.process_index() != 0, dynamic_ncols=True)
 
 
