@@ -1,0 +1,209 @@
+r"""Label efficiency: fine-tune a pretrained encoder vs the same one from scratch.
+
+For one data set: pretrain once (or reuse a pretraining work dir), then
+fine-tune pretrained and scratch models at each label fraction over several
+seeds, and write a markdown table, a plot (metric vs fraction, both curves,
+mean +- std over seeds) and every run's results.json.
+
+  python benchmarks/label_efficiency.py --workdir runs/le_mnist \
+      --pretrain experiments/image.py:tiny_v2 --finetune experiments/finetune.py:mnist_5k \
+      --fractions 0.01,0.05,0.2,1.0 --seeds 0,1,2
+
+  # the headline check only (5% labels, 3 seeds; pretraining included):
+  python benchmarks/label_efficiency.py --workdir runs/le_mnist_5pct --fractions 0.05
+
+Each arm takes config overrides (`--pretrained_overrides`, `--scratch_overrides`,
+`--overrides` for both, as `key=value,key=value`). Everything runs in one
+process, so each arm compiles once and every seed reuses it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, _ROOT)
+
+from d2v_jax import checkpoint, finetune  # noqa: E402
+from d2v_jax.config import load_config  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (pretraining, runs, table, plot).")
+_PRETRAIN = flags.DEFINE_string("pretrain", "experiments/image.py:tiny_v2", "Pretraining experiment.")
+_PRETRAIN_OVERRIDES = flags.DEFINE_string("pretrain_overrides", "", "key=value,... for pretraining.")
+_INIT_FROM = flags.DEFINE_string("init_from", None,
+                                 "Reuse this pretraining work dir instead of pretraining.")
+_FINETUNE = flags.DEFINE_string("finetune", "experiments/finetune.py:mnist_5k", "Fine-tune experiment.")
+_FRACTIONS = flags.DEFINE_list("fractions", ["0.01", "0.05", "0.2", "1.0"], "Label fractions.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Fine-tune seeds.")
+_OVERRIDES = flags.DEFINE_string("overrides", "", "key=value,... for both arms.")
+_PRETRAINED_OVERRIDES = flags.DEFINE_string("pretrained_overrides", "", "key=value,... pretrained arm.")
+_SCRATCH_OVERRIDES = flags.DEFINE_string(
+    "scratch_overrides", "optim.layer_decay=1.0",
+    "key=value,... for the scratch arm (layer decay means nothing for random weights).")
+_TITLE = flags.DEFINE_string("title", None, "Plot/table title (default: the fine-tune experiment).")
+
+
+def parse_overrides(text: str) -> dict:
+    """'a.b=1,c=x' -> {'a.b': 1, 'c': 'x'} (values parsed as Python literals when they are)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def machine_load() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "uptime unavailable"
+
+
+def summarize(runs: list[dict], arms: list[str], fractions: list[float]) -> dict:
+    """{arm: {fraction: {"mean", "std", "values", "num_labels"}}} of the headline metric."""
+    import numpy as np
+
+    out = {}
+    for arm in arms:
+        out[arm] = {}
+        for f in fractions:
+            rows = [r for r in runs if r["arm"] == arm and r["label_fraction"] == f]
+            vals = np.array([r["metrics"][r["headline"]] for r in rows])
+            out[arm][f] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                           "values": vals.tolist(), "num_labels": rows[0]["num_labels"],
+                           "seeds": [r["seed"] for r in rows]}
+    return out
+
+
+def write_table(path: str, summary: dict, headline: str, title: str, meta: dict) -> str:
+    arms = list(summary)
+    fractions = list(summary[arms[0]])
+    scale = 100.0 if headline == "accuracy" else 1.0
+    unit = " (%)" if headline == "accuracy" else ""
+    lines = [f"### {title}", "",
+             f"| labels | {' | '.join(f'{a} {headline}{unit}' for a in arms)} | pretrained - scratch |",
+             "|---|" + "---|" * (len(arms) + 1)]
+    for f in fractions:
+        cells = [f"{scale * summary[a][f]['mean']:.1f} +- {scale * summary[a][f]['std']:.1f}" for a in arms]
+        delta = ""
+        if "pretrained" in summary and "scratch" in summary:
+            delta = f"{scale * (summary['pretrained'][f]['mean'] - summary['scratch'][f]['mean']):+.1f}"
+        n = summary[arms[0]][f]["num_labels"]
+        lines.append(f"| {100 * f:g}% ({n}) | {' | '.join(cells)} | {delta} |")
+    lines += ["", f"Mean +- sample std over seeds {meta['seeds']}; test split of {meta['num_test']} "
+              f"examples fixed by data.split_seed. Pretraining {meta['pretrain_seconds']:.0f} s, "
+              f"fine-tuning {meta['finetune_seconds']:.0f} s, all told {meta['total_seconds']:.0f} s "
+              f"({meta['total_seconds'] / 60:.1f} min).", "",
+              f"Load at start: `{meta['load_start']}`  ", f"Load at end: `{meta['load_end']}`", ""]
+    text = "\n".join(lines)
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def plot(path: str, summary: dict, headline: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    scale = 100.0 if headline == "accuracy" else 1.0
+    for arm, rows in summary.items():
+        fs = sorted(rows)
+        ax.errorbar([100 * f for f in fs], [scale * rows[f]["mean"] for f in fs],
+                    yerr=[scale * rows[f]["std"] for f in fs], marker="o", capsize=4, label=arm)
+    ax.set_xscale("log")
+    ax.set(xlabel="labels used (% of the training split)",
+           ylabel=f"test {headline}" + (" (%)" if headline == "accuracy" else ""), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    t0 = time.perf_counter()
+    load_start = machine_load()
+    workdir = os.path.abspath(_WORKDIR.value)
+    os.makedirs(workdir, exist_ok=True)
+    fractions = [float(f) for f in _FRACTIONS.value]
+    seeds = [int(s) for s in _SEEDS.value]
+
+    # 1. Pretrain once (resumes / reuses a finished run in the same work dir).
+    init_from = _INIT_FROM.value
+    pretrain_seconds = 0.0
+    if not init_from:
+        init_from = os.path.join(workdir, "pretrain")
+        pconfig = load_config(_PRETRAIN.value, parse_overrides(_PRETRAIN_OVERRIDES.value))
+        mgr_steps = []
+        if os.path.isdir(checkpoint.checkpoint_dir(init_from)):
+            mgr_steps = [int(d) for d in os.listdir(checkpoint.checkpoint_dir(init_from)) if d.isdigit()]
+        if pconfig.train.num_steps not in mgr_steps:
+            t = time.perf_counter()
+            # The user's own command, in a subprocess (d2v_jax.train owns its flags).
+            cmd = [sys.executable, "-m", "d2v_jax.train", f"--config={_PRETRAIN.value}",
+                   f"--workdir={init_from}"] + [f"--config.{k}={v}" for k, v in
+                                                parse_overrides(_PRETRAIN_OVERRIDES.value).items()]
+            logging.info("pretraining: %s", " ".join(cmd))
+            subprocess.run(cmd, check=True, cwd=_ROOT)
+            pretrain_seconds = time.perf_counter() - t
+            logging.info("pretrained in %.0f s", pretrain_seconds)
+
+    # 2. Fine-tune both arms; the checkpoint is read once per `init.params`.
+    common = parse_overrides(_OVERRIDES.value)
+    arms = {"pretrained": {**common, **parse_overrides(_PRETRAINED_OVERRIDES.value)},
+            "scratch": {**common, **parse_overrides(_SCRATCH_OVERRIDES.value)}}
+    base = load_config(_FINETUNE.value, arms["pretrained"])
+    pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
+    runs = []
+    t_ft = time.perf_counter()
+    for f in fractions:
+        for seed in seeds:
+            for arm, overrides in arms.items():
+                config = load_config(_FINETUNE.value, {**overrides, "seed": seed,
+                                                       "data.label_fraction": f})
+                rundir = os.path.join(workdir, "runs", f"{arm}_f{f:g}_s{seed}")
+                _, res = finetune.train_and_evaluate(
+                    config, rundir, init_from if arm == "pretrained" else None,
+                    pretrained=pretrained if arm == "pretrained" else None)
+                res["arm"] = arm
+                runs.append(res)
+                logging.info("%s f=%g seed=%d: %s (%.0f s)", arm, f, seed,
+                             json.dumps(res["metrics"]), res["wall_seconds"])
+    finetune_seconds = time.perf_counter() - t_ft
+
+    headline = runs[0]["headline"]
+    summary = summarize(runs, list(arms), fractions)
+    meta = {"seeds": seeds, "num_test": runs[0]["num_test"], "pretrain_seconds": pretrain_seconds,
+            "finetune_seconds": finetune_seconds, "total_seconds": time.perf_counter() - t0,
+            "load_start": load_start, "load_end": machine_load(), "init_from": init_from,
+            "pretrain": _PRETRAIN.value, "finetune": _FINETUNE.value, "arms": arms,
+            "command": " ".join([os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:])}
+    title = _TITLE.value or f"{_FINETUNE.value.split(':')[-1]}: pretrained vs scratch"
+    table = write_table(os.path.join(workdir, "label_efficiency.md"), summary, headline, title, meta)
+    plot(os.path.join(workdir, "label_efficiency.png"), summary, headline, title)
+    with open(os.path.join(workdir, "results.json"), "w") as fh:
+        json.dump({"meta": meta, "summary": {a: {str(k): v for k, v in s.items()}
+                                             for a, s in summary.items()},
+                   "runs": runs}, fh, indent=2)
+    print(table)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)

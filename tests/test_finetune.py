@@ -1,0 +1,215 @@
+"""Fine-tuning and linear probes: label fractions, the fixed test split, metrics
+against independent implementations, layer-wise lr decay, the frozen probe and
+initialization from a pretraining checkpoint."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from sklearn.metrics import f1_score, mean_absolute_error, mean_squared_error
+
+from d2v_jax import checkpoint, finetune
+from d2v_jax.config import load_config
+from d2v_jax.data import labeled
+from d2v_jax.train_state import create_train_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE = os.path.join(ROOT, "experiments", "image.py")
+FINETUNE = os.path.join(ROOT, "experiments", "finetune.py")
+
+# A 1-block, 32-wide ViT: every test here compiles it at most a few times.
+TINY_BACKBONE = {"model.depth": 2, "model.dim": 32, "model.num_heads": 2, "target.top_k": 2,
+                 "decoder.layers": 1, "decoder.dim": 16}
+
+
+def _imbalanced_labels(rng):
+    # 7 classes, one with only 3 examples: a plain random subset would often miss it.
+    sizes = [400, 250, 120, 80, 40, 10, 3]
+    return rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.2, 0.5, 1.0])
+def test_label_subset_keeps_every_class_and_the_exact_count(fraction):
+    labels = _imbalanced_labels(np.random.default_rng(0))
+    pool, test = labeled.split_test(labels, 0.2, seed=3)
+    subset = labeled.label_subset(labels, pool, fraction, seed=1)
+    assert len(subset) == round(fraction * len(pool))
+    assert set(np.unique(labels[subset])) == set(np.unique(labels))
+    assert len(np.unique(subset)) == len(subset) and np.isin(subset, pool).all()
+    # Stratified: each class gets floor or ceil of its proportional share, except
+    # that classes with a share below one get one, taken from the largest shares.
+    share = np.bincount(labels[pool]) * len(subset) / len(pool)
+    got = np.bincount(labels[subset], minlength=len(share))
+    raised = int(np.sum(share < 1))
+    assert np.all(got <= np.maximum(np.ceil(share), 1))
+    assert np.all(got >= np.floor(share) - raised)
+    if raised == 0:
+        assert np.all(np.abs(got - share) < 1)
+    # Fixed by the seed; another seed draws other examples.
+    np.testing.assert_array_equal(subset, labeled.label_subset(labels, pool, fraction, seed=1))
+    if fraction < 0.5:
+        assert not np.array_equal(subset, labeled.label_subset(labels, pool, fraction, seed=2))
+
+
+def test_allocate_sums_exactly_with_a_floor_of_one():
+    counts = labeled.allocate(np.array([400, 250, 120, 80, 40, 10, 3]), 9)
+    assert counts.sum() == 9 and counts.min() == 1
+    # Hamilton gives [4, 3, 1, 1, 0, 0, 0]; the three empty classes take one each
+    # from the classes furthest above their share (0.51, 0.01, then -0.49 above).
+    np.testing.assert_array_equal(counts, [3, 1, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"cannot keep every one of 7 classes with 5"):
+        labeled.allocate(np.array([400, 250, 120, 80, 40, 10, 3]), 5)
+
+
+def test_split_test_is_disjoint_stratified_and_fixed_by_split_seed():
+    labels = _imbalanced_labels(np.random.default_rng(0))
+    pool, test = labeled.split_test(labels, 0.2, seed=3)
+    assert len(test) == round(0.2 * len(labels))
+    assert len(np.intersect1d(pool, test)) == 0 and len(pool) + len(test) == len(labels)
+    np.testing.assert_allclose(np.bincount(labels[test]), np.bincount(labels) * 0.2, atol=1)
+    np.testing.assert_array_equal(test, labeled.split_test(labels, 0.2, seed=3)[1])
+    assert not np.array_equal(test, labeled.split_test(labels, 0.2, seed=4)[1])
+    # Regression targets: a uniform split.
+    y = np.random.default_rng(1).normal(size=101).astype(np.float32)
+    pool, test = labeled.split_test(y, 0.3, seed=0, stratify=False)
+    assert len(test) == 30 and len(pool) == 71
+
+
+def test_label_fraction_too_small_names_the_field():
+    labels = np.repeat(np.arange(10), 20)
+    with pytest.raises(ValueError, match=r"config\.data\.label_fraction=0\.02 keeps 4 .* 10 classes"):
+        labeled.label_subset(labels, np.arange(200), 0.02, seed=0)
+    with pytest.raises(ValueError, match=r"config\.data\.test_fraction"):
+        labeled.split_test(labels, 1.5, seed=0)
+
+
+def test_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 300)
+    logits = rng.normal(size=(300, 6))  # class 5 is never a label but is predicted
+    logits[np.arange(150), labels[:150]] += 3.0
+    m = finetune.classification_metrics(logits, labels)
+    preds = logits.argmax(-1)
+    assert m["accuracy"] == pytest.approx(np.mean(preds == labels))
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro", zero_division=0))
+    log_softmax = np.asarray(jax.nn.log_softmax(logits))
+    assert m["loss"] == pytest.approx(-np.mean(log_softmax[np.arange(300), labels]), rel=1e-6)
+    y, p = rng.normal(size=200), rng.normal(size=200)
+    r = finetune.regression_metrics(p, y)
+    assert r["rmse"] == pytest.approx(np.sqrt(mean_squared_error(y, p)))
+    assert r["mae"] == pytest.approx(mean_absolute_error(y, p))
+
+
+def _ft_config(arg="mnist_5k", **overrides):
+    return load_config(f"{FINETUNE}:{arg}", overrides)
+
+
+def test_layer_decay_scales_each_scanned_block():
+    depth, decay = 3, 0.5
+    params = {"backbone": {"frontend": {"cls_token": jnp.ones(4)},
+                           "encoder": {"blocks": {"fc": {"kernel": jnp.ones((depth, 4, 4)),
+                                                         "bias": jnp.ones((depth, 4))}}},
+                           "rel_pos_bias": {"table": jnp.ones((5, 2))}},
+              "head": {"kernel": jnp.ones((4, 2))}}
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.1), params)
+    updates = {}
+    for d in (1.0, decay):
+        config = _ft_config(**{"optim.layer_decay": d, "optim.weight_decay": 0.0, "optim.lr": 1.0,
+                               "optim.warmup_steps": 0, "optim.schedule": "constant"})
+        tx, _ = finetune.make_optimizer(config, params, depth, steps=10)
+        updates[d], _ = tx.update(grads, tx.init(params), params)
+    ratio = jax.tree.map(lambda a, b: np.asarray(a / b), updates[decay], updates[1.0])
+    blocks = ratio["backbone"]["encoder"]["blocks"]["fc"]
+    # Block i (0-based) of L: decay^(L - i); the front-end one step further down.
+    np.testing.assert_allclose(blocks["kernel"][:, 0, 0], [decay ** 3, decay ** 2, decay], rtol=1e-6)
+    np.testing.assert_allclose(blocks["bias"][:, 0], [decay ** 3, decay ** 2, decay], rtol=1e-6)
+    np.testing.assert_allclose(ratio["backbone"]["frontend"]["cls_token"], decay ** 4, rtol=1e-6)
+    np.testing.assert_allclose(ratio["backbone"]["rel_pos_bias"]["table"], 1.0)  # layer_decay_top
+    np.testing.assert_allclose(ratio["head"]["kernel"], 1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A pretraining work dir with a tiny model whose EMA differs from the student."""
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    config = load_config(f"{IMAGE}:tiny_v2", TINY_BACKBONE)
+    state = create_train_state(config, jax.random.PRNGKey(7))
+    state = state.replace(ema_params=jax.tree.map(lambda x: x + 0.5, state.ema_params),
+                          step=jnp.asarray(3, jnp.int32))
+    manager = checkpoint.make_manager(workdir, config)
+    checkpoint.save(manager, 3, state, config)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir, jax.device_get(state)
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_init_from_checkpoint_starts_from_those_exact_weights(tiny_checkpoint, which):
+    workdir, saved = tiny_checkpoint
+    config = _ft_config(**{"init.params": which, "data.label_fraction": 0.01})
+    run = finetune.prepare(config, workdir)
+    assert run.backbone_config.model.dim == 32  # the architecture came from the checkpoint
+    source = dict(saved.params)
+    if which == "teacher":
+        source.update(saved.ema_params)
+    got = _flat(run.state.params["backbone"])
+    want = _flat({k: source[k] for k in run.state.params["backbone"]})
+    assert got.keys() == want.keys() and len(got) > 5
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    # The pretraining-only decoder is not part of the fine-tuned model.
+    assert "decoder" in saved.params and "decoder" not in run.state.params["backbone"]
+
+
+def test_linear_probe_freezes_the_encoder_and_trains_the_head(tiny_checkpoint, tmp_path):
+    workdir, _ = tiny_checkpoint
+    config = _ft_config("mnist_5k_probe", **{"data.label_fraction": 0.01, "train.num_steps": 4,
+                                             "train.log_every": 2, "data.batch_size": 8,
+                                             "data.eval_batch_size": 500})
+    run = finetune.prepare(config, workdir)
+    before = jax.device_get(run.state.params)
+    state, results = finetune.train_and_evaluate(config, str(tmp_path), workdir)
+    after = jax.device_get(state.params)
+    for k, v in _flat(before["backbone"]).items():
+        np.testing.assert_array_equal(_flat(after["backbone"])[k], v, err_msg=k)
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(before["head"]), jax.tree.leaves(after["head"])))
+    # results.json: the metric names, the label count, the seed; and the plot.
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["num_labels"] == 40 and saved["num_test"] == 1000 and saved["seed"] == 0
+    assert set(saved["metrics"]) == {"accuracy", "macro_f1", "loss"}
+    assert 0 <= saved["metrics"]["accuracy"] <= 1 and saved["mode"] == "linear_probe"
+    assert saved == json.loads(json.dumps(results))
+    assert os.path.getsize(tmp_path / "finetune.png") > 1000
+
+
+def test_finetune_updates_the_encoder(tiny_checkpoint, tmp_path):
+    workdir, saved = tiny_checkpoint
+    config = _ft_config(**{"data.label_fraction": 0.01, "train.num_steps": 2,
+                           "data.batch_size": 8, "optim.warmup_steps": 0})
+    state, results = finetune.train_and_evaluate(config, str(tmp_path), workdir)
+    blocks = state.params["backbone"]["encoder"]["blocks"]
+    before = saved.params["encoder"]["blocks"]
+    assert not np.array_equal(np.asarray(blocks["attn"]["qkv"]["kernel"]),
+                              before["attn"]["qkv"]["kernel"])
+    assert results["num_labels"] == 40 and results["init_params"] == "student"
+
+
+def test_config_errors_name_the_field(tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"config\.mode"):
+        finetune.validate(_ft_config(mode="probe"))
+    with pytest.raises(ValueError, match=r"config\.optim\.layer_decay"):
+        finetune.validate(_ft_config(**{"optim.layer_decay": 1.5}))
+    with pytest.raises(ValueError, match="bad config arg"):
+        _ft_config("cifar")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        finetune.load_pretrained(os.path.join(tiny_checkpoint[0], "nope"))
