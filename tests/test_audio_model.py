@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from d2v_jax import masking, models, train_step
+from d2v_jax import masking, models
+from d2v_jax.losses import regression_loss
 from d2v_jax.config import load_config
 from d2v_jax.models import audio as AM
 from d2v_jax.models.layers import alibi_bias, alibi_slopes
@@ -71,39 +72,51 @@ def test_padding_changes_nothing(arg):
     noisy = dict(clean, audio=np.where(clean["padding_mask"],
                                        rng.standard_normal(clean["audio"].shape) * 3,
                                        clean["audio"]).astype(np.float32))
-    targets = jax.jit(lambda p, b: train_step.compute_targets(model, p, b, config))
-    y1, pad = targets(tparams, clean)
-    y2, _ = targets(tparams, noisy)
+    # One compiled teacher and one compiled student; the targets and the loss
+    # are the train step's own functions on their outputs.
+    teacher = jax.jit(lambda p, b: model.apply({"params": p}, b, method="teacher"))
+    t = config.target
+
+    def targets(out, top_k=t.top_k):
+        return np.asarray(make_targets(out["layers"], top_k=top_k, layer_norm=t.layer_norm,
+                                       final_norm=t.final_norm, padding_mask=out["padding_mask"]))
+
+    out1, out2 = teacher(tparams, clean), teacher(tparams, noisy)
+    y1, y2, pad = targets(out1), targets(out2), np.asarray(out1["padding_mask"])
     n0 = AM.config_frame_count(config, 2600)
     assert pad.shape == y1.shape[:2] and pad[0].sum() == y1.shape[1] - n0 and not pad[1].any()
     np.testing.assert_allclose(y1, y2, atol=1e-5)
-    assert (np.asarray(y1)[0, n0:] == 0).all()
+    assert (y1[0, n0:] == 0).all()
     # instance norm per layer over the n0 real frames only: with top_k=1 and no
     # final norm, the target is the last block's FFN output normalized per
     # channel over those frames (numpy reference).
-    out = jax.jit(lambda p, b: model.apply({"params": p}, b, method="teacher"))(tparams, clean)
-    y = make_targets(out["layers"], top_k=1, layer_norm="instance", final_norm="none",
-                     padding_mask=out["padding_mask"])
-    last = np.asarray(out["layers"][-1][0, :n0], np.float64)
+    last = np.asarray(out1["layers"][-1][0, :n0], np.float64)
     ref = (last - last.mean(0)) / np.sqrt(last.var(0) + 1e-5)
-    np.testing.assert_allclose(np.asarray(y)[0, :n0], ref, atol=1e-4)
+    np.testing.assert_allclose(targets(out1, top_k=1)[0, :n0], ref, atol=1e-4)
     # the unpadded example alone gives the same targets on its real frames
     alone = {"audio": clean["audio"][:1, :2600], "padding_mask": clean["padding_mask"][:1, :2600],
              "mask": clean["mask"][:1, :, :n0]}
-    y_alone, _ = targets(tparams, alone)
-    np.testing.assert_allclose(np.asarray(y_alone)[0], np.asarray(y1)[0, :n0], atol=1e-4)
-    # student loss: identical, and only masked real frames count
+    np.testing.assert_allclose(targets(teacher(tparams, alone))[0], y1[0, :n0], atol=1e-4)
+    # student: the same predictions wherever the loss looks, the same loss, and
+    # the loss looks only at masked real frames
     key = jax.random.PRNGKey(3)
-    loss = jax.jit(lambda p, b, y: train_step.student_loss(model, p, b, y, config, key)[0])
-    l1, l2 = loss(state.params, clean, y1), loss(state.params, noisy, y2)
-    np.testing.assert_allclose(l1, l2, rtol=1e-5)
-    out = jax.jit(lambda p, b: model.apply({"params": p}, b, method="student",
-                                           rngs={"dropout": key, "noise": key}))(state.params, clean)
+    student = jax.jit(lambda p, b: model.apply({"params": p}, b, method="student",
+                                               rngs={"dropout": key, "noise": key}))
+    s1, s2 = student(state.params, clean), student(state.params, noisy)
     m = config.masking.num_clones
-    frame_pad = np.repeat(np.asarray(pad), m, axis=0)
+    frame_pad = np.repeat(pad, m, axis=0)
     want = clean["mask"].reshape(-1, clean["mask"].shape[-1]) & ~frame_pad
-    np.testing.assert_array_equal(out["loss_mask"], want)
-    assert out["pred"].shape == (2 * m, y1.shape[1], config.model.dim)
+    np.testing.assert_array_equal(s1["loss_mask"], want)
+    np.testing.assert_array_equal(s2["loss_mask"], want)
+    assert s1["pred"].shape == (2 * m, y1.shape[1], config.model.dim)
+    np.testing.assert_allclose(np.asarray(s1["pred"])[want], np.asarray(s2["pred"])[want],
+                               atol=1e-5)
+    y_rep = np.repeat(y1, m, axis=0)
+    l1 = regression_loss(s1["pred"], y_rep, s1["loss_mask"])
+    l2 = regression_loss(s2["pred"], np.repeat(y2, m, axis=0), s2["loss_mask"])
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    terms = ((np.asarray(s1["pred"]) - y_rep) ** 2).sum(-1) / np.sqrt(config.model.dim)
+    np.testing.assert_allclose(l1, terms[want].mean(), rtol=1e-5)
 
 
 def test_v2_student_keeps_static_visible_count():
