@@ -280,8 +280,10 @@ def make_shard_map_train_step(config: ml_collections.ConfigDict, mesh: Mesh, **k
     XLA. Params replicated; batch split on its first axis over `data`."""
     _check_data_parallel(config, "shard_map")
     step = make_train_step_fn(config, axis_name="data", **kwargs)
-    shardings = replicated_shardings(
-        jax.eval_shape(lambda r: create_train_state(config, r), jax.random.key(0)), mesh)
+    abstract = jax.eval_shape(
+        lambda r: create_train_state(config, r, kwargs.get("tx"), kwargs.get("model")),
+        jax.random.key(0))
+    shardings = replicated_shardings(abstract, mesh)
     return compile_step(_with_mode(config, "shard_map"), step, mesh, shardings)
 
 
