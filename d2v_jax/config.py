@@ -153,6 +153,8 @@ def _validate_audio(config: ml_collections.ConfigDict) -> None:
            f"conv_dims/conv_kernels/conv_strides have {n}/{len(m.conv_kernels)}/"
            f"{len(m.conv_strides)} entries; they must be equally long and non-empty")
     _check(m.pos_conv in ("stack", "single"), "model.pos_conv", f"{m.pos_conv!r} is not 'stack' or 'single'")
+    _check(m.get("pos_conv_zero_pad", "layer") in ("layer", "input"), "model.pos_conv_zero_pad",
+           f"{m.get('pos_conv_zero_pad')!r} is not 'layer' or 'input'")
     _check(m.dim % m.pos_conv_groups == 0, "model.pos_conv_groups",
            f"model.dim={m.dim} is not divisible by pos_conv_groups={m.pos_conv_groups}")
     _check(0.0 <= m.feature_grad_mult <= 1.0, "model.feature_grad_mult",

@@ -175,8 +175,11 @@ class AudioContext(nn.Module):
 
     def positions(self, x: jax.Array, padding: jax.Array | None) -> jax.Array:
         """The conv positional encoding of x [B,T,D] (added by the caller);
-        padded frames are zeroed after every layer so they carry nothing."""
-        valid = None if padding is None else ~padding[..., None]
+        padded frames are zeroed after every layer so they carry nothing
+        (`model.pos_conv_zero_pad="layer"`), or, as fairseq and Hugging Face
+        do, only in the input x ("input"; the caller zeroes x)."""
+        every_layer = self.cfg.get("pos_conv_zero_pad", "layer") == "layer"
+        valid = None if padding is None or not every_layer else ~padding[..., None]
 
         def zero_pad(h):
             return h if valid is None else jnp.where(valid, h, 0)

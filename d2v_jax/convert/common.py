@@ -1,0 +1,166 @@
+"""Pieces shared by the Hugging Face and fairseq converters."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from d2v_jax import models
+from d2v_jax.config import load_config
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "experiments")
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be mapped exactly (names the key or field)."""
+
+
+def base_config(modality: str, arg: str) -> ml_collections.ConfigDict:
+    """The experiment config a converted model starts from (then overridden)."""
+    path = os.path.join(EXPERIMENTS, f"{modality}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"convert: experiment file {path!r} not found (the converter "
+                                f"builds configs from the repository's experiments/)")
+    return load_config(f"{path}:{arg}")
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor or array -> float32/int numpy (a copy, detached)."""
+    if hasattr(t, "detach"):
+        t = t.detach().cpu()
+        if t.is_floating_point():
+            t = t.float()
+        t = t.numpy()
+    return np.array(t, copy=True)
+
+
+class StateReader:
+    """Reads a flat {name: tensor} dict and fails on unused or missing keys."""
+
+    def __init__(self, state: Mapping[str, Any], where: str, ignore: tuple[str, ...] = ()):
+        self.state = {k: v for k, v in state.items() if not any(s in k for s in ignore)}
+        self.used: set[str] = set()
+        self.where = where
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.state
+
+    def get(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        if key not in self.state:
+            raise ConversionError(f"{self.where}: missing tensor {key!r}")
+        value = to_numpy(self.state[key])
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise ConversionError(f"{self.where}: tensor {key!r} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(shape)}")
+        self.used.add(key)
+        return value
+
+    def linear(self, prefix: str) -> dict[str, np.ndarray]:
+        """torch Linear (weight [out, in]) -> flax Dense {kernel [in, out], bias}."""
+        out = {"kernel": self.get(prefix + ".weight").T}
+        if prefix + ".bias" in self.state:
+            out["bias"] = self.get(prefix + ".bias")
+        return out
+
+    def norm(self, prefix: str) -> dict[str, np.ndarray]:
+        return {"scale": self.get(prefix + ".weight"), "bias": self.get(prefix + ".bias")}
+
+    def finish(self) -> None:
+        unused = sorted(set(self.state) - self.used)
+        if unused:
+            raise ConversionError(f"{self.where}: {len(unused)} tensor(s) not mapped: "
+                                  f"{unused[:20]}")
+
+
+def stack(per_layer: list[Any]) -> Any:
+    """[tree of layer 0, tree of layer 1, ...] -> one tree with a leading layer
+    axis, the layout of `nn.scan` blocks."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+
+
+def unstack(tree: Any, depth: int) -> list[Any]:
+    return [jax.tree.map(lambda x: np.asarray(x)[i], tree) for i in range(depth)]
+
+
+def expected_params(config: ml_collections.ConfigDict) -> Any:
+    """Shapes of the full student params for `config` (no compute)."""
+    model = models.build_model(config)
+    rngs = {k: jax.random.key(i) for i, k in enumerate(("params", "dropout", "noise"))}
+    batch = models.dummy_batch(config, 1)
+    shapes = jax.eval_shape(lambda: model.init(rngs, batch, method="student"))
+    return nn.unbox(shapes)["params"]
+
+
+def check_tree(params: Any, expected: Any, where: str) -> None:
+    """`params` must have exactly the paths and shapes of `expected`."""
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v))
+           for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want = {jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    problems = [f"missing {k} {s}" for k, s in want.items() if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in want]
+    problems += [f"{k}: shape {got[k]} != {want[k]}" for k in got
+                 if k in want and got[k] != want[k]]
+    if problems:
+        raise ConversionError(f"{where}: params do not fit the config: {problems[:20]}")
+
+
+@functools.lru_cache(maxsize=8)
+def _encode_fn(config_json: str):
+    """One jitted `encode` per config (converted twins share the compilation)."""
+    model = models.build_model(ml_collections.ConfigDict(json.loads(config_json)))
+    return jax.jit(lambda p, b: model.apply({"params": p}, b, method="encode"))
+
+
+@dataclasses.dataclass
+class Converted:
+    """Our config and encoder params; `enc(**hf_inputs)` -> last hidden state.
+
+    `params` holds the subtrees `encode` uses (`frontend`, `encoder`, and
+    `context` / `final_norm` where the model has them); the pretraining heads
+    are not part of a Hugging Face encoder. Inputs are those HF takes:
+    `pixel_values` [B,C,H,W]; `input_values` [B,S] with `attention_mask`;
+    `input_ids` [B,T] with `attention_mask` (1 = real).
+    """
+
+    config: ml_collections.ConfigDict
+    params: Any
+
+    def __post_init__(self):
+        self._apply = _encode_fn(json.dumps(self.config.to_dict(), sort_keys=True, default=list))
+
+    def batch(self, pixel_values=None, input_values=None, input_ids=None,
+              attention_mask=None) -> dict[str, np.ndarray]:
+        """HF inputs -> our batch dict."""
+        modality = self.config.modality
+        given = {"pixel_values": pixel_values, "input_values": input_values,
+                 "input_ids": input_ids}
+        want = {"image": "pixel_values", "audio": "input_values", "text": "input_ids"}[modality]
+        if given[want] is None:
+            raise ValueError(f"a converted {modality} encoder takes {want}=...")
+        x = to_numpy(given[want])
+        if modality == "image":
+            if x.ndim != 4:
+                raise ValueError(f"pixel_values must be [B,C,H,W], got shape {x.shape}")
+            return {"image": np.transpose(x, (0, 2, 3, 1)).astype(np.float32)}
+        pad = (np.zeros(x.shape, bool) if attention_mask is None
+               else ~to_numpy(attention_mask).astype(bool))
+        if modality == "audio":
+            return {"audio": x.astype(np.float32), "padding_mask": pad}
+        return {"tokens": x.astype(np.int32), "padding_mask": pad}
+
+    def __call__(self, pixel_values=None, input_values=None, input_ids=None,
+                 attention_mask=None) -> np.ndarray:
+        batch = self.batch(pixel_values, input_values, input_ids, attention_mask)
+        params = jax.tree.map(jnp.asarray, self.params)
+        return np.asarray(self._apply(params, batch))

@@ -1,0 +1,162 @@
+"""fairseq data2vec 2.0 image checkpoints -> params + ema_params (issue 8).
+
+The state dict is built here with fairseq's key layout and random tensors; the
+reference forward is written directly in torch from those tensors (not from our
+code), including MAE's sin-cos table.
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2v_jax import models
+from d2v_jax.convert import ConversionError, from_fairseq
+from d2v_jax.models.decoder import ConvDecoder
+
+DIM, DEPTH, HEADS, PATCH, SIDE, CH = 32, 2, 4, 4, 4, 3  # 16x16 images, 4x4 patches
+DEC_DIM, DEC_K, DEC_LAYERS, DEC_G = 16, 3, 2, 4
+I = "modality_encoders.IMAGE."
+
+
+def mae_sincos(dim, side):
+    """MAE's get_2d_sincos_pos_embed (cls_token=False), written out."""
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    grid = np.meshgrid(np.arange(side, dtype=np.float64), np.arange(side, dtype=np.float64))
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+
+
+def rand(*shape, scale=0.2):
+    return torch.randn(*shape) * scale
+
+
+def encoder_tensors(prefix, blocks_prefix, local=True):
+    sd = {}
+    if local:
+        sd[prefix + "local_encoder.proj.weight"] = rand(DIM, CH, PATCH, PATCH)
+        sd[prefix + "local_encoder.proj.bias"] = rand(DIM)
+    sd[prefix + "fixed_positional_encoder.positions"] = torch.tensor(
+        mae_sincos(DIM, SIDE), dtype=torch.float32)[None]
+    sd[prefix + "extra_tokens"] = rand(1, 1, DIM)
+    sd[prefix + "context_encoder.norm.weight"] = 1 + rand(DIM)
+    sd[prefix + "context_encoder.norm.bias"] = rand(DIM)
+    for i in range(DEPTH):
+        p = f"{blocks_prefix}{i}."
+        sd.update({p + "attn.qkv.weight": rand(3 * DIM, DIM), p + "attn.qkv.bias": rand(3 * DIM),
+                   p + "attn.proj.weight": rand(DIM, DIM), p + "attn.proj.bias": rand(DIM),
+                   p + "norm1.weight": 1 + rand(DIM), p + "norm1.bias": rand(DIM),
+                   p + "norm2.weight": 1 + rand(DIM), p + "norm2.bias": rand(DIM),
+                   p + "mlp.fc1.weight": rand(4 * DIM, DIM), p + "mlp.fc1.bias": rand(4 * DIM),
+                   p + "mlp.fc2.weight": rand(DIM, 4 * DIM), p + "mlp.fc2.bias": rand(DIM)})
+    return sd
+
+
+def fairseq_checkpoint(ema_layout="full"):
+    torch.manual_seed(0)
+    sd = encoder_tensors(I, "blocks.")
+    for i in range(DEC_LAYERS):
+        cin = DIM if i == 0 else DEC_DIM
+        sd[f"{I}decoder.blocks.{i}.0.weight"] = rand(DEC_DIM, cin // DEC_G, DEC_K, DEC_K)
+        sd[f"{I}decoder.blocks.{i}.0.bias"] = rand(DEC_DIM)
+    sd[f"{I}decoder.proj.weight"] = rand(DIM, DEC_DIM)
+    sd[f"{I}decoder.proj.bias"] = rand(DIM)
+    if ema_layout == "full":  # ema_local_encoder=True: teacher has its own patch embedding
+        sd["_ema"] = encoder_tensors(I, "blocks.")
+    else:  # ema_encoder_only: blocks as "{i}.*"
+        sd["_ema"] = {k: v for k, v in encoder_tensors("x.", "").items() if k[0].isdigit()}
+    return {"model": sd, "cfg": {"model": {"num_heads": HEADS, "norm_eps": 1e-6}}}
+
+
+def reference_encoder(sd, blocks_prefix, image, front=I):
+    """fairseq Data2VecMultiModel(features_only) for a post-LN image model, in torch."""
+    w = lambda k: sd[k]
+    x = F.conv2d(image, w(f"{I}local_encoder.proj.weight"), w(f"{I}local_encoder.proj.bias"),
+                 stride=PATCH).flatten(2).transpose(1, 2)
+    x = x + w(front + "fixed_positional_encoder.positions")
+    x = torch.cat([w(front + "extra_tokens").expand(x.shape[0], -1, -1), x], 1)
+    x = F.layer_norm(x, (DIM,), w(front + "context_encoder.norm.weight"),
+                     w(front + "context_encoder.norm.bias"), 1e-6)
+    b, t, _ = x.shape
+    for i in range(DEPTH):
+        p = lambda n: w(f"{blocks_prefix}{i}.{n}")
+        qkv = F.linear(x, p("attn.qkv.weight"), p("attn.qkv.bias"))
+        q, k, v = qkv.reshape(b, t, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / (DIM // HEADS) ** 0.5, -1)
+        a = (att @ v).transpose(1, 2).reshape(b, t, DIM)
+        x = F.layer_norm(x + F.linear(a, p("attn.proj.weight"), p("attn.proj.bias")), (DIM,),
+                         p("norm1.weight"), p("norm1.bias"), 1e-6)
+        h = F.linear(F.gelu(F.linear(x, p("mlp.fc1.weight"), p("mlp.fc1.bias"))),
+                     p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+        x = F.layer_norm(x + h, (DIM,), p("norm2.weight"), p("norm2.bias"), 1e-6)
+    return x.numpy()
+
+
+def reference_decoder(sd, x):
+    """fairseq Decoder2d: grouped conv -> LN over channels -> GELU (+ residual)."""
+    b = x.shape[0]
+    h = x.transpose(1, 2).reshape(b, DIM, SIDE, SIDE)
+    res = h
+    for i in range(DEC_LAYERS):
+        h = F.conv2d(h, sd[f"{I}decoder.blocks.{i}.0.weight"], sd[f"{I}decoder.blocks.{i}.0.bias"],
+                     padding=DEC_K // 2, groups=DEC_G)
+        h = F.gelu(F.layer_norm(h.transpose(1, 3), (DEC_DIM,)).transpose(1, 3))
+        if res.shape[1] == h.shape[1]:
+            h = h + res
+        res = h
+    h = h.reshape(b, DEC_DIM, -1).transpose(1, 2)
+    return F.linear(h, sd[f"{I}decoder.proj.weight"], sd[f"{I}decoder.proj.bias"]).numpy()
+
+
+def _encode(config, params, image):
+    model = models.build_model(config)
+    batch = {"image": np.transpose(image.numpy(), (0, 2, 3, 1))}
+    return np.asarray(jax.jit(lambda p: model.apply({"params": p}, batch, method="encode"))(params))
+
+
+def test_student_teacher_and_decoder_match_an_independent_forward():
+    ckpt = fairseq_checkpoint("full")
+    config, params, ema_params = from_fairseq(ckpt)
+    assert (config.model.dim, config.model.depth, config.model.num_heads) == (DIM, DEPTH, HEADS)
+    assert config.model.image_size == PATCH * SIDE and config.decoder.groups == DEC_G
+    sd, ema = ckpt["model"], ckpt["model"]["_ema"]
+    image = torch.randn(2, CH, PATCH * SIDE, PATCH * SIDE)
+    # Student and teacher through one compilation (same shapes).
+    got = _encode(config, params, image)
+    np.testing.assert_allclose(got, reference_encoder(sd, "blocks.", image), atol=1e-4)
+    got_t = _encode(config, ema_params, image)
+    np.testing.assert_allclose(got_t, reference_encoder(ema, "blocks.", image), atol=1e-4)
+    assert np.abs(got_t - got).max() > 1e-2  # the teacher really is the _ema tensors
+    # Decoder on a random input grid.
+    x = torch.randn(2, SIDE * SIDE, DIM)
+    d = config.decoder
+    dec = ConvDecoder((SIDE, SIDE), d.dim, DIM, d.kernel, d.layers, d.groups, d.residual,
+                      conv_impl=d.conv_impl)
+    out = dec.apply({"params": params["decoder"]}, x.numpy())
+    np.testing.assert_allclose(np.asarray(out), reference_decoder(sd, x), atol=1e-4)
+
+
+def test_encoder_only_ema_layout_and_loud_failures():
+    ckpt = fairseq_checkpoint("encoder_only")
+    config, params, ema_params = from_fairseq(ckpt)
+    ema = ckpt["model"]["_ema"]
+    np.testing.assert_array_equal(ema_params["encoder"]["blocks"]["attn"]["qkv"]["kernel"][1],
+                                  ema["1.attn.qkv.weight"].numpy().T)
+    # The teacher shares the student's front-end in this layout.
+    np.testing.assert_array_equal(ema_params["frontend"]["cls_token"],
+                                  params["frontend"]["cls_token"])
+    extra = dict(ckpt["model"], **{f"{I}decoder.extra.weight": torch.zeros(3)})
+    with pytest.raises(ConversionError, match="decoder.extra.weight"):
+        from_fairseq({"model": extra, "cfg": ckpt["cfg"]})
+    missing = {k: v for k, v in ckpt["model"].items() if k != "blocks.1.norm2.bias"}
+    with pytest.raises(ConversionError, match="blocks.1.norm2.bias"):
+        from_fairseq({"model": missing, "cfg": ckpt["cfg"]})
+    with pytest.raises(ConversionError, match="num_heads"):
+        from_fairseq(ckpt["model"])
+    bad_pos = dict(ckpt["model"])
+    bad_pos[f"{I}fixed_positional_encoder.positions"] = torch.zeros(1, SIDE * SIDE, DIM)
+    with pytest.raises(ConversionError, match="sin-cos"):
+        from_fairseq(bad_pos, num_heads=HEADS)
