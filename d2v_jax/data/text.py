@@ -374,9 +374,11 @@ def build_sequences(docs: Sequence[np.ndarray], max_len: int, packing: str, too_
     rows: list[np.ndarray] = []
     pending: list[np.ndarray] = []  # complete_doc: documents of the row being filled
     used = 1
+    num_long = 0
     for i, doc in enumerate(docs):
         doc = np.asarray(doc, np.int32)
         if doc.size + 2 > max_len:
+            num_long += 1
             if too_long == "error":
                 where = f" ({origins[i]})" if origins is not None else ""
                 raise ValueError(
@@ -401,6 +403,10 @@ def build_sequences(docs: Sequence[np.ndarray], max_len: int, packing: str, too_
         used += doc.size + 1
     if pending:
         rows.append(np.concatenate([bos] + pending))
+    if num_long:
+        logging.warning("%d of %d documents are longer than data.max_len=%d: %s (data.too_long)",
+                        num_long, len(docs), max_len,
+                        {"skip": "skipped", "split": "split", "crop": "cropped per epoch"}[too_long])
     if not rows:
         raise ValueError(f"no rows left after data.too_long={too_long!r} (every document is "
                          f"longer than data.max_len={max_len})")
