@@ -1,6 +1,6 @@
 r"""data2vec image pretraining: ViT with data2vec 1.0 (BEiT recipe) or 2.0.
 
-`arg` is `<size>_<version>` with size in {tiny, base, large} and version in
+`arg` is `<size>_<version>` with size in {tiny, small, base, large} and version in
 {v1, v2}, e.g.
 
   python -m d2v_jax.train --config experiments/image.py:tiny_v2 --workdir runs/x
@@ -16,6 +16,7 @@ from ml_collections import config_dict
 _SIZES = {
     #        dim, depth, heads
     "tiny": (128, 4, 4),
+    "small": (384, 12, 6),  # ViT-S/16: benchmarks on CPU (docs/performance.md)
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
 }
@@ -80,10 +81,10 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   # --- targets (SPEC 2) -------------------------------------------------------
   c.target = t = ml_collections.ConfigDict()
   if v1:  # BEiT data2vec_vision: blocks 6..11, LN per layer, LN after averaging
-    t.top_k = 3 if tiny else (6 if size == "base" else 12)
+    t.top_k = 3 if tiny else (6 if size in ("small", "base") else 12)
     t.layer_norm, t.final_norm, t.eps = "layer", "layer", 1e-6
   else:  # all main blocks, instance norm per layer, LN after averaging
-    t.top_k = depth - 1 if tiny else (10 if size == "base" else 18)
+    t.top_k = depth - 1 if tiny else (10 if size in ("small", "base") else 18)
     t.layer_norm, t.final_norm, t.eps = "instance", "layer", 1e-5
 
   # --- loss (SPEC 3) ----------------------------------------------------------
