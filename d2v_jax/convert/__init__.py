@@ -6,16 +6,19 @@
   inputs HF takes.
 - `to_huggingface(config, params)` -> a transformers model (save it with
   `save_pretrained`; it loads back with `from_pretrained`).
-- `from_fairseq(state_dict, config)` -> params and ema_params of a fairseq
+- `from_fairseq(checkpoint, num_heads=None)` -> config, params, ema_params of a fairseq
   data2vec 2.0 image checkpoint.
+- `make_train_state(config, params, ema_params)` -> a step-0 TrainState to
+  save with `d2v_jax.save_checkpoint` (then `--init_from` it).
+- `python -m d2v_jax.convert {hf-to-jax,jax-to-hf,fairseq-to-jax}` for files.
 
 torch and transformers are the optional `convert` extra: this package imports
 them, the rest of d2v_jax never does.
 """
 
-from d2v_jax.convert.common import Converted, ConversionError
+from d2v_jax.convert.common import Converted, ConversionError, make_train_state
 from d2v_jax.convert.fairseq import from_fairseq
 from d2v_jax.convert.huggingface import from_huggingface, to_huggingface
 
 __all__ = ["Converted", "ConversionError", "from_fairseq", "from_huggingface",
-           "to_huggingface"]
+           "make_train_state", "to_huggingface"]

@@ -115,6 +115,29 @@ def check_tree(params: Any, expected: Any, where: str) -> None:
         raise ConversionError(f"{where}: params do not fit the config: {problems[:20]}")
 
 
+def make_train_state(config: ml_collections.ConfigDict, params: Any, ema_params: Any = None,
+                     seed: int | None = None):
+    """A step-0 TrainState holding converted weights, for `save_checkpoint` and
+    `--init_from`. Subtrees the checkpoint lacks (pretraining heads, decoder) are
+    freshly initialised from `seed` (default `config.seed`); the teacher is
+    `ema_params`, or a copy of the student's teacher subtrees."""
+    from d2v_jax import optim
+    from d2v_jax.train_state import TrainState, ema_keys, init_params
+
+    rng = jax.random.PRNGKey(config.seed if seed is None else seed)
+    fresh = jax.jit(lambda r: nn.unbox(init_params(config, r)))(rng)
+    merged = {**fresh, **params}
+    check_tree(merged, fresh, "make_train_state")
+    merged = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), merged)
+    keys = ema_keys(config)
+    teacher = ema_params if ema_params is not None else {k: merged[k] for k in keys}
+    check_tree(teacher, {k: fresh[k] for k in keys}, "make_train_state ema_params")
+    teacher = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), teacher)
+    tx, _ = optim.make_optimizer(config)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=merged, ema_params=teacher,
+                      opt_state=tx.init(merged))
+
+
 @functools.lru_cache(maxsize=8)
 def _encode_fn(config_json: str):
     """One jitted `encode` per config (converted twins share the compilation)."""
@@ -138,6 +161,10 @@ class Converted:
 
     def __post_init__(self):
         self._apply = _encode_fn(json.dumps(self.config.to_dict(), sort_keys=True, default=list))
+
+    def train_state(self, seed: int | None = None):
+        """A step-0 TrainState (see `make_train_state`); teacher = student."""
+        return make_train_state(self.config, self.params, seed=seed)
 
     def batch(self, pixel_values=None, input_values=None, input_ids=None,
               attention_mask=None) -> dict[str, np.ndarray]:

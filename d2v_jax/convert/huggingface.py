@@ -412,13 +412,13 @@ def from_huggingface(model_or_state: Any, hf_config: Any = None) -> Converted:
     prefix = {"image": "data2vec_vision.", "audio": "data2vec_audio.",
               "text": "data2vec_text."}[modality]
     if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        # Other tensors (the task head) stay and are reported as unmapped.
+        state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
     reader = StateReader(state, f"Hugging Face {kind} state dict", ignore=_IGNORE)
     params = state_fn(reader, hf_config, config)
     reader.finish()
     expected = expected_params(config)
     check_tree(params, {k: expected[k] for k in params}, "from_huggingface")
-    params = {k: v for k, v in params.items()}
     return Converted(config, params)
 
 
@@ -428,6 +428,12 @@ def to_huggingface(config: ml_collections.ConfigDict, params: Any):
     `Data2Vec*Model.from_pretrained(dir)` loads."""
     import torch
     params = {k: v for k, v in params.items()}
+    needed = {"image": ("frontend", "encoder", "final_norm"), "text": ("frontend", "encoder"),
+              "audio": ("frontend", "context", "encoder")}.get(config.modality, ())
+    missing = [k for k in needed if k not in params]
+    if missing:
+        raise ConversionError(f"to_huggingface: params lack the subtrees {missing} "
+                              f"(a {config.modality} encoder needs {list(needed)})")
     expected = expected_params(config)
     check_tree({k: params[k] for k in params if k in expected},
                {k: expected[k] for k in params if k in expected}, "to_huggingface")
@@ -439,7 +445,7 @@ def to_huggingface(config: ml_collections.ConfigDict, params: Any):
         model, sd = _audio_to(config, params)
     else:
         raise ConversionError(f"to_huggingface: no HF model for modality {config.modality!r}")
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v, np.float32)))
+    tensors = {k: torch.from_numpy(np.array(v, np.float32, copy=True))
                for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not any(s in k for s in _IGNORE)]

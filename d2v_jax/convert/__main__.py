@@ -1,0 +1,91 @@
+r"""Convert checkpoints on disk (docs/convert.md).
+
+  python -m d2v_jax.convert hf-to-jax --model hf_dir --out runs/from_hf
+  python -m d2v_jax.convert jax-to-hf --workdir runs/x [--step N] [--teacher] --out hf_dir
+  python -m d2v_jax.convert fairseq-to-jax --checkpoint d2v2.pt --out runs/from_fs [--num_heads 12]
+
+`hf-to-jax` and `fairseq-to-jax` write a step-0 checkpoint (params, EMA teacher,
+fresh optimizer state, config) that `d2v_jax.train --init_from` and
+`d2v_jax.restore_checkpoint` read. `hf_dir` is a local folder written by
+`save_pretrained`; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _hf_to_jax(args) -> str:
+    from transformers import AutoConfig, AutoModel
+
+    from d2v_jax.api import save_checkpoint
+    from d2v_jax.convert import from_huggingface
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model!r} is not a folder (save_pretrained output)")
+    hf_config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    model = AutoModel.from_pretrained(args.model, config=hf_config, local_files_only=True)
+    enc = from_huggingface(model)
+    return save_checkpoint(args.out, enc.train_state(), enc.config)
+
+
+def _jax_to_hf(args) -> str:
+    from d2v_jax import checkpoint
+    from d2v_jax.convert import to_huggingface
+    from d2v_jax.train_state import teacher_params
+
+    both, config = checkpoint.restore_params(args.workdir, args.step,
+                                             subtrees=("params", "ema_params"))
+    params = both["params"]
+    if args.teacher:  # the EMA subtrees; the rest (e.g. the final LayerNorm) is the student's
+        params = {**params, **teacher_params(params, both["ema_params"], config)}
+    model = to_huggingface(config, params)
+    model.save_pretrained(args.out)
+    return args.out
+
+
+def _fairseq_to_jax(args) -> str:
+    import torch
+
+    from d2v_jax.api import save_checkpoint
+    from d2v_jax.convert import from_fairseq, make_train_state
+
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    # fairseq checkpoints pickle their omegaconf cfg, which weights_only refuses.
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=not args.trust_pickle)
+    config, params, ema_params = from_fairseq(ckpt, num_heads=args.num_heads)
+    return save_checkpoint(args.out, make_train_state(config, params, ema_params), config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m d2v_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("hf-to-jax", help="HF Data2Vec*Model folder -> our checkpoint")
+    p.add_argument("--model", required=True, help="folder written by save_pretrained")
+    p.add_argument("--out", required=True, help="work dir for the converted checkpoint")
+    p = sub.add_parser("jax-to-hf", help="our checkpoint -> HF folder (save_pretrained)")
+    p.add_argument("--workdir", required=True, help="run dir or its checkpoints/ dir")
+    p.add_argument("--step", type=int, default=None, help="default: newest")
+    p.add_argument("--teacher", action="store_true", help="export the EMA teacher")
+    p.add_argument("--out", required=True, help="output folder")
+    p = sub.add_parser("fairseq-to-jax", help="fairseq data2vec 2.0 image .pt -> our checkpoint")
+    p.add_argument("--checkpoint", required=True, help="fairseq checkpoint (.pt)")
+    p.add_argument("--num_heads", type=int, default=None,
+                   help="attention heads, if the checkpoint has no cfg")
+    p.add_argument("--trust_pickle", action="store_true",
+                   help="torch.load with weights_only=False (needed for fairseq's saved cfg; "
+                        "only for files you trust)")
+    p.add_argument("--out", required=True, help="work dir for the converted checkpoint")
+    args = parser.parse_args(argv)
+    run = {"hf-to-jax": _hf_to_jax, "jax-to-hf": _jax_to_hf,
+           "fairseq-to-jax": _fairseq_to_jax}[args.command]
+    print(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""`python -m d2v_jax.convert` on files (issue 8): HF folder -> our checkpoint
+-> HF folder, and a fairseq .pt -> our checkpoint, read back by the checkpoint
+code the trainer's --init_from uses."""
+
+import numpy as np
+import torch
+from transformers import Data2VecVisionConfig, Data2VecVisionModel
+
+from d2v_jax import checkpoint
+from d2v_jax.convert import from_fairseq, from_huggingface
+from d2v_jax.convert.__main__ import main
+from test_convert_fairseq import fairseq_checkpoint
+from test_convert_hf import VISION, assert_same_params, hidden, perturbed
+
+
+def test_hf_folder_to_checkpoint_and_back(tmp_path):
+    torch.manual_seed(1)
+    hf = perturbed(Data2VecVisionModel(Data2VecVisionConfig(**VISION), add_pooling_layer=False))
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["hf-to-jax", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    both, config = checkpoint.restore_params(str(tmp_path / "run"),
+                                             subtrees=("params", "ema_params"))
+    want = from_huggingface(hf).params
+    assert_same_params(want, {k: both["params"][k] for k in want})
+    assert "head" in both["params"]  # the 1.0 head is freshly initialised
+    assert_same_params(both["ema_params"], {k: want[k] for k in both["ema_params"]})
+    assert config.model.dim == 32 and config.model.rel_pos_bias == "shared"
+    assert main(["jax-to-hf", "--workdir", str(tmp_path / "run"), "--teacher",
+                 "--out", str(tmp_path / "hf2")]) == 0
+    back = Data2VecVisionModel.from_pretrained(tmp_path / "hf2").eval()
+    pixels = torch.randn(1, 3, 16, 16)
+    np.testing.assert_allclose(hidden(back, pixel_values=pixels), hidden(hf, pixel_values=pixels),
+                               atol=1e-6)
+
+
+def test_fairseq_file_to_checkpoint(tmp_path):
+    ckpt = fairseq_checkpoint("full")
+    torch.save(ckpt, tmp_path / "d2v2.pt")
+    assert main(["fairseq-to-jax", "--checkpoint", str(tmp_path / "d2v2.pt"),
+                 "--out", str(tmp_path / "run")]) == 0
+    both, config = checkpoint.restore_params(str(tmp_path / "run"),
+                                             subtrees=("params", "ema_params"))
+    _, params, ema_params = from_fairseq(ckpt)
+    assert_same_params(params, both["params"])
+    assert_same_params(ema_params, both["ema_params"])
+    assert config.version == "v2" and config.decoder.groups == 4
