@@ -163,6 +163,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   o.schedule = "cosine"
   o.end_lr_ratio = 0.0
   o.no_decay = ("alibi_scale", "mask_emb")
+  o.accum_steps = 1  # micro-batches per step (gradient accumulation)
   o.lr = 5e-4 if v1 else 7.5e-4
 
   # --- run --------------------------------------------------------------------
@@ -174,8 +175,20 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   else:
     r.num_steps, o.warmup_steps = 400_000, 8_000
   r.log_every = 10 if tiny else 100
-  r.checkpoint_every = 0  # 0 = only at the end
-  r.keep_checkpoints = 2
+  r.checkpoint_every = 0 if tiny else 5000  # 0 = only at the end (and on SIGTERM)
+  r.keep_checkpoints = 2  # the latest N steps ...
+  r.keep_every = 0  # ... plus every multiple of this step (0 = none)
+  r.nonfinite = "stop"  # NaN/inf loss or gradients: stop | skip (drop that update)
+
+  # --- scale-out (docs/scaling.md) ---------------------------------------------
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1  # data-parallel replicas; -1 = the devices the other axes leave
+  ms.fsdp = 1  # ZeRO-3: params, grads, Adam moments and ema_params split over it
+  ms.tensor = 1  # Megatron-style split of the mlp / qkv / heads axes
+  ms.rules = ()  # overrides of parallel.DEFAULT_RULES
+  c.parallel = pl = ml_collections.ConfigDict()
+  pl.mode = "jit"  # jit | pmap | shard_map
+  pl.distributed = "auto"  # auto | on | off: jax.distributed.initialize()
 
   # --- collapse guard (SPEC 3) ------------------------------------------------
   c.collapse = g = ml_collections.ConfigDict()
