@@ -11,6 +11,7 @@ import soundfile as sf
 
 from d2v_jax import masking, models
 from d2v_jax.losses import regression_loss
+from d2v_jax.models import layers
 from d2v_jax.config import load_config
 from d2v_jax.models import audio as AM
 from d2v_jax.models.layers import alibi_bias, alibi_slopes
@@ -127,13 +128,13 @@ def test_v2_student_keeps_static_visible_count():
     t = batch["mask"].shape[-1]
     # the encoder sees exactly t - int(0.5 t) frames per row, even in the padded row
     seen = []
-    orig = AM.Encoder.__call__
+    orig = layers.Encoder.__call__
 
     def spy(self, x, *a, **k):
         seen.append(x.shape)
         return orig(self, x, *a, **k)
 
-    AM.Encoder.__call__ = spy
+    layers.Encoder.__call__ = spy
     try:
         # tracing is enough: the shapes are static
         jax.eval_shape(lambda p, b: model.apply({"params": p}, b, method="student",
@@ -141,7 +142,7 @@ def test_v2_student_keeps_static_visible_count():
                                                 rngs={"noise": jax.random.PRNGKey(0)}),
                        params, batch)
     finally:
-        AM.Encoder.__call__ = orig
+        layers.Encoder.__call__ = orig
     assert seen == [(4, t - int(0.5 * t), config.model.dim)]
 
 

@@ -35,7 +35,8 @@ import numpy as np
 from d2v_jax import masking
 from d2v_jax.models.decoder import ConvDecoder, GroupedConv, grouped_conv
 from d2v_jax.models.image import DTYPES
-from d2v_jax.models.layers import Encoder, alibi_bias, alibi_slopes, dense, kernel, layer_norm
+from d2v_jax.models.layers import (alibi_bias, alibi_slopes, dense, encoder_from_config,
+                                   kernel, layer_norm)
 
 TEACHER_MODULES = ("frontend", "context", "encoder")
 POS_CONV_KINDS = ("stack", "single")
@@ -226,11 +227,7 @@ class AudioData2Vec(nn.Module):
         self.version = c.version
         self.frontend = FeatureExtractor(m)
         self.context = AudioContext(m)
-        self.encoder = Encoder(
-            depth=m.depth, dim=m.dim, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-            qkv_bias=m.qkv_bias, layer_norm_first=False, layer_scale_init=0.0,
-            norm_eps=m.norm_eps, dropout=m.dropout, attn_dropout=m.attn_dropout,
-            drop_path=m.drop_path, remat=m.remat, attention_impl=m.attention_impl, dtype=dtype)
+        self.encoder = encoder_from_config(m, dtype=dtype)
         self.input_dropout = nn.Dropout(m.dropout_input)
         if c.version == "v1":
             self.mask_emb = MaskEmbedding(m.dim, name="mask_emb")

@@ -26,7 +26,7 @@ import numpy as np
 
 from d2v_jax import masking
 from d2v_jax.models.decoder import ConvDecoder
-from d2v_jax.models.layers import (Encoder, RelativePositionBias, dense, kernel,
+from d2v_jax.models.layers import (RelativePositionBias, dense, encoder_from_config, kernel,
                                    layer_norm, sincos_2d)
 
 TEACHER_MODULES = ("frontend", "encoder")
@@ -115,12 +115,8 @@ class ImageData2Vec(nn.Module):
         dtype = _dtype(m.dtype)
         self.grid = (m.image_size // m.patch_size,) * 2
         self.frontend = ImageFrontEnd(m, c.version)
-        self.encoder = Encoder(
-            depth=m.depth, dim=m.dim, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-            qkv_bias=m.qkv_bias, layer_norm_first=m.layer_norm_first,
-            layer_scale_init=m.layer_scale_init, norm_eps=m.norm_eps, dropout=m.dropout,
-            attn_dropout=m.attn_dropout, drop_path=m.drop_path, remat=m.remat,
-            attention_impl=m.attention_impl, dtype=dtype)
+        self.encoder = encoder_from_config(m, layer_norm_first=m.layer_norm_first,
+                                           layer_scale_init=m.layer_scale_init, dtype=dtype)
         if m.layer_norm_first:  # pre-LN stacks end with a LayerNorm (BEiT)
             self.final_norm = layer_norm(m.norm_eps, dtype, "final_norm")
         if c.version == "v1":

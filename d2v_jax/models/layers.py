@@ -227,6 +227,19 @@ class Encoder(nn.Module):
         return blocks(x, rates, bias, key_padding_mask)
 
 
+def encoder_from_config(m, *, layer_norm_first: bool = False, layer_scale_init: float = 0.0,
+                        dtype: Dtype = jnp.float32) -> Encoder:
+    """The `Encoder` that a `config.model` section describes. Block style is the
+    caller's: pre-LN + layer scale for 1.0 vision, post-LN (the defaults) for
+    every other model."""
+    return Encoder(
+        depth=m.depth, dim=m.dim, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+        qkv_bias=m.qkv_bias, layer_norm_first=layer_norm_first,
+        layer_scale_init=layer_scale_init, norm_eps=m.norm_eps, dropout=m.dropout,
+        attn_dropout=m.attn_dropout, drop_path=m.drop_path, remat=m.remat,
+        attention_impl=m.attention_impl, dtype=dtype)
+
+
 def sincos_2d(grid: tuple[int, int], dim: int) -> np.ndarray:
     """Fixed 2-D sin-cos position table [h*w, dim] (MAE / data2vec 2.0 images).
 

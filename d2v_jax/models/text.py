@@ -33,7 +33,7 @@ import numpy as np
 from d2v_jax import text_masking
 from d2v_jax.models.decoder import ConvDecoder
 from d2v_jax.models.image import _dtype
-from d2v_jax.models.layers import Encoder, dense, kernel, layer_norm
+from d2v_jax.models.layers import dense, encoder_from_config, kernel, layer_norm
 
 TEACHER_MODULES = ("frontend", "encoder")
 DUMMY_TOKEN = 5  # any non-special id: the dummy batch must not be all padding
@@ -91,11 +91,7 @@ class TextData2Vec(nn.Module):
         dtype = _dtype(m.dtype)
         self.version = c.version
         self.frontend = TextFrontEnd(m)
-        self.encoder = Encoder(
-            depth=m.depth, dim=m.dim, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-            qkv_bias=m.qkv_bias, layer_norm_first=False, layer_scale_init=0.0,
-            norm_eps=m.norm_eps, dropout=m.dropout, attn_dropout=m.attn_dropout,
-            drop_path=m.drop_path, remat=m.remat, attention_impl=m.attention_impl, dtype=dtype)
+        self.encoder = encoder_from_config(m, dtype=dtype)
         if c.version == "v1":
             # SPEC 3: text 1.0 regresses with Linear(D, 2D) -> GELU -> Linear(2D, D).
             self.head_fc1 = dense(2 * m.dim, ("embed", "mlp"), dtype, name="head_fc1")
