@@ -65,6 +65,18 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
+def finished_run(rundir: str, config) -> dict | None:
+    """The results of a finished run in `rundir` made with exactly `config`
+    (a rerun with more fractions or seeds only trains what is missing)."""
+    try:
+        with open(os.path.join(rundir, "config.json")) as f:
+            same = json.load(f) == json.loads(config.to_json_best_effort())
+        with open(os.path.join(rundir, "results.json")) as f:
+            return json.load(f) if same else None
+    except (OSError, ValueError):
+        return None
+
+
 def machine_load() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
@@ -178,9 +190,11 @@ def main(argv):
                 config = load_config(_FINETUNE.value, {**overrides, "seed": seed,
                                                        "data.label_fraction": f})
                 rundir = os.path.join(workdir, "runs", f"{arm}_f{f:g}_s{seed}")
-                _, res = finetune.train_and_evaluate(
-                    config, rundir, init_from if arm == "pretrained" else None,
-                    pretrained=pretrained if arm == "pretrained" else None)
+                res = finished_run(rundir, config)
+                if res is None:
+                    _, res = finetune.train_and_evaluate(
+                        config, rundir, init_from if arm == "pretrained" else None,
+                        pretrained=pretrained if arm == "pretrained" else None)
                 res["arm"] = arm
                 runs.append(res)
                 logging.info("%s f=%g seed=%d: %s (%.0f s)", arm, f, seed,

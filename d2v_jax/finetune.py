@@ -158,8 +158,12 @@ class FinetuneModel(nn.Module):
             f = h[:, 0]
         else:
             keep = jnp.ones(h.shape[:2], h.dtype)
-            if batch.get("padding_mask") is not None:
-                keep = keep * (~batch["padding_mask"]).astype(h.dtype)
+            pad = batch.get("padding_mask")
+            if pad is not None and hasattr(self.backbone, "frame_padding"):
+                # Audio: the mask is over samples; the encoder's positions are conv frames.
+                pad = self.backbone.frame_padding(batch, h.shape[1])
+            if pad is not None:
+                keep = keep * (~pad).astype(h.dtype)
             if cls_first:
                 keep = keep.at[:, 0].set(0)
             f = jnp.einsum("btd,bt->bd", h, keep) / jnp.maximum(keep.sum(1, keepdims=True), 1)
@@ -385,6 +389,35 @@ def backbone_config_for(config: ml_collections.ConfigDict, init_from: str | None
     return None, load_config(config.backbone)
 
 
+def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,
+                     workdir: str | None) -> ml_collections.ConfigDict:
+    """The modality's run-level set-up of the backbone config (`data.prepare`), on a copy.
+
+    Text: a pretrained backbone reloads the tokenizer its pretraining run saved
+    (`tokenizer.path` in its config, else `<init_from>/tokenizer`); a scratch
+    backbone trains one on its pretraining corpus into `<workdir>/tokenizer`,
+    as pretraining does, and takes `model.vocab_size` from it.
+    """
+    from d2v_jax import data as data_lib
+
+    bconfig = ml_collections.ConfigDict(bconfig.to_dict())
+    if bconfig.modality != "text":
+        return data_lib.prepare(bconfig, workdir)
+    if init_from:
+        saved = bconfig.tokenizer.path
+        fallback = os.path.join(init_from, "tokenizer")
+        if not (saved and os.path.isdir(saved)):
+            if not os.path.isdir(fallback):
+                raise FileNotFoundError(f"the pretraining run {init_from!r} names tokenizer "
+                                        f"{saved!r}, which does not exist, and has no {fallback}")
+            bconfig.tokenizer.path = fallback
+        return data_lib.prepare(bconfig, init_from)
+    if not workdir:
+        raise ValueError("a scratch text backbone trains its tokenizer into the work dir; "
+                         "pass workdir")
+    return data_lib.prepare(bconfig, workdir)
+
+
 @dataclasses.dataclass
 class Run:
     """Everything a fine-tune run needs, built by `prepare` before any step."""
@@ -401,19 +434,22 @@ class Run:
 
 
 def prepare(config: ml_collections.ConfigDict, init_from: str | None = None,
-            *, pretrained: tuple[dict, ml_collections.ConfigDict] | None = None) -> Run:
+            *, pretrained: tuple[dict, ml_collections.ConfigDict] | None = None,
+            workdir: str | None = None) -> Run:
     """Data, model, jitted steps and the initial state: the head from
     `config.seed`, the encoder from the `init_from` checkpoint (exact weights)
     or from `config.seed` too when training from scratch.
 
     `pretrained` = (params, config) skips reading `init_from` again (the
     benchmark restores once for many runs); `init_from` is then just recorded.
+    `workdir` holds what a scratch backbone builds (the text tokenizer).
     """
     validate(config)
     if pretrained is not None:
         init_params, bconfig = pretrained
     else:
         init_params, bconfig = backbone_config_for(config, init_from)
+    bconfig = prepare_backbone(bconfig, init_from if init_params is not None else None, workdir)
     data = labeled.make_labeled_data(config, bconfig)
     classify = config.task == "classification"
     num_outputs = config.head.num_outputs or (data.num_classes if classify else 1)
@@ -453,7 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains a head (and, unless probing, the encoder) on the task's labels.
     Returns the final state and the results dict written to `workdir/results.json`."""
     t0 = time.perf_counter()
-    run = prepare(config, init_from, pretrained=pretrained)
+    run = prepare(config, init_from, pretrained=pretrained, workdir=workdir)
     data, steps, state = run.data, run.num_steps, run.state
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -495,6 +531,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "seed": int(config.seed), "label_fraction": float(config.data.label_fraction),
         "num_labels": int(len(data.train)), "num_train_pool": int(len(data.train_pool)),
         "num_test": int(len(data.test)), "split_seed": int(config.data.split_seed),
+        "class_names": data.class_names,  # label id i is class_names[i]
         "num_steps": steps, "metrics": final, "headline": HEADLINE[config.task],
         "history": history, "train_seconds": train_time,
         "wall_seconds": time.perf_counter() - t0,

