@@ -71,6 +71,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(k.num_clones >= 1, "masking.num_clones", f"{k.num_clones} < 1")
     _check(config.data.batch_size >= 1, "data.batch_size", f"{config.data.batch_size} < 1")
     _check(config.train.num_steps >= 1, "train.num_steps", f"{config.train.num_steps} < 1")
+    _check(0.0 < config.collapse.max_target_pos_share <= 1.0, "collapse.max_target_pos_share",
+           f"{config.collapse.max_target_pos_share} is not in (0, 1]")
     _check(config.collapse.action in ("warn", "stop"), "collapse.action",
            f"{config.collapse.action!r} is not 'warn' or 'stop'")
     r = config.train
@@ -96,6 +98,8 @@ def _validate_image(config: ml_collections.ConfigDict) -> None:
     _check(len(config.data.mean) == m.channels and len(config.data.std) == m.channels,
            "data.mean", f"data.mean/std have {len(config.data.mean)}/{len(config.data.std)} "
            f"entries but model.channels={m.channels}")
+    holdout = config.data.get("holdout_fraction", 0.0)
+    _check(0.0 <= holdout < 1.0, "data.holdout_fraction", f"{holdout} is not in [0, 1)")
     if config.version == "v2":
         _check(k.kind == "inverse_block", "masking.kind",
                "2.0 runs the student on visible patches only, which needs the same masked "

@@ -128,6 +128,11 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   c.data = dt = ml_collections.ConfigDict()
   dt.source = "mnist_5k" if tiny else "image_folder"  # mnist_5k | image_folder
   dt.path = ""  # class-folder root for image_folder
+  # Labeled examples kept out of pretraining (stratified, seeded). 0.2 / seed 0 is
+  # experiments/finetune.py's test split, so fine-tuning scores on images the
+  # encoder never saw.
+  dt.holdout_fraction = 0.2 if tiny else 0.0
+  dt.holdout_seed = 0
   dt.batch_size = 32 if tiny else (256 if not v1 else 2048)
   dt.num_workers = 0  # grain worker processes; 0 = in-process
   dt.prefetch = 2  # batches prefetched onto the device
@@ -185,6 +190,9 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   c.collapse = g = ml_collections.ConfigDict()
   g.min_target_var = 0.1
   g.min_pred_var = 0.01
+  # Positional collapse: targets that position alone explains (metric
+  # target_pos_share, losses.position_share) teach nothing about content.
+  g.max_target_pos_share = 0.9
   g.after_step = 100 if tiny else 5000
   g.action = "warn"  # warn | stop
   return c

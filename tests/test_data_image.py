@@ -255,7 +255,8 @@ def test_batch_format(arg):
 def _folder_config(tmp_path, **overrides):
     write_image_folder(tmp_path)
     return image_config("tiny_v2", **{"data.source": "image_folder", "data.path": str(tmp_path),
-                                      "model.channels": 3, "data.batch_size": 4, **overrides})
+                                      "model.channels": 3, "data.batch_size": 4,
+                                      "data.holdout_fraction": 0.0, **overrides})
 
 
 def test_two_epochs_each_index_once(tmp_path):
@@ -276,6 +277,28 @@ def test_two_epochs_each_index_once(tmp_path):
         np.testing.assert_array_equal(batches[pos // 4]["image"][pos % 4], expected["image"])
         np.testing.assert_array_equal(batches[pos // 4]["mask"][pos % 4], expected["mask"])
     it.close()
+
+
+def test_holdout_keeps_the_finetune_test_split_out_of_pretraining(tmp_path):
+    from d2v_jax.data import labeled, pipeline
+    from d2v_jax.data.sources import SubsetSource
+
+    config = image_config("tiny_v2", **{"data.batch_size": 50})
+    src = make_source(config)
+    kept, held = pipeline.holdout_split(config, src)
+    # Exactly the fine-tune's test split (experiments/finetune.py: 0.2, split seed 0).
+    _, test = labeled.split_test(np.asarray(src.labels), 0.2, 0)
+    np.testing.assert_array_equal(held, test)
+    assert len(kept) == 4000 and not np.intersect1d(kept, held).size
+    it = iter(data.make_pretrain_dataset(config))
+    seen = np.concatenate([b["index"] for b in take(it, 80)])  # one epoch of the 4,000 kept
+    it.close()
+    np.testing.assert_array_equal(np.sort(seen), kept)  # parent indices, each once
+    # A source without labels cannot be stratified: the error names the field.
+    with pytest.raises(ValueError, match="holdout_fraction=0.2.*no `labels`"):
+        pipeline.holdout_split(config, [{"image": None}] * 3)
+    with pytest.raises(ValueError, match=r"indices outside \[0, 5000\)"):
+        SubsetSource(src, [0, 5000])
 
 
 def test_resume_from_iterator_state():

@@ -13,15 +13,38 @@ from typing import Any
 
 import grain
 import ml_collections
+import numpy as np
 from absl import flags
 
 from d2v_jax.data import text
 from d2v_jax.data.image import PretrainTransform
-from d2v_jax.data.sources import ImageSource, make_source
+from d2v_jax.data.sources import ImageSource, SubsetSource, make_source
+
+
+def holdout_split(config: ml_collections.ConfigDict, source) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held_out) indices of `source` for pretraining.
+
+    `data.holdout_fraction` of the labeled examples (stratified, seeded by
+    `data.holdout_seed`) are kept out of pretraining. With the same fraction
+    and seed as a fine-tune's `data.test_fraction` / `data.split_seed` this is
+    exactly its test split, so the test images are unseen by the encoder too.
+    """
+    from d2v_jax.data.labeled import split_test  # labeled imports this package
+
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        raise ValueError(f"config.data.holdout_fraction={config.data.holdout_fraction}: the source "
+                         f"{source!r} has no `labels` to stratify the held-out split by")
+    return split_test(np.asarray(labels), float(config.data.holdout_fraction),
+                      int(config.data.holdout_seed))
 
 
 def _image_parts(config: ml_collections.ConfigDict, source=None):
-    return (make_source(config) if source is None else source), PretrainTransform(config)
+    src = make_source(config) if source is None else source
+    if config.data.get("holdout_fraction", 0.0) > 0:
+        kept, _ = holdout_split(config, src)
+        src = SubsetSource(src, kept, name=f"{config.data.source} without the held-out split")
+    return src, PretrainTransform(config)
 
 
 # modality -> (config, source or None) -> (grain source, transform(element, epoch)).

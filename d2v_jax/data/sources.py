@@ -66,6 +66,10 @@ class Mnist5kSource:
     def from_config(cls, config: ml_collections.ConfigDict) -> "Mnist5kSource":
         return cls(channels=config.model.channels)
 
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
     def __len__(self) -> int:
         return len(self._labels)
 
@@ -148,6 +152,37 @@ class ImageFolderSource:
     def __repr__(self) -> str:
         return (f"ImageFolderSource(root={self.root!r}, channels={self.channels}, "
                 f"classes={len(self.classes)}, len={len(self)})")
+
+
+class SubsetSource:
+    """The examples of `source` at `indices` (sorted), re-indexed 0..len-1.
+
+    Records keep the parent's `index`, so masks and crops seeded by it, and
+    anything logged, refer to the parent's example.
+    """
+
+    def __init__(self, source: ImageSource, indices: Sequence[int], name: str = "subset") -> None:
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if self.indices.ndim != 1 or not len(self.indices):
+            raise ValueError(f"SubsetSource({name}): indices must be a non-empty 1-D list, "
+                             f"got shape {self.indices.shape}")
+        if self.indices.min() < 0 or self.indices.max() >= len(source):
+            raise ValueError(f"SubsetSource({name}): indices outside [0, {len(source)}) of {source!r}")
+        self.name = name
+        self.classes = getattr(source, "classes", None)
+        parent_labels = getattr(source, "labels", None)
+        self.labels = None if parent_labels is None else np.asarray(parent_labels)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = _check_index(index, len(self), f"SubsetSource({self.name})")
+        return self.source[int(self.indices[index])]
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({self.name}, len={len(self)} of {self.source!r})"
 
 
 # Name in `config.data.source` -> class with `from_config(config)`.
