@@ -96,3 +96,32 @@ def compute_var(x: jax.Array, mask: jax.Array | None = None, *,
     css = _psum(jnp.sum(jnp.where(valid, jnp.square(x - mean), 0.0), axis=0), axis_name)
     var = css / jnp.maximum(count - 1.0, 1.0)
     return jnp.mean(jnp.sqrt(var + 1e-6))
+
+
+def position_share(y: jax.Array, padding_mask: jax.Array | None = None, *,
+                   axis_name: str | None = None) -> jax.Array:
+    """Share of the targets' variance that position alone explains (R^2 of a
+    per-position mean over the batch), in [0, 1].
+
+    A collapse that ``compute_var`` (SPEC 3) cannot see: final-normed targets
+    keep unit variance even when the teacher's outputs carry nothing but their
+    position (e.g. on images that are mostly blank background, whose patches
+    differ only in their position embedding), and the student then predicts
+    them from the mask layout alone. ``y`` [B, T, D]; ``padding_mask`` [B, T],
+    True = padded (left out). Between-position sum of squares over the total
+    one. With no position effect the expected share is about 1/B, so small
+    batches read high. With ``axis_name`` the sums are ``psum``-ed (the global
+    batch).
+    """
+    y = jnp.asarray(y, jnp.float32)
+    if y.ndim != 3:
+        raise ValueError(f"position_share: y must be [B, T, D], got shape {y.shape}")
+    valid = (jnp.ones(y.shape[:2], bool) if padding_mask is None
+             else ~jnp.asarray(padding_mask, bool))[..., None]  # [B, T, 1]
+    count_t = _psum(jnp.sum(valid, axis=0, dtype=jnp.float32), axis_name)  # [T, 1]
+    sum_t = _psum(jnp.sum(jnp.where(valid, y, 0.0), axis=0), axis_name)  # [T, D]
+    grand = jnp.sum(sum_t, axis=0) / jnp.maximum(jnp.sum(count_t), 1.0)  # [D]
+    mean_t = sum_t / jnp.maximum(count_t, 1.0)
+    between = jnp.sum(count_t * jnp.square(mean_t - grand))
+    total = _psum(jnp.sum(jnp.where(valid, jnp.square(y - grand), 0.0)), axis_name)
+    return between / jnp.maximum(total, 1e-12)

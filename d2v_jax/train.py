@@ -233,6 +233,10 @@ def collapse_check(config: ml_collections.ConfigDict, step: int, scalars: dict) 
         return f"step {step}: target_var {scalars['target_var']:.4f} < {g.min_target_var}"
     if scalars["pred_var"] < g.min_pred_var:
         return f"step {step}: pred_var {scalars['pred_var']:.4f} < {g.min_pred_var}"
+    share = scalars.get("target_pos_share")
+    if share is not None and share > g.max_target_pos_share:
+        return (f"step {step}: target_pos_share {share:.3f} > {g.max_target_pos_share}: position "
+                f"alone explains the targets (positional collapse; see docs/label_efficiency.md)")
     return None
 
 
@@ -391,8 +395,10 @@ def _log(config, writer, bar, clock, skipped, step, device_metrics):
     if _nonfinite_mode(config) == "skip":
         scalars["skipped_updates"] = float(skipped)
     writer.write(step, scalars)
-    bar.set_postfix(loss=f"{scalars['loss']:.4f}", tvar=f"{scalars['target_var']:.3f}",
-                    sps=f"{scalars['samples_per_sec']:.0f}")
+    postfix = {"loss": f"{scalars['loss']:.4f}", "tvar": f"{scalars['target_var']:.3f}"}
+    if "target_pos_share" in scalars:
+        postfix["pos"] = f"{scalars['target_pos_share']:.2f}"
+    bar.set_postfix(**postfix, sps=f"{scalars['samples_per_sec']:.0f}")
     msg = collapse_check(config, step, scalars)
     if msg:
         if config.collapse.action == "stop":

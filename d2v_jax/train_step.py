@@ -161,11 +161,12 @@ def compute_grads(model: nn.Module, params: Any, ema_params: Any, batch: Batch, 
     def micro_step(mb, r):
         if batch_sharding is not None:
             mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
-        y, _ = compute_targets(model, tparams, mb, config)
+        y, padding_mask = compute_targets(model, tparams, mb, config)
         grad_fn = jax.value_and_grad(
             lambda p: student_loss(model, p, mb, y, config, r, norm=norm, axis_name=axis_name),
             has_aux=True)
         (loss, aux), grads = grad_fn(params)
+        aux["target_pos_share"] = losses.position_share(y, padding_mask, axis_name=axis_name)
         return loss, aux, grads
 
     if accum_steps == 1:

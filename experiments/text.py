@@ -189,6 +189,9 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   c.collapse = g = ml_collections.ConfigDict()
   g.min_target_var = 0.1
   g.min_pred_var = 0.01
+  # Positional collapse: targets that position alone explains (metric
+  # target_pos_share, losses.position_share) teach nothing about content.
+  g.max_target_pos_share = 0.9
   g.after_step = 100 if tiny else 5000
   g.action = "warn"
   return c

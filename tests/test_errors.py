@@ -108,6 +108,10 @@ def test_collapse_guard_warns_or_stops():
     msg = train.collapse_check(config, 1000, {"target_var": 0.05, "pred_var": 0.5})
     assert msg == "step 1000: target_var 0.0500 < 0.1"
     assert "pred_var 0.0010 < 0.01" in train.collapse_check(config, 1000, {"target_var": 1, "pred_var": 1e-3})
+    # Unit-variance targets that position alone explains: the positional collapse.
+    msg = train.collapse_check(config, 1000, {**ok, "target_pos_share": 0.997})
+    assert msg.startswith("step 1000: target_pos_share 0.997 > 0.9: position alone explains")
+    assert train.collapse_check(config, 1000, {**ok, "target_pos_share": 0.4}) is None
     # Before collapse.after_step nothing is reported.
     assert train.collapse_check(config, config.collapse.after_step - 1, {"target_var": 0, "pred_var": 0}) is None
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from d2v_jax import losses
 from d2v_jax.losses import compute_var, regression_loss, regression_loss_terms
 
 B, T, D = 4, 6, 8
@@ -183,3 +184,38 @@ def test_compute_var_axis_name_matches_global():
 def test_compute_var_mask_shape_error():
     with pytest.raises(ValueError, match="mask shape"):
         compute_var(np.zeros((B, T, D)), np.zeros((B, T + 1), bool))
+
+
+def _position_share_numpy(y, padding_mask=None):
+    """ANOVA R^2 of position, written out with loops over positions."""
+    b, t, d = y.shape
+    valid = np.ones((b, t), bool) if padding_mask is None else ~padding_mask
+    rows = y[valid]  # [n, D]
+    grand = rows.mean(0)
+    total = ((rows - grand) ** 2).sum()
+    between = 0.0
+    for j in range(t):
+        col = y[valid[:, j], j]
+        if len(col):
+            between += len(col) * ((col.mean(0) - grand) ** 2).sum()
+    return between / total
+
+
+def test_position_share_matches_numpy_and_detects_positional_targets():
+    rng = np.random.default_rng(0)
+    pos = rng.normal(size=(1, 6, 5))
+    noise = rng.normal(size=(8, 6, 5))
+    pad = rng.random((8, 6)) < 0.3
+    for y in (noise, pos + 0.1 * noise, noise + pos):
+        for mask in (None, pad):
+            got = float(losses.position_share(jnp.asarray(y), None if mask is None else jnp.asarray(mask)))
+            np.testing.assert_allclose(got, _position_share_numpy(y, mask), rtol=1e-5)
+    # Targets that are position plus a little content read near 1; pure noise near 1/B-ish.
+    assert float(losses.position_share(jnp.asarray(pos + 0.1 * noise))) > 0.95
+    assert float(losses.position_share(jnp.asarray(noise))) < 0.35
+    # Over a named axis: two halves of the batch give the whole batch's value.
+    halves = jnp.asarray(np.stack([noise[:4] + pos, noise[4:] + pos]))
+    both = jax.vmap(lambda h: losses.position_share(h, axis_name="d"), axis_name="d")(halves)
+    np.testing.assert_allclose(np.asarray(both), _position_share_numpy(noise + pos), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\[B, T, D\], got shape \(8, 6\)"):
+        losses.position_share(jnp.zeros((8, 6)))
