@@ -98,6 +98,10 @@ def _validate_image(config: ml_collections.ConfigDict) -> None:
     _check(len(config.data.mean) == m.channels and len(config.data.std) == m.channels,
            "data.mean", f"data.mean/std have {len(config.data.mean)}/{len(config.data.std)} "
            f"entries but model.channels={m.channels}")
+    from d2v_jax.models.image import PATCH_EMBED_INITS
+
+    _check(m.patch_embed_init in PATCH_EMBED_INITS, "model.patch_embed_init",
+           f"{m.patch_embed_init!r} not in {sorted(PATCH_EMBED_INITS)}")
     holdout = config.data.get("holdout_fraction", 0.0)
     _check(0.0 <= holdout < 1.0, "data.holdout_fraction", f"{holdout} is not in [0, 1)")
     if config.version == "v2":

@@ -57,6 +57,8 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   m.layer_scale_init = 0.1 if v1 else 0.0  # 0 disables layer scale
   m.rel_pos_bias = "shared" if v1 else "none"  # shared | none
   m.abs_pos = "none" if v1 else "sincos"  # none | sincos
+  # models/image.py PATCH_EMBED_INITS: xavier (2.0, as fairseq) | torch_conv (1.0 BEiT) | trunc_normal
+  m.patch_embed_init = "torch_conv" if v1 else "xavier"
   m.norm_eps = 1e-6
   m.dropout = 0.0
   m.attn_dropout = 0.0

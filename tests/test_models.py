@@ -202,3 +202,22 @@ def test_grouped_conv_impls_match_xla(impl, grid, kernel_size, groups):
     np.testing.assert_allclose(grouped_conv(x, w, groups, impl), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="split into 5 groups"):
         grouped_conv(x, w, 5, impl)
+
+
+@pytest.mark.parametrize("name, bound", [
+    # torch.nn.init.xavier_uniform_(w.view(D, -1)): fans p*p*C and D.
+    ("xavier", np.sqrt(6.0 / (4 * 4 * 3 + 40))),
+    # torch Conv2d default: kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(p*p*C)).
+    ("torch_conv", 1.0 / np.sqrt(4 * 4 * 3)),
+])
+def test_patch_embed_init_matches_the_pytorch_recipes(name, bound):
+    from d2v_jax.models.image import PATCH_EMBED_INITS
+
+    w = np.asarray(PATCH_EMBED_INITS[name](jax.random.PRNGKey(0), (4, 4, 3, 40)))
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.97 * bound
+    # uniform on [-bound, bound]: std = bound / sqrt(3)
+    np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.05)
+    config = load_config("experiments/image.py:tiny_v2", {"model.patch_embed_init": "nope"})
+    with pytest.raises(ValueError, match="model.patch_embed_init.*'nope' not in"):
+        from d2v_jax.config import validate
+        validate(config)

@@ -49,6 +49,23 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+# The patch projection's init decides how loud content is next to the fixed
+# positions at the start: with few input pixels per patch (p*p*C small) a 0.02
+# normal makes patch content ~8x quieter than the sin-cos table, and a teacher
+# whose outputs are then mostly position never learns content (positional
+# collapse, docs/label_efficiency.md). Kernel [p, p, C, D]; fans over (p, p, C) and D.
+PATCH_EMBED_INITS = {
+    # data2vec 2.0 / MAE: xavier_uniform_ on the [D, p*p*C] view of the weight.
+    "xavier": nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
+                                               out_axis=-1),
+    # BEiT / data2vec 1.0: PyTorch's Conv2d default, U(+-1/sqrt(p*p*C)).
+    "torch_conv": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                                   in_axis=(0, 1, 2), out_axis=-1),
+    # Hugging Face Data2VecVision's _init_weights: N(0, 0.02) (the dense layers' init).
+    "trunc_normal": nn.initializers.truncated_normal(stddev=0.02),
+}
+
+
 def _dtype(name: str):
     if name not in DTYPES:
         raise ValueError(f"model.dtype={name!r}; expected one of {sorted(DTYPES)}")
@@ -68,7 +85,7 @@ class ImageFrontEnd(nn.Module):
         self.patch_embed = nn.Conv(
             m.dim, (m.patch_size, m.patch_size), strides=(m.patch_size, m.patch_size),
             padding="VALID", dtype=dtype, name="patch_embed",
-            kernel_init=kernel((None, None, None, "embed")),
+            kernel_init=kernel((None, None, None, "embed"), PATCH_EMBED_INITS[m.patch_embed_init]),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
         tok_init = kernel(("embed",))
         self.cls_token = self.param("cls_token", tok_init, (m.dim,))
