@@ -418,6 +418,17 @@ def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,
     return data_lib.prepare(bconfig, workdir)
 
 
+def held_out_of_pretraining(config: ml_collections.ConfigDict,
+                            bconfig: ml_collections.ConfigDict) -> bool:
+    """Whether the pretraining run kept this fine-tune's test split out: same
+    source, and its `data.holdout_fraction` / `holdout_seed` equal to our
+    `data.test_fraction` / `split_seed` (data/pipeline.py `holdout_split`)."""
+    d, b = config.data, bconfig.data
+    return (b.get("source") == d.source and b.get("path", "") == d.get("path", "")
+            and float(b.get("holdout_fraction", 0.0)) == float(d.test_fraction)
+            and int(b.get("holdout_seed", -1)) == int(d.split_seed))
+
+
 @dataclasses.dataclass
 class Run:
     """Everything a fine-tune run needs, built by `prepare` before any step."""
@@ -532,6 +543,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "num_labels": int(len(data.train)), "num_train_pool": int(len(data.train_pool)),
         "num_test": int(len(data.test)), "split_seed": int(config.data.split_seed),
         "class_names": data.class_names,  # label id i is class_names[i]
+        "test_held_out_of_pretraining": (held_out_of_pretraining(config, run.backbone_config)
+                                         if init_from else None),
         "num_steps": steps, "metrics": final, "headline": HEADLINE[config.task],
         "history": history, "train_seconds": train_time,
         "wall_seconds": time.perf_counter() - t0,

@@ -213,3 +213,15 @@ def test_config_errors_name_the_field(tiny_checkpoint):
         _ft_config("cifar")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         finetune.load_pretrained(os.path.join(tiny_checkpoint[0], "nope"))
+
+
+def test_held_out_of_pretraining_compares_the_holdout_with_the_test_split():
+    ft = load_config("experiments/finetune.py:mnist_5k")
+    pre = load_config("experiments/image.py:tiny_v2")
+    # The tiny image configs hold out exactly the fine-tune's test split ...
+    assert pre.data.holdout_fraction == ft.data.test_fraction and finetune.held_out_of_pretraining(ft, pre)
+    # ... and any other split, or none, is reported as seen.
+    for override in ({"data.holdout_seed": 1}, {"data.holdout_fraction": 0.0}):
+        assert not finetune.held_out_of_pretraining(ft, load_config("experiments/image.py:tiny_v2", override))
+    assert not finetune.held_out_of_pretraining(load_config("experiments/finetune.py:mnist_5k",
+                                                            {"data.split_seed": 3}), pre)
