@@ -105,14 +105,16 @@ def write_table(path: str, summary: dict, headline: str, title: str, meta: dict)
     fractions = list(summary[arms[0]])
     scale = 100.0 if headline == "accuracy" else 1.0
     unit = " (%)" if headline == "accuracy" else ""
+    digits = 1 if headline == "accuracy" else 3  # RMSE / MAE in the target's units
     lines = [f"### {title}", "",
              f"| labels | {' | '.join(f'{a} {headline}{unit}' for a in arms)} | pretrained - scratch |",
              "|---|" + "---|" * (len(arms) + 1)]
     for f in fractions:
-        cells = [f"{scale * summary[a][f]['mean']:.1f} +- {scale * summary[a][f]['std']:.1f}" for a in arms]
+        cells = [f"{scale * summary[a][f]['mean']:.{digits}f} +- {scale * summary[a][f]['std']:.{digits}f}"
+                 for a in arms]
         delta = ""
         if "pretrained" in summary and "scratch" in summary:
-            delta = f"{scale * (summary['pretrained'][f]['mean'] - summary['scratch'][f]['mean']):+.1f}"
+            delta = f"{scale * (summary['pretrained'][f]['mean'] - summary['scratch'][f]['mean']):+.{digits}f}"
         n = summary[arms[0]][f]["num_labels"]
         lines.append(f"| {100 * f:g}% ({n}) | {' | '.join(cells)} | {delta} |")
     lines += ["", f"Mean +- sample std over seeds {meta['seeds']}; test split of {meta['num_test']} "
