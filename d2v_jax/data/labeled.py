@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Callable, Protocol
 
@@ -432,7 +433,10 @@ def stdlib_docs() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
                     continue
             except ModuleNotFoundError:
                 continue
-            for qualname, doc in _docstrings(module_name):
+            with warnings.catch_warnings():  # deprecated aliases (typing.io) warn on access
+                warnings.simplefilter("ignore", DeprecationWarning)
+                docs = _docstrings(module_name)
+            for qualname, doc in docs:
                 text = " ".join((doc or "").split())
                 if len(text) < MIN_DOCSTRING_CHARS:
                     continue
