@@ -164,7 +164,9 @@ def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool) -> None
     d.too_long = "error" if kind == "regression" else "truncate"
   c.data = d
   c.optim.warmup_steps = 20 if tiny else 2000
-  c.optim.layer_decay = 1.0 if probe else (0.75 if tiny else 0.65)
+  # The tiny packaged tasks fine-tune better without layer decay (docs/label_efficiency.md:
+  # espeak_words 94.9% vs 77.5% with 0.75 at 100% of the labels, 33.6% vs 30.8% at 5%).
+  c.optim.layer_decay = 1.0 if probe else (1.0 if tiny else 0.65)
   c.train.epochs = 30 if tiny else 10
   c.train.min_steps = 150 if tiny else 1000
   c.train.max_steps = 400 if tiny else 100_000
