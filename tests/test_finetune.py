@@ -12,7 +12,8 @@ import optax
 import pytest
 from sklearn.metrics import f1_score, mean_absolute_error, mean_squared_error
 
-from d2v_jax import checkpoint, finetune
+from d2v_jax import finetune
+from d2v_jax.api import save_checkpoint
 from d2v_jax.config import load_config
 from d2v_jax.data import labeled
 from d2v_jax.train_state import create_train_state
@@ -140,10 +141,7 @@ def tiny_checkpoint(tmp_path_factory):
     state = create_train_state(config, jax.random.PRNGKey(7))
     state = state.replace(ema_params=jax.tree.map(lambda x: x + 0.5, state.ema_params),
                           step=jnp.asarray(3, jnp.int32))
-    manager = checkpoint.make_manager(workdir, config)
-    checkpoint.save(manager, 3, state, config)
-    manager.wait_until_finished()
-    manager.close()
+    save_checkpoint(workdir, state, config)  # at state.step = 3
     return workdir, jax.device_get(state)
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from d2v_jax import checkpoint, finetune
+from d2v_jax import finetune
+from d2v_jax.api import save_checkpoint
 from d2v_jax.config import load_config
 from d2v_jax.data import labeled
 from d2v_jax.data import text as text_data
@@ -79,10 +80,7 @@ def text_checkpoint(tmp_path_factory, tsv):
     state = create_train_state(config, jax.random.PRNGKey(3))
     state = state.replace(ema_params=jax.tree.map(lambda x: x + 0.25, state.ema_params),
                           step=jnp.asarray(2, jnp.int32))
-    manager = checkpoint.make_manager(workdir, config)
-    checkpoint.save(manager, 2, state, config)
-    manager.wait_until_finished()
-    manager.close()
+    save_checkpoint(workdir, state, config)  # at state.step = 2
     return workdir, jax.device_get(state)
 
 
