@@ -6,15 +6,17 @@ seeds, and write a markdown table, a plot (metric vs fraction, both curves,
 mean +- std over seeds) and every run's results.json.
 
   python benchmarks/label_efficiency.py --workdir runs/le_mnist \
-      --pretrain experiments/image.py:tiny_v2 --finetune experiments/finetune.py:mnist_5k \
+      --pretrain experiments/image.py:digits_v2 --finetune experiments/finetune.py:mnist_5k \
       --fractions 0.01,0.05,0.2,1.0 --seeds 0,1,2
 
   # the headline check only (5% labels, 3 seeds; pretraining included):
   python benchmarks/label_efficiency.py --workdir runs/le_mnist_5pct --fractions 0.05
 
 Each arm takes config overrides (`--pretrained_overrides`, `--scratch_overrides`,
-`--overrides` for both, as `key=value,key=value`). Everything runs in one
-process, so each arm compiles once and every seed reuses it.
+`--overrides` for both, as `key=value,key=value`). The scratch arm builds the
+pretraining run's own architecture (the config saved with its checkpoint) unless
+`--scratch_overrides` sets `backbone`. Everything runs in one process, so each
+arm compiles once and every seed reuses it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from d2v_jax import checkpoint, finetune  # noqa: E402
 from d2v_jax.config import load_config  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (pretraining, runs, table, plot).")
-_PRETRAIN = flags.DEFINE_string("pretrain", "experiments/image.py:tiny_v2", "Pretraining experiment.")
+_PRETRAIN = flags.DEFINE_string("pretrain", "experiments/image.py:digits_v2", "Pretraining experiment.")
 _PRETRAIN_OVERRIDES = flags.DEFINE_string("pretrain_overrides", "", "key=value,... for pretraining.")
 _INIT_FROM = flags.DEFINE_string("init_from", None,
                                  "Reuse this pretraining work dir instead of pretraining.")
@@ -75,6 +77,15 @@ def finished_run(rundir: str, config) -> dict | None:
             return json.load(f) if same else None
     except (OSError, ValueError):
         return None
+
+
+def make_arms(init_from: str, both: str, pretrained: str, scratch: str) -> dict:
+    """{arm: fine-tune config overrides}. Scratch builds the pretraining run's own
+    architecture (its saved config, --pretrain_overrides included) unless its
+    overrides name another `backbone`: the arms differ only in the initial weights."""
+    common = parse_overrides(both)
+    return {"pretrained": {**common, **parse_overrides(pretrained)},
+            "scratch": {"backbone": init_from, **common, **parse_overrides(scratch)}}
 
 
 def machine_load() -> str:
@@ -179,9 +190,8 @@ def main(argv):
             logging.info("pretrained in %.0f s", pretrain_seconds)
 
     # 2. Fine-tune both arms; the checkpoint is read once per `init.params`.
-    common = parse_overrides(_OVERRIDES.value)
-    arms = {"pretrained": {**common, **parse_overrides(_PRETRAINED_OVERRIDES.value)},
-            "scratch": {**common, **parse_overrides(_SCRATCH_OVERRIDES.value)}}
+    arms = make_arms(init_from, _OVERRIDES.value, _PRETRAINED_OVERRIDES.value,
+                     _SCRATCH_OVERRIDES.value)
     base = load_config(_FINETUNE.value, arms["pretrained"])
     pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
     runs = []

@@ -316,6 +316,24 @@ def restore_params(path: str, step: int | None = None, *, abstract_params: Any =
     return params, config
 
 
+def restore_config(path: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config a run saved with its checkpoint (`step`: default the newest),
+    without reading any arrays: e.g. to build a pretraining run's architecture
+    with fresh weights."""
+    directory = resolve_dir(path)
+    manager = make_manager("", directory=directory, read_only=True)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise CheckpointNotFoundError(f"no finalized checkpoint under {directory}")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise CheckpointNotFoundError(f"no checkpoint step {step} in {directory} (have {steps})")
+        return saved_config(manager, step)
+    finally:
+        manager.close()
+
+
 def abstract_like(state: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 

@@ -6,7 +6,8 @@ r"""Fine-tuning and linear probes of a data2vec encoder on labeled data.
 `--init_from` names a pretraining work dir: its checkpoint's student (or, with
 `init.params=teacher`, EMA teacher) weights initialize the encoder, exactly;
 the architecture and input normalization come from that checkpoint's config.
-Without it the `backbone` experiment's architecture trains from scratch.
+Without it the `backbone` (an experiment, or a pretraining work dir: its
+architecture) trains from scratch.
 
 Modes (`config.mode`):
 - `linear_probe`: the encoder is frozen (features under stop_gradient, its
@@ -386,6 +387,8 @@ def backbone_config_for(config: ml_collections.ConfigDict, init_from: str | None
             raise ValueError(f"--init_from={init_from!r} holds a {bconfig.modality!r} model; "
                              f"config.modality is {config.modality!r}")
         return params, bconfig
+    if os.path.isdir(config.backbone):  # a pretraining run: its architecture, fresh weights
+        return None, checkpoint.restore_config(config.backbone)
     return None, load_config(config.backbone)
 
 

@@ -64,7 +64,9 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   c.task = "classification"  # classification | regression
   c.seed = 0  # head init, label subset, data order and augmentation
   c.mode = "linear_probe" if probe else "finetune"  # finetune | linear_probe
-  # The pretraining experiment whose architecture a scratch run builds.
+  # The architecture a scratch run builds: a pretraining experiment (`file.py:arg`)
+  # or a pretraining work dir (the config saved with its checkpoint, so scratch
+  # matches that run exactly, overrides included).
   c.backbone = "experiments/image.py:tiny_v2" if tiny else "experiments/image.py:base_v2"
 
   # --- what to load with --init_from --------------------------------------------

@@ -232,11 +232,12 @@ def test_eval_transform(tmp_path):
 # --- the grain pipeline -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])
-def test_batch_format(arg):
+@pytest.mark.parametrize("arg,s,grid", [("tiny_v1", 32, 8), ("tiny_v2", 32, 8),
+                                         ("digits_v1", 28, 4), ("digits_v2", 28, 4)])
+def test_batch_format(arg, s, grid):
     config = image_config(arg)
     it = iter(data.make_pretrain_dataset(config))
-    b, s, m, n = config.data.batch_size, 32, config.masking.num_clones, 64
+    b, m, n = config.data.batch_size, config.masking.num_clones, grid * grid
     for batch in take(it, 2):
         assert batch["image"].shape == (b, s, s, 1) and batch["image"].dtype == np.float32
         assert batch["mask"].shape == (b, m, n) and batch["mask"].dtype == np.bool_
@@ -245,8 +246,8 @@ def test_batch_format(arg):
         assert -1.0 <= batch["image"].min() < 0 < batch["image"].max() <= 1.0  # (x - .5) / .5
         assert set(batch["label"].tolist()) <= set(range(10))
         counts = batch["mask"].sum(-1)
-        if arg == "tiny_v2":  # inverse block masking: exactly N - int(N * 0.2) masked
-            assert (counts == masking.num_masked_inverse((8, 8), 0.8)).all()
+        if arg.endswith("v2"):  # inverse block masking: exactly N - int(N * 0.2) masked
+            assert (counts == masking.num_masked_inverse((grid, grid), 0.8)).all()
         else:  # BEiT block masking: at most num_masked
             assert (counts > 0).all() and (counts <= config.masking.num_masked).all()
     it.close()

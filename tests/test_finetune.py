@@ -167,6 +167,21 @@ def test_init_from_checkpoint_starts_from_those_exact_weights(tiny_checkpoint, w
     assert "decoder" in saved.params and "decoder" not in run.state.params["backbone"]
 
 
+def test_scratch_backbone_from_a_pretraining_workdir_builds_its_architecture(tiny_checkpoint):
+    workdir, saved = tiny_checkpoint
+    run = finetune.prepare(_ft_config(**{"backbone": workdir, "data.label_fraction": 0.01}), None)
+    # The saved config's overrides (32 wide, 2 blocks), not experiments/image.py's tiny_v2 ...
+    assert run.backbone_config.model.dim == 32 and run.backbone_config.model.depth == 2
+    got = _flat(run.state.params["backbone"])
+    want = _flat({k: saved.params[k] for k in run.state.params["backbone"]})
+    assert got.keys() == want.keys()
+    assert all(got[k].shape == want[k].shape for k in want)
+    # ... with fresh weights: no kernel equals the checkpoint's.
+    kernels = [k for k in want if k.endswith("['kernel']")]
+    assert kernels and not any(np.array_equal(got[k], want[k]) for k in kernels)
+    assert finetune.held_out_of_pretraining(run.config, run.backbone_config) is True
+
+
 def test_linear_probe_freezes_the_encoder_and_trains_the_head(tiny_checkpoint, tmp_path):
     workdir, _ = tiny_checkpoint
     config = _ft_config("mnist_5k_probe", **{"data.label_fraction": 0.01, "train.num_steps": 4,
@@ -223,3 +238,22 @@ def test_held_out_of_pretraining_compares_the_holdout_with_the_test_split():
         assert not finetune.held_out_of_pretraining(ft, load_config("experiments/image.py:tiny_v2", override))
     assert not finetune.held_out_of_pretraining(load_config("experiments/finetune.py:mnist_5k",
                                                             {"data.split_seed": 3}), pre)
+
+
+def test_label_efficiency_scratch_arm_builds_the_pretraining_runs_architecture():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_label_efficiency", os.path.join(ROOT, "benchmarks", "label_efficiency.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    arms = bench.make_arms("/runs/le/pretrain", "train.num_steps=5,head.pool=cls", "",
+                           "optim.layer_decay=1.0")
+    assert arms == {
+        "pretrained": {"train.num_steps": 5, "head.pool": "cls"},
+        "scratch": {"backbone": "/runs/le/pretrain", "train.num_steps": 5, "head.pool": "cls",
+                    "optim.layer_decay": 1.0}}
+    # An explicit scratch backbone wins.
+    arms = bench.make_arms("/runs/le/pretrain", "", "", "backbone=experiments/image.py:tiny_v2")
+    assert arms["scratch"]["backbone"] == "experiments/image.py:tiny_v2"
+    with pytest.raises(ValueError, match="'seed' is not key=value"):
+        bench.parse_overrides("seed")

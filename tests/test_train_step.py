@@ -25,7 +25,7 @@ def setup(arg, batch_size=2, **overrides):
     return config, model, state, batch
 
 
-@pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])
+@pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2", "digits_v1", "digits_v2"])
 def test_teacher_gets_no_gradient(arg):
     config, model, state, batch = setup(arg)
 
