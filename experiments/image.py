@@ -1,6 +1,6 @@
 r"""data2vec image pretraining: ViT with data2vec 1.0 (BEiT recipe) or 2.0.
 
-`arg` is `<size>_<version>` with size in {tiny, small, base, large} and version in
+`arg` is `<size>_<version>` with size in {tiny, digits, small, base, large} and version in
 {v1, v2}, e.g.
 
   python -m d2v_jax.train --config experiments/image.py:tiny_v2 --workdir runs/x
