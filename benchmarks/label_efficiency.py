@@ -21,7 +21,6 @@ arm compiles once and every seed reuses it.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -35,7 +34,7 @@ if _ROOT not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, _ROOT)
 
 from d2v_jax import checkpoint, finetune  # noqa: E402
-from d2v_jax.config import load_config  # noqa: E402
+from d2v_jax.config import load_config, parse_overrides  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (pretraining, runs, table, plot).")
 _PRETRAIN = flags.DEFINE_string("pretrain", "experiments/image.py:digits_v2", "Pretraining experiment.")
@@ -53,20 +52,6 @@ _SCRATCH_OVERRIDES = flags.DEFINE_string(
 _TITLE = flags.DEFINE_string("title", None, "Plot/table title (default: the fine-tune experiment).")
 
 
-def parse_overrides(text: str) -> dict:
-    """'a.b=1,c=x' -> {'a.b': 1, 'c': 'x'} (values parsed as Python literals when they are)."""
-    out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
-
-
 def finished_run(rundir: str, config) -> dict | None:
     """The results of a finished run in `rundir` made with exactly `config`
     (a rerun with more fractions or seeds only trains what is missing)."""
@@ -77,15 +62,6 @@ def finished_run(rundir: str, config) -> dict | None:
             return json.load(f) if same else None
     except (OSError, ValueError):
         return None
-
-
-def make_arms(init_from: str, both: str, pretrained: str, scratch: str) -> dict:
-    """{arm: fine-tune config overrides}. Scratch builds the pretraining run's own
-    architecture (its saved config, --pretrain_overrides included) unless its
-    overrides name another `backbone`: the arms differ only in the initial weights."""
-    common = parse_overrides(both)
-    return {"pretrained": {**common, **parse_overrides(pretrained)},
-            "scratch": {"backbone": init_from, **common, **parse_overrides(scratch)}}
 
 
 def machine_load() -> str:
@@ -190,7 +166,7 @@ def main(argv):
             logging.info("pretrained in %.0f s", pretrain_seconds)
 
     # 2. Fine-tune both arms; the checkpoint is read once per `init.params`.
-    arms = make_arms(init_from, _OVERRIDES.value, _PRETRAINED_OVERRIDES.value,
+    arms = finetune.label_efficiency_arms(init_from, _OVERRIDES.value, _PRETRAINED_OVERRIDES.value,
                      _SCRATCH_OVERRIDES.value)
     base = load_config(_FINETUNE.value, arms["pretrained"])
     pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)

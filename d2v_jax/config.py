@@ -8,6 +8,7 @@ field, so a typo or a shape that cannot work fails before any compilation.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 
@@ -30,6 +31,20 @@ def load_config(spec: str, overrides: dict | None = None) -> ml_collections.Conf
     for key, value in (overrides or {}).items():
         set_field(config, key, value)
     return config
+
+
+def parse_overrides(text: str) -> dict:
+    """'a.b=1,c=x' -> {'a.b': 1, 'c': 'x'} (values parsed as Python literals when they are)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
 
 
 def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:

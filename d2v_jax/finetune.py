@@ -46,7 +46,7 @@ from ml_collections import config_flags
 
 from d2v_jax import metrics as metrics_lib
 from d2v_jax import checkpoint, models, optim
-from d2v_jax.config import load_config
+from d2v_jax.config import load_config, parse_overrides
 from d2v_jax.data import labeled
 
 MODES = ("finetune", "linear_probe")
@@ -419,6 +419,15 @@ def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,
         raise ValueError("a scratch text backbone trains its tokenizer into the work dir; "
                          "pass workdir")
     return data_lib.prepare(bconfig, workdir)
+
+
+def label_efficiency_arms(init_from: str, both: str, pretrained: str, scratch: str) -> dict:
+    """{arm: fine-tune config overrides}. Scratch builds the pretraining run's own
+    architecture (its saved config, --pretrain_overrides included) unless its
+    overrides name another `backbone`: the arms differ only in the initial weights."""
+    common = parse_overrides(both)
+    return {"pretrained": {**common, **parse_overrides(pretrained)},
+            "scratch": {"backbone": init_from, **common, **parse_overrides(scratch)}}
 
 
 def held_out_of_pretraining(config: ml_collections.ConfigDict,

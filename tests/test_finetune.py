@@ -14,7 +14,7 @@ from sklearn.metrics import f1_score, mean_absolute_error, mean_squared_error
 
 from d2v_jax import finetune
 from d2v_jax.api import save_checkpoint
-from d2v_jax.config import load_config
+from d2v_jax.config import load_config, parse_overrides
 from d2v_jax.data import labeled
 from d2v_jax.train_state import create_train_state
 
@@ -241,19 +241,15 @@ def test_held_out_of_pretraining_compares_the_holdout_with_the_test_split():
 
 
 def test_label_efficiency_scratch_arm_builds_the_pretraining_runs_architecture():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "_label_efficiency", os.path.join(ROOT, "benchmarks", "label_efficiency.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    arms = bench.make_arms("/runs/le/pretrain", "train.num_steps=5,head.pool=cls", "",
-                           "optim.layer_decay=1.0")
+    arms = finetune.label_efficiency_arms("/runs/le/pretrain", "train.num_steps=5,head.pool=cls",
+                                          "", "optim.layer_decay=1.0")
     assert arms == {
         "pretrained": {"train.num_steps": 5, "head.pool": "cls"},
         "scratch": {"backbone": "/runs/le/pretrain", "train.num_steps": 5, "head.pool": "cls",
                     "optim.layer_decay": 1.0}}
     # An explicit scratch backbone wins.
-    arms = bench.make_arms("/runs/le/pretrain", "", "", "backbone=experiments/image.py:tiny_v2")
+    arms = finetune.label_efficiency_arms("/runs/le/pretrain", "", "",
+                                          "backbone=experiments/image.py:tiny_v2")
     assert arms["scratch"]["backbone"] == "experiments/image.py:tiny_v2"
     with pytest.raises(ValueError, match="'seed' is not key=value"):
-        bench.parse_overrides("seed")
+        parse_overrides("seed")
