@@ -266,6 +266,18 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.Co
     return ml_collections.ConfigDict(raw)
 
 
+def _finalized_step(manager: ocp.CheckpointManager, step: int | None, directory: str) -> int:
+    """`step` (default the newest) if the manager holds it finalized, else a
+    CheckpointNotFoundError naming the directory and the steps it has."""
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise CheckpointNotFoundError(f"no finalized checkpoint under {directory}")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise CheckpointNotFoundError(f"no checkpoint step {step} in {directory} (have {steps})")
+    return step
+
+
 def restore_params(path: str, step: int | None = None, *, abstract_params: Any = None,
                    subtrees: tuple[str, ...] = ("params",)) -> tuple[Any, ml_collections.ConfigDict]:
     """(student params, config it was trained with) from a pretraining run.
@@ -282,12 +294,7 @@ def restore_params(path: str, step: int | None = None, *, abstract_params: Any =
     directory = resolve_dir(path)
     manager = make_manager("", directory=directory, read_only=True)
     try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise CheckpointNotFoundError(f"no finalized checkpoint under {directory}")
-        step = steps[-1] if step is None else int(step)
-        if step not in steps:
-            raise CheckpointNotFoundError(f"no checkpoint step {step} in {directory} (have {steps})")
+        step = _finalized_step(manager, step, directory)
         where = _step_dir(manager, step)
         saved = _state_metadata(manager, step)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -323,12 +330,7 @@ def restore_config(path: str, step: int | None = None) -> ml_collections.ConfigD
     directory = resolve_dir(path)
     manager = make_manager("", directory=directory, read_only=True)
     try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise CheckpointNotFoundError(f"no finalized checkpoint under {directory}")
-        step = steps[-1] if step is None else int(step)
-        if step not in steps:
-            raise CheckpointNotFoundError(f"no checkpoint step {step} in {directory} (have {steps})")
+        step = _finalized_step(manager, step, directory)
         return saved_config(manager, step)
     finally:
         manager.close()
