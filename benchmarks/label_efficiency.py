@@ -167,7 +167,7 @@ def main(argv):
 
     # 2. Fine-tune both arms; the checkpoint is read once per `init.params`.
     arms = finetune.label_efficiency_arms(init_from, _OVERRIDES.value, _PRETRAINED_OVERRIDES.value,
-                     _SCRATCH_OVERRIDES.value)
+                                          _SCRATCH_OVERRIDES.value)
     base = load_config(_FINETUNE.value, arms["pretrained"])
     pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
     runs = []
