@@ -49,7 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import d2v_jax
-from d2v_jax import flops, models, parallel
+from d2v_jax import flops, modalities, parallel
+from d2v_jax.models import layers
 from d2v_jax.config import set_field, validate
 from d2v_jax.train_step import make_train_step, make_train_step_fn
 
@@ -131,7 +132,7 @@ def make_batches(config, count: int, seed: int = 0) -> list[dict[str, np.ndarray
     b = int(config.data.batch_size)
     out = []
     for _ in range(count):
-        batch = dict(models.dummy_batch(config, b))
+        batch = dict(modalities.dummy_batch(config, b))
         for key in ("image", "audio"):
             if key in batch:
                 batch[key] = rng.standard_normal(batch[key].shape).astype(np.float32)
@@ -173,7 +174,7 @@ def xla_step_flops(config) -> float:
     """XLA's FLOPs of the whole (global-batch, single-program) step, scans unrolled."""
     abstract = jax.eval_shape(lambda: d2v_jax.create_train_state(config, jax.random.PRNGKey(0)))
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                         models.dummy_batch(config, int(config.data.batch_size)))
+                         modalities.dummy_batch(config, int(config.data.batch_size)))
     with flops.unrolled_scans():
         return flops.xla_flops(make_train_step(config), abstract, batch,
                                jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -191,7 +192,7 @@ def time_parts(config, state, batch, steps: int) -> dict[str, float]:
     2.0 decoder forward+backward alone, and the optimizer + EMA update."""
     from d2v_jax import train_step as ts
     from d2v_jax.train_state import teacher_params
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     rng = jax.random.PRNGKey(1)
     tparams = teacher_params(state.params, state.ema_params, config)
 
@@ -204,7 +205,7 @@ def time_parts(config, state, batch, steps: int) -> dict[str, float]:
     if "decoder" in state.params:
         rows = batch["mask"].shape[0] * batch["mask"].shape[1]
         seq = batch["mask"].shape[-1]
-        x = jnp.zeros((rows, seq, config.model.dim), models.image.DTYPES[config.model.dtype])
+        x = jnp.zeros((rows, seq, config.model.dim), layers.dtype_of(config.model.dtype))
 
         def dec_loss(p, x):
             out = model.apply({"params": p}, x, method=lambda mdl, h: mdl.decoder(h))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from d2v_jax import checkpoint, data, models
+from d2v_jax import checkpoint, modalities
 from d2v_jax.config import load_config, validate
 from d2v_jax.train_state import TrainState, create_train_state
 from d2v_jax.train_step import make_train_step
@@ -45,14 +45,15 @@ def make_dataset(config: ml_collections.ConfigDict, **kwargs):
     the modality's pipeline (e.g. `process_index`, `process_count`, `source`).
     """
     validate(config)
-    return data.make_pretrain_dataset(config, **kwargs)
+    return modalities.get(config).pretrain_dataset(config, **kwargs)
 
 
 def _as_batch(config: ml_collections.ConfigDict, inputs: Any) -> Mapping[str, Any]:
     if isinstance(inputs, Mapping):
         return inputs
-    if config.modality == "image":
-        return {"image": inputs}
+    key = modalities.get(config).input_key
+    if key is not None:
+        return {key: inputs}
     raise TypeError(f"encode: pass a batch dict for modality {config.modality!r} "
                     f"(as the data pipeline yields it), got {type(inputs).__name__}")
 
@@ -71,7 +72,7 @@ def make_encoder(config: ml_collections.ConfigDict, pool: str = "none"
     """
     if pool not in POOLS:
         raise ValueError(f"pool={pool!r}; expected one of {POOLS}")
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     cls_first = bool(getattr(model, "cls_first", False))
     if pool == "cls" and not cls_first:
         raise ValueError(f"pool='cls': the {config.modality} model has no CLS position")
@@ -109,13 +110,11 @@ def load_eval_data(config: ml_collections.ConfigDict, limit: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) of the config's labeled data, preprocessed deterministically
     (no crops, no masks), in source order: images [n,S,S,C] float32, labels [n]."""
-    if config.modality != "image":
-        raise NotImplementedError(f"load_eval_data supports images; got {config.modality!r}")
-    source = data.make_source(config)
-    transform = data.EvalTransform(config)
-    n = len(source) if limit is None else min(int(limit), len(source))
-    rows = [transform(source[i]) for i in range(n)]
-    return (np.stack([r["image"] for r in rows]), np.array([r["label"] for r in rows]))
+    eval_data = modalities.get(config).eval_data
+    if eval_data is None:
+        raise NotImplementedError(f"load_eval_data: the {config.modality!r} modality has no "
+                                  "eval_data (its batches are dicts: use make_dataset)")
+    return eval_data(config, limit)
 
 
 def save_checkpoint(workdir: str, state: TrainState, config: ml_collections.ConfigDict) -> str:

@@ -45,7 +45,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from d2v_jax import metrics as metrics_lib
-from d2v_jax import checkpoint, models, optim
+from d2v_jax import checkpoint, modalities, optim
 from d2v_jax.config import load_config, parse_overrides
 from d2v_jax.data import labeled
 
@@ -136,7 +136,7 @@ class FinetuneModel(nn.Module):
     freeze_backbone: bool = False
 
     def setup(self):
-        self.backbone = models.build_model(self.backbone_config)
+        self.backbone = modalities.build_model(self.backbone_config)
         if self.norm == "layer":
             self.fc_norm = nn.LayerNorm(epsilon=1e-6, name="fc_norm")
         elif self.norm == "batch":
@@ -150,8 +150,8 @@ class FinetuneModel(nn.Module):
 
     def features(self, batch: dict[str, jax.Array]) -> jax.Array:
         h = self.backbone.encode(batch)  # [B, T, D]
-        # Images put CLS first; sequence models without one pool every position.
-        cls_first = getattr(self.backbone, "cls_first", self.backbone_config.modality == "image")
+        # Models with a CLS (or <s>) position put it first; others pool every position.
+        cls_first = getattr(self.backbone, "cls_first", False)
         if self.pool == "cls":
             if not cls_first:
                 raise ValueError(f"head.pool='cls': the {self.backbone_config.modality} "
@@ -394,31 +394,24 @@ def backbone_config_for(config: ml_collections.ConfigDict, init_from: str | None
 
 def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,
                      workdir: str | None) -> ml_collections.ConfigDict:
-    """The modality's run-level set-up of the backbone config (`data.prepare`), on a copy.
-
-    Text: a pretrained backbone reloads the tokenizer its pretraining run saved
-    (`tokenizer.path` in its config, else `<init_from>/tokenizer`); a scratch
-    backbone trains one on its pretraining corpus into `<workdir>/tokenizer`,
-    as pretraining does, and takes `model.vocab_size` from it.
-    """
-    from d2v_jax import data as data_lib
-
+    """The modality's run-level set-up of the backbone config (its
+    `Modality.prepare_backbone`, e.g. the text tokenizer), on a copy."""
     bconfig = ml_collections.ConfigDict(bconfig.to_dict())
-    if bconfig.modality != "text":
-        return data_lib.prepare(bconfig, workdir)
-    if init_from:
-        saved = bconfig.tokenizer.path
-        fallback = os.path.join(init_from, "tokenizer")
-        if not (saved and os.path.isdir(saved)):
-            if not os.path.isdir(fallback):
-                raise FileNotFoundError(f"the pretraining run {init_from!r} names tokenizer "
-                                        f"{saved!r}, which does not exist, and has no {fallback}")
-            bconfig.tokenizer.path = fallback
-        return data_lib.prepare(bconfig, init_from)
-    if not workdir:
-        raise ValueError("a scratch text backbone trains its tokenizer into the work dir; "
-                         "pass workdir")
-    return data_lib.prepare(bconfig, workdir)
+    return modalities.get(bconfig).prepare_backbone(bconfig, init_from, workdir)
+
+
+def make_labeled_data(config: ml_collections.ConfigDict,
+                      backbone_config: ml_collections.ConfigDict) -> labeled.LabeledData:
+    """The task of `config` (a fine-tune config) read with `backbone_config`'s
+    preprocessing by the modality's `labeled_parts`; splits as in
+    `data.labeled.labeled_data`."""
+    entry = modalities.get(config)
+    if entry.labeled_parts is None:
+        raise ValueError(f"config.modality={config.modality!r} has no labeled data for "
+                         "fine-tuning (its Modality record sets no labeled_parts)")
+    if config.task not in labeled.TASKS:
+        raise ValueError(f"config.task={config.task!r}; expected one of {labeled.TASKS}")
+    return labeled.labeled_data(config, *entry.labeled_parts(config, backbone_config))
 
 
 def label_efficiency_arms(init_from: str, both: str, pretrained: str, scratch: str) -> dict:
@@ -473,7 +466,7 @@ def prepare(config: ml_collections.ConfigDict, init_from: str | None = None,
     else:
         init_params, bconfig = backbone_config_for(config, init_from)
     bconfig = prepare_backbone(bconfig, init_from if init_params is not None else None, workdir)
-    data = labeled.make_labeled_data(config, bconfig)
+    data = make_labeled_data(config, bconfig)
     classify = config.task == "classification"
     num_outputs = config.head.num_outputs or (data.num_classes if classify else 1)
     if classify and num_outputs < data.num_classes:

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from d2v_jax import models, optim
+from d2v_jax import modalities, optim
 from d2v_jax.train_state import TrainState, create_train_state, ema_subtree, init_params
 from d2v_jax.train_step import make_train_step_fn
 
@@ -189,7 +189,7 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh,
     """NamedShardings of the whole TrainState from the logical rules, found
     abstractly (nothing is allocated). `ema_params` and the optimizer moments
     are sharded exactly as the params they mirror; scalars are replicated."""
-    model = model or models.build_model(config)
+    model = model or modalities.build_model(config)
     tx = tx or optim.make_optimizer(config)[0]
     boxed = jax.eval_shape(functools.partial(_boxed_state, config, tx, model), jax.random.key(0))
     specs = nn.get_partition_spec(boxed)
@@ -201,7 +201,7 @@ def create_sharded_train_state(config: ml_collections.ConfigDict, rng: jax.Array
                                model: nn.Module | None = None) -> tuple[TrainState, TrainState]:
     """(state, shardings): the state is born sharded (`jit` with out_shardings),
     so no device ever holds the whole unsharded model."""
-    model = model or models.build_model(config)
+    model = model or modalities.build_model(config)
     tx = tx or optim.make_optimizer(config)[0]
     shardings = state_shardings(config, mesh, tx, model)
     create = jax.jit(lambda r: create_train_state(config, r, tx, model), out_shardings=shardings)
@@ -216,7 +216,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's rows of the global batch -> global jax.Arrays.
 
-    Each process passes its own shard (`data.make_pretrain_dataset(config,
+    Each process passes its own shard (`d2v_jax.make_dataset(config,
     process_index=, process_count=)`); the global batch is their concatenation in
     process order. Works unchanged on one host.
     """
@@ -403,7 +403,7 @@ def is_host0() -> bool:
 def memory_report(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, tuple[int, int]]:
     """{part: (bytes per device, unsharded bytes)} for params, ema_params and
     opt_state under the rules, computed abstractly (nothing is allocated)."""
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     tx = optim.make_optimizer(config)[0]
     abstract = jax.eval_shape(lambda r: create_train_state(config, r, tx, model), jax.random.key(0))
     sh = state_shardings(config, mesh, tx, model)

@@ -41,7 +41,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from d2v_jax import checkpoint, data, metrics, models, optim, parallel
+from d2v_jax import checkpoint, metrics, modalities, optim, parallel
 from d2v_jax.config import validate
 from d2v_jax.train_state import TrainState, create_train_state
 from d2v_jax.train_step import make_train_step_fn
@@ -283,18 +283,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     os.makedirs(workdir, exist_ok=True)
     # Run-level set-up of the modality (text: train or reload the tokenizer in the
     # work dir and set model.vocab_size from it), before the config is saved.
-    config = data.prepare(config, workdir)
+    config = modalities.get(config).prepare(config, workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     tx, schedule = optim.make_optimizer(config)
     # The step folds its count into step_rng: the RNG is a function of (seed, step).
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     shardings = state_shardings(config, model, tx)
 
-    iterator = iter(data.make_pretrain_dataset(
+    iterator = iter(modalities.get(config).pretrain_dataset(
         config, process_index=jax.process_index(), process_count=jax.process_count()))
     data_iter = checkpoint.ConsumedIterator(iterator)
     manager = checkpoint.make_manager(workdir, config)

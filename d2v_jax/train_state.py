@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from d2v_jax import models
+from d2v_jax import modalities
 
 
 @flax.struct.dataclass
@@ -30,7 +30,7 @@ class TrainState:
 
 def ema_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Top-level subtrees the teacher keeps as EMA (the rest it shares)."""
-    teacher = models.teacher_modules(config)
+    teacher = modalities.teacher_modules(config)
     shared = tuple(config.ema.shared)
     unknown = [k for k in shared if k not in teacher]
     if unknown:
@@ -45,15 +45,15 @@ def ema_subtree(params: Any, config: ml_collections.ConfigDict) -> dict:
 
 def teacher_params(params: Any, ema_params: Any, config: ml_collections.ConfigDict) -> dict:
     """The teacher's parameters: EMA subtrees, plus the student's shared ones."""
-    out = {k: params[k] for k in models.teacher_modules(config) if k not in ema_params}
+    out = {k: params[k] for k in modalities.teacher_modules(config) if k not in ema_params}
     out.update(ema_params)
     return out
 
 
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array, model: nn.Module | None = None):
     """Boxed (logically partitioned) parameters; `nn.unbox` for the arrays."""
-    model = model or models.build_model(config)
-    batch = models.dummy_batch(config)
+    model = model or modalities.build_model(config)
+    batch = modalities.dummy_batch(config)
     p_rng, d_rng, n_rng = jax.random.split(rng, 3)
     variables = model.init({"params": p_rng, "dropout": d_rng, "noise": n_rng}, batch,
                            method="student")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from d2v_jax import ema, losses, models, optim, targets
+from d2v_jax import ema, losses, modalities, optim, targets
 from d2v_jax.train_state import TrainState, ema_subtree, teacher_params
 
 Batch = dict[str, jax.Array]
@@ -204,7 +204,7 @@ def make_train_step_fn(config: ml_collections.ConfigDict, *, model: nn.Module | 
     (see `parallel.py`); the update is the global one on every device.
     `batch_sharding`: a sharding each micro-batch is constrained to (jit path).
     """
-    model = model or models.build_model(config)
+    model = model or modalities.build_model(config)
     if tx is None or schedule is None:
         tx, schedule = optim.make_optimizer(config)
     e = config.ema

@@ -76,7 +76,7 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
 
   # --- labeled data ---------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
-  d.source = task  # a source of d2v_jax.data.sources.SOURCES
+  d.source = task  # a source of the modality's labeled_parts (modalities/<m>/labeled.py)
   d.path = ""  # class-folder root for image_folder
   d.label_fraction = 1.0  # stratified fraction of the training labels used
   d.test_fraction = 0.2  # held-out test split, stratified

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from d2v_jax import masking
+from d2v_jax.modalities.audio import masking
 from d2v_jax.config import load_config
-from d2v_jax.data import audio as A
-from d2v_jax.models.audio import config_frame_count
+from d2v_jax.modalities.audio import data as A
+from d2v_jax.modalities.audio.model import config_frame_count
 
 
 def _config(**over):
@@ -157,7 +157,7 @@ def test_bad_buckets_error():
 
 
 def test_espeak_builder_small(tmp_path):
-    from d2v_jax.data import speech_set
+    from d2v_jax.modalities.audio import speech_set
 
     assert shutil.which("espeak-ng"), "espeak-ng is required (.ci/run installs it)"
     out = speech_set.build_espeak_set(str(tmp_path / "set"), words=("one", "two"),

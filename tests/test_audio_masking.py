@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from d2v_jax import masking
+from d2v_jax.modalities.audio import masking
 
 
 def _span_reference(seed, num_frames, num_valid, prob, span, min_masks):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from d2v_jax import masking, models
+from d2v_jax import modalities
+from d2v_jax.modalities.audio import masking
 from d2v_jax.losses import regression_loss
 from d2v_jax.models import layers
 from d2v_jax.config import load_config
-from d2v_jax.models import audio as AM
+from d2v_jax.modalities.audio import model as AM
 from d2v_jax.models.layers import alibi_bias, alibi_slopes
 from d2v_jax.targets import make_targets
 from d2v_jax.train_state import create_train_state, teacher_params
@@ -64,7 +65,7 @@ def test_padding_changes_nothing(arg):
     """Padded samples never reach targets, instance-norm statistics or the loss;
     a padded example's teacher output equals the unpadded example's."""
     config = _config(arg, **({"masking.num_clones": 1} if arg == "tiny_v1" else {}))
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     state = create_train_state(config, jax.random.PRNGKey(0))
     tparams = teacher_params(state.params, state.ema_params, config)
     rng = np.random.default_rng(0)
@@ -122,7 +123,7 @@ def test_padding_changes_nothing(arg):
 
 def test_v2_student_keeps_static_visible_count():
     config = _config()
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     params = create_train_state(config, jax.random.PRNGKey(0)).params
     batch = _batch(config, np.random.default_rng(1), [1500, 4000], 4000)
     t = batch["mask"].shape[-1]

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from d2v_jax import checkpoint, models, optim, train
+from d2v_jax import checkpoint, modalities, optim, train
 from d2v_jax.config import load_config
 from test_resume import EXPERIMENT, ROOT, make_image_folder, tiny_overrides
 
@@ -22,7 +22,7 @@ def setup(tmp_path_factory):
     """A tiny config, its model/optimizer and two distinct train states."""
     data_path = make_image_folder(str(tmp_path_factory.mktemp("images")), n=8)
     config = load_config(f"{EXPERIMENT}:tiny_v2", tiny_overrides(data_path))
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     tx, _ = optim.make_optimizer(config)
     state = train.init_train_state(config, model, tx, jax.random.PRNGKey(0))
     other = jax.tree.map(lambda x: x + 1, state)
@@ -117,12 +117,12 @@ _RESHARD = r'''
 import json, sys
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from d2v_jax import checkpoint, models, optim, train
+from d2v_jax import checkpoint, modalities, optim, train
 from d2v_jax.config import load_config
 
 mode, src, dst, config_spec, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
 config = load_config(config_spec, overrides)
-model = models.build_model(config)
+model = modalities.build_model(config)
 tx, _ = optim.make_optimizer(config)
 n = jax.device_count()
 shardings = None

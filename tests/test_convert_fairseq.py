@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2v_jax import models
+from d2v_jax import modalities
 from d2v_jax.convert import ConversionError, from_fairseq
 from d2v_jax.models.decoder import ConvDecoder
 
@@ -119,7 +119,7 @@ def reference_decoder(sd, x):
 
 
 def _encode(config, params, image):
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     batch = {"image": np.transpose(image.numpy(), (0, 2, 3, 1))}
     return np.asarray(jax.jit(lambda p: model.apply({"params": p}, batch, method="encode"))(params))
 

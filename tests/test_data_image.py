@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2v_jax import data, masking
-from d2v_jax.data import image as image_ops
-from d2v_jax.data.sources import ImageFolderSource, Mnist5kSource, make_source
+from d2v_jax import modalities
+from d2v_jax.modalities.image import masking
+from d2v_jax.modalities.image.transforms import EvalTransform, PretrainTransform
+from d2v_jax.modalities.image import transforms as image_ops
+from d2v_jax.modalities.image.sources import ImageFolderSource, Mnist5kSource, make_source
+
+
+def pretrain_dataset(config, **kwargs):
+    """The modality's pipeline as the train loop builds it (no config validation)."""
+    return modalities.get(config).pretrain_dataset(config, **kwargs)
 
 _EXPERIMENT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "image.py")
 
@@ -188,14 +195,14 @@ def test_transform_seeded_by_seed_epoch_index(arg):
     config = image_config(arg)
     src = Mnist5kSource()
     element = src[42]
-    a, b = data.PretrainTransform(config), data.PretrainTransform(config)
+    a, b = PretrainTransform(config), PretrainTransform(config)
     out0, again = a(element, 0), b(element, 0)
     for k in out0:
         np.testing.assert_array_equal(out0[k], again[k])
     out1 = a(element, 1)
     assert not np.array_equal(out0["mask"], out1["mask"])
     assert not np.array_equal(out0["image"], out1["image"])
-    other = data.PretrainTransform(image_config(arg, seed=1))(element, 0)
+    other = PretrainTransform(image_config(arg, seed=1))(element, 0)
     assert not np.array_equal(out0["mask"], other["mask"])
     # The mask stream is separate: it is the masker's draw from (seed, epoch, index, 1).
     expected = masking.image_masks(image_ops.example_rng(0, 0, 42, image_ops.MASK_STREAM), (8, 8),
@@ -206,17 +213,17 @@ def test_transform_seeded_by_seed_epoch_index(arg):
 
 def test_transform_config_errors():
     with pytest.raises(ValueError, match="config.model.image_size"):
-        data.PretrainTransform(image_config("tiny_v2", **{"model.image_size": 30}))
+        PretrainTransform(image_config("tiny_v2", **{"model.image_size": 30}))
     with pytest.raises(ValueError, match="config.data.mean"):
-        data.PretrainTransform(image_config("tiny_v2", **{"data.mean": (0.1, 0.2)}))
+        PretrainTransform(image_config("tiny_v2", **{"data.mean": (0.1, 0.2)}))
     with pytest.raises(ValueError, match=r"config.model.channels=3"):
-        data.PretrainTransform(image_config("tiny_v2", **{"model.channels": 3}))(Mnist5kSource()[0], 0)
+        PretrainTransform(image_config("tiny_v2", **{"model.channels": 3}))(Mnist5kSource()[0], 0)
 
 
 def test_eval_transform(tmp_path):
     config = image_config("tiny_v2")
     element = Mnist5kSource()[7]
-    out = data.EvalTransform(config)(element)
+    out = EvalTransform(config)(element)
     expected = (image_ops.resize_pad(element["image"], 32).astype(np.float32) / 255 - 0.5) / 0.5
     np.testing.assert_allclose(out["image"], expected, atol=1e-6)
     assert "mask" not in out
@@ -224,7 +231,7 @@ def test_eval_transform(tmp_path):
     config = image_config("tiny_v2", **{"data.source": "image_folder", "data.path": str(tmp_path),
                                          "model.channels": 3})
     src = make_source(config)
-    t = data.EvalTransform(config)
+    t = EvalTransform(config)
     for i in range(len(src)):
         assert t(src[i])["image"].shape == (32, 32, 3)
 
@@ -236,7 +243,7 @@ def test_eval_transform(tmp_path):
                                          ("digits_v1", 28, 4), ("digits_v2", 28, 4)])
 def test_batch_format(arg, s, grid):
     config = image_config(arg)
-    it = iter(data.make_pretrain_dataset(config))
+    it = iter(pretrain_dataset(config))
     b, m, n = config.data.batch_size, config.masking.num_clones, grid * grid
     for batch in take(it, 2):
         assert batch["image"].shape == (b, s, s, 1) and batch["image"].dtype == np.float32
@@ -263,7 +270,7 @@ def _folder_config(tmp_path, **overrides):
 def test_two_epochs_each_index_once(tmp_path):
     config = _folder_config(tmp_path)
     src = make_source(config)
-    it = iter(data.make_pretrain_dataset(config))
+    it = iter(pretrain_dataset(config))
     batches = take(it, 5)  # 20 examples = 2 epochs of 10
     index = np.concatenate([b["index"] for b in batches])
     label = np.concatenate([b["label"] for b in batches])
@@ -272,7 +279,7 @@ def test_two_epochs_each_index_once(tmp_path):
     assert not np.array_equal(index[:10], index[10:])  # reshuffled each epoch
     np.testing.assert_array_equal(label, src.labels[index])
     # Per-example determinism inside the pipeline: row j equals the transform at its epoch.
-    t = data.PretrainTransform(config)
+    t = PretrainTransform(config)
     for pos in (3, 13):
         expected = t(src[int(index[pos])], pos // 10)
         np.testing.assert_array_equal(batches[pos // 4]["image"][pos % 4], expected["image"])
@@ -281,17 +288,17 @@ def test_two_epochs_each_index_once(tmp_path):
 
 
 def test_holdout_keeps_the_finetune_test_split_out_of_pretraining(tmp_path):
-    from d2v_jax.data import labeled, pipeline
+    from d2v_jax.data import pipeline, splits
     from d2v_jax.data.sources import SubsetSource
 
     config = image_config("tiny_v2", **{"data.batch_size": 50})
     src = make_source(config)
     kept, held = pipeline.holdout_split(config, src)
     # Exactly the fine-tune's test split (experiments/finetune.py: 0.2, split seed 0).
-    _, test = labeled.split_test(np.asarray(src.labels), 0.2, 0)
+    _, test = splits.split_test(np.asarray(src.labels), 0.2, 0)
     np.testing.assert_array_equal(held, test)
     assert len(kept) == 4000 and not np.intersect1d(kept, held).size
-    it = iter(data.make_pretrain_dataset(config))
+    it = iter(pretrain_dataset(config))
     seen = np.concatenate([b["index"] for b in take(it, 80)])  # one epoch of the 4,000 kept
     it.close()
     np.testing.assert_array_equal(np.sort(seen), kept)  # parent indices, each once
@@ -304,13 +311,13 @@ def test_holdout_keeps_the_finetune_test_split_out_of_pretraining(tmp_path):
 
 def test_resume_from_iterator_state():
     config = image_config("tiny_v2")
-    ds = data.make_pretrain_dataset(config)
+    ds = pretrain_dataset(config)
     it = iter(ds)
     take(it, 3)
     state = it.get_state()
     expected = take(it, 3)
     it.close()
-    resumed = iter(data.make_pretrain_dataset(config))  # a fresh pipeline, as after a restart
+    resumed = iter(pretrain_dataset(config))  # a fresh pipeline, as after a restart
     resumed.set_state(state)
     assert_batches_equal(take(resumed, 3), expected)
     resumed.close()
@@ -318,16 +325,16 @@ def test_resume_from_iterator_state():
 
 def test_resume_with_worker_processes(tmp_path):
     config = _folder_config(tmp_path, **{"data.num_workers": 1})
-    reference = iter(data.make_pretrain_dataset(_folder_config(tmp_path)))
+    reference = iter(pretrain_dataset(_folder_config(tmp_path)))
     expected = take(reference, 6)
     reference.close()
-    it = iter(data.make_pretrain_dataset(config))
+    it = iter(pretrain_dataset(config))
     got = take(it, 3)
     state = it.get_state()
     got += take(it, 3)
     it.close()
     assert_batches_equal(got, expected)  # workers do not change the stream
-    it = iter(data.make_pretrain_dataset(config))
+    it = iter(pretrain_dataset(config))
     it.set_state(state)
     assert_batches_equal(take(it, 3), expected[3:])
     it.close()
@@ -335,8 +342,8 @@ def test_resume_with_worker_processes(tmp_path):
 
 def test_process_sharding_matches_global_batch():
     config = image_config("tiny_v2", **{"data.batch_size": 8})
-    global_it = iter(data.make_pretrain_dataset(config))
-    shards = [iter(data.make_pretrain_dataset(config, process_index=p, process_count=2)) for p in range(2)]
+    global_it = iter(pretrain_dataset(config))
+    shards = [iter(pretrain_dataset(config, process_index=p, process_count=2)) for p in range(2)]
     for _ in range(3):
         g = next(global_it)
         parts = [next(s) for s in shards]
@@ -346,4 +353,4 @@ def test_process_sharding_matches_global_batch():
     for i in [global_it, *shards]:
         i.close()
     with pytest.raises(ValueError, match="config.data.batch_size=8"):
-        data.make_pretrain_dataset(config, process_index=0, process_count=3)
+        pretrain_dataset(config, process_index=0, process_count=3)

@@ -11,9 +11,14 @@ import numpy as np
 import optax
 import pytest
 
-from d2v_jax import checkpoint, data, metrics, models, optim, train
+from d2v_jax import checkpoint, metrics, modalities, optim, train
 from d2v_jax.config import load_config, validate
 from test_resume import EXPERIMENT, make_image_folder, tiny_overrides
+
+
+def pretrain_dataset(config, **kwargs):
+    """The modality's pipeline as the train loop builds it (no config validation)."""
+    return modalities.get(config).pretrain_dataset(config, **kwargs)
 
 
 def _config(tmp_path, **extra):
@@ -149,15 +154,15 @@ def test_misspelt_field_is_named(tmp_path):
 def test_missing_and_empty_data_paths_are_named(tmp_path):
     missing = str(tmp_path / "no_such_dir")
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
-        data.make_pretrain_dataset(_config(tmp_path, **{"data.path": missing}))
+        pretrain_dataset(_config(tmp_path, **{"data.path": missing}))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=f"no class folders under '{empty}'"):
-        data.make_pretrain_dataset(_config(tmp_path, **{"data.path": str(empty)}))
+        pretrain_dataset(_config(tmp_path, **{"data.path": str(empty)}))
     (empty / "cats").mkdir()
     (empty / "cats" / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match=r"no images .* under"):
-        data.make_pretrain_dataset(_config(tmp_path, **{"data.path": str(empty)}))
+        pretrain_dataset(_config(tmp_path, **{"data.path": str(empty)}))
 
 
 def test_corrupt_image_file_is_named(tmp_path):
@@ -167,13 +172,13 @@ def test_corrupt_image_file_is_named(tmp_path):
         f.truncate(20)
     config = _config(tmp_path, **{"data.path": root, "data.batch_size": 4})
     with pytest.raises(Exception, match="002.png"):
-        next(iter(data.make_pretrain_dataset(config)))
+        next(iter(pretrain_dataset(config)))
 
 
 def test_incompatible_checkpoint_names_parameter_paths_and_shapes(tmp_path):
     workdir = str(tmp_path / "run")
     small = _config(tmp_path)
-    model = models.build_model(small)
+    model = modalities.build_model(small)
     tx, _ = optim.make_optimizer(small)
     manager = checkpoint.make_manager(workdir, small)
     checkpoint.save(manager, 1, train.init_train_state(small, model, tx, jax.random.PRNGKey(0)), small)
@@ -187,7 +192,7 @@ def test_incompatible_checkpoint_names_parameter_paths_and_shapes(tmp_path):
     assert os.path.join(workdir, "checkpoints", "1") in msg
     assert "params/frontend/patch_embed/kernel: checkpoint (4, 4, 1, 32) vs config (4, 4, 1, 48)" in msg, msg
     # The same check guards params-only restore.
-    wider_model = models.build_model(wider)
+    wider_model = modalities.build_model(wider)
     wider_tx, _ = optim.make_optimizer(wider)
     abstract = train.abstract_train_state(wider, wider_model, wider_tx).params
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"encoder/blocks/mlp/fc1/kernel: "

@@ -15,7 +15,7 @@ from sklearn.metrics import f1_score, mean_absolute_error, mean_squared_error
 from d2v_jax import finetune
 from d2v_jax.api import save_checkpoint
 from d2v_jax.config import load_config, parse_overrides
-from d2v_jax.data import labeled
+from d2v_jax.data import splits as labeled
 from d2v_jax.train_state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

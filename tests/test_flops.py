@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import d2v_jax
-from d2v_jax import flops, models
+from d2v_jax import flops, modalities
 from d2v_jax.train_step import make_train_step
 
 
@@ -34,7 +34,7 @@ def test_analytic_flops_match_xla_cost_analysis():
     # decoder.conv_impl = dense, so XLA executes 4x the grouped conv's FLOPs.
     config = small("experiments/image.py:tiny_v2")
     b = 2
-    batch = models.dummy_batch(config, b)
+    batch = modalities.dummy_batch(config, b)
     count = flops.step_flops(config, b)
     with flops.unrolled_scans():
         xla = flops.xla_flops(make_train_step(config), abstract_state(config), batch,
@@ -67,7 +67,7 @@ def test_train_step_compiles_once_over_five_steps():
     try:  # counted from here: the first step's compilations, then none
         state = jax.jit(lambda k: d2v_jax.create_train_state(config, k))(jax.random.PRNGKey(0))
         step = make_train_step(config)
-        batch = models.dummy_batch(config, 2)
+        batch = modalities.dummy_batch(config, 2)
         n0 = len(compiles)
         for i in range(5):
             state, metrics = step(state, batch, jax.random.PRNGKey(0))

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from d2v_jax import masking
-from d2v_jax.masking import (
+from d2v_jax.modalities.image import masking
+from d2v_jax.modalities.image.masking import (
     MASKERS,
     block_mask,
     image_masks,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from d2v_jax import models
+from d2v_jax import modalities
 from d2v_jax.config import load_config
 from d2v_jax.models.decoder import ConvDecoder
 from d2v_jax.models.layers import Block, Encoder, relative_position_index, sincos_2d
@@ -149,9 +149,9 @@ def test_student_never_sees_masked_pixels(arg):
     """The student's predictions do not depend on the content of masked
     patches (1.0: mask token; 2.0: visible tokens only), but do on visible ones."""
     config = load_config(f"experiments/image.py:{arg}")
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     params = nn.unbox(init_params(config, jax.random.PRNGKey(0)))
-    batch = models.dummy_batch(config, 2)
+    batch = modalities.dummy_batch(config, 2)
     rng = np.random.default_rng(0)
     batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
     for b in range(2):  # different masks per clone and per image
@@ -180,9 +180,9 @@ def test_student_never_sees_masked_pixels(arg):
 
 def test_teacher_returns_top_block_tensors_without_cls():
     config = load_config("experiments/image.py:tiny_v2")
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     params = nn.unbox(init_params(config, jax.random.PRNGKey(0)))
-    batch = models.dummy_batch(config, 3)
+    batch = modalities.dummy_batch(config, 3)
     out = model.apply({"params": {k: params[k] for k in ("frontend", "encoder")}}, batch,
                       method="teacher")
     n = (config.model.image_size // config.model.patch_size) ** 2
@@ -211,7 +211,7 @@ def test_grouped_conv_impls_match_xla(impl, grid, kernel_size, groups):
     ("torch_conv", 1.0 / np.sqrt(4 * 4 * 3)),
 ])
 def test_patch_embed_init_matches_the_pytorch_recipes(name, bound):
-    from d2v_jax.models.image import PATCH_EMBED_INITS
+    from d2v_jax.modalities.image.model import PATCH_EMBED_INITS
 
     w = np.asarray(PATCH_EMBED_INITS[name](jax.random.PRNGKey(0), (4, 4, 3, 40)))
     assert np.abs(w).max() <= bound and np.abs(w).max() > 0.97 * bound

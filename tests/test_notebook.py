@@ -31,7 +31,7 @@ def test_quickstart_notebook_executes(tmp_path):
     assert results["num_steps"] == 40
     assert results["loss_last"] < results["loss_first"]
     # A stratified 5% of the 800 training images of the first 1000 digits.
-    from d2v_jax.data.sources import Mnist5kSource
+    from d2v_jax.modalities.image.sources import Mnist5kSource
     src = Mnist5kSource()
     y = np.array([src[i]["label"] for i in range(1000)])
     rng = np.random.default_rng(0)

@@ -42,8 +42,8 @@ def make_config(arg="tiny_v2", **overrides):
 
 
 def make_batch(config, batch_size, seed=0):
-    from d2v_jax import models
-    batch = models.dummy_batch(config, batch_size)
+    from d2v_jax import modalities
+    batch = modalities.dummy_batch(config, batch_size)
     rng = np.random.default_rng(seed)
     batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
     for b in range(batch_size):
@@ -233,7 +233,7 @@ def test_bf16_compute_keeps_float32_master_params_and_ema():
     import jax
     import jax.numpy as jnp
 
-    from d2v_jax import models
+    from d2v_jax import modalities
     from d2v_jax.train_step import make_train_step
 
     batch = make_batch(make_config(), 8, seed=5)
@@ -246,7 +246,7 @@ def test_bf16_compute_keeps_float32_master_params_and_ema():
     floats = [x for x in jax.tree.leaves((state.params, state.ema_params, state.opt_state))
               if jnp.issubdtype(x.dtype, jnp.floating)]
     assert floats and all(x.dtype == jnp.float32 for x in floats)
-    out = jax.eval_shape(lambda p: models.build_model(config).apply(
+    out = jax.eval_shape(lambda p: modalities.build_model(config).apply(
         {"params": p}, batch, method="student",
         rngs={"dropout": jax.random.key(0), "noise": jax.random.key(0)}), state.params)
     assert out["pred"].dtype == jnp.bfloat16

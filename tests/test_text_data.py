@@ -6,10 +6,16 @@ import os
 import numpy as np
 import pytest
 
-from d2v_jax import data
+from d2v_jax import modalities
+from d2v_jax.modalities.text import data
 from d2v_jax.config import load_config, validate
-from d2v_jax.data import text
-from d2v_jax.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID
+from d2v_jax.modalities.text import data as text
+from d2v_jax.modalities.text.tokenizer import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID
+
+
+def pretrain_dataset(config, **kwargs):
+    """The modality's pipeline as the train loop builds it (no config validation)."""
+    return modalities.get(config).pretrain_dataset(config, **kwargs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = os.path.join(ROOT, "experiments", "text.py")
@@ -126,7 +132,7 @@ def test_pipeline_batches_and_tokenizer_beside_the_run(tmp_path):
     vocab = config.model.vocab_size
     assert vocab > NUM_SPECIAL + 20  # from the ChEMBL corpus, not a constant
 
-    batch = next(iter(data.make_pretrain_dataset(config, num_threads=1, prefetch_buffer_size=1)))
+    batch = next(iter(pretrain_dataset(config, num_threads=1, prefetch_buffer_size=1)))
     t = config.data.max_len
     assert batch["tokens"].shape == (4, t) and batch["tokens"].dtype == np.int32
     assert batch["mask"].shape == (4, 1, t) and batch["inputs"].shape == (4, 1, t)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from d2v_jax import text_masking as tm
+from d2v_jax.modalities.text import masking as tm
 
 T = 100
 VOCAB = 50

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d2v_jax import metrics, models, targets
+from d2v_jax import metrics, modalities, targets
 from d2v_jax.config import load_config
-from d2v_jax.data.tokenizer import MASK_ID, NUM_SPECIAL, PAD_ID
+from d2v_jax.modalities.text.tokenizer import MASK_ID, NUM_SPECIAL, PAD_ID
 from d2v_jax.train_state import create_train_state, teacher_params
 from d2v_jax.train_step import student_loss
 
@@ -50,7 +50,7 @@ def _batch(version, seed=0):
 @pytest.fixture(scope="module")
 def v2():
     config = _config("v2")
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     params = create_train_state(config, jax.random.PRNGKey(0)).params
     teacher = jax.jit(lambda p, b: model.apply({"params": p}, b, method="teacher")["layers"])
     student = jax.jit(lambda p, b: model.apply({"params": p}, b, method="student",
@@ -93,7 +93,7 @@ def test_padding_and_masked_tokens_do_not_leak(v2):
 
 def test_v1_loss_counts_only_positions_given_the_mask_token():
     config = load_config(f"{TEXT}:tiny_v1", {**SMALL, "model.vocab_size": VOCAB})
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     state = create_train_state(config, jax.random.PRNGKey(0))
     batch = _batch("v1")
     batch = {k: v[:, :1] if k in ("mask", "inputs") else v for k, v in batch.items()}

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from d2v_jax.data import tokenizer as tk
-from d2v_jax.data.text import chembl_corpus, python_docs_corpus
+from d2v_jax.modalities.text import tokenizer as tk
+from d2v_jax.modalities.text.data import chembl_corpus, python_docs_corpus
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d2v_jax import losses, models, optim
+from d2v_jax import losses, modalities, optim
 from d2v_jax.config import load_config
 from d2v_jax.train_state import create_train_state, teacher_params
 from d2v_jax.train_step import compute_targets, make_train_step, make_train_step_fn, student_loss
@@ -14,9 +14,9 @@ from d2v_jax.train_step import compute_targets, make_train_step, make_train_step
 
 def setup(arg, batch_size=2, **overrides):
     config = load_config(f"experiments/image.py:{arg}", overrides)
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     state = create_train_state(config, jax.random.PRNGKey(0), model=model)
-    batch = models.dummy_batch(config, batch_size)
+    batch = modalities.dummy_batch(config, batch_size)
     rng = np.random.default_rng(0)
     batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
     for b in range(batch_size):

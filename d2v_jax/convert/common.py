@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import os
 from typing import Any, Mapping
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from d2v_jax import models
+from d2v_jax import modalities
 from d2v_jax.config import load_config
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -23,6 +24,47 @@ EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be mapped exactly (names the key or field)."""
+
+
+# -- Hugging Face helpers shared by the modalities' mappings (modalities/*/hf.py)
+# Buffers HF recomputes; they carry no weights.
+HF_IGNORE = ("relative_position_index", "position_ids", "token_type_ids")
+
+
+def hf_require(cond: bool, field: str, msg: str) -> None:
+    """A config value our model cannot reproduce -> ConversionError naming it."""
+    if not cond:
+        raise ConversionError(f"Hugging Face config {field}: {msg}")
+
+
+def qkv(r: StateReader, q: str, k: str, v: str, dim: int) -> dict[str, np.ndarray]:
+    """Separate q/k/v Linears -> our fused qkv Dense ([q | k | v] on the output
+    axis). A missing k bias (BEiT) is 0: it adds q.b_k, the same for every key,
+    which the softmax cancels."""
+    kernel = np.concatenate([r.get(f"{n}.weight", (dim, dim)).T for n in (q, k, v)], axis=1)
+    bias = [r.get(f"{n}.bias", (dim,)) if f"{n}.bias" in r else np.zeros(dim, np.float32)
+            for n in (q, k, v)]
+    return {"kernel": kernel, "bias": np.concatenate(bias)}
+
+
+def split_qkv(qkv: Mapping[str, np.ndarray], dim: int):
+    w = np.asarray(qkv["kernel"])
+    b = np.asarray(qkv["bias"]) if "bias" in qkv else np.zeros(3 * dim, np.float32)
+    return [(w[:, i * dim:(i + 1) * dim].T, b[i * dim:(i + 1) * dim]) for i in range(3)]
+
+
+def linear_out(dense: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"weight": np.asarray(dense["kernel"]).T, "bias": np.asarray(dense["bias"])}
+
+
+def norm_out(norm: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"weight": np.asarray(norm["scale"]), "bias": np.asarray(norm["bias"])}
+
+
+def set_model(config: ml_collections.ConfigDict, **fields) -> None:
+    with config.unlocked():
+        for k, v in fields.items():
+            config.model[k] = v
 
 
 def base_config(modality: str, arg: str) -> ml_collections.ConfigDict:
@@ -94,9 +136,9 @@ def unstack(tree: Any, depth: int) -> list[Any]:
 
 def expected_params(config: ml_collections.ConfigDict) -> Any:
     """Shapes of the full student params for `config` (no compute)."""
-    model = models.build_model(config)
+    model = modalities.build_model(config)
     rngs = {k: jax.random.key(i) for i, k in enumerate(("params", "dropout", "noise"))}
-    batch = models.dummy_batch(config, 1)
+    batch = modalities.dummy_batch(config, 1)
     shapes = jax.eval_shape(lambda: model.init(rngs, batch, method="student"))
     return nn.unbox(shapes)["params"]
 
@@ -141,7 +183,7 @@ def make_train_state(config: ml_collections.ConfigDict, params: Any, ema_params:
 @functools.lru_cache(maxsize=8)
 def _encode_fn(config_json: str):
     """One jitted `encode` per config (converted twins share the compilation)."""
-    model = models.build_model(ml_collections.ConfigDict(json.loads(config_json)))
+    model = modalities.build_model(ml_collections.ConfigDict(json.loads(config_json)))
     return jax.jit(lambda p, b: model.apply({"params": p}, b, method="encode"))
 
 
@@ -168,23 +210,15 @@ class Converted:
 
     def batch(self, pixel_values=None, input_values=None, input_ids=None,
               attention_mask=None) -> dict[str, np.ndarray]:
-        """HF inputs -> our batch dict."""
-        modality = self.config.modality
+        """HF inputs -> our batch dict (the modality's `hf.batch_from_hf`)."""
+        mapping = importlib.import_module(modalities.get(self.config.modality).hf)
         given = {"pixel_values": pixel_values, "input_values": input_values,
                  "input_ids": input_ids}
-        want = {"image": "pixel_values", "audio": "input_values", "text": "input_ids"}[modality]
-        if given[want] is None:
-            raise ValueError(f"a converted {modality} encoder takes {want}=...")
-        x = to_numpy(given[want])
-        if modality == "image":
-            if x.ndim != 4:
-                raise ValueError(f"pixel_values must be [B,C,H,W], got shape {x.shape}")
-            return {"image": np.transpose(x, (0, 2, 3, 1)).astype(np.float32)}
-        pad = (np.zeros(x.shape, bool) if attention_mask is None
-               else ~to_numpy(attention_mask).astype(bool))
-        if modality == "audio":
-            return {"audio": x.astype(np.float32), "padding_mask": pad}
-        return {"tokens": x.astype(np.int32), "padding_mask": pad}
+        if given[mapping.INPUT] is None:
+            raise ValueError(f"a converted {self.config.modality} encoder takes "
+                             f"{mapping.INPUT}=...")
+        mask = None if attention_mask is None else to_numpy(attention_mask)
+        return mapping.batch_from_hf(to_numpy(given[mapping.INPUT]), mask)
 
     def __call__(self, pixel_values=None, input_values=None, input_ids=None,
                  attention_mask=None) -> np.ndarray:

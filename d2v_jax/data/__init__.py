@@ -1,16 +1,5 @@
-"""Input pipelines: grain sources, per-example transforms (with masks), batching."""
-
-from d2v_jax.data.image import EvalTransform, PretrainTransform
-from d2v_jax.data.pipeline import make_pretrain_dataset, prepare
-from d2v_jax.data.sources import SOURCES, ImageFolderSource, Mnist5kSource, make_source
-
-__all__ = [
-    "EvalTransform",
-    "ImageFolderSource",
-    "Mnist5kSource",
-    "PretrainTransform",
-    "SOURCES",
-    "make_pretrain_dataset",
-    "make_source",
-    "prepare",
-]
+"""Input pipelines shared by the modalities: the map-style pretraining pipeline
+and the held-out split (`pipeline`), sources (`sources`), per-example random
+streams (`rng`), file reading (`files`), fine-tuning splits (`splits`) and
+labeled data (`labeled`). Each modality's own readers and transforms live in
+`d2v_jax/modalities/<m>/`."""

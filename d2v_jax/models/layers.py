@@ -16,6 +16,16 @@ import numpy as np
 
 Dtype = Any
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str) -> Dtype:
+    """`model.dtype` (a name) -> the jnp compute dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 # BEiT / data2vec initialize linear layers with trunc_normal(std=0.02).
 dense_init = nn.initializers.truncated_normal(stddev=0.02)
 

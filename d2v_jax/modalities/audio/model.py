@@ -32,20 +32,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from d2v_jax import masking
+from d2v_jax.modalities.audio import masking
 from d2v_jax.models.decoder import ConvDecoder, GroupedConv, grouped_conv
-from d2v_jax.models.image import DTYPES
-from d2v_jax.models.layers import (alibi_bias, alibi_slopes, dense, encoder_from_config,
+from d2v_jax.models.layers import (dtype_of, alibi_bias, alibi_slopes, dense, encoder_from_config,
                                    kernel, layer_norm)
 
 TEACHER_MODULES = ("frontend", "context", "encoder")
 POS_CONV_KINDS = ("stack", "single")
-
-
-def _dtype(name: str):
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def frame_count(num_samples, kernels: Sequence[int], strides: Sequence[int]):
@@ -96,7 +89,7 @@ class FeatureExtractor(nn.Module):
     @nn.compact
     def __call__(self, wav: jax.Array) -> jax.Array:
         m = self.cfg
-        dtype = _dtype(m.dtype)
+        dtype = dtype_of(m.dtype)
         x = wav[..., None].astype(dtype)
         for i, (c, k, s) in enumerate(zip(m.conv_dims, m.conv_kernels, m.conv_strides)):
             x = nn.Conv(c, (k,), strides=(s,), padding="VALID", use_bias=m.conv_bias, dtype=dtype,
@@ -151,7 +144,7 @@ class AudioContext(nn.Module):
 
     def setup(self):
         m = self.cfg
-        dtype = _dtype(m.dtype)
+        dtype = dtype_of(m.dtype)
         if m.pos_conv not in POS_CONV_KINDS:
             raise ValueError(f"model.pos_conv={m.pos_conv!r}; expected one of {POS_CONV_KINDS}")
         if m.pos_conv == "stack":  # data2vec: depth layers of width // depth (95 // 5 = 19)
@@ -219,11 +212,13 @@ class MaskEmbedding(nn.Module):
 
 class AudioData2Vec(nn.Module):
     config: ml_collections.ConfigDict  # the whole experiment config
+    # Every position is a frame: no CLS to skip when pooling.
+    cls_first = False
 
     def setup(self):
         c = self.config
         m = c.model
-        dtype = _dtype(m.dtype)
+        dtype = dtype_of(m.dtype)
         self.version = c.version
         self.frontend = FeatureExtractor(m)
         self.context = AudioContext(m)

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from d2v_jax import masking
+from d2v_jax.modalities.image import masking
 from d2v_jax.models.decoder import ConvDecoder
-from d2v_jax.models.layers import (RelativePositionBias, dense, encoder_from_config, kernel,
+from d2v_jax.models.layers import (dtype_of, RelativePositionBias, dense, encoder_from_config, kernel,
                                    layer_norm, sincos_2d)
 
 TEACHER_MODULES = ("frontend", "encoder")
@@ -46,9 +46,6 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[
     return {"image": np.zeros((batch_size, m.image_size, m.image_size, m.channels), np.float32),
             "mask": mask}
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 # The patch projection's init decides how loud content is next to the fixed
 # positions at the start: with few input pixels per patch (p*p*C small) a 0.02
 # normal makes patch content ~8x quieter than the sin-cos table, and a teacher
@@ -66,12 +63,6 @@ PATCH_EMBED_INITS = {
 }
 
 
-def _dtype(name: str):
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
 class ImageFrontEnd(nn.Module):
     """Patch embedding, positions, CLS and mask tokens, embedding LN (2.0)."""
 
@@ -80,7 +71,7 @@ class ImageFrontEnd(nn.Module):
 
     def setup(self):
         m = self.cfg
-        dtype = _dtype(m.dtype)
+        dtype = dtype_of(m.dtype)
         self.grid = (m.image_size // m.patch_size,) * 2
         self.patch_embed = nn.Conv(
             m.dim, (m.patch_size, m.patch_size), strides=(m.patch_size, m.patch_size),
@@ -129,7 +120,7 @@ class ImageData2Vec(nn.Module):
         c = self.config
         m = c.model
         self.version = c.version
-        dtype = _dtype(m.dtype)
+        dtype = dtype_of(m.dtype)
         self.grid = (m.image_size // m.patch_size,) * 2
         self.frontend = ImageFrontEnd(m, c.version)
         self.encoder = encoder_from_config(m, layer_norm_first=m.layer_norm_first,

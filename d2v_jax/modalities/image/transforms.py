@@ -1,4 +1,5 @@
-"""Image transforms (numpy + PIL) and the per-example pretraining transform.
+"""Image transforms (numpy + PIL), the per-example pretraining transform and
+the pretraining pipeline's parts.
 
 Small named functions, each uint8 [H, W, C] in and out except `normalize`,
 composed by `PretrainTransform` (augmentation + masks) and `EvalTransform`
@@ -18,12 +19,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from d2v_jax import masking
-
-# Independent random streams per example: crops/flips must not shift when the
-# masking recipe changes, and vice versa.
-AUG_STREAM = 0
-MASK_STREAM = 1
+from d2v_jax.data.pipeline import holdout_split
+from d2v_jax.data.rng import AUG_STREAM, MASK_STREAM, example_rng
+from d2v_jax.data.sources import SubsetSource
+from d2v_jax.modalities.image import masking
+from d2v_jax.modalities.image.sources import make_source
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -32,11 +32,6 @@ _RESAMPLE = {
 }
 # BEiT / data2vec use bicubic RandomResizedCrop.
 DEFAULT_INTERPOLATION = "bicubic"
-
-
-def example_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
-    """A Generator that depends only on (seed, epoch, index, stream)."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(index), int(stream)]))
 
 
 def _check_image(image: np.ndarray, where: str) -> np.ndarray:
@@ -273,3 +268,24 @@ class EvalTransform:
             "label": np.int32(element["label"]),
             "index": np.int32(element["index"]),
         }
+
+
+def pretrain_parts(config: ml_collections.ConfigDict, source=None):
+    """(source, PretrainTransform) for `data.pipeline.map_pretrain_dataset`;
+    without the held-out split when `data.holdout_fraction` > 0."""
+    src = make_source(config) if source is None else source
+    if config.data.get("holdout_fraction", 0.0) > 0:
+        kept, _ = holdout_split(config, src)
+        src = SubsetSource(src, kept, name=f"{config.data.source} without the held-out split")
+    return src, PretrainTransform(config)
+
+
+def eval_data(config: ml_collections.ConfigDict, limit: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(images [n,S,S,C] float32, labels [n]) of the config's source in order,
+    through `EvalTransform` (no crops, no masks)."""
+    source = make_source(config)
+    transform = EvalTransform(config)
+    n = len(source) if limit is None else min(int(limit), len(source))
+    rows = [transform(source[i]) for i in range(n)]
+    return (np.stack([r["image"] for r in rows]), np.array([r["label"] for r in rows]))

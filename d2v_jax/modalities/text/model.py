@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from d2v_jax import text_masking
+from d2v_jax.modalities.text import masking as text_masking
 from d2v_jax.models.decoder import ConvDecoder
-from d2v_jax.models.image import _dtype
-from d2v_jax.models.layers import dense, encoder_from_config, kernel, layer_norm
+from d2v_jax.models.layers import dtype_of, dense, encoder_from_config, kernel, layer_norm
 
 TEACHER_MODULES = ("frontend", "encoder")
 DUMMY_TOKEN = 5  # any non-special id: the dummy batch must not be all padding
@@ -70,7 +69,7 @@ class TextFrontEnd(nn.Module):
         t = tokens.shape[-1]
         if t > m.max_positions:
             raise ValueError(f"sequence length {t} > model.max_positions={m.max_positions}")
-        dtype = _dtype(m.dtype)
+        dtype = dtype_of(m.dtype)
         embed = nn.Embed(m.vocab_size, m.dim, dtype=dtype, name="token_embed",
                          embedding_init=kernel((None, "embed")))
         pos = self.param("pos_embed", kernel((None, "embed")), (m.max_positions, m.dim))
@@ -88,7 +87,7 @@ class TextData2Vec(nn.Module):
         c = self.config
         m = c.model
         _vocab_size(c)
-        dtype = _dtype(m.dtype)
+        dtype = dtype_of(m.dtype)
         self.version = c.version
         self.frontend = TextFrontEnd(m)
         self.encoder = encoder_from_config(m, dtype=dtype)

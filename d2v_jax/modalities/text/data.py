@@ -37,7 +37,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import glob
 import io
 import os
 import shutil
@@ -49,9 +48,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from d2v_jax import text_masking
-from d2v_jax.data.image import MASK_STREAM, example_rng
-from d2v_jax.data.tokenizer import (BOS_ID, EOS_ID, META_FILE, NUM_SPECIAL, PAD_ID, BaseTokenizer,
+from d2v_jax.modalities.text import masking as text_masking
+from d2v_jax.data import files
+from d2v_jax.data.rng import MASK_STREAM, example_rng
+from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, META_FILE, NUM_SPECIAL, PAD_ID, BaseTokenizer,
                                     ProteinTokenizer, load_tokenizer, smiles_tokens,
                                     train_tokenizer)
 
@@ -74,29 +74,6 @@ class Corpus:
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _paths(spec: str, what: str) -> list[str]:
-    if not spec:
-        raise ValueError(f"config.data.path is empty; data.source={what!r} needs files")
-    out = []
-    for part in (p.strip() for p in spec.split(",")):
-        matches = sorted(glob.glob(part))
-        if not matches:
-            raise FileNotFoundError(f"config.data.path: no file matches {part!r}")
-        out.extend(m for m in matches if os.path.isfile(m))
-    return out
-
-
-def _lines(path: str):
-    """(line number, text) of a file, decoding each line strictly as UTF-8."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                yield lineno, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte "
-                                 f"{e.start} of the line)") from None
 
 
 def split_documents(lines, doc_sep: str, path: str) -> Corpus:
@@ -136,7 +113,7 @@ def _merge(parts: Sequence[Corpus]) -> Corpus:
 
 
 def read_text_files(paths: Sequence[str], doc_sep: str) -> Corpus:
-    return _merge([split_documents(_lines(p), doc_sep, p) for p in paths])
+    return _merge([split_documents(files.lines(p), doc_sep, p) for p in paths])
 
 
 def _invalid(message: str, on_invalid: str, corpus: Corpus) -> None:
@@ -169,7 +146,7 @@ def read_smiles_files(paths: Sequence[str], column: str, on_invalid: str, parse:
     corpus = Corpus([], [])
     for path in paths:
         delimiter = "\t" if path.lower().endswith((".tsv", ".tab")) else ","
-        lines = list(_lines(path))
+        lines = list(files.lines(path))
         if not lines:
             raise ValueError(f"{path}: empty file (expected a header with a {column!r} column)")
         rows = csv.reader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter)
@@ -213,7 +190,7 @@ def read_fasta_files(paths: Sequence[str], on_invalid: str) -> Corpus:
 
     for path in paths:
         name, seq, start = None, [], 0
-        for lineno, line in _lines(path):
+        for lineno, line in files.lines(path):
             line = line.strip()
             if line.startswith(">"):
                 if name is not None:
@@ -276,11 +253,11 @@ def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: 
     elif source == "proteome":
         corpus = read_fasta_files([proteome_path()], on_invalid)
     elif source == "text":
-        corpus = read_text_files(_paths(path, source), doc_sep)
+        corpus = read_text_files(files.paths(path, source), doc_sep)
     elif source == "smiles":
-        corpus = read_smiles_files(_paths(path, source), column, on_invalid, parse)
+        corpus = read_smiles_files(files.paths(path, source), column, on_invalid, parse)
     elif source == "fasta":
-        corpus = read_fasta_files(_paths(path, source), on_invalid)
+        corpus = read_fasta_files(files.paths(path, source), on_invalid)
     else:
         raise ValueError(f"config.data.source={source!r}; expected one of {SOURCES}")
     where = f"data.source={source!r}" + (f", data.path={path!r}" if path else "")
@@ -485,3 +462,27 @@ def pretrain_parts(config: ml_collections.ConfigDict, source=None):
                          f"{tok.vocab_size} ({config.tokenizer.path})")
     src = make_source(config, tok) if source is None else source
     return src, TextPretrainTransform(config, tok)
+
+
+def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,
+                     workdir: str | None) -> ml_collections.ConfigDict:
+    """`prepare` for a fine-tune's backbone config.
+
+    A pretrained backbone reloads the tokenizer its pretraining run saved
+    (`tokenizer.path` in its config, else `<init_from>/tokenizer`); a scratch
+    backbone trains one on its pretraining corpus into `<workdir>/tokenizer`,
+    as pretraining does, and takes `model.vocab_size` from it.
+    """
+    if init_from:
+        saved = bconfig.tokenizer.path
+        fallback = os.path.join(init_from, "tokenizer")
+        if not (saved and os.path.isdir(saved)):
+            if not os.path.isdir(fallback):
+                raise FileNotFoundError(f"the pretraining run {init_from!r} names tokenizer "
+                                        f"{saved!r}, which does not exist, and has no {fallback}")
+            bconfig.tokenizer.path = fallback
+        return prepare(bconfig, init_from)
+    if not workdir:
+        raise ValueError("a scratch text backbone trains its tokenizer into the work dir; "
+                         "pass workdir")
+    return prepare(bconfig, workdir)

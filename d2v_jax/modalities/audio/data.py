@@ -32,9 +32,10 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from d2v_jax import masking
-from d2v_jax.data.image import example_rng
-from d2v_jax.models.audio import config_frame_count
+from d2v_jax.data.pipeline import local_batch_size
+from d2v_jax.modalities.audio import masking
+from d2v_jax.data.rng import example_rng
+from d2v_jax.modalities.audio.model import config_frame_count
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".au")
 CROP_STREAM, MASK_STREAM, BATCH_STREAM = 0, 1, 2
@@ -195,7 +196,7 @@ def load_audio(manifest: Manifest, i: int, sample_rate: int) -> np.ndarray:
         raise ValueError(f"audio file {manifest.where(i)} is empty")
     audio = audio.mean(axis=1)  # mono
     if rate != sample_rate:
-        from d2v_jax.data.speech_set import resample
+        from d2v_jax.modalities.audio.speech_set import resample
 
         audio = resample(audio, rate, sample_rate)
     return audio
@@ -221,7 +222,7 @@ class AudioSource:
         d = config.data
         sr = int(d.sample_rate)
         if d.source == "espeak_words":
-            from d2v_jax.data.speech_set import ensure_espeak_set
+            from d2v_jax.modalities.audio.speech_set import ensure_espeak_set
 
             root = d.path or ensure_espeak_set(d.cache_dir)
             manifest = read_manifest(os.path.join(root, f"{d.split}.tsv"))
@@ -372,8 +373,6 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, *, process_index: i
     """Endless audio batches for this process: {"audio": f32 [b, S], "padding_mask":
     bool [b, S], "mask": bool [b, M, T], "index": i32 [b]}, S one of data.buckets.
     Process p gets rows [p*b, (p+1)*b) of every global batch."""
-    from d2v_jax.data.pipeline import local_batch_size
-
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     local = local_batch_size(config, process_count)

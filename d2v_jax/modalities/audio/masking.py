@@ -1,0 +1,169 @@
+"""1-D (audio) masking for data2vec pretraining (SPEC section 5).
+
+Pure numpy, seeded per example in the input pipeline; True means *masked*.
+
+- ``span_mask``: wav2vec 2.0 span masking of one sequence (data2vec 1.0 audio), with
+  ``same_count`` to trim the rows of a batch to one count.
+- ``block_mask_1d``: 1-D block masking with an exact count (data2vec 2.0 audio).
+- ``sequence_masks``: the M masks of one sequence from a masking config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from d2v_jax.masking import check_float, check_int, check_ratio, check_rng, get_field
+
+__all__ = ["SEQUENCE_MASKERS", "block_mask_1d", "num_masked_1d", "same_count", "sequence_masks",
+           "span_mask"]
+
+
+
+def _check_lengths(num_frames: Any, num_valid: Any) -> tuple[int, int]:
+    num_frames = check_int("num_frames", num_frames, 1)
+    num_valid = check_int("num_valid", num_valid, 0, num_frames)
+    return num_frames, num_valid
+
+
+def span_mask(
+    rng: np.random.Generator,
+    num_frames: int,
+    num_valid: int,
+    mask_prob: float,
+    span: int,
+    *,
+    min_masks: int = 0,
+) -> np.ndarray:
+    """wav2vec 2.0 span masking of one sequence, data2vec 1.0 audio (SPEC section 5).
+
+    fairseq ``compute_mask_indices(mask_type="static", no_overlap=False)`` for one
+    row: with n = ``num_valid`` real frames, ``max(min_masks, int(mask_prob * n / span
+    + U[0, 1)))`` distinct start frames are drawn without replacement from
+    ``[0, n - span)`` and each masks ``span`` frames; spans may overlap, so about
+    ``1 - (1 - mask_prob / span) ** span`` (49% at 0.65 / 10) of the frames end up
+    masked. Frames ``>= num_valid`` (padding) are never masked.
+
+    Returns:
+        bool [num_frames], True = masked.
+    """
+    rng = check_rng(rng)
+    num_frames, n = _check_lengths(num_frames, num_valid)
+    span = check_int("span", span, 1)
+    mask_prob = check_ratio(mask_prob)
+    min_masks = check_int("min_masks", min_masks, 0)
+    mask = np.zeros(num_frames, dtype=bool)
+    if n == 0:
+        return mask
+    num = max(min_masks, int(mask_prob * n / float(span) + rng.random()))
+    if num == 0:
+        return mask
+    # fairseq shrinks the start range when the spans would not fit: n - lo > num.
+    lo = span if n - span > num else n - num - 1
+    starts = rng.choice(n - lo, num, replace=False)
+    idx = (starts[:, None] + np.arange(span)[None, :]).reshape(-1)
+    mask[idx[idx < n]] = True
+    return mask
+
+
+def same_count(rng: np.random.Generator, masks: np.ndarray) -> np.ndarray:
+    """Trims every row of ``masks`` [R, T] to the smallest row count (SPEC section 5).
+
+    fairseq ``require_same_masks=True``: a row with more masked positions keeps a
+    uniform random subset (without replacement) of them. Returns a new array.
+    """
+    rng = check_rng(rng)
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 2:
+        raise ValueError(f"same_count: masks must be [rows, T], got shape {masks.shape}")
+    counts = masks.sum(axis=1)
+    target = int(counts.min()) if len(counts) else 0
+    out = masks.copy()
+    for r in np.flatnonzero(counts > target):
+        keep = rng.choice(np.flatnonzero(masks[r]), target, replace=False)
+        out[r] = False
+        out[r, keep] = True
+    return out
+
+
+def num_masked_1d(num_frames: int, mask_ratio: float) -> int:
+    """``int(mask_ratio * num_frames)``: the exact count of ``block_mask_1d``."""
+    num_frames = check_int("num_frames", num_frames, 0)
+    return int(check_ratio(mask_ratio) * num_frames)
+
+
+def block_mask_1d(
+    rng: np.random.Generator,
+    num_frames: int,
+    num_valid: int,
+    mask_ratio: float,
+    *,
+    block_len: int = 5,
+    prob_adjust: float = 0.05,
+) -> np.ndarray:
+    """1-D block masking with an exact count, data2vec 2.0 audio (SPEC section 5).
+
+    With n = ``num_valid`` real frames: ``int(n * (mask_ratio + prob_adjust) /
+    block_len)`` block starts are drawn uniformly (with replacement) from
+    ``[0, n - block_len]``, each masks ``block_len`` frames (blocks may overlap, and
+    ``prob_adjust`` makes up for the overlap as fairseq's ``mask_prob_adjust``), then
+    a uniform random subset of frames is unmasked, or of unmasked frames masked, so
+    that exactly ``num_masked_1d(n, mask_ratio)`` real frames are masked. Padding
+    frames (``>= num_valid``) are never masked.
+
+    Returns:
+        bool [num_frames], True = masked.
+    """
+    rng = check_rng(rng)
+    num_frames, n = _check_lengths(num_frames, num_valid)
+    block_len = check_int("block_len", block_len, 1)
+    mask_ratio = check_ratio(mask_ratio)
+    prob_adjust = check_float("prob_adjust", prob_adjust)
+    target = num_masked_1d(n, mask_ratio)
+    mask = np.zeros(num_frames, dtype=bool)
+    valid = mask[:n]  # a view: writes go to `mask`
+    num_starts = max(0, int(n * (mask_ratio + prob_adjust) / block_len))
+    if num_starts and n:
+        starts = rng.integers(0, max(n - block_len, 0) + 1, size=num_starts)
+        idx = (starts[:, None] + np.arange(block_len)[None, :]).reshape(-1)
+        valid[idx[idx < n]] = True
+    count = int(valid.sum())
+    if count > target:
+        valid[rng.choice(np.flatnonzero(valid), count - target, replace=False)] = False
+    elif count < target:
+        valid[rng.choice(np.flatnonzero(~valid), target - count, replace=False)] = True
+    return mask
+
+
+SEQUENCE_MASKERS = ("span", "block_1d")
+
+
+def sequence_masks(rng: np.random.Generator, num_frames: int, num_valid: int,
+                   masking_cfg: Any) -> np.ndarray:
+    """The M = ``num_clones`` masks of one sequence (SPEC sections 5, 6).
+
+    ``masking_cfg`` fields: ``kind`` ("span" or "block_1d"), ``num_clones``,
+    ``ratio`` (span: fairseq ``mask_prob``; block_1d: the exact masked fraction),
+    ``span`` (span length / block length), and ``min_masks`` (span) or
+    ``prob_adjust`` (block_1d). Clones are independent draws from ``rng``.
+
+    Returns:
+        bool [M, num_frames], True = masked; padding frames are never masked.
+    """
+    rng = check_rng(rng)
+    kind = get_field(masking_cfg, "kind")
+    if kind not in SEQUENCE_MASKERS:
+        raise ValueError(f"unknown sequence masking kind {kind!r}; expected one of "
+                         f"{list(SEQUENCE_MASKERS)}")
+    num_clones = check_int("num_clones", get_field(masking_cfg, "num_clones", 1), 1)
+    ratio, span = get_field(masking_cfg, "ratio"), get_field(masking_cfg, "span")
+    out = np.empty((num_clones, int(num_frames)), dtype=bool)
+    for i in range(num_clones):
+        if kind == "span":
+            out[i] = span_mask(rng, num_frames, num_valid, ratio, span,
+                               min_masks=get_field(masking_cfg, "min_masks", 0))
+        else:
+            out[i] = block_mask_1d(rng, num_frames, num_valid, ratio, block_len=span,
+                                   prob_adjust=get_field(masking_cfg, "prob_adjust", 0.05))
+    return out

@@ -1,0 +1,40 @@
+"""The text modality's config checks (called by `d2v_jax.config.validate`)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from d2v_jax.errors import check_field
+from d2v_jax.modalities.text import data as text_data
+from d2v_jax.modalities.text import masking as text_masking
+from d2v_jax.modalities.text import tokenizer
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Text, SMILES and proteins (d2v_jax/models/text.py, d2v_jax/data/text.py)."""
+    m, k, d = config.model, config.masking, config.data
+    check_field(config.tokenizer.kind in tokenizer.TOKENIZERS, "tokenizer.kind",
+                f"{config.tokenizer.kind!r} not in {sorted(tokenizer.TOKENIZERS)}")
+    check_field(d.source in text_data.SOURCES, "data.source", f"{d.source!r} not in {text_data.SOURCES}")
+    check_field(d.packing in text_data.PACKINGS, "data.packing", f"{d.packing!r} not in {text_data.PACKINGS}")
+    check_field(d.too_long in text_data.TOO_LONG, "data.too_long", f"{d.too_long!r} not in {text_data.TOO_LONG}")
+    check_field(d.on_invalid in ("skip", "error"), "data.on_invalid", f"{d.on_invalid!r} is not 'skip' or 'error'")
+    check_field(3 <= d.max_len <= m.max_positions, "data.max_len",
+                f"{d.max_len} must be in [3, model.max_positions={m.max_positions}]: a sequence longer "
+                "than the learned positions cannot be embedded")
+    check_field(k.kind in text_masking.KINDS, "masking.kind", f"{k.kind!r} not in {text_masking.KINDS}")
+    if config.version == "v2":
+        check_field(k.kind == "random", "masking.kind",
+                    "2.0 encodes only the visible tokens, which needs the exact per-row count of "
+                    f"'random' masking, not {k.kind!r}")
+        check_field(k.leave_unmasked_prob == 0 and k.random_token_prob == 0, "masking.random_token_prob",
+                    "2.0 removes masked tokens from the student; leave_unmasked_prob and "
+                    "random_token_prob must be 0")
+        check_field(config.decoder.dim % config.decoder.groups == 0 and m.dim % config.decoder.groups == 0,
+                    "decoder.groups", f"decoder.dim={config.decoder.dim} and model.dim={m.dim} must be "
+                    f"divisible by decoder.groups={config.decoder.groups}")
+    else:
+        check_field(k.kind != "random", "masking.kind", "1.0 text masking is 'bert' or 'span'")
+        check_field(k.loss_on in ("mask_token", "all"), "masking.loss_on",
+                    f"{k.loss_on!r} is not 'mask_token' or 'all'")
+    check_field(config.loss.cls_weight == 0, "loss.cls_weight", "the text model has no CLS loss")

