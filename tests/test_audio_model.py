@@ -41,7 +41,7 @@ def test_frame_count_matches_conv_output(n):
     m = config.model
     want = _reference_frames(n, m.conv_kernels, m.conv_strides)
     assert AM.frame_count(n, m.conv_kernels, m.conv_strides) == want
-    fe = AM.FeatureExtractor(m)
+    fe = AM.feature_extractor(m)
     shape = jax.eval_shape(lambda x: fe.init_with_output(jax.random.PRNGKey(0), x)[0],
                            jnp.zeros((1, n)))
     assert shape.shape == (1, want, m.dim)

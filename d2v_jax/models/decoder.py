@@ -126,3 +126,10 @@ class ConvDecoder(nn.Module):
             residual = x
         x = x.reshape(b, n, self.dim)
         return dense(self.out_dim, ("mlp", "embed"), self.dtype, name="proj")(x)
+
+
+def decoder_from_config(d, grid: Sequence[int], out_dim: int, dtype: Any) -> ConvDecoder:
+    """The `ConvDecoder` a `config.decoder` section describes, over `grid`
+    ((h, w) for images, (T,) or (-1,) for sequences), predicting `out_dim`."""
+    return ConvDecoder(tuple(grid), d.dim, out_dim, d.kernel, d.layers, d.groups, d.residual,
+                       conv_impl=d.conv_impl, dtype=dtype)

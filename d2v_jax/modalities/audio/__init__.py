@@ -10,7 +10,7 @@ from d2v_jax.modalities.registry import Modality, register
 
 MODALITY = register(Modality(
     name="audio",
-    build_model=model.AudioData2Vec,
+    build_model=model.build,
     teacher_modules=model.TEACHER_MODULES,
     dummy_batch=model.dummy_batch,
     validate=config.validate,

@@ -35,7 +35,7 @@ from absl import flags, logging
 from d2v_jax.data.pipeline import local_batch_size
 from d2v_jax.modalities.audio import masking
 from d2v_jax.data.rng import example_rng
-from d2v_jax.modalities.audio.model import config_frame_count
+from d2v_jax.modalities.audio.frames import config_frame_count
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".au")
 CROP_STREAM, MASK_STREAM, BATCH_STREAM = 0, 1, 2

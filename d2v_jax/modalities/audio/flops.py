@@ -44,7 +44,7 @@ def step_flops(config: ml_collections.ConfigDict, b: int, clones: int) -> StepFl
         parts["head/linear"] = FWD_BWD * linear(rows * t, m.dim, m.dim)
         tokens = {"teacher": t, "student": t}
     else:
-        keep = t - masking.num_masked_1d(t, config.masking.ratio)
+        keep = masking.num_keep(config, t)
         parts["student/encoder"] = FWD_BWD * encoder(rows, keep, m.dim, m.depth, hidden)
         dm, de = decoder(rows, t, d.kernel, m.dim, d, m.dim)
         parts["decoder/conv"] = (FWD_BWD * dm, FWD_BWD * de)

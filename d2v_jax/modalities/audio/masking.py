@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from d2v_jax.masking import check_float, check_int, check_ratio, check_rng, get_field
+from d2v_jax.modalities.audio.frames import config_frame_count
 
 __all__ = ["SEQUENCE_MASKERS", "block_mask_1d", "num_masked_1d", "same_count", "sequence_masks",
            "span_mask"]
@@ -167,3 +168,21 @@ def sequence_masks(rng: np.random.Generator, num_frames: int, num_valid: int,
             out[i] = block_mask_1d(rng, num_frames, num_valid, ratio, block_len=span,
                                    prob_adjust=get_field(masking_cfg, "prob_adjust", 0.05))
     return out
+
+
+def num_keep_frames(num_frames: int, mask_ratio: float) -> int:
+    """Frames the 2.0 student encodes per row of `num_frames` (a bucket's
+    length): all but the `num_masked_1d` that every row removes."""
+    return num_frames - num_masked_1d(num_frames, mask_ratio)
+
+
+def num_keep(config: Any, num_frames: int | None = None) -> int:
+    """Frames the student encoder sees per row (SPEC 5, 6), for a batch of
+    `num_frames` (default: the largest bucket's): `num_keep_frames` for 2.0,
+    all of them for 1.0. The one count the model, `dummy_batch` and the FLOP
+    counter share."""
+    t = config_frame_count(config, int(config.data.max_sample_size)) if num_frames is None \
+        else int(num_frames)
+    if config.version == "v2":
+        return num_keep_frames(t, config.masking.ratio)
+    return t

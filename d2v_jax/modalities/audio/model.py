@@ -24,7 +24,7 @@ changes nothing.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,29 +33,14 @@ import ml_collections
 import numpy as np
 
 from d2v_jax.modalities.audio import masking
-from d2v_jax.models.decoder import ConvDecoder, GroupedConv, grouped_conv
-from d2v_jax.models.layers import (dtype_of, alibi_bias, alibi_slopes, dense, encoder_from_config,
+from d2v_jax.modalities.audio.frames import config_frame_count, frame_count
+from d2v_jax.models import visible
+from d2v_jax.models.decoder import ConvDecoder, GroupedConv, decoder_from_config, grouped_conv
+from d2v_jax.models.layers import (Encoder, dtype_of, alibi_bias, alibi_slopes, dense, encoder_from_config,
                                    kernel, layer_norm)
 
 TEACHER_MODULES = ("frontend", "context", "encoder")
 POS_CONV_KINDS = ("stack", "single")
-
-
-def frame_count(num_samples, kernels: Sequence[int], strides: Sequence[int]):
-    """Feature frames of a waveform of `num_samples` samples (int, numpy or jax
-    array): each VALID conv maps L -> floor((L - k) / s) + 1 (0 when L < k).
-    A frame counted here reads only real samples, so a frame of a padded
-    waveform is real iff its index < frame_count(real length)."""
-    xp = jnp if isinstance(num_samples, jax.Array) else np
-    length = num_samples
-    for k, s in zip(kernels, strides):
-        length = xp.maximum((length - k) // s + 1, 0)
-    return int(length) if isinstance(num_samples, (int, np.integer)) else length
-
-
-def config_frame_count(config: ml_collections.ConfigDict, num_samples):
-    m = config.model
-    return frame_count(num_samples, m.conv_kernels, m.conv_strides)
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
@@ -63,10 +48,7 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[
     s = int(config.data.max_sample_size)
     t = config_frame_count(config, s)
     mask = np.zeros((batch_size, config.masking.num_clones, t), bool)
-    if config.version == "v2":
-        mask[..., :masking.num_masked_1d(t, config.masking.ratio)] = True
-    else:
-        mask[..., : t // 2] = True
+    mask[..., :t - masking.num_keep(config) if config.version == "v2" else t // 2] = True
     return {"audio": np.zeros((batch_size, s), np.float32),
             "padding_mask": np.zeros((batch_size, s), bool), "mask": mask}
 
@@ -84,23 +66,29 @@ class FeatureExtractor(nn.Module):
     """wav2vec 2.0 conv feature extractor (mode `layer_norm`), feature LayerNorm
     and projection: [B, S] -> [B, T, D] (SPEC 7)."""
 
-    cfg: ml_collections.ConfigDict  # config.model
+    conv_dims: tuple[int, ...]
+    conv_kernels: tuple[int, ...]
+    conv_strides: tuple[int, ...]
+    dim: int
+    conv_bias: bool = False
+    feature_grad_mult: float = 1.0
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, wav: jax.Array) -> jax.Array:
-        m = self.cfg
-        dtype = dtype_of(m.dtype)
+        dtype = dtype_of(self.dtype)
         x = wav[..., None].astype(dtype)
-        for i, (c, k, s) in enumerate(zip(m.conv_dims, m.conv_kernels, m.conv_strides)):
-            x = nn.Conv(c, (k,), strides=(s,), padding="VALID", use_bias=m.conv_bias, dtype=dtype,
+        for i, (c, k, s) in enumerate(zip(self.conv_dims, self.conv_kernels, self.conv_strides)):
+            x = nn.Conv(c, (k,), strides=(s,), padding="VALID", use_bias=self.conv_bias,
+                        dtype=dtype,
                         kernel_init=kernel((None, None, None), nn.initializers.kaiming_normal()),
                         name=f"conv_{i}")(x)
             # fairseq's Fp32LayerNorm over channels, per frame (no time mixing).
             x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=f"conv_norm_{i}")(x).astype(dtype)
             x = nn.gelu(x, approximate=False)
-        x = _grad_mult(x, m.feature_grad_mult)
+        x = _grad_mult(x, self.feature_grad_mult)
         x = layer_norm(1e-5, dtype, "feature_norm")(x)
-        return dense(m.dim, (None, "embed"), dtype, name="proj")(x)
+        return dense(self.dim, (None, "embed"), dtype, name="proj")(x)
 
 
 def _same_conv_even(conv: nn.Module, x: jax.Array, k: int) -> jax.Array:
@@ -140,10 +128,22 @@ class WeightNormConv(nn.Module):
 class AudioContext(nn.Module):
     """Conv positional encoder, embedding LayerNorm, ALiBi scale (SPEC 6)."""
 
-    cfg: ml_collections.ConfigDict  # config.model
+    dim: int
+    num_heads: int
+    pos_conv: str = "stack"  # "stack" (data2vec) or "single" (wav2vec 2.0)
+    pos_conv_width: int = 95
+    pos_conv_depth: int = 5
+    pos_conv_groups: int = 16
+    pos_conv_zero_pad: str = "layer"  # "layer" or "input" (fairseq / HF)
+    conv_impl: str = "xla"
+    norm_eps: float = 1e-5
+    dropout_rate: float = 0.0  # after the embedding LayerNorm (model.dropout)
+    alibi: bool = False
+    alibi_scale_init: float = 1.0
+    dtype: str = "float32"
 
     def setup(self):
-        m = self.cfg
+        m = self
         dtype = dtype_of(m.dtype)
         if m.pos_conv not in POS_CONV_KINDS:
             raise ValueError(f"model.pos_conv={m.pos_conv!r}; expected one of {POS_CONV_KINDS}")
@@ -159,7 +159,7 @@ class AudioContext(nn.Module):
             self.pos_conv = WeightNormConv(m.dim, m.pos_conv_width, m.pos_conv_groups,
                                            m.conv_impl, dtype, name="pos_conv")
         self.emb_norm = layer_norm(m.norm_eps, dtype, "emb_norm")
-        self.dropout = nn.Dropout(m.dropout)
+        self.dropout = nn.Dropout(m.dropout_rate)
         if m.alibi:
             # One learned scale per head, shared by all blocks (fairseq
             # learned_alibi_scale_per_head), clamped at 0 when used.
@@ -172,13 +172,13 @@ class AudioContext(nn.Module):
         padded frames are zeroed after every layer so they carry nothing
         (`model.pos_conv_zero_pad="layer"`), or, as fairseq and Hugging Face
         do, only in the input x ("input"; the caller zeroes x)."""
-        every_layer = self.cfg.get("pos_conv_zero_pad", "layer") == "layer"
+        every_layer = self.pos_conv_zero_pad == "layer"
         valid = None if padding is None or not every_layer else ~padding[..., None]
 
         def zero_pad(h):
             return h if valid is None else jnp.where(valid, h, 0)
 
-        if self.cfg.pos_conv == "single":
+        if self.pos_conv == "single":
             return zero_pad(nn.gelu(self.pos_conv(x), approximate=False))
         h = x
         for conv, norm in zip(self.pos_convs, self.pos_norms):
@@ -191,9 +191,9 @@ class AudioContext(nn.Module):
 
     def bias(self, positions: jax.Array) -> jax.Array | None:
         """ALiBi bias [B|1, H, T, T] for frame indices [B|1, T] (2.0), else None."""
-        if not self.cfg.alibi:
+        if not self.alibi:
             return None
-        slopes = jnp.asarray(alibi_slopes(self.cfg.num_heads))
+        slopes = jnp.asarray(alibi_slopes(self.num_heads))
         scale = jnp.maximum(self.alibi_scale, 0.0)
         return alibi_bias(positions, slopes) * scale[None, :, None, None]
 
@@ -211,28 +211,30 @@ class MaskEmbedding(nn.Module):
 
 
 class AudioData2Vec(nn.Module):
-    config: ml_collections.ConfigDict  # the whole experiment config
+    """The speech model; `build(config)` makes it from an experiment config."""
+
+    version: str  # "v1" or "v2"
+    frontend: FeatureExtractor
+    context: AudioContext
+    encoder: Encoder
+    decoder: ConvDecoder | None = None  # 2.0 only
+    dropout_input: float = 0.0
+    decoder_input_dropout: float = 0.0  # 2.0
+    mask_ratio: float = 0.5  # 2.0: sets the static visible count (masking.num_keep_frames)
+    mask_noise_std: float = 0.01  # 2.0: the decoder's fill at removed frames
+    dtype: str = "float32"
     # Every position is a frame: no CLS to skip when pooling.
     cls_first = False
 
     def setup(self):
-        c = self.config
-        m = c.model
-        dtype = dtype_of(m.dtype)
-        self.version = c.version
-        self.frontend = FeatureExtractor(m)
-        self.context = AudioContext(m)
-        self.encoder = encoder_from_config(m, dtype=dtype)
-        self.input_dropout = nn.Dropout(m.dropout_input)
-        if c.version == "v1":
-            self.mask_emb = MaskEmbedding(m.dim, name="mask_emb")
-            self.head = dense(m.dim, ("embed", "embed_out"), dtype, name="head")
+        dtype = dtype_of(self.dtype)
+        dim = self.frontend.dim
+        self.input_dropout = nn.Dropout(self.dropout_input)
+        if self.version == "v1":
+            self.mask_emb = MaskEmbedding(dim, name="mask_emb")
+            self.head = dense(dim, ("embed", "embed_out"), dtype, name="head")
         else:
-            d = c.decoder
-            # grid (-1,): a 1-D decoder over whatever frame count the batch has.
-            self.decoder = ConvDecoder((-1,), d.dim, m.dim, d.kernel, d.layers, d.groups,
-                                       d.residual, conv_impl=d.conv_impl, dtype=dtype)
-            self.decoder_dropout = nn.Dropout(d.input_dropout)
+            self.decoder_dropout = nn.Dropout(self.decoder_input_dropout)
 
     # -- shared pieces ----------------------------------------------------------
     def frame_padding(self, batch: dict[str, jax.Array], num_frames: int) -> jax.Array | None:
@@ -241,7 +243,7 @@ class AudioData2Vec(nn.Module):
         if pad is None:
             return None
         lengths = jnp.sum(~jnp.asarray(pad, bool), axis=-1)
-        n = config_frame_count(self.config, lengths)
+        n = frame_count(lengths, self.frontend.conv_kernels, self.frontend.conv_strides)
         return jnp.arange(num_frames)[None, :] >= n[:, None]
 
     def _features(self, batch):
@@ -308,7 +310,8 @@ class AudioData2Vec(nn.Module):
         # masks exactly int(r * n) of a row's n real frames; the rest of the
         # quota is taken from its padded frames (always enough, as int(r*T) -
         # int(r*n) <= T - n), which the encoder then never sees.
-        num_remove = masking.num_masked_1d(t, self.config.masking.ratio)
+        num_keep = masking.num_keep_frames(t, self.mask_ratio)
+        num_remove = t - num_keep
         remove = mask
         if pad is not None:
             extra = num_remove - jnp.sum(mask, axis=1, keepdims=True)
@@ -316,16 +319,44 @@ class AudioData2Vec(nn.Module):
             remove = mask | (pad & (rank < extra))
         # fairseq encoder_zero_mask: the positional conv sees masked frames as 0.
         x_pos = self.context.positions(jnp.where(remove[..., None], 0, x), pad)
-        keep = jnp.argsort(remove, axis=1, stable=True)[:, :t - num_remove]
-        visible = jnp.take_along_axis(x + x_pos, keep[..., None], axis=1)
-        visible = self.context.norm(visible, deterministic)
-        kpm = None if pad is None else jnp.take_along_axis(pad, keep, axis=1)
-        h, _ = self.encoder(visible, self.context.bias(keep), kpm, deterministic=deterministic)
+        keep = visible.keep_indices(remove, num_keep)
+        seen = self.context.norm(visible.gather(x + x_pos, keep), deterministic)
+        kpm = None if pad is None else visible.gather(pad, keep)
+        h, _ = self.encoder(seen, self.context.bias(keep), kpm, deterministic=deterministic)
         h = self.decoder_dropout(h, deterministic=deterministic)
         # Decoder input: encoder outputs back in place, removed frames ~ N(0, std).
-        std = self.config.decoder.mask_noise_std
-        full = std * jax.random.normal(self.make_rng("noise"), (bm, t, h.shape[-1]), h.dtype)
-        full = full.at[jnp.arange(bm)[:, None], keep].set(h)
+        full = visible.scatter_with_noise(h, keep, t, self.mask_noise_std, self.make_rng("noise"))
         if pad is not None:
             full = jnp.where(pad[..., None], 0, full)
         return self.decoder(full)
+
+
+def feature_extractor(m: ml_collections.ConfigDict) -> FeatureExtractor:
+    """The conv feature extractor a `config.model` section describes."""
+    return FeatureExtractor(tuple(m.conv_dims), tuple(m.conv_kernels), tuple(m.conv_strides),
+                            m.dim, conv_bias=m.conv_bias, feature_grad_mult=m.feature_grad_mult,
+                            dtype=m.dtype)
+
+
+def build(config: ml_collections.ConfigDict) -> AudioData2Vec:
+    """The speech model an experiment config describes (`config.model`,
+    `config.decoder`, `config.masking`)."""
+    m = config.model
+    if m.pos_conv not in POS_CONV_KINDS:
+        raise ValueError(f"model.pos_conv={m.pos_conv!r}; expected one of {POS_CONV_KINDS}")
+    context = AudioContext(
+        dim=m.dim, num_heads=m.num_heads, pos_conv=m.pos_conv, pos_conv_width=m.pos_conv_width,
+        pos_conv_depth=m.pos_conv_depth, pos_conv_groups=m.pos_conv_groups,
+        pos_conv_zero_pad=m.get("pos_conv_zero_pad", "layer"), conv_impl=m.conv_impl,
+        norm_eps=m.norm_eps, dropout_rate=m.dropout, alibi=m.alibi,
+        alibi_scale_init=m.alibi_scale_init, dtype=m.dtype)
+    encoder = encoder_from_config(m, dtype=dtype_of(m.dtype))
+    common = dict(dropout_input=m.dropout_input, dtype=m.dtype)
+    if config.version == "v1":
+        return AudioData2Vec("v1", feature_extractor(m), context, encoder, **common)
+    d = config.decoder
+    # grid (-1,): a 1-D decoder over whatever frame count the batch has.
+    decoder = decoder_from_config(d, (-1,), m.dim, dtype_of(m.dtype))
+    return AudioData2Vec("v2", feature_extractor(m), context, encoder, decoder,
+                         decoder_input_dropout=d.input_dropout, mask_ratio=config.masking.ratio,
+                         mask_noise_std=d.mask_noise_std, **common)

@@ -13,7 +13,7 @@ from d2v_jax.modalities.registry import Modality, register
 
 MODALITY = register(Modality(
     name="image",
-    build_model=model.ImageData2Vec,
+    build_model=model.build,
     teacher_modules=model.TEACHER_MODULES,
     dummy_batch=model.dummy_batch,
     validate=config.validate,

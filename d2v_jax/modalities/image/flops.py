@@ -11,7 +11,7 @@ from d2v_jax.models.flops import (FWD_BWD, FWD_BWD_NO_INPUT_GRAD, StepFlops, con
 
 def step_flops(config: ml_collections.ConfigDict, b: int, clones: int) -> StepFlops:
     m, d = config.model, config.decoder
-    grid = (m.image_size // m.patch_size,) * 2
+    grid = masking.grid_of(config)
     n = grid[0] * grid[1]
     hidden = mlp_hidden(m)
     patch = conv(n, m.patch_size * m.patch_size, m.channels, m.dim)  # per image
@@ -26,7 +26,7 @@ def step_flops(config: ml_collections.ConfigDict, b: int, clones: int) -> StepFl
         parts["head/linear"] = FWD_BWD * linear(rows * n, m.dim, m.dim)
         tokens = {"teacher": 1 + n, "student": 1 + n}
     else:
-        keep = n - masking.num_masked_inverse(grid, config.masking.ratio)
+        keep = masking.num_keep(config)
         parts["student/patch_embed"] = FWD_BWD_NO_INPUT_GRAD * b * patch
         parts["student/encoder"] = FWD_BWD * encoder(rows, 1 + keep, m.dim, m.depth, hidden)
         dm, de = decoder(rows, n, d.kernel ** 2, m.dim, d, m.dim)

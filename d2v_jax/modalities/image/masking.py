@@ -282,3 +282,21 @@ def image_masks(rng: np.random.Generator, grid: tuple[int, int], masking_cfg: An
     for i in range(num_clones):
         out[i] = masker(rng, (h, w), **kwargs).reshape(-1)
     return out
+
+
+def grid_of(config: Any) -> tuple[int, int]:
+    """The patch grid (h, w) of `config.model` (square images)."""
+    m = config.model
+    return (m.image_size // m.patch_size,) * 2
+
+
+def num_keep(config: Any) -> int:
+    """Patches the student encoder sees per row (SPEC 5, 6): for 2.0 the
+    N - `num_masked_inverse` visible ones (inverse block masking masks exactly
+    that many in every row); for 1.0 all N (masked ones carry the mask token).
+    The one count the pipeline, the model and the FLOP counter share."""
+    grid = grid_of(config)
+    n = grid[0] * grid[1]
+    if config.version == "v2":
+        return n - num_masked_inverse(grid, config.masking.ratio)
+    return n

@@ -25,9 +25,10 @@ import ml_collections
 import numpy as np
 
 from d2v_jax.modalities.image import masking
-from d2v_jax.models.decoder import ConvDecoder
-from d2v_jax.models.layers import (dtype_of, RelativePositionBias, dense, encoder_from_config, kernel,
-                                   layer_norm, sincos_2d)
+from d2v_jax.models import visible
+from d2v_jax.models.decoder import ConvDecoder, decoder_from_config
+from d2v_jax.models.layers import (Encoder, RelativePositionBias, dense, dtype_of,
+                                   encoder_from_config, kernel, layer_norm, sincos_2d)
 
 TEACHER_MODULES = ("frontend", "encoder")
 
@@ -35,16 +36,14 @@ TEACHER_MODULES = ("frontend", "encoder")
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
     """A batch of the right shapes and a valid mask, for `init` and tracing."""
     m = config.model
-    grid = (m.image_size // m.patch_size,) * 2
+    grid = masking.grid_of(config)
     n = grid[0] * grid[1]
-    if config.version == "v2":
-        num_masked = masking.num_masked_inverse(grid, config.masking.ratio)
-    else:
-        num_masked = n // 2
+    num_masked = n - masking.num_keep(config) if config.version == "v2" else n // 2
     mask = np.zeros((batch_size, config.masking.num_clones, n), bool)
     mask[..., :num_masked] = True
     return {"image": np.zeros((batch_size, m.image_size, m.image_size, m.channels), np.float32),
             "mask": mask}
+
 
 # The patch projection's init decides how loud content is next to the fixed
 # positions at the start: with few input pixels per patch (p*p*C small) a 0.02
@@ -66,78 +65,85 @@ PATCH_EMBED_INITS = {
 class ImageFrontEnd(nn.Module):
     """Patch embedding, positions, CLS and mask tokens, embedding LN (2.0)."""
 
-    cfg: ml_collections.ConfigDict  # config.model
-    version: str
+    image_size: int
+    patch_size: int
+    channels: int
+    dim: int
+    num_heads: int
+    abs_pos: str = "sincos"  # "sincos" (2.0) or "none" (1.0: relative bias only)
+    rel_pos_bias: str = "none"  # "shared": one BEiT table for all blocks
+    layer_norm_first: bool = False
+    norm_eps: float = 1e-6
+    patch_embed_init: str = "xavier"
+    mask_token: bool = False  # 1.0: a learned token replaces masked patches
+    dtype: str = "float32"
 
     def setup(self):
-        m = self.cfg
-        dtype = dtype_of(m.dtype)
-        self.grid = (m.image_size // m.patch_size,) * 2
+        dtype = dtype_of(self.dtype)
+        self.grid = (self.image_size // self.patch_size,) * 2
+        p = self.patch_size
         self.patch_embed = nn.Conv(
-            m.dim, (m.patch_size, m.patch_size), strides=(m.patch_size, m.patch_size),
-            padding="VALID", dtype=dtype, name="patch_embed",
-            kernel_init=kernel((None, None, None, "embed"), PATCH_EMBED_INITS[m.patch_embed_init]),
+            self.dim, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed",
+            kernel_init=kernel((None, None, None, "embed"),
+                               PATCH_EMBED_INITS[self.patch_embed_init]),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
         tok_init = kernel(("embed",))
-        self.cls_token = self.param("cls_token", tok_init, (m.dim,))
-        if self.version == "v1":
-            self.mask_token = self.param("mask_token", tok_init, (m.dim,))
-        if m.rel_pos_bias == "shared":
-            self.rel_pos = RelativePositionBias(self.grid, m.num_heads, name="rel_pos_bias")
-        if not m.layer_norm_first:  # post-LN blocks need normalized inputs
-            self.emb_norm = layer_norm(m.norm_eps, dtype, "emb_norm")
+        self.cls_token = self.param("cls_token", tok_init, (self.dim,))
+        if self.mask_token:
+            self.mask_embedding = self.param("mask_token", tok_init, (self.dim,))
+        if self.rel_pos_bias == "shared":
+            self.rel_pos = RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")
+        if not self.layer_norm_first:  # post-LN blocks need normalized inputs
+            self.emb_norm = layer_norm(self.norm_eps, dtype, "emb_norm")
 
     def patches(self, image: jax.Array) -> jax.Array:
         """[B,H,W,C] -> [B,N,D] patch embeddings (with fixed positions for 2.0)."""
         x = self.patch_embed(image)
         b = x.shape[0]
         x = x.reshape(b, -1, x.shape[-1])
-        if self.cfg.abs_pos == "sincos":
-            x = x + sincos_2d(self.grid, self.cfg.dim).astype(x.dtype)
+        if self.abs_pos == "sincos":
+            x = x + sincos_2d(self.grid, self.dim).astype(x.dtype)
         return x
 
     def with_cls(self, x: jax.Array) -> jax.Array:
         """Prepends CLS (which gets no position, as fairseq's extra tokens)."""
         cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
-        if not self.cfg.layer_norm_first:
+        if not self.layer_norm_first:
             x = self.emb_norm(x)
         return x
 
     def apply_mask_token(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        return jnp.where(mask[..., None], self.mask_token.astype(x.dtype), x)
+        return jnp.where(mask[..., None], self.mask_embedding.astype(x.dtype), x)
 
     def bias(self):
-        return self.rel_pos() if self.cfg.rel_pos_bias == "shared" else None
+        return self.rel_pos() if self.rel_pos_bias == "shared" else None
 
 
 class ImageData2Vec(nn.Module):
-    config: ml_collections.ConfigDict  # the whole experiment config
+    """The image model; `build(config)` makes it from an experiment config."""
+
+    version: str  # "v1" or "v2"
+    frontend: ImageFrontEnd
+    encoder: Encoder
+    decoder: ConvDecoder | None = None  # 2.0 only
+    num_keep: int = 0  # 2.0: patches the student encodes per row (masking.num_keep)
+    mask_noise_std: float = 0.01  # 2.0: the decoder's fill at removed patches
+    dtype: str = "float32"
     # `encode` returns the CLS position first (pooling skips it for "mean").
     cls_first = True
 
     def setup(self):
-        c = self.config
-        m = c.model
-        self.version = c.version
-        dtype = dtype_of(m.dtype)
-        self.grid = (m.image_size // m.patch_size,) * 2
-        self.frontend = ImageFrontEnd(m, c.version)
-        self.encoder = encoder_from_config(m, layer_norm_first=m.layer_norm_first,
-                                           layer_scale_init=m.layer_scale_init, dtype=dtype)
-        if m.layer_norm_first:  # pre-LN stacks end with a LayerNorm (BEiT)
-            self.final_norm = layer_norm(m.norm_eps, dtype, "final_norm")
-        if c.version == "v1":
-            self.head = dense(m.dim, ("embed", "embed_out"), dtype, name="head")
-        else:
-            d = c.decoder
-            self.decoder = ConvDecoder(self.grid, d.dim, m.dim, d.kernel, d.layers, d.groups,
-                                       d.residual, conv_impl=d.conv_impl, dtype=dtype)
+        dtype = dtype_of(self.dtype)
+        if self.frontend.layer_norm_first:  # pre-LN stacks end with a LayerNorm (BEiT)
+            self.final_norm = layer_norm(self.frontend.norm_eps, dtype, "final_norm")
+        if self.version == "v1":
+            self.head = dense(self.frontend.dim, ("embed", "embed_out"), dtype, name="head")
 
     # -- shared pieces ----------------------------------------------------------
     def _encode(self, x, *, deterministic: bool, final_norm: bool = True):
         x, layer_targets = self.encoder(x, self.frontend.bias(), deterministic=deterministic)
-        if final_norm and self.config.model.layer_norm_first:
+        if final_norm and self.frontend.layer_norm_first:
             x = self.final_norm(x)
         return x, layer_targets
 
@@ -183,15 +189,30 @@ class ImageData2Vec(nn.Module):
         x = jnp.repeat(x, m, axis=0)
         mask = mask.reshape(b * m, n)
         # Every row has the same masked count (inverse block masking adjusts it
-        # exactly), so the visible set has a static size. A stable argsort puts
-        # the visible (False) positions first, in increasing order.
-        num_keep = n - masking.num_masked_inverse(self.grid, self.config.masking.ratio)
-        keep = jnp.argsort(mask, axis=1, stable=True)[:, :num_keep]
-        visible = jnp.take_along_axis(x, keep[..., None], axis=1)
-        h, _ = self._encode(self.frontend.with_cls(visible), deterministic=deterministic)
+        # exactly), so the visible set has the static size num_keep.
+        keep = visible.keep_indices(mask, self.num_keep)
+        h, _ = self._encode(self.frontend.with_cls(visible.gather(x, keep)),
+                            deterministic=deterministic)
         # Decoder input: visible outputs back in place, masked slots ~ N(0, std).
-        std = self.config.decoder.mask_noise_std
-        noise = std * jax.random.normal(self.make_rng("noise"), (b * m, n, h.shape[-1]), h.dtype)
-        rows = jnp.arange(b * m)[:, None]
-        full = noise.at[rows, keep].set(h[:, 1:])
+        full = visible.scatter_with_noise(h[:, 1:], keep, n, self.mask_noise_std,
+                                          self.make_rng("noise"))
         return {"pred": self.decoder(full), "cls": h[:, 0]}
+
+
+def build(config: ml_collections.ConfigDict) -> ImageData2Vec:
+    """The image model an experiment config describes (`config.model`,
+    `config.decoder`, `config.masking`)."""
+    m = config.model
+    frontend = ImageFrontEnd(
+        image_size=m.image_size, patch_size=m.patch_size, channels=m.channels, dim=m.dim,
+        num_heads=m.num_heads, abs_pos=m.abs_pos, rel_pos_bias=m.rel_pos_bias,
+        layer_norm_first=m.layer_norm_first, norm_eps=m.norm_eps,
+        patch_embed_init=m.patch_embed_init, mask_token=config.version == "v1", dtype=m.dtype)
+    encoder = encoder_from_config(m, layer_norm_first=m.layer_norm_first,
+                                  layer_scale_init=m.layer_scale_init, dtype=dtype_of(m.dtype))
+    if config.version == "v1":
+        return ImageData2Vec("v1", frontend, encoder, dtype=m.dtype)
+    decoder = decoder_from_config(config.decoder, masking.grid_of(config), m.dim,
+                                  dtype_of(m.dtype))
+    return ImageData2Vec("v2", frontend, encoder, decoder, num_keep=masking.num_keep(config),
+                         mask_noise_std=config.decoder.mask_noise_std, dtype=m.dtype)

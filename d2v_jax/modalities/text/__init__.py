@@ -14,7 +14,7 @@ from d2v_jax.modalities.text import config, data, flops, labeled, model
 
 MODALITY = register(Modality(
     name="text",
-    build_model=model.TextData2Vec,
+    build_model=model.build,
     teacher_modules=model.TEACHER_MODULES,
     dummy_batch=model.dummy_batch,
     validate=config.validate,

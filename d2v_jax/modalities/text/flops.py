@@ -21,7 +21,7 @@ def step_flops(config: ml_collections.ConfigDict, b: int, clones: int) -> StepFl
                                        + linear(rows * t, 2 * m.dim, m.dim))
         tokens = {"teacher": t, "student": t}
     else:
-        keep = text_masking.num_keep_random(t, config.masking.ratio)
+        keep = text_masking.num_keep(config)
         parts["student/encoder"] = FWD_BWD * encoder(rows, keep, m.dim, m.depth, hidden)
         dm, de = decoder(rows, t, d.kernel, m.dim, d, m.dim)
         parts["decoder/conv"] = (FWD_BWD * dm, FWD_BWD * de)

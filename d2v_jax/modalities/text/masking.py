@@ -179,3 +179,14 @@ def text_masks(rng: np.random.Generator, tokens: np.ndarray, maskable: np.ndarra
     if inputs:
         out["inputs"] = np.stack(inputs).astype(np.int32)
     return out
+
+
+def num_keep(config: Any) -> int:
+    """Positions the student encoder sees per row (SPEC 5, 6): for 2.0
+    `num_keep_random(data.max_len, ratio)` (rows with fewer real tokens fill
+    the rest with padding positions); for 1.0 all `data.max_len`. The one count
+    the pipeline, the model and the FLOP counter share."""
+    length = int(config.data.max_len)
+    if config.version == "v2":
+        return num_keep_random(length, config.masking.ratio)
+    return length

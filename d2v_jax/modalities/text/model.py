@@ -31,8 +31,9 @@ import ml_collections
 import numpy as np
 
 from d2v_jax.modalities.text import masking as text_masking
-from d2v_jax.models.decoder import ConvDecoder
-from d2v_jax.models.layers import dtype_of, dense, encoder_from_config, kernel, layer_norm
+from d2v_jax.models import visible
+from d2v_jax.models.decoder import ConvDecoder, decoder_from_config
+from d2v_jax.models.layers import Encoder, dense, dtype_of, encoder_from_config, kernel, layer_norm
 
 TEACHER_MODULES = ("frontend", "encoder")
 DUMMY_TOKEN = 5  # any non-special id: the dummy batch must not be all padding
@@ -61,49 +62,51 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[
 class TextFrontEnd(nn.Module):
     """Token + learned position embeddings, embedding LayerNorm, dropout."""
 
-    cfg: ml_collections.ConfigDict  # config.model
+    vocab_size: int
+    max_positions: int
+    dim: int
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, deterministic: bool) -> jax.Array:
-        m = self.cfg
         t = tokens.shape[-1]
-        if t > m.max_positions:
-            raise ValueError(f"sequence length {t} > model.max_positions={m.max_positions}")
-        dtype = dtype_of(m.dtype)
-        embed = nn.Embed(m.vocab_size, m.dim, dtype=dtype, name="token_embed",
+        if t > self.max_positions:
+            raise ValueError(f"sequence length {t} > model.max_positions={self.max_positions}")
+        dtype = dtype_of(self.dtype)
+        embed = nn.Embed(self.vocab_size, self.dim, dtype=dtype, name="token_embed",
                          embedding_init=kernel((None, "embed")))
-        pos = self.param("pos_embed", kernel((None, "embed")), (m.max_positions, m.dim))
+        pos = self.param("pos_embed", kernel((None, "embed")), (self.max_positions, self.dim))
         x = embed(tokens) + pos[:t].astype(dtype)
-        x = layer_norm(m.norm_eps, dtype, "emb_norm")(x)
-        return nn.Dropout(m.dropout)(x, deterministic=deterministic)
+        x = layer_norm(self.norm_eps, dtype, "emb_norm")(x)
+        return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
 class TextData2Vec(nn.Module):
-    config: ml_collections.ConfigDict  # the whole experiment config
+    """The sequence model; `build(config)` makes it from an experiment config."""
+
+    version: str  # "v1" or "v2"
+    frontend: TextFrontEnd
+    encoder: Encoder
+    decoder: ConvDecoder | None = None  # 2.0 only
+    num_keep: int = 0  # 2.0: positions the student encodes per row (masking.num_keep)
+    mask_noise_std: float = 0.01  # 2.0: the decoder's fill at removed positions
+    dtype: str = "float32"
     # `encode` puts <s> first, RoBERTa's sequence representation.
     cls_first = True
 
     def setup(self):
-        c = self.config
-        m = c.model
-        _vocab_size(c)
-        dtype = dtype_of(m.dtype)
-        self.version = c.version
-        self.frontend = TextFrontEnd(m)
-        self.encoder = encoder_from_config(m, dtype=dtype)
-        if c.version == "v1":
+        dtype = dtype_of(self.dtype)
+        dim = self.frontend.dim
+        if self.version == "v1":
             # SPEC 3: text 1.0 regresses with Linear(D, 2D) -> GELU -> Linear(2D, D).
-            self.head_fc1 = dense(2 * m.dim, ("embed", "mlp"), dtype, name="head_fc1")
-            self.head_fc2 = dense(m.dim, ("mlp", "embed"), dtype, name="head_fc2")
-        else:
-            d = c.decoder
-            self.decoder = ConvDecoder((c.data.max_len,), d.dim, m.dim, d.kernel, d.layers,
-                                       d.groups, d.residual, conv_impl=d.conv_impl, dtype=dtype)
+            self.head_fc1 = dense(2 * dim, ("embed", "mlp"), dtype, name="head_fc1")
+            self.head_fc2 = dense(dim, ("mlp", "embed"), dtype, name="head_fc2")
 
     def _encode(self, tokens, padding_mask, *, deterministic: bool):
         x = self.frontend(tokens, deterministic=deterministic)
         return self.encoder(x, None, padding_mask, deterministic=deterministic)
-
     # -- entry points -------------------------------------------------------------
     def teacher(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
         """{'layers': [L, B, T, D] block FFN outputs of the full sequence (SPEC 2),
@@ -140,17 +143,26 @@ class TextData2Vec(nn.Module):
         # Visible real tokens first, then padding, then masked tokens (stable, so in
         # order). A row with n real tokens has n - int(p n) visible ones, never more
         # than num_keep; the padding positions that fill the rest stay padding.
-        num_keep = text_masking.num_keep_random(t, self.config.masking.ratio)
-        order = jnp.where(mask, 2, jnp.where(padding, 1, 0))
-        keep = jnp.argsort(order, axis=1, stable=True)[:, :num_keep]
-        visible = jnp.take_along_axis(x, keep[..., None], axis=1)
-        kept_padding = jnp.take_along_axis(padding, keep, axis=1)
-        h, _ = self.encoder(visible, None, kept_padding, deterministic=deterministic)
+        keep = visible.keep_indices(jnp.where(mask, 2, jnp.where(padding, 1, 0)), self.num_keep)
+        h, _ = self.encoder(visible.gather(x, keep), None, visible.gather(padding, keep),
+                            deterministic=deterministic)
         # Decoder input: visible outputs back in place, masked slots ~ N(0, std),
         # padding 0 (the convolution must not read the pad tokens' states).
-        std = self.config.decoder.mask_noise_std
-        noise = std * jax.random.normal(self.make_rng("noise"), (bm, t, h.shape[-1]), h.dtype)
-        rows = jnp.arange(bm)[:, None]
-        full = noise.at[rows, keep].set(h)
+        full = visible.scatter_with_noise(h, keep, t, self.mask_noise_std, self.make_rng("noise"))
         full = jnp.where(padding[..., None], 0, full)
         return self.decoder(full)
+
+
+def build(config: ml_collections.ConfigDict) -> TextData2Vec:
+    """The sequence model an experiment config describes (`config.model` with
+    the tokenizer's `vocab_size`, `config.decoder`, `config.masking`)."""
+    m = config.model
+    frontend = TextFrontEnd(vocab_size=_vocab_size(config), max_positions=m.max_positions,
+                            dim=m.dim, norm_eps=m.norm_eps, dropout=m.dropout, dtype=m.dtype)
+    encoder = encoder_from_config(m, dtype=dtype_of(m.dtype))
+    if config.version == "v1":
+        return TextData2Vec("v1", frontend, encoder, dtype=m.dtype)
+    decoder = decoder_from_config(config.decoder, (config.data.max_len,), m.dim,
+                                  dtype_of(m.dtype))
+    return TextData2Vec("v2", frontend, encoder, decoder, num_keep=text_masking.num_keep(config),
+                        mask_noise_std=config.decoder.mask_noise_std, dtype=m.dtype)
