@@ -12,8 +12,18 @@ and runs on a laptop CPU in minutes. `base` carries the numbers of SPEC.md
 plain folder of audio files).
 """
 
+import os
+import sys
+
 import ml_collections
 from ml_collections import config_dict
+
+# Experiment files are loaded by path, not as a package: import the shared
+# sections (experiments/common.py) from this folder.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
+import common  # noqa: E402
 
 _SIZES = {
     #        dim, depth, heads, conv channels
@@ -167,36 +177,14 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   o.lr = 5e-4 if v1 else 7.5e-4
 
   # --- run --------------------------------------------------------------------
-  c.train = r = ml_collections.ConfigDict()
   if tiny:
-    r.num_steps, o.warmup_steps, o.lr = 300, 30, 1e-3
+    num_steps, o.warmup_steps, o.lr = 300, 30, 1e-3
   elif v1:
-    r.num_steps, o.warmup_steps = 400_000, 12_000
+    num_steps, o.warmup_steps = 400_000, 12_000
   else:
-    r.num_steps, o.warmup_steps = 400_000, 8_000
-  r.log_every = 10 if tiny else 100
-  r.checkpoint_every = 0 if tiny else 5000  # 0 = only at the end (and on SIGTERM)
-  r.keep_checkpoints = 2  # the latest N steps ...
-  r.keep_every = 0  # ... plus every multiple of this step (0 = none)
-  r.nonfinite = "stop"  # NaN/inf loss or gradients: stop | skip (drop that update)
+    num_steps, o.warmup_steps = 400_000, 8_000
+  c.train = common.train(num_steps, log_every=10 if tiny else 100,
+                         checkpoint_every=0 if tiny else 5000)
 
-  # --- scale-out (docs/scaling.md) ---------------------------------------------
-  c.mesh = ms = ml_collections.ConfigDict()
-  ms.data = -1  # data-parallel replicas; -1 = the devices the other axes leave
-  ms.fsdp = 1  # ZeRO-3: params, grads, Adam moments and ema_params split over it
-  ms.tensor = 1  # Megatron-style split of the mlp / qkv / heads axes
-  ms.rules = ()  # overrides of parallel.DEFAULT_RULES
-  c.parallel = pl = ml_collections.ConfigDict()
-  pl.mode = "jit"  # jit | pmap | shard_map
-  pl.distributed = "auto"  # auto | on | off: jax.distributed.initialize()
-
-  # --- collapse guard (SPEC 3) ------------------------------------------------
-  c.collapse = g = ml_collections.ConfigDict()
-  g.min_target_var = 0.1
-  g.min_pred_var = 0.01
-  # Positional collapse: targets that position alone explains (metric
-  # target_pos_share, losses.position_share) teach nothing about content.
-  g.max_target_pos_share = 0.9
-  g.after_step = 50 if tiny else 5000
-  g.action = "warn"
+  common.add_run_sections(c, collapse_after=50 if tiny else 5000)
   return c

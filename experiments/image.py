@@ -14,8 +14,18 @@ SPEC.md (sections 2-7) and expect an ImageNet style class-folder tree at
 `--config.data.path`.
 """
 
+import os
+import sys
+
 import ml_collections
 from ml_collections import config_dict
+
+# Experiment files are loaded by path, not as a package: import the shared
+# sections (experiments/common.py) from this folder.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
+import common  # noqa: E402
 
 _SIZES = {
     #        dim, depth, heads
@@ -178,38 +188,14 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   o.no_decay = ("relative_position_bias_table",)
 
   # --- run --------------------------------------------------------------------
-  c.train = r = ml_collections.ConfigDict()
   if tiny:
-    (r.num_steps, o.lr), o.warmup_steps = _DIGIT_RECIPES[size], 60
+    (num_steps, o.lr), o.warmup_steps = _DIGIT_RECIPES[size], 60
   elif v1:  # 800 epochs of ImageNet-1k at batch 2048, 10 warm-up epochs
-    r.num_steps, o.warmup_steps = 800 * 625, 10 * 625
+    num_steps, o.warmup_steps = 800 * 625, 10 * 625
   else:  # 150 epochs at batch 256 (x16 clones) = 5005 steps/epoch, 10 warm-up epochs
-    r.num_steps, o.warmup_steps = 150 * 5005, 10 * 5005
-  r.log_every = 20 if tiny else 100
-  r.checkpoint_every = 0 if tiny else 5000  # 0 = only at the end (and on SIGTERM)
-  r.keep_checkpoints = 2  # the latest N steps ...
-  r.keep_every = 0  # ... plus every multiple of this step (0 = none)
-  r.nonfinite = "stop"  # NaN/inf loss or gradients: stop | skip (drop that update)
+    num_steps, o.warmup_steps = 150 * 5005, 10 * 5005
+  c.train = common.train(num_steps, log_every=20 if tiny else 100,
+                         checkpoint_every=0 if tiny else 5000)
 
-  # --- scale-out (docs/scaling.md) ---------------------------------------------
-  c.mesh = ms = ml_collections.ConfigDict()
-  ms.data = -1  # data-parallel replicas; -1 = the devices the other axes leave
-  ms.fsdp = 1  # ZeRO-3: params, grads, Adam moments and ema_params split over it
-  ms.tensor = 1  # Megatron-style split of the mlp / qkv / heads axes
-  # ((logical_name, mesh_axis | (axes...) | None), ...) overriding
-  # parallel.DEFAULT_RULES, e.g. (("embed", None),) to keep embeddings whole.
-  ms.rules = ()
-  c.parallel = pl = ml_collections.ConfigDict()
-  pl.mode = "jit"  # jit (NamedSharding; main path) | pmap | shard_map (data parallel)
-  pl.distributed = "auto"  # auto | on | off: jax.distributed.initialize()
-
-  # --- collapse guard (SPEC 3) ------------------------------------------------
-  c.collapse = g = ml_collections.ConfigDict()
-  g.min_target_var = 0.1
-  g.min_pred_var = 0.01
-  # Positional collapse: targets that position alone explains (metric
-  # target_pos_share, losses.position_share) teach nothing about content.
-  g.max_target_pos_share = 0.9
-  g.after_step = 100 if tiny else 5000
-  g.action = "warn"  # warn | stop
+  common.add_run_sections(c, collapse_after=100 if tiny else 5000)
   return c

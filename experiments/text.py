@@ -15,8 +15,18 @@ saved in `<workdir>/tokenizer/` (`--config.tokenizer.path` reuses one);
 `build_config` below for SMILES and proteins.
 """
 
+import os
+import sys
+
 import ml_collections
 from ml_collections import config_dict
+
+# Experiment files are loaded by path, not as a package: import the shared
+# sections (experiments/common.py) from this folder.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
+import common  # noqa: E402
 
 _SIZES = {
     #        dim, depth, heads
@@ -165,35 +175,13 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   o.accum_steps = 1
 
   # --- run ----------------------------------------------------------------------------
-  c.train = r = ml_collections.ConfigDict()
-  r.num_steps = 1_000_000
+  num_steps = 1_000_000
   if tiny:  # ~3 minutes on 2 CPU cores
-    r.num_steps, o.warmup_steps, o.lr = 400, 40, 1e-3
-  r.log_every = 20 if tiny else 100
-  r.checkpoint_every = 0 if tiny else 5000
-  r.keep_checkpoints = 2
-  r.keep_every = 0
-  r.nonfinite = "stop"
+    num_steps, o.warmup_steps, o.lr = 400, 40, 1e-3
+  c.train = common.train(num_steps, log_every=20 if tiny else 100,
+                         checkpoint_every=0 if tiny else 5000)
 
-  # --- scale-out (docs/scaling.md) ------------------------------------------------------
-  c.mesh = ms = ml_collections.ConfigDict()
-  ms.data = -1
-  ms.fsdp = 1
-  ms.tensor = 1
-  ms.rules = ()
-  c.parallel = pl = ml_collections.ConfigDict()
-  pl.mode = "jit"
-  pl.distributed = "auto"
-
-  # --- collapse guard (SPEC 3) ------------------------------------------------------------
-  c.collapse = g = ml_collections.ConfigDict()
-  g.min_target_var = 0.1
-  g.min_pred_var = 0.01
-  # Positional collapse: targets that position alone explains (metric
-  # target_pos_share, losses.position_share) teach nothing about content.
-  g.max_target_pos_share = 0.9
-  g.after_step = 100 if tiny else 5000
-  g.action = "warn"
+  common.add_run_sections(c, collapse_after=100 if tiny else 5000)
   return c
 
 
