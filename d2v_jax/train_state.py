@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from d2v_jax import modalities
+from d2v_jax import modalities, optim
 
 
 @flax.struct.dataclass
@@ -65,7 +65,6 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
                        model: nn.Module | None = None) -> TrainState:
     """A fresh state: params from `rng`, the teacher a copy of the student."""
     if tx is None:
-        from d2v_jax import optim
         tx, _ = optim.make_optimizer(config)
     params = nn.unbox(init_params(config, rng, model))
     # A real copy: the state is donated, and a buffer may be donated only once.

@@ -16,12 +16,16 @@ import argparse
 import os
 import sys
 
+from d2v_jax import checkpoint
+from d2v_jax.api import save_checkpoint
+from d2v_jax.convert import (from_fairseq, from_huggingface, make_train_state,
+                             to_huggingface)
+from d2v_jax.train_state import teacher_params
+
 
 def _hf_to_jax(args) -> str:
     from transformers import AutoConfig, AutoModel
 
-    from d2v_jax.api import save_checkpoint
-    from d2v_jax.convert import from_huggingface
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r} is not a folder (save_pretrained output)")
@@ -32,10 +36,6 @@ def _hf_to_jax(args) -> str:
 
 
 def _jax_to_hf(args) -> str:
-    from d2v_jax import checkpoint
-    from d2v_jax.convert import to_huggingface
-    from d2v_jax.train_state import teacher_params
-
     both, config = checkpoint.restore_params(args.workdir, args.step,
                                              subtrees=("params", "ema_params"))
     params = both["params"]
@@ -48,9 +48,6 @@ def _jax_to_hf(args) -> str:
 
 def _fairseq_to_jax(args) -> str:
     import torch
-
-    from d2v_jax.api import save_checkpoint
-    from d2v_jax.convert import from_fairseq, make_train_state
 
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")

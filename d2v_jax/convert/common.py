@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from d2v_jax import modalities
+from d2v_jax import modalities, optim
 from d2v_jax.config import load_config
+from d2v_jax.train_state import TrainState, ema_keys, init_params
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "experiments")
@@ -163,9 +164,6 @@ def make_train_state(config: ml_collections.ConfigDict, params: Any, ema_params:
     `--init_from`. Subtrees the checkpoint lacks (pretraining heads, decoder) are
     freshly initialised from `seed` (default `config.seed`); the teacher is
     `ema_params`, or a copy of the student's teacher subtrees."""
-    from d2v_jax import optim
-    from d2v_jax.train_state import TrainState, ema_keys, init_params
-
     rng = jax.random.PRNGKey(config.seed if seed is None else seed)
     fresh = jax.jit(lambda r: nn.unbox(init_params(config, r)))(rng)
     merged = {**fresh, **params}

@@ -33,7 +33,7 @@ import numpy as np
 from absl import flags, logging
 
 from d2v_jax.data.pipeline import local_batch_size
-from d2v_jax.modalities.audio import masking
+from d2v_jax.modalities.audio import masking, speech_set
 from d2v_jax.data.rng import example_rng
 from d2v_jax.modalities.audio.frames import config_frame_count
 
@@ -196,9 +196,7 @@ def load_audio(manifest: Manifest, i: int, sample_rate: int) -> np.ndarray:
         raise ValueError(f"audio file {manifest.where(i)} is empty")
     audio = audio.mean(axis=1)  # mono
     if rate != sample_rate:
-        from d2v_jax.modalities.audio.speech_set import resample
-
-        audio = resample(audio, rate, sample_rate)
+        audio = speech_set.resample(audio, rate, sample_rate)
     return audio
 
 
@@ -222,9 +220,7 @@ class AudioSource:
         d = config.data
         sr = int(d.sample_rate)
         if d.source == "espeak_words":
-            from d2v_jax.modalities.audio.speech_set import ensure_espeak_set
-
-            root = d.path or ensure_espeak_set(d.cache_dir)
+            root = d.path or speech_set.ensure_espeak_set(d.cache_dir)
             manifest = read_manifest(os.path.join(root, f"{d.split}.tsv"))
         elif d.source == "manifest":
             if not d.path:
