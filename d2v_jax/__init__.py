@@ -9,7 +9,8 @@ The public API (see docs/api.md):
     make_encoder(config, pool) / encode     representations from trained params
     save_checkpoint / restore_checkpoint    orbax, atomic
 
-Algorithm pieces live in `d2v_jax.targets`, `losses`, `ema`, `masking`.
+Algorithm pieces live in `d2v_jax.targets`, `losses`, `ema` and each modality's
+`masking` (`d2v_jax.modalities.<m>.masking`); docs/architecture.md has the layout.
 """
 
 from d2v_jax.api import (POOLS, TrainState, create_train_state, encode, load_config,
