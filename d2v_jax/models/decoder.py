@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from d2v_jax.errors import check_field
 from d2v_jax.models.layers import dense, kernel, zeros
 
 CONV_IMPLS = ("xla", "einsum", "dense")
@@ -133,3 +134,12 @@ def decoder_from_config(d, grid: Sequence[int], out_dim: int, dtype: Any) -> Con
     ((h, w) for images, (T,) or (-1,) for sequences), predicting `out_dim`."""
     return ConvDecoder(tuple(grid), d.dim, out_dim, d.kernel, d.layers, d.groups, d.residual,
                        conv_impl=d.conv_impl, dtype=dtype)
+
+
+def validate_decoder(config) -> None:
+    """The checks a 2.0 config's `decoder` section must pass (ConfigError)."""
+    d, dim = config.decoder, config.model.dim
+    check_field(d.dim % d.groups == 0, "decoder.groups",
+                f"decoder.dim={d.dim} is not divisible by groups={d.groups}")
+    check_field(dim % d.groups == 0, "decoder.groups",
+                f"model.dim={dim} is not divisible by decoder.groups={d.groups}")

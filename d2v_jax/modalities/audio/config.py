@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from d2v_jax.errors import check_field
+from d2v_jax.models.decoder import validate_decoder
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -32,10 +33,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check_field(k.kind == "block_1d", "masking.kind",
                     "2.0 runs the student on unmasked frames only, which needs the same masked "
                     f"count in every row: use 'block_1d', not {k.kind!r}")
-        check_field(config.decoder.dim % config.decoder.groups == 0, "decoder.groups",
-                    f"decoder.dim={config.decoder.dim} is not divisible by groups={config.decoder.groups}")
-        check_field(m.dim % config.decoder.groups == 0, "decoder.groups",
-                    f"model.dim={m.dim} is not divisible by decoder.groups={config.decoder.groups}")
+        validate_decoder(config)
     else:
         check_field(k.kind in ("span", "block_1d"), "masking.kind", f"{k.kind!r} is not 'span' or 'block_1d'")
     check_field(config.loss.cls_weight == 0, "loss.cls_weight", "the audio model has no CLS token")

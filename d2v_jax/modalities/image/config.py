@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from d2v_jax.errors import check_field
+from d2v_jax.models.decoder import validate_decoder
 from d2v_jax.modalities.image.model import PATCH_EMBED_INITS
 
 
@@ -25,10 +26,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check_field(k.kind == "inverse_block", "masking.kind",
                     "2.0 runs the student on visible patches only, which needs the same masked "
                     f"count in every row: use 'inverse_block', not {k.kind!r}")
-        check_field(config.decoder.dim % config.decoder.groups == 0, "decoder.groups",
-                    f"decoder.dim={config.decoder.dim} is not divisible by groups={config.decoder.groups}")
-        check_field(m.dim % config.decoder.groups == 0, "decoder.groups",
-                    f"model.dim={m.dim} is not divisible by decoder.groups={config.decoder.groups}")
+        validate_decoder(config)
         check_field(m.abs_pos != "sincos" or m.dim % 4 == 0, "model.dim",
                     f"{m.dim} must be divisible by 4 for sin-cos positions")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from d2v_jax.errors import check_field
+from d2v_jax.models.decoder import validate_decoder
 from d2v_jax.modalities.text import data as text_data
 from d2v_jax.modalities.text import masking as text_masking
 from d2v_jax.modalities.text import tokenizer
@@ -30,9 +31,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check_field(k.leave_unmasked_prob == 0 and k.random_token_prob == 0, "masking.random_token_prob",
                     "2.0 removes masked tokens from the student; leave_unmasked_prob and "
                     "random_token_prob must be 0")
-        check_field(config.decoder.dim % config.decoder.groups == 0 and m.dim % config.decoder.groups == 0,
-                    "decoder.groups", f"decoder.dim={config.decoder.dim} and model.dim={m.dim} must be "
-                    f"divisible by decoder.groups={config.decoder.groups}")
+        validate_decoder(config)
     else:
         check_field(k.kind != "random", "masking.kind", "1.0 text masking is 'bert' or 'span'")
         check_field(k.loss_on in ("mask_token", "all"), "masking.loss_on",
