@@ -33,6 +33,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, _ROOT)
 
+from arms import label_efficiency_arms  # noqa: E402  (benchmarks/arms.py, next to this script)
 from d2v_jax import checkpoint, finetune  # noqa: E402
 from d2v_jax.config import load_config, parse_overrides  # noqa: E402
 
@@ -166,8 +167,8 @@ def main(argv):
             logging.info("pretrained in %.0f s", pretrain_seconds)
 
     # 2. Fine-tune both arms; the checkpoint is read once per `init.params`.
-    arms = finetune.label_efficiency_arms(init_from, _OVERRIDES.value, _PRETRAINED_OVERRIDES.value,
-                                          _SCRATCH_OVERRIDES.value)
+    arms = label_efficiency_arms(init_from, _OVERRIDES.value, _PRETRAINED_OVERRIDES.value,
+                                 _SCRATCH_OVERRIDES.value)
     base = load_config(_FINETUNE.value, arms["pretrained"])
     pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
     runs = []

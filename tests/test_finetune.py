@@ -241,15 +241,21 @@ def test_held_out_of_pretraining_compares_the_holdout_with_the_test_split():
 
 
 def test_label_efficiency_scratch_arm_builds_the_pretraining_runs_architecture():
-    arms = finetune.label_efficiency_arms("/runs/le/pretrain", "train.num_steps=5,head.pool=cls",
-                                          "", "optim.layer_decay=1.0")
+    # benchmarks/arms.py by path (it defines no flags; the benchmark script does).
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_arms",
+                                                  os.path.join(ROOT, "benchmarks", "arms.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    arms = bench.label_efficiency_arms("/runs/le/pretrain", "train.num_steps=5,head.pool=cls",
+                                       "", "optim.layer_decay=1.0")
     assert arms == {
         "pretrained": {"train.num_steps": 5, "head.pool": "cls"},
         "scratch": {"backbone": "/runs/le/pretrain", "train.num_steps": 5, "head.pool": "cls",
                     "optim.layer_decay": 1.0}}
     # An explicit scratch backbone wins.
-    arms = finetune.label_efficiency_arms("/runs/le/pretrain", "", "",
-                                          "backbone=experiments/image.py:tiny_v2")
+    arms = bench.label_efficiency_arms("/runs/le/pretrain", "", "",
+                                       "backbone=experiments/image.py:tiny_v2")
     assert arms["scratch"]["backbone"] == "experiments/image.py:tiny_v2"
     with pytest.raises(ValueError, match="'seed' is not key=value"):
         parse_overrides("seed")
