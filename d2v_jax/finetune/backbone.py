@@ -1,0 +1,76 @@
+"""The backbone: pretrained weights and config from a pretraining work dir, its
+run-level preparation, and the labeled data read with its preprocessing."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from d2v_jax import checkpoint, modalities
+from d2v_jax.config import load_config
+from d2v_jax.data import labeled
+from d2v_jax.finetune.config import INIT_PARAMS
+
+
+def load_pretrained(workdir: str, which: str = "student", step: int | None = None
+                    ) -> tuple[dict, ml_collections.ConfigDict]:
+    """(encoder params, pretraining config) from a pretraining work dir.
+
+    `which='teacher'` returns the teacher's view: the student's params with the
+    EMA subtrees (SPEC 4) in place of the student's. Only the params are read,
+    never the optimizer state.
+    """
+    if which not in INIT_PARAMS:
+        raise ValueError(f"init.params={which!r}; expected one of {INIT_PARAMS}")
+    subtrees = ("params", "ema_params") if which == "teacher" else ("params",)
+    restored, config = checkpoint.restore_params(workdir, step, subtrees=subtrees)
+    if which == "teacher":
+        return {**restored["params"], **restored["ema_params"]}, config
+    return restored, config
+
+
+def backbone_config_for(config: ml_collections.ConfigDict, init_from: str | None):
+    """(pretrained encoder params or None, the backbone's pretraining config)."""
+    if init_from:
+        params, bconfig = load_pretrained(init_from, config.init.params, config.init.step)
+        if bconfig.modality != config.modality:
+            raise ValueError(f"--init_from={init_from!r} holds a {bconfig.modality!r} model; "
+                             f"config.modality is {config.modality!r}")
+        return params, bconfig
+    if os.path.isdir(config.backbone):  # a pretraining run: its architecture, fresh weights
+        return None, checkpoint.restore_config(config.backbone)
+    return None, load_config(config.backbone)
+
+
+def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,
+                     workdir: str | None) -> ml_collections.ConfigDict:
+    """The modality's run-level set-up of the backbone config (its
+    `Modality.prepare_backbone`, e.g. the text tokenizer), on a copy."""
+    bconfig = ml_collections.ConfigDict(bconfig.to_dict())
+    return modalities.get(bconfig).prepare_backbone(bconfig, init_from, workdir)
+
+
+def make_labeled_data(config: ml_collections.ConfigDict,
+                      backbone_config: ml_collections.ConfigDict) -> labeled.LabeledData:
+    """The task of `config` (a fine-tune config) read with `backbone_config`'s
+    preprocessing by the modality's `labeled_parts`; splits as in
+    `data.labeled.labeled_data`."""
+    entry = modalities.get(config)
+    if entry.labeled_parts is None:
+        raise ValueError(f"config.modality={config.modality!r} has no labeled data for "
+                         "fine-tuning (its Modality record sets no labeled_parts)")
+    if config.task not in labeled.TASKS:
+        raise ValueError(f"config.task={config.task!r}; expected one of {labeled.TASKS}")
+    return labeled.labeled_data(config, *entry.labeled_parts(config, backbone_config))
+
+
+def held_out_of_pretraining(config: ml_collections.ConfigDict,
+                            bconfig: ml_collections.ConfigDict) -> bool:
+    """Whether the pretraining run kept this fine-tune's test split out: same
+    source, and its `data.holdout_fraction` / `holdout_seed` equal to our
+    `data.test_fraction` / `split_seed` (data/pipeline.py `holdout_split`)."""
+    d, b = config.data, bconfig.data
+    return (b.get("source") == d.source and b.get("path", "") == d.get("path", "")
+            and float(b.get("holdout_fraction", 0.0)) == float(d.test_fraction)
+            and int(b.get("holdout_seed", -1)) == int(d.split_seed))

@@ -1,0 +1,50 @@
+"""Fine-tune config: the allowed values, validation and the number of steps."""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from d2v_jax.data import labeled
+
+MODES = ("finetune", "linear_probe")
+POOLS = ("mean", "cls")
+HEAD_NORMS = ("batch", "layer", "none")
+INIT_PARAMS = ("student", "teacher")
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"config.{field}: {msg}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raises ValueError naming the first impossible field of a fine-tune config."""
+    _check(config.mode in MODES, "mode", f"{config.mode!r} not in {MODES}")
+    _check(config.task in labeled.TASKS, "task", f"{config.task!r} not in {labeled.TASKS}")
+    _check(config.head.pool in POOLS, "head.pool", f"{config.head.pool!r} not in {POOLS}")
+    _check(config.head.norm in HEAD_NORMS, "head.norm", f"{config.head.norm!r} not in {HEAD_NORMS}")
+    _check(config.init.params in INIT_PARAMS, "init.params",
+           f"{config.init.params!r} not in {INIT_PARAMS}")
+    _check(0 < config.optim.layer_decay <= 1, "optim.layer_decay",
+           f"{config.optim.layer_decay} is not in (0, 1]")
+    _check(config.data.batch_size >= 1, "data.batch_size", f"{config.data.batch_size} < 1")
+    _check(config.data.eval_batch_size >= 1, "data.eval_batch_size",
+           f"{config.data.eval_batch_size} < 1")
+    _check(config.optim.schedule in ("cosine", "constant"), "optim.schedule",
+           f"{config.optim.schedule!r} is not 'cosine' or 'constant'")
+    _check(0 <= config.loss.label_smoothing < 1, "loss.label_smoothing",
+           f"{config.loss.label_smoothing} is not in [0, 1)")
+    return config
+
+
+def num_steps(config: ml_collections.ConfigDict, num_labels: int) -> int:
+    """`train.num_steps` if set, else ceil(epochs * labels / batch) clipped to
+    [min_steps, max_steps]."""
+    t = config.train
+    if t.num_steps is not None:
+        _check(t.num_steps >= 1, "train.num_steps", f"{t.num_steps} < 1")
+        return int(t.num_steps)
+    steps = math.ceil(t.epochs * num_labels / config.data.batch_size)
+    return int(min(max(steps, t.min_steps), t.max_steps))

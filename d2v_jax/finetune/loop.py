@@ -1,0 +1,198 @@
+"""The run: set-up (`prepare`), the training loop with its evaluation, the
+results and the plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from d2v_jax import metrics as metrics_lib
+from d2v_jax.data import labeled
+from d2v_jax.finetune.backbone import (backbone_config_for, held_out_of_pretraining,
+                                       make_labeled_data, prepare_backbone)
+from d2v_jax.finetune.config import num_steps, validate
+from d2v_jax.finetune.model import FinetuneModel, build_model, load_backbone_into
+from d2v_jax.finetune.optim import make_optimizer
+from d2v_jax.finetune.steps import FinetuneState, evaluate, make_steps
+
+HEADLINE = {"classification": "accuracy", "regression": "rmse"}
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a fine-tune run needs, built by `prepare` before any step."""
+
+    config: ml_collections.ConfigDict
+    backbone_config: ml_collections.ConfigDict
+    data: labeled.LabeledData
+    model: FinetuneModel
+    state: FinetuneState
+    train_step: Any
+    predict_step: Any
+    num_steps: int
+    init_from: str | None
+
+
+def prepare(config: ml_collections.ConfigDict, init_from: str | None = None,
+            *, pretrained: tuple[dict, ml_collections.ConfigDict] | None = None,
+            workdir: str | None = None) -> Run:
+    """Data, model, jitted steps and the initial state: the head from
+    `config.seed`, the encoder from the `init_from` checkpoint (exact weights)
+    or from `config.seed` too when training from scratch.
+
+    `pretrained` = (params, config) skips reading `init_from` again (the
+    benchmark restores once for many runs); `init_from` is then just recorded.
+    `workdir` holds what a scratch backbone builds (the text tokenizer).
+    """
+    validate(config)
+    if pretrained is not None:
+        init_params, bconfig = pretrained
+    else:
+        init_params, bconfig = backbone_config_for(config, init_from)
+    bconfig = prepare_backbone(bconfig, init_from if init_params is not None else None, workdir)
+    data = make_labeled_data(config, bconfig)
+    classify = config.task == "classification"
+    num_outputs = config.head.num_outputs or (data.num_classes if classify else 1)
+    if classify and num_outputs < data.num_classes:
+        raise ValueError(f"config.head.num_outputs={num_outputs} < {data.num_classes} classes in the data")
+    target_stats = (0.0, 1.0)
+    if not classify and config.loss.standardize_targets:
+        used = data.labels[data.train]
+        target_stats = (float(used.mean()), float(used.std()) or 1.0)
+    steps = num_steps(config, len(data.train))
+
+    model = build_model(config, bconfig, num_outputs)
+    sample = labeled.eval_arrays(data, data.test[:1], 1)[0]
+    sample.pop("valid")
+    variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(config.seed), sample))
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    if init_params is not None:
+        params = load_backbone_into(params, init_params)
+    # The seed and label fraction do not change the compiled program.
+    cache_key = json.dumps([_without(config, ("seed",), ("data", "label_fraction")),
+                            bconfig.model.to_json_best_effort(), num_outputs, steps, target_stats])
+    if cache_key not in _STEP_CACHE:
+        tx, schedule = make_optimizer(config, params, bconfig.model.depth, steps)
+        _STEP_CACHE[cache_key] = (tx, *make_steps(config, model, tx, schedule, target_stats))
+    tx, train_step, predict_step = _STEP_CACHE[cache_key]
+    # Fresh buffers: the train step donates the state.
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    state = FinetuneState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          batch_stats=batch_stats)
+    return Run(config, bconfig, data, model, state, train_step, predict_step, steps, init_from)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       init_from: str | None = None, *,
+                       pretrained: tuple[dict, ml_collections.ConfigDict] | None = None
+                       ) -> tuple[FinetuneState, dict]:
+    """Trains a head (and, unless probing, the encoder) on the task's labels.
+    Returns the final state and the results dict written to `workdir/results.json`."""
+    t0 = time.perf_counter()
+    run = prepare(config, init_from, pretrained=pretrained, workdir=workdir)
+    data, steps, state = run.data, run.num_steps, run.state
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    logging.info("%s %s on %s: %d training labels (%.1f%% of %d), %d test, %d steps, init %s",
+                 config.mode, config.task, config.data.source, len(data.train),
+                 100 * config.data.label_fraction, len(data.train_pool), len(data.test), steps,
+                 init_from or "scratch")
+    eval_batches = labeled.eval_arrays(data, data.test, config.data.eval_batch_size)
+    batches = iter(labeled.train_dataset(data, config.data.batch_size, config.seed,
+                                         num_threads=config.data.num_threads))
+
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
+    history, pending = [], None
+    log_every, eval_every = max(config.train.log_every, 1), config.train.eval_every
+    t_train = time.perf_counter()
+    for step in range(steps):
+        state, step_metrics = run.train_step(state, next(batches))
+        if pending is not None:  # fetched after the next step is dispatched
+            _write(writer, *pending)
+            pending = None
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            pending = (done, step_metrics)
+        if eval_every and done % eval_every == 0 and done < steps:
+            history.append({"step": done, **evaluate(run.predict_step, state,
+                                                     eval_batches, config.task)})
+    if pending is not None:
+        _write(writer, *pending)
+    writer.close()
+    train_time = time.perf_counter() - t_train
+    final = evaluate(run.predict_step, state, eval_batches, config.task)
+    history.append({"step": steps, **final})
+
+    results = {
+        "task": config.data.source, "modality": config.modality, "kind": config.task,
+        "mode": config.mode, "init_from": os.path.abspath(init_from) if init_from else None,
+        "init_params": config.init.params if init_from else "scratch",
+        "seed": int(config.seed), "label_fraction": float(config.data.label_fraction),
+        "num_labels": int(len(data.train)), "num_train_pool": int(len(data.train_pool)),
+        "num_test": int(len(data.test)), "split_seed": int(config.data.split_seed),
+        "class_names": data.class_names,  # label id i is class_names[i]
+        "test_held_out_of_pretraining": (held_out_of_pretraining(config, run.backbone_config)
+                                         if init_from else None),
+        "num_steps": steps, "metrics": final, "headline": HEADLINE[config.task],
+        "history": history, "train_seconds": train_time,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot(workdir, results)
+    logging.info("test %s", json.dumps(final))
+    return state, results
+
+
+def _write(writer, step, device_metrics):
+    scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not np.isfinite(scalars["loss"]):
+        raise FloatingPointError(f"fine-tune loss is {scalars['loss']} at step {step}")
+    writer.write(step, scalars)
+
+
+# Jitted steps by everything that shapes the program (not seed / labels / weights),
+# so the benchmark's many runs compile once per arm.
+_STEP_CACHE: dict[str, tuple] = {}
+
+
+def _without(config: ml_collections.ConfigDict, *paths: tuple[str, ...]) -> str:
+    d = json.loads(config.to_json_best_effort())
+    for path in paths:
+        node = d
+        for k in path[:-1]:
+            node = node[k]
+        node.pop(path[-1], None)
+    return json.dumps(d, sort_keys=True)
+
+
+def plot(workdir: str, results: dict) -> None:
+    """Train loss and the test metric against step -> workdir/finetune.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = metrics_lib.read_jsonl(path) if os.path.exists(path) else []
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax1.set(xlabel="step", ylabel="train loss", title=f"{results['mode']} on {results['task']}")
+    key = results["headline"]
+    hist = results["history"]
+    ax2.plot([h["step"] for h in hist], [h[key] for h in hist], marker="o")
+    ax2.set(xlabel="step", ylabel=f"test {key}",
+            title=f"{results['num_labels']} labels, init {results['init_params']}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "finetune.png"), dpi=100)
+    plt.close(fig)

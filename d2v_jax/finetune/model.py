@@ -1,0 +1,96 @@
+"""The fine-tune model: the pretraining encoder, pooled, then a head; and the
+copy of pretrained encoder weights into it."""
+
+from __future__ import annotations
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from d2v_jax import modalities
+
+
+class FinetuneModel(nn.Module):
+    """The pretraining model's `encode` (as `backbone`), pooled, then a head.
+
+    `freeze_backbone` stops gradients at the features: a probe never
+    differentiates through the encoder.
+    """
+
+    backbone_config: ml_collections.ConfigDict
+    num_outputs: int
+    pool: str = "mean"
+    norm: str = "layer"
+    bn_momentum: float = 0.9
+    init_std: float = 2e-5
+    freeze_backbone: bool = False
+
+    def setup(self):
+        self.backbone = modalities.build_model(self.backbone_config)
+        if self.norm == "layer":
+            self.fc_norm = nn.LayerNorm(epsilon=1e-6, name="fc_norm")
+        elif self.norm == "batch":
+            # MAE's probe: per-channel standardization over the batch, no affine.
+            # Pooled features share a large common component that per-sample
+            # LayerNorm keeps; a linear head then needs huge weights.
+            self.fc_norm = nn.BatchNorm(momentum=self.bn_momentum, epsilon=1e-6, use_bias=False,
+                                        use_scale=False, name="fc_norm")
+        self.head = nn.Dense(self.num_outputs, name="head",
+                             kernel_init=nn.initializers.truncated_normal(self.init_std))
+
+    def features(self, batch: dict[str, jax.Array]) -> jax.Array:
+        h = self.backbone.encode(batch)  # [B, T, D]
+        # Models with a CLS (or <s>) position put it first; others pool every position.
+        cls_first = getattr(self.backbone, "cls_first", False)
+        if self.pool == "cls":
+            if not cls_first:
+                raise ValueError(f"head.pool='cls': the {self.backbone_config.modality} "
+                                 "model has no CLS position")
+            f = h[:, 0]
+        else:
+            keep = jnp.ones(h.shape[:2], h.dtype)
+            pad = batch.get("padding_mask")
+            if pad is not None and hasattr(self.backbone, "frame_padding"):
+                # Audio: the mask is over samples; the encoder's positions are conv frames.
+                pad = self.backbone.frame_padding(batch, h.shape[1])
+            if pad is not None:
+                keep = keep * (~pad).astype(h.dtype)
+            if cls_first:
+                keep = keep.at[:, 0].set(0)
+            f = jnp.einsum("btd,bt->bd", h, keep) / jnp.maximum(keep.sum(1, keepdims=True), 1)
+        return jax.lax.stop_gradient(f) if self.freeze_backbone else f
+
+    def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> jax.Array:
+        f = self.features(batch)
+        if self.norm == "layer":
+            f = self.fc_norm(f)
+        elif self.norm == "batch":
+            f = self.fc_norm(f, use_running_average=not train)
+        return self.head(f.astype(jnp.float32))
+
+
+def build_model(config: ml_collections.ConfigDict, backbone_config: ml_collections.ConfigDict,
+                num_outputs: int) -> FinetuneModel:
+    h = config.head
+    return FinetuneModel(backbone_config, num_outputs, pool=h.pool, norm=h.norm,
+                         bn_momentum=h.bn_momentum,
+                         init_std=h.init_std, freeze_backbone=config.mode == "linear_probe")
+
+
+def load_backbone_into(params: dict, pretrained: dict) -> dict:
+    """`params` with its `backbone` subtree replaced by the matching subtrees of
+    `pretrained` (exact arrays). The pretraining-only parts (decoder, prediction
+    head) are dropped; a missing key or a shape mismatch is an error naming it."""
+    want = flax.traverse_util.flatten_dict(params["backbone"], sep="/")
+    have = flax.traverse_util.flatten_dict(pretrained, sep="/")
+    missing = sorted(k for k in want if k not in have)
+    if missing:
+        raise ValueError(f"the pretrained checkpoint lacks encoder params {missing[:5]} "
+                         f"(of {len(missing)}); it has {sorted(have)[:5]}...")
+    bad = [(k, have[k].shape, want[k].shape) for k in want if have[k].shape != want[k].shape]
+    if bad:
+        raise ValueError(f"pretrained param shapes differ from the model's: {bad[:5]}")
+    backbone = flax.traverse_util.unflatten_dict({k: jnp.asarray(have[k]) for k in want}, sep="/")
+    return {**params, "backbone": backbone}

@@ -1,0 +1,88 @@
+"""The fine-tune optimizer: AdamW with layer-wise lr decay, and its schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from d2v_jax import optim
+
+
+def _keys(path) -> list[str]:
+    return [str(getattr(k, "key", k)) for k in path]
+
+
+def layer_scales(params: Any, depth: int, decay: float, top: tuple[str, ...] = ()) -> Any:
+    """Per-parameter lr multipliers (BEiT's layer-wise decay), one pytree.
+
+    Scanned block params are stacked [L, ...]: their multiplier is an array
+    [L, 1, ...] with decay^(L - i) for block i, so one update scales each layer's
+    slice. Front-end params get decay^(L + 1); everything else (final norm,
+    head, names in `top`) gets 1.
+    """
+    layer_scale = (decay ** (depth - np.arange(depth))).astype(np.float32)
+
+    def scale(path, leaf):
+        keys = _keys(path)
+        if keys[0] != "backbone" or any(t in keys for t in top):
+            return np.float32(1.0)
+        if any(k in optim.SCANNED_MODULES for k in keys):
+            if leaf.shape[0] != depth:
+                raise ValueError(f"scanned param {'/'.join(keys)} has leading axis "
+                                 f"{leaf.shape[0]}, expected model.depth={depth}")
+            return layer_scale.reshape((depth,) + (1,) * (leaf.ndim - 1))
+        if "frontend" in keys:
+            return np.float32(decay ** (depth + 1))
+        return np.float32(1.0)
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+    """Multiplies each update by its entry of `scales` (broadcast)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+    o = config.optim
+    warmup = min(o.warmup_steps, max(steps - 1, 0))
+    if o.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(steps, warmup + 1),
+                                                  o.lr * o.end_lr_ratio)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, o.lr, max(warmup, 1)), optax.constant_schedule(o.lr)], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any, depth: int, steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (no decay on 1-D params) with layer-wise lr decay; for a linear
+    probe the backbone's updates are exactly zero (and it keeps no Adam state)."""
+    o = config.optim
+    schedule = make_schedule(config, steps)
+    parts = []
+    if o.clip_norm and o.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(o.clip_norm))
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                             mask=optim.decay_mask))
+    if o.layer_decay < 1:
+        parts.append(scale_by_tree(layer_scales(params, depth, o.layer_decay,
+                                                tuple(o.layer_decay_top))))
+    tx = optax.chain(*parts)
+    if config.mode == "linear_probe":
+        labels = {k: ("frozen" if k == "backbone" else "train") for k in params}
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
