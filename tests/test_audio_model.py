@@ -17,7 +17,9 @@ from d2v_jax.config import load_config
 from d2v_jax.modalities.audio import model as AM
 from d2v_jax.models.layers import alibi_bias, alibi_slopes
 from d2v_jax.targets import make_targets
-from d2v_jax.train_state import create_train_state, teacher_params
+from d2v_jax.train_state import teacher_params
+
+from helpers import init_state
 
 SMALL = {"model.conv_dims": (8,) * 7, "model.dim": 32, "model.depth": 2, "model.num_heads": 4,
          "model.pos_conv_groups": 2, "decoder.dim": 16, "decoder.groups": 2, "decoder.layers": 1,
@@ -66,7 +68,7 @@ def test_padding_changes_nothing(arg):
     a padded example's teacher output equals the unpadded example's."""
     config = _config(arg, **({"masking.num_clones": 1} if arg == "tiny_v1" else {}))
     model = modalities.build_model(config)
-    state = create_train_state(config, jax.random.PRNGKey(0))
+    state = init_state(config, jax.random.PRNGKey(0))
     tparams = teacher_params(state.params, state.ema_params, config)
     rng = np.random.default_rng(0)
     lengths = [2600, 4000]
@@ -124,7 +126,7 @@ def test_padding_changes_nothing(arg):
 def test_v2_student_keeps_static_visible_count():
     config = _config()
     model = modalities.build_model(config)
-    params = create_train_state(config, jax.random.PRNGKey(0)).params
+    params = init_state(config, jax.random.PRNGKey(0)).params
     batch = _batch(config, np.random.default_rng(1), [1500, 4000], 4000)
     t = batch["mask"].shape[-1]
     # the encoder sees exactly t - int(0.5 t) frames per row, even in the padded row

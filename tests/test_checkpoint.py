@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from d2v_jax import checkpoint, modalities, optim, train
-from d2v_jax.config import load_config
-from test_resume import EXPERIMENT, ROOT, make_image_folder, tiny_overrides
+
+from helpers import IMAGE, ROOT, image_folder_run, make_image_folder, tiny_config
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny config, its model/optimizer and two distinct train states."""
-    data_path = make_image_folder(str(tmp_path_factory.mktemp("images")), n=8)
-    config = load_config(f"{EXPERIMENT}:tiny_v2", tiny_overrides(data_path))
+    data_path = make_image_folder(tmp_path_factory.mktemp("images"), n=8)
+    config = tiny_config("image", **image_folder_run(data_path))
     model = modalities.build_model(config)
     tx, _ = optim.make_optimizer(config)
     state = train.init_train_state(config, model, tx, jax.random.PRNGKey(0))
@@ -165,7 +165,7 @@ def _reshard(tmp_path, mode, src, dst, devices, overrides):
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     proc = subprocess.run(
         [sys.executable, "-c", _RESHARD, mode, str(tmp_path / src), str(tmp_path / dst),
-         f"{EXPERIMENT}:tiny_v2", json.dumps(overrides)],
+         f"{IMAGE}:tiny_v2", json.dumps(overrides)],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
@@ -173,7 +173,7 @@ def _reshard(tmp_path, mode, src, dst, devices, overrides):
 
 
 def test_fsdp_8_devices_to_1_device_and_back(tmp_path):
-    overrides = tiny_overrides(make_image_folder(str(tmp_path / "images"), n=4))
+    overrides = image_folder_run(make_image_folder(tmp_path / "images", n=4))
     saved = _reshard(tmp_path, "init", "-", "fsdp8", 8, overrides)
     assert saved["devices"] == 8 and saved["sharded"] >= saved["leaves"] // 2, saved
     one = _reshard(tmp_path, "restore", "fsdp8", "one", 1, overrides)

@@ -16,8 +16,8 @@ from transformers import Data2VecVisionConfig, Data2VecVisionModel
 from d2v_jax import checkpoint
 from d2v_jax.convert import from_fairseq, from_huggingface
 from d2v_jax.convert.__main__ import main
-from test_convert_fairseq import fairseq_checkpoint
-from test_convert_hf import VISION, assert_same_params, hidden, perturbed
+
+from convert_helpers import VISION, assert_same_params, fairseq_checkpoint, hidden, perturbed
 
 
 def test_hf_folder_to_checkpoint_and_back(tmp_path):

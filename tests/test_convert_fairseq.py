@@ -1,8 +1,8 @@
 """fairseq data2vec 2.0 image checkpoints -> params + ema_params (issue 8).
 
-The state dict is built here with fairseq's key layout and random tensors; the
-reference forward is written directly in torch from those tensors (not from our
-code), including MAE's sin-cos table.
+The state dict is built with fairseq's key layout and random tensors
+(tests/convert_helpers.py); the reference forward is written directly in torch
+from those tensors (not from our code), including MAE's sin-cos table.
 """
 
 import pytest
@@ -22,60 +22,8 @@ from d2v_jax import modalities
 from d2v_jax.convert import ConversionError, from_fairseq
 from d2v_jax.models.decoder import ConvDecoder
 
-DIM, DEPTH, HEADS, PATCH, SIDE, CH = 32, 2, 4, 4, 4, 3  # 16x16 images, 4x4 patches
-DEC_DIM, DEC_K, DEC_LAYERS, DEC_G = 16, 3, 2, 4
-I = "modality_encoders.IMAGE."
-
-
-def mae_sincos(dim, side):
-    """MAE's get_2d_sincos_pos_embed (cls_token=False), written out."""
-    def one_d(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.outer(pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-    grid = np.meshgrid(np.arange(side, dtype=np.float64), np.arange(side, dtype=np.float64))
-    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
-
-
-def rand(*shape, scale=0.2):
-    return torch.randn(*shape) * scale
-
-
-def encoder_tensors(prefix, blocks_prefix, local=True):
-    sd = {}
-    if local:
-        sd[prefix + "local_encoder.proj.weight"] = rand(DIM, CH, PATCH, PATCH)
-        sd[prefix + "local_encoder.proj.bias"] = rand(DIM)
-    sd[prefix + "fixed_positional_encoder.positions"] = torch.tensor(
-        mae_sincos(DIM, SIDE), dtype=torch.float32)[None]
-    sd[prefix + "extra_tokens"] = rand(1, 1, DIM)
-    sd[prefix + "context_encoder.norm.weight"] = 1 + rand(DIM)
-    sd[prefix + "context_encoder.norm.bias"] = rand(DIM)
-    for i in range(DEPTH):
-        p = f"{blocks_prefix}{i}."
-        sd.update({p + "attn.qkv.weight": rand(3 * DIM, DIM), p + "attn.qkv.bias": rand(3 * DIM),
-                   p + "attn.proj.weight": rand(DIM, DIM), p + "attn.proj.bias": rand(DIM),
-                   p + "norm1.weight": 1 + rand(DIM), p + "norm1.bias": rand(DIM),
-                   p + "norm2.weight": 1 + rand(DIM), p + "norm2.bias": rand(DIM),
-                   p + "mlp.fc1.weight": rand(4 * DIM, DIM), p + "mlp.fc1.bias": rand(4 * DIM),
-                   p + "mlp.fc2.weight": rand(DIM, 4 * DIM), p + "mlp.fc2.bias": rand(DIM)})
-    return sd
-
-
-def fairseq_checkpoint(ema_layout="full"):
-    torch.manual_seed(0)
-    sd = encoder_tensors(I, "blocks.")
-    for i in range(DEC_LAYERS):
-        cin = DIM if i == 0 else DEC_DIM
-        sd[f"{I}decoder.blocks.{i}.0.weight"] = rand(DEC_DIM, cin // DEC_G, DEC_K, DEC_K)
-        sd[f"{I}decoder.blocks.{i}.0.bias"] = rand(DEC_DIM)
-    sd[f"{I}decoder.proj.weight"] = rand(DIM, DEC_DIM)
-    sd[f"{I}decoder.proj.bias"] = rand(DIM)
-    if ema_layout == "full":  # ema_local_encoder=True: teacher has its own patch embedding
-        sd["_ema"] = encoder_tensors(I, "blocks.")
-    else:  # ema_encoder_only: blocks as "{i}.*"
-        sd["_ema"] = {k: v for k, v in encoder_tensors("x.", "").items() if k[0].isdigit()}
-    return {"model": sd, "cfg": {"model": {"num_heads": HEADS, "norm_eps": 1e-6}}}
+from convert_helpers import (CH, DEC_DIM, DEC_G, DEC_K, DEC_LAYERS, DEPTH, DIM, HEADS, I, PATCH,
+                             SIDE, fairseq_checkpoint)
 
 
 def reference_encoder(sd, blocks_prefix, image, front=I):

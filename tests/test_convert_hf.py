@@ -26,28 +26,9 @@ from transformers import (Data2VecAudioConfig, Data2VecAudioModel, Data2VecTextC
 
 from d2v_jax.convert import ConversionError, from_huggingface, to_huggingface
 
+from convert_helpers import VISION, assert_same_params, hidden, perturbed
+
 ATOL = 1e-4
-
-
-def perturbed(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
-def hidden(model, **inputs):
-    with torch.no_grad():
-        return model(**inputs).last_hidden_state.numpy()
-
-
-def assert_same_params(a, b):
-    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
-    flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
-    assert [k for k, _ in flat_a] == list(flat_b)
-    for k, v in flat_a:
-        np.testing.assert_array_equal(np.asarray(v), np.asarray(flat_b[k]), err_msg=str(k))
 
 
 def round_trip(enc, hf_class, tmp_path):
@@ -58,13 +39,6 @@ def round_trip(enc, hf_class, tmp_path):
     back = from_huggingface(loaded)
     assert_same_params(enc.params, back.params)
     return loaded
-
-
-VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              image_size=16, patch_size=4, num_channels=3, use_mask_token=True,
-              use_shared_relative_position_bias=True, use_relative_position_bias=False,
-              use_absolute_position_embeddings=False, use_mean_pooling=False,
-              layer_scale_init_value=0.1, layer_norm_eps=1e-6)
 
 
 def test_vision_matches_hf_and_round_trips(tmp_path):

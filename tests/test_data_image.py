@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import ml_collections
@@ -10,34 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2v_jax import modalities
+from d2v_jax.config import load_config
 from d2v_jax.modalities.image import masking
 from d2v_jax.modalities.image.transforms import EvalTransform, PretrainTransform
 from d2v_jax.modalities.image import transforms as image_ops
 from d2v_jax.modalities.image.sources import ImageFolderSource, Mnist5kSource, make_source
 
-
-def pretrain_dataset(config, **kwargs):
-    """The modality's pipeline as the train loop builds it (no config validation)."""
-    return modalities.get(config).pretrain_dataset(config, **kwargs)
-
-_EXPERIMENT = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "image.py")
+from helpers import IMAGE, pretrain_dataset
 
 
 def image_config(arg: str = "tiny_v2", **overrides) -> ml_collections.ConfigDict:
     """experiments/image.py:get_config(arg) with dotted-key overrides ('data.batch_size')."""
-    spec = importlib.util.spec_from_file_location("_image_experiment", _EXPERIMENT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        assert leaf in node, f"test override {key!r} is not a config field"
-        node[leaf] = value
-    return config
+    return load_config(f"{IMAGE}:{arg}", overrides)
 
 
 def take(it, n: int) -> list[dict]:

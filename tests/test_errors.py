@@ -13,19 +13,13 @@ import pytest
 
 from d2v_jax import checkpoint, metrics, modalities, optim, train
 from d2v_jax.config import load_config, validate
-from test_resume import EXPERIMENT, make_image_folder, tiny_overrides
+
+from helpers import IMAGE, image_folder_run, make_image_folder, pretrain_dataset, tiny_config
 
 
-def pretrain_dataset(config, **kwargs):
-    """The modality's pipeline as the train loop builds it (no config validation)."""
-    return modalities.get(config).pretrain_dataset(config, **kwargs)
-
-
-def _config(tmp_path, **extra):
-    images = str(tmp_path / "images")
-    if not os.path.isdir(images):
-        make_image_folder(images, n=8)
-    return load_config(f"{EXPERIMENT}:tiny_v2", {**tiny_overrides(images), **extra})
+def _config(images, **extra):
+    """The tiny image config on the `image_folder` fixture's folder, `extra` on top."""
+    return tiny_config("image", **{**image_folder_run(images), **extra})
 
 
 # An lr of 1e38 from step 2 on (step 1 is the 0-lr warm-up step): step 2's
@@ -35,10 +29,10 @@ EXPLODE = {"optim.schedule": "constant", "optim.warmup_steps": 1, "optim.lr": 1e
            "train.checkpoint_every": 1, "train.keep_checkpoints": 5, "train.num_steps": 5}
 
 
-def test_nonfinite_stop_names_step_and_last_good_checkpoint(tmp_path):
+def test_nonfinite_stop_names_step_and_last_good_checkpoint(tmp_path, image_folder):
     workdir = str(tmp_path / "run")
     with pytest.raises(train.NonFiniteError) as e:
-        train.train_and_evaluate(_config(tmp_path, **EXPLODE), workdir)
+        train.train_and_evaluate(_config(image_folder, **EXPLODE), workdir)
     msg = str(e.value)
     assert "at step 3" in msg, msg
     assert f"Last good checkpoint: {os.path.join(workdir, 'checkpoints')}/2" in msg, msg
@@ -107,7 +101,7 @@ def test_finite_checks_count_skips_and_name_the_checkpoint_on_stop():
 
 
 def test_collapse_guard_warns_or_stops():
-    config = load_config(f"{EXPERIMENT}:tiny_v2")
+    config = load_config(f"{IMAGE}:tiny_v2")
     ok = {"target_var": 0.5, "pred_var": 0.5}
     assert train.collapse_check(config, 1000, ok) is None
     msg = train.collapse_check(config, 1000, {"target_var": 0.05, "pred_var": 0.5})
@@ -122,7 +116,7 @@ def test_collapse_guard_warns_or_stops():
 
 
 def test_collapse_stop_raises_from_the_logging_path(tmp_path):
-    config = load_config(f"{EXPERIMENT}:tiny_v2", {"collapse.action": "stop", "collapse.after_step": 0})
+    config = load_config(f"{IMAGE}:tiny_v2", {"collapse.action": "stop", "collapse.after_step": 0})
     writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
     clock = {"step": 0, "time": 0.0}
     scalars = {"loss": 1.0, "target_var": 0.01, "pred_var": 0.5, "finite": True}
@@ -141,43 +135,43 @@ def test_collapse_stop_raises_from_the_logging_path(tmp_path):
     ({"model.patch_size": 5}, "model.image_size"),
     ({"target.top_k": 2}, "target.top_k"),  # > model.depth=1
 ])
-def test_bad_config_names_the_field(tmp_path, override, field):
+def test_bad_config_names_the_field(image_folder, override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        validate(_config(tmp_path, **override))
+        validate(_config(image_folder, **override))
 
 
-def test_misspelt_field_is_named(tmp_path):
+def test_misspelt_field_is_named(image_folder):
     with pytest.raises(KeyError, match=r"train\.nonfinte"):
-        _config(tmp_path, **{"train.nonfinte": "skip"})
+        _config(image_folder, **{"train.nonfinte": "skip"})
 
 
-def test_missing_and_empty_data_paths_are_named(tmp_path):
+def test_missing_and_empty_data_paths_are_named(tmp_path, image_folder):
     missing = str(tmp_path / "no_such_dir")
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
-        pretrain_dataset(_config(tmp_path, **{"data.path": missing}))
+        pretrain_dataset(_config(image_folder, **{"data.path": missing}))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=f"no class folders under '{empty}'"):
-        pretrain_dataset(_config(tmp_path, **{"data.path": str(empty)}))
+        pretrain_dataset(_config(image_folder, **{"data.path": str(empty)}))
     (empty / "cats").mkdir()
     (empty / "cats" / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match=r"no images .* under"):
-        pretrain_dataset(_config(tmp_path, **{"data.path": str(empty)}))
+        pretrain_dataset(_config(image_folder, **{"data.path": str(empty)}))
 
 
 def test_corrupt_image_file_is_named(tmp_path):
-    root = make_image_folder(str(tmp_path / "bad"), n=4)
+    root = make_image_folder(tmp_path / "bad", n=4)
     victim = os.path.join(root, "a", "002.png")
     with open(victim, "r+b") as f:
         f.truncate(20)
-    config = _config(tmp_path, **{"data.path": root, "data.batch_size": 4})
+    config = _config(root, **{"data.batch_size": 4})
     with pytest.raises(Exception, match="002.png"):
         next(iter(pretrain_dataset(config)))
 
 
-def test_incompatible_checkpoint_names_parameter_paths_and_shapes(tmp_path):
+def test_incompatible_checkpoint_names_parameter_paths_and_shapes(tmp_path, image_folder):
     workdir = str(tmp_path / "run")
-    small = _config(tmp_path)
+    small = _config(image_folder)
     model = modalities.build_model(small)
     tx, _ = optim.make_optimizer(small)
     manager = checkpoint.make_manager(workdir, small)
@@ -185,7 +179,7 @@ def test_incompatible_checkpoint_names_parameter_paths_and_shapes(tmp_path):
     manager.wait_until_finished()
     manager.close()
 
-    wider = _config(tmp_path, **{"model.dim": 48, "model.num_heads": 3})
+    wider = _config(image_folder, **{"model.dim": 48, "model.num_heads": 3})
     with pytest.raises(checkpoint.IncompatibleCheckpointError) as e:
         train.train_and_evaluate(wider, workdir)
     msg = str(e.value)

@@ -16,15 +16,13 @@ from d2v_jax import finetune
 from d2v_jax.api import save_checkpoint
 from d2v_jax.config import load_config, parse_overrides
 from d2v_jax.data import splits as labeled
-from d2v_jax.train_state import create_train_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE = os.path.join(ROOT, "experiments", "image.py")
-FINETUNE = os.path.join(ROOT, "experiments", "finetune.py")
+from helpers import IMAGE, ROOT, TINY_IMAGE, init_state
+from helpers import finetune_config as _ft_config
+from helpers import flat as _flat
 
-# A 1-block, 32-wide ViT: every test here compiles it at most a few times.
-TINY_BACKBONE = {"model.depth": 2, "model.dim": 32, "model.num_heads": 2, "target.top_k": 2,
-                 "decoder.layers": 1, "decoder.dim": 16}
+# A 2-block, 32-wide ViT: every test here compiles it at most a few times.
+TINY_BACKBONE = {**TINY_IMAGE, "model.depth": 2, "target.top_k": 2, "decoder.dim": 16}
 
 
 def _imbalanced_labels(rng):
@@ -105,10 +103,6 @@ def test_metrics_match_sklearn():
     assert r["mae"] == pytest.approx(mean_absolute_error(y, p))
 
 
-def _ft_config(arg="mnist_5k", **overrides):
-    return load_config(f"{FINETUNE}:{arg}", overrides)
-
-
 def test_layer_decay_scales_each_scanned_block():
     depth, decay = 3, 0.5
     params = {"backbone": {"frontend": {"cls_token": jnp.ones(4)},
@@ -138,15 +132,11 @@ def tiny_checkpoint(tmp_path_factory):
     """A pretraining work dir with a tiny model whose EMA differs from the student."""
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     config = load_config(f"{IMAGE}:tiny_v2", TINY_BACKBONE)
-    state = create_train_state(config, jax.random.PRNGKey(7))
+    state = init_state(config, jax.random.PRNGKey(7))
     state = state.replace(ema_params=jax.tree.map(lambda x: x + 0.5, state.ema_params),
                           step=jnp.asarray(3, jnp.int32))
     save_checkpoint(workdir, state, config)  # at state.step = 3
     return workdir, jax.device_get(state)
-
-
-def _flat(tree):
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 @pytest.mark.parametrize("which", ["student", "teacher"])

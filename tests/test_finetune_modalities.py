@@ -14,7 +14,6 @@ import soundfile as sf
 
 from d2v_jax import finetune
 from d2v_jax.api import save_checkpoint
-from d2v_jax.config import load_config
 from d2v_jax.data import splits
 from d2v_jax.data.labeled import label_ids
 from d2v_jax.finetune import make_labeled_data
@@ -22,27 +21,11 @@ from d2v_jax.modalities.audio import labeled as audio_labeled
 from d2v_jax.modalities.text import labeled as text_labeled
 from d2v_jax.modalities.text import data as text_data
 from d2v_jax.modalities.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
-from d2v_jax.train_state import create_train_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FINETUNE = os.path.join(ROOT, "experiments", "finetune.py")
-TEXT = os.path.join(ROOT, "experiments", "text.py")
-MOLECULES = os.path.join(ROOT, "experiments", "molecules.py")
-AUDIO = os.path.join(ROOT, "experiments", "audio.py")
+from helpers import (WORDS, flat, init_state, tiny_config, write_text, write_text_corpus,
+                     write_wav_class_folders)
+from helpers import finetune_config as _ft
 
-# One block, 32 wide: each test compiles a model at most once or twice.
-TINY_TEXT = {"model.dim": 32, "model.depth": 1, "model.num_heads": 2, "model.max_positions": 24,
-             "data.max_len": 24, "target.top_k": 1, "decoder.dim": 16, "decoder.layers": 1,
-             "tokenizer.vocab_size": 300}
-TINY_AUDIO = {"model.dim": 32, "model.depth": 1, "model.num_heads": 2, "model.conv_dims": (8,) * 7,
-              "model.pos_conv_width": 8, "model.pos_conv_depth": 1, "model.pos_conv_groups": 2,
-              "target.top_k": 1, "decoder.dim": 16, "decoder.layers": 1, "decoder.groups": 2,
-              "data.max_sample_size": 4000, "data.min_sample_size": 400,
-              "data.buckets": (4000,)}
-
-WORDS = {"net": "the socket sends bytes over the network to a remote host and port",
-         "disk": "the file is written to a folder on the local disk and closed",
-         "math": "the function returns the square root of a positive number"}
 SIZES = {"disk": 12, "math": 6, "net": 22}  # imbalanced; sorted class order: disk, math, net
 
 
@@ -54,10 +37,6 @@ def _sentences():
         rows += [(" ".join(rng.permutation(words)[:rng.integers(2, 10)]), label)
                  for _ in range(n)]
     return [rows[i] for i in rng.permutation(len(rows))]
-
-
-def _ft(arg, **overrides):
-    return load_config(f"{FINETUNE}:{arg}", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -75,21 +54,15 @@ def text_checkpoint(tmp_path_factory, tsv):
     """A tiny text pretraining work dir: its tokenizer, a checkpoint whose EMA
     differs from the student, and the config saved with it."""
     workdir = str(tmp_path_factory.mktemp("text_pretrain"))
-    corpus = os.path.join(workdir, "corpus.txt")
-    with open(corpus, "w") as f:
-        f.write("\n".join(WORDS.values()) * 3 + "\n")
-    config = load_config(f"{TEXT}:tiny_v2", {**TINY_TEXT, "data.source": "text",
-                                             "data.path": corpus, "data.doc_sep": "line"})
+    corpus = write_text_corpus(os.path.join(workdir, "corpus.txt"), copies=3)
+    config = tiny_config("text", **{"data.source": "text", "data.path": corpus,
+                                    "data.doc_sep": "line"})
     config = text_data.prepare(config, workdir)  # trains and saves <workdir>/tokenizer
-    state = create_train_state(config, jax.random.PRNGKey(3))
+    state = init_state(config, jax.random.PRNGKey(3))
     state = state.replace(ema_params=jax.tree.map(lambda x: x + 0.25, state.ema_params),
                           step=jnp.asarray(2, jnp.int32))
     save_checkpoint(workdir, state, config)  # at state.step = 2
     return workdir, jax.device_get(state)
-
-
-def _flat(tree):
-    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 # ----------------------------------------------------------------------------- text
@@ -122,21 +95,15 @@ def test_text_tsv_labels_tokens_and_the_exact_stratified_count(tsv, text_checkpo
     assert seen == {True, False}  # both truncated and padded rows were checked
 
 
-def _write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-    return str(path)
-
-
 def test_text_tsv_bad_input_names_the_file_line_and_column(tmp_path, text_checkpoint):
     read = text_labeled.read_text_labels
-    p = _write(tmp_path / "a.tsv", "text\tclass\nhello there\tx\n")
+    p = write_text(tmp_path / "a.tsv", "text\tclass\nhello there\tx\n")
     with pytest.raises(ValueError, match=r"a\.tsv: no column 'label' \(config\.data\.label_column\)"):
         read([p], "text", "label")
-    p = _write(tmp_path / "b.tsv", "text\tlabel\nfine row\tx\nbad\trow\textra\n")
+    p = write_text(tmp_path / "b.tsv", "text\tlabel\nfine row\tx\nbad\trow\textra\n")
     with pytest.raises(ValueError, match=r"b\.tsv:3: 3 fields, but the header has 2"):
         read([p], "text", "label")
-    p = _write(tmp_path / "c.tsv", "text\tlabel\nfine row\tx\nno label\t \n")
+    p = write_text(tmp_path / "c.tsv", "text\tlabel\nfine row\tx\nno label\t \n")
     with pytest.raises(ValueError, match=r"c\.tsv:3: empty label in column 'label'"):
         read([p], "text", "label")
     p = tmp_path / "d.tsv"
@@ -144,7 +111,8 @@ def test_text_tsv_bad_input_names_the_file_line_and_column(tmp_path, text_checkp
     with pytest.raises(ValueError, match=r"d\.tsv:3: not valid UTF-8"):
         read([str(p)], "text", "label")
     # A label outside config.data.classes names where it was read.
-    p = _write(tmp_path / "e.csv", 'text,label\n"a, quoted, text",pos\nanother one,neg\nthird,meh\n')
+    p = write_text(tmp_path / "e.csv",
+                   'text,label\n"a, quoted, text",pos\nanother one,neg\nthird,meh\n')
     texts, names, origins = read([p], "text", "label")
     assert texts[0] == "a, quoted, text" and origins[2].endswith("e.csv:4")
     with pytest.raises(ValueError, match=r"e\.csv:4: label 'meh' is not one of config\.data\.classes"):
@@ -179,14 +147,13 @@ SMILES = ["CCO", "CCCO", "c1ccccc1", "CC(=O)O", "CCN", "ClCCl", "C1CCCCC1", "CC(
 
 
 def _smiles_backbone(tmp_path, csv_path):
-    config = load_config(f"{MOLECULES}:tiny_v2", {**TINY_TEXT, "data.source": "smiles",
-                                                  "data.path": csv_path})
+    config = tiny_config("molecules", **{"data.path": csv_path})
     return text_data.prepare(config, str(tmp_path))
 
 
 def test_smiles_csv_targets_and_the_exact_uniform_count(tmp_path):
     y = np.round(np.linspace(-3, 1, len(SMILES)), 3)
-    p = _write(tmp_path / "mols.csv", "name,smiles,logS\n" + "".join(
+    p = write_text(tmp_path / "mols.csv", "name,smiles,logS\n" + "".join(
         f"m{i},{s},{v}\n" for i, (s, v) in enumerate(zip(SMILES, y))))
     bconfig = _smiles_backbone(tmp_path, p)
     config = _ft("smiles_csv", **{"data.path": p, "data.target_column": "logS",
@@ -202,10 +169,10 @@ def test_smiles_csv_targets_and_the_exact_uniform_count(tmp_path):
 
 def test_smiles_csv_bad_rows_name_the_file_line_and_column(tmp_path):
     read = text_labeled.read_smiles_targets
-    p = _write(tmp_path / "a.csv", "smiles,y\nCCO,1.0\nC1CC,2.0\n")  # unclosed ring
+    p = write_text(tmp_path / "a.csv", "smiles,y\nCCO,1.0\nC1CC,2.0\n")  # unclosed ring
     with pytest.raises(ValueError, match=r"a\.csv:3: column 'smiles': RDKit cannot parse"):
         read([p], "smiles", "y")
-    p = _write(tmp_path / "b.csv", "smiles,y\nCCO,1.0\nCCC,high\n")
+    p = write_text(tmp_path / "b.csv", "smiles,y\nCCO,1.0\nCCC,high\n")
     with pytest.raises(ValueError, match=r"b\.csv:3: column 'y': 'high' is not a number"):
         read([p], "smiles", "y")
     with pytest.raises(ValueError, match=r"b\.csv: no column 'logS' \(config\.data\.target_column\)"):
@@ -230,26 +197,10 @@ def test_solubility_set_is_datamols_with_rdkit_smiles():
 # ----------------------------------------------------------------------------- audio
 
 
-AUDIO_SIZES = {"go": 5, "stop": 4, "yes": 3}
-
-
-def _audio_tree(root, rate=16_000):
-    rng = np.random.default_rng(0)
-    lengths = {}
-    for word, n in AUDIO_SIZES.items():
-        os.makedirs(root / word, exist_ok=True)
-        for j in range(n):
-            length = int(rng.integers(1500, 6000))
-            sf.write(root / word / f"{j}.wav", rng.normal(0, 0.1, length).astype(np.float32),
-                     rate, subtype="PCM_16")
-            lengths[f"{word}/{j}.wav"] = length
-    return lengths
-
-
-def test_audio_folder_labels_padding_and_the_exact_stratified_count(tmp_path):
-    lengths = _audio_tree(tmp_path / "clips")
-    bconfig = load_config(f"{AUDIO}:tiny_v2", TINY_AUDIO)
-    config = _ft("audio_folder", **{"data.path": str(tmp_path / "clips"),
+def test_audio_folder_labels_padding_and_the_exact_stratified_count(wav_class_folders):
+    clips, lengths = wav_class_folders  # go: 5, stop: 4, yes: 3
+    bconfig = tiny_config("audio")
+    config = _ft("audio_folder", **{"data.path": str(clips),
                                     "data.test_fraction": 0.25, "data.label_fraction": 0.5})
     data = make_labeled_data(config, bconfig)
     assert data.class_names == ["go", "stop", "yes"]
@@ -272,23 +223,23 @@ def test_audio_folder_labels_padding_and_the_exact_stratified_count(tmp_path):
 def test_espeak_words_task_reads_the_sets_word_folders(tmp_path, monkeypatch):
     from d2v_jax.modalities.audio import speech_set
 
-    _audio_tree(tmp_path / "set" / "words")
+    write_wav_class_folders(tmp_path / "set" / "words")
     monkeypatch.setattr(speech_set, "ensure_espeak_set", lambda cache_dir="": str(tmp_path / "set"))
-    bconfig = load_config(f"{AUDIO}:tiny_v2", TINY_AUDIO)
+    bconfig = tiny_config("audio")
     data = make_labeled_data(_ft("espeak_words", **{"data.test_fraction": 0.25}), bconfig)
     assert data.class_names == ["go", "stop", "yes"] and len(data.labels) == 12
 
 
 def test_audio_folder_bad_input_names_the_file(tmp_path):
-    _audio_tree(tmp_path / "a")
+    write_wav_class_folders(tmp_path / "a")
     (tmp_path / "a" / "stray.wav").write_bytes(b"")
     with pytest.raises(ValueError, match=r"stray\.wav"):
         audio_labeled.AudioFolderSource(str(tmp_path / "a"), 16_000)
-    _audio_tree(tmp_path / "b")
+    write_wav_class_folders(tmp_path / "b")
     (tmp_path / "b" / "go" / "broken.wav").write_bytes(b"RIFF0000WAVEnot audio")
     with pytest.raises(ValueError, match=r"cannot read audio file .*go/broken\.wav"):
         audio_labeled.AudioFolderSource(str(tmp_path / "b"), 16_000)
-    _audio_tree(tmp_path / "c")
+    write_wav_class_folders(tmp_path / "c")
     with pytest.raises(ValueError, match=r"yes/0\.wav.*class folder 'yes' is not one of "
                                          r"config\.data\.classes"):
         audio_labeled.AudioFolderSource(str(tmp_path / "c"), 16_000, classes=("go", "stop"))
@@ -312,7 +263,7 @@ def _pool_check(model, variables, batch, keep):
 
 
 def test_mean_pooling_ignores_text_padding_and_the_bos_position():
-    bconfig = load_config(f"{TEXT}:tiny_v2", {**TINY_TEXT, "model.vocab_size": 50})
+    bconfig = tiny_config("text", **{"model.vocab_size": 50})
     model = finetune.FinetuneModel(bconfig, 3, norm="none")
     lengths = np.array([24, 9, 4])
     rng = np.random.default_rng(0)
@@ -332,7 +283,7 @@ def test_mean_pooling_ignores_text_padding_and_the_bos_position():
 
 
 def test_mean_pooling_ignores_audio_padding_frames():
-    bconfig = load_config(f"{AUDIO}:tiny_v2", TINY_AUDIO)
+    bconfig = tiny_config("audio")
     model = finetune.FinetuneModel(bconfig, 3, norm="none")
     lengths = np.array([4000, 2500, 1200])
     audio = np.random.default_rng(0).normal(size=(3, 4000)).astype(np.float32)
@@ -364,8 +315,8 @@ def test_text_finetune_starts_from_the_checkpoint_and_its_tokenizer(tsv, text_ch
     assert run.backbone_config.model.vocab_size == load_tokenizer(
         os.path.join(workdir, "tokenizer")).vocab_size
     want = {**saved.params, **saved.ema_params}
-    got = _flat(run.state.params["backbone"])
-    ref = _flat({k: want[k] for k in run.state.params["backbone"]})
+    got = flat(run.state.params["backbone"])
+    ref = flat({k: want[k] for k in run.state.params["backbone"]})
     assert got.keys() == ref.keys() and len(got) > 5
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
@@ -377,10 +328,9 @@ def test_text_finetune_starts_from_the_checkpoint_and_its_tokenizer(tsv, text_ch
     assert written["num_labels"] == 8 and set(written["metrics"]) == {"accuracy", "macro_f1", "loss"}
 
 
-def test_scratch_text_backbone_trains_its_tokenizer_in_the_workdir(tmp_path):
-    corpus = _write(tmp_path / "c.txt", "\n".join(WORDS.values()) + "\n")
-    bconfig = load_config(f"{TEXT}:tiny_v2", {**TINY_TEXT, "data.source": "text",
-                                              "data.path": corpus, "data.doc_sep": "line"})
+def test_scratch_text_backbone_trains_its_tokenizer_in_the_workdir(tmp_path, text_corpus):
+    bconfig = tiny_config("text", **{"data.source": "text", "data.path": text_corpus,
+                                     "data.doc_sep": "line"})
     out = finetune.prepare_backbone(bconfig, None, str(tmp_path / "ft"))
     tok = load_tokenizer(str(tmp_path / "ft" / "tokenizer"))
     assert out.tokenizer.path == str(tmp_path / "ft" / "tokenizer")

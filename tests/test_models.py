@@ -144,13 +144,19 @@ def test_conv_decoder_layer_matches_numpy():
     np.testing.assert_allclose(out, ref, atol=1e-4)
 
 
+def _init_params(config):
+    """The unboxed params of init_params(config, PRNGKey(0)), made by one jitted call
+    (the same values; op-by-op init compiles every op on its own)."""
+    return nn.unbox(jax.jit(lambda r: init_params(config, r))(jax.random.PRNGKey(0)))
+
+
 @pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])
 def test_student_never_sees_masked_pixels(arg):
     """The student's predictions do not depend on the content of masked
     patches (1.0: mask token; 2.0: visible tokens only), but do on visible ones."""
     config = load_config(f"experiments/image.py:{arg}")
     model = modalities.build_model(config)
-    params = nn.unbox(init_params(config, jax.random.PRNGKey(0)))
+    params = _init_params(config)
     batch = modalities.dummy_batch(config, 2)
     rng = np.random.default_rng(0)
     batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
@@ -181,7 +187,7 @@ def test_student_never_sees_masked_pixels(arg):
 def test_teacher_returns_top_block_tensors_without_cls():
     config = load_config("experiments/image.py:tiny_v2")
     model = modalities.build_model(config)
-    params = nn.unbox(init_params(config, jax.random.PRNGKey(0)))
+    params = _init_params(config)
     batch = modalities.dummy_batch(config, 3)
     out = model.apply({"params": {k: params[k] for k in ("frontend", "encoder")}}, batch,
                       method="teacher")

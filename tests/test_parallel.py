@@ -18,7 +18,8 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, TINY_IMAGE
+from helpers import init_state as _init_state
 
 # A tiny 2.0 model (decoder, CLS loss, 2 clones). Constant lr 0.1 from step 0 and
 # Adam eps=1 make the first update ~ lr * g / (|g| + 1), proportional to the
@@ -27,10 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # because pmap / shard_map devices draw their own noise (the jit paths run the
 # 1-device program, noise included).
 OVERRIDES = {
-    "model.depth": 1, "model.dim": 32, "model.num_heads": 2, "target.top_k": 1,
-    "decoder.dim": 32, "decoder.layers": 1, "decoder.groups": 2, "masking.num_clones": 2,
-    "data.batch_size": 8, "optim.schedule": "constant", "optim.warmup_steps": 0,
-    "optim.lr": 0.1, "optim.eps": 1.0, "decoder.mask_noise_std": 0.0,
+    **TINY_IMAGE, "decoder.groups": 2, "masking.num_clones": 2, "data.batch_size": 8,
+    "optim.schedule": "constant", "optim.warmup_steps": 0, "optim.lr": 0.1, "optim.eps": 1.0,
+    "decoder.mask_noise_std": 0.0,
 }
 METRICS = ("loss", "reg_loss", "cls_loss", "grad_norm", "update_norm", "param_norm",
            "pred_var", "target_var", "masked_frac")
@@ -55,9 +55,7 @@ def make_batch(config, batch_size, seed=0):
 def init_state(config):
     """The train state, created by one jitted call (op-by-op init compiles every op)."""
     import jax
-
-    from d2v_jax.train_state import create_train_state
-    return jax.jit(lambda r: create_train_state(config, r))(jax.random.key(0))
+    return _init_state(config, jax.random.key(0))
 
 
 def _max_diff(a, b):

@@ -10,39 +10,17 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from PIL import Image
 
 from d2v_jax.train import PREEMPTED_EXIT_CODE
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENT = os.path.join(ROOT, "experiments", "image.py")
+from helpers import IMAGE, ROOT, cli_args, image_folder_run, make_image_folder
+
 NUM_STEPS, EVERY = 60, 10
-
-
-def make_image_folder(root, n=24, size=12, seed=0):
-    """A one-class image folder of small random grayscale PNGs."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(root, "a"), exist_ok=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(
-            os.path.join(root, "a", f"{i:03d}.png"))
-    return root
-
-
-def tiny_overrides(data_path):
-    return {
-        "model.image_size": 16, "model.depth": 1, "model.dim": 32, "model.num_heads": 2,
-        "target.top_k": 1, "decoder.layers": 1, "decoder.dim": 32, "masking.num_clones": 2,
-        "data.source": "image_folder", "data.path": data_path, "data.batch_size": 4,
-        "data.prefetch": 2, "train.log_every": 1, "train.checkpoint_every": EVERY,
-        "train.num_steps": NUM_STEPS, "train.keep_checkpoints": 2,
-    }
 
 
 def env_with_cache(cache_dir):
@@ -54,8 +32,8 @@ def env_with_cache(cache_dir):
 
 
 def start(workdir, overrides, env):
-    args = [sys.executable, "-m", "d2v_jax.train", f"--config={EXPERIMENT}:tiny_v2",
-            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    args = cli_args("train", f"--config={IMAGE}:tiny_v2", f"--workdir={workdir}",
+                    *[f"--config.{k}={v}" for k, v in overrides.items()])
     log = open(os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + ".log"), "ab")
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -116,7 +94,7 @@ def test_sigterm_then_sigkill_resume_is_bitwise_equal_to_uninterrupted(tmp_path)
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     data_path = make_image_folder(str(tmp_path / "images"))
-    overrides = tiny_overrides(data_path)
+    overrides = image_folder_run(data_path, num_steps=NUM_STEPS, checkpoint_every=EVERY)
     env = env_with_cache(str(tmp_path / "jax_cache"))
 
     # The reference: one uninterrupted run.

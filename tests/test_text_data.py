@@ -6,31 +6,16 @@ import os
 import numpy as np
 import pytest
 
-from d2v_jax import modalities
 from d2v_jax.modalities.text import data
 from d2v_jax.config import load_config, validate
 from d2v_jax.modalities.text import data as text
 from d2v_jax.modalities.text.tokenizer import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID
 
-
-def pretrain_dataset(config, **kwargs):
-    """The modality's pipeline as the train loop builds it (no config validation)."""
-    return modalities.get(config).pretrain_dataset(config, **kwargs)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = os.path.join(ROOT, "experiments", "text.py")
-MOLECULES = os.path.join(ROOT, "experiments", "molecules.py")
-
-
-def _write(path, content: bytes | str):
-    mode = "wb" if isinstance(content, bytes) else "w"
-    with open(path, mode) as f:
-        f.write(content)
-    return str(path)
+from helpers import MOLECULES, TEXT, pretrain_dataset, write_text
 
 
 def test_text_files_line_and_blank_documents(tmp_path):
-    p = _write(tmp_path / "a.txt", "first doc\nsecond doc\n\nthird\n  \nfourth\nstill fourth\n")
+    p = write_text(tmp_path / "a.txt", "first doc\nsecond doc\n\nthird\n  \nfourth\nstill fourth\n")
     assert text.read_text_files([p], "line").texts == [
         "first doc", "second doc", "third", "fourth", "still fourth"]
     blank = text.read_text_files([p], "blank")
@@ -39,13 +24,13 @@ def test_text_files_line_and_blank_documents(tmp_path):
 
 
 def test_non_utf8_line_is_named(tmp_path):
-    p = _write(tmp_path / "bad.txt", b"fine\nalso fine\n\xff\xfe broken\n")
+    p = write_text(tmp_path / "bad.txt", b"fine\nalso fine\n\xff\xfe broken\n")
     with pytest.raises(ValueError, match=r"bad\.txt:3: not valid UTF-8"):
         text.read_text_files([p], "line")
 
 
 def test_empty_corpus_is_an_error(tmp_path):
-    p = _write(tmp_path / "empty.txt", "\n\n")
+    p = write_text(tmp_path / "empty.txt", "\n\n")
     text._read_corpus.cache_clear()
     with pytest.raises(ValueError, match="empty corpus: no documents in data.source='text'"):
         text._read_corpus("text", p, "line", "smiles", "skip", True)
@@ -54,8 +39,8 @@ def test_empty_corpus_is_an_error(tmp_path):
 
 
 def test_smiles_csv_invalid_rows_skip_and_count_or_stop(tmp_path):
-    p = _write(tmp_path / "mols.csv",
-               "id,smiles,label\n1,CCO,0.5\n2,C1CC,1.0\n3,C C,0\n4,c1ccccc1Cl,2\n")
+    p = write_text(tmp_path / "mols.csv",
+                   "id,smiles,label\n1,CCO,0.5\n2,C1CC,1.0\n3,C C,0\n4,c1ccccc1Cl,2\n")
     corpus = text.read_smiles_files([p], "smiles", "skip", parse=True)
     assert corpus.texts == ["CCO", "c1ccccc1Cl"] and corpus.skipped == 2
     assert corpus.origins == [f"{p}:2", f"{p}:5"]
@@ -63,12 +48,12 @@ def test_smiles_csv_invalid_rows_skip_and_count_or_stop(tmp_path):
         text.read_smiles_files([p], "smiles", "error", parse=True)
     with pytest.raises(ValueError, match=r"no column 'smi'.*\['id', 'smiles', 'label'\]"):
         text.read_smiles_files([p], "smi", "skip", parse=True)
-    tsv = _write(tmp_path / "mols.tsv", "smiles\tlabel\nCCN\t1\n")
+    tsv = write_text(tmp_path / "mols.tsv", "smiles\tlabel\nCCN\t1\n")
     assert text.read_smiles_files([tsv], "smiles", "error", parse=True).texts == ["CCN"]
 
 
 def test_fasta_records(tmp_path):
-    p = _write(tmp_path / "p.fasta", ">a desc\nMKV\nLA*\n>b\nACD\n>c\nAJK\n")
+    p = write_text(tmp_path / "p.fasta", ">a desc\nMKV\nLA*\n>b\nACD\n>c\nAJK\n")
     corpus = text.read_fasta_files([p], "skip")
     assert corpus.texts == ["MKVLA", "ACD"] and corpus.skipped == 1
     with pytest.raises(ValueError, match=r"p\.fasta:6 \(c\): .*'J' at position 1"):

@@ -12,17 +12,18 @@ import pytest
 from d2v_jax import metrics, modalities, targets
 from d2v_jax.config import load_config
 from d2v_jax.modalities.text.tokenizer import MASK_ID, NUM_SPECIAL, PAD_ID
-from d2v_jax.train_state import create_train_state, teacher_params
+from d2v_jax.train_state import teacher_params
 from d2v_jax.train_step import student_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = os.path.join(ROOT, "experiments", "text.py")
-MOLECULES = os.path.join(ROOT, "experiments", "molecules.py")
+from helpers import MOLECULES, TEXT, TINY_TEXT, init_state
+
 T, VOCAB, B = 16, 40, 2
 
-SMALL = {"model.dim": 32, "model.depth": 2, "model.num_heads": 2, "target.top_k": 2,
-         "model.max_positions": T, "data.max_len": T, "decoder.dim": 16, "decoder.layers": 1,
-         "data.batch_size": B}
+# Two blocks (targets average the top 2) over rows of 16 tokens. TINY_TEXT's
+# tokenizer.vocab_size (a BPE target) plays no part: these models get
+# model.vocab_size directly or use the SMILES tokenizer.
+SMALL = {**TINY_TEXT, "model.depth": 2, "target.top_k": 2, "model.max_positions": T,
+         "data.max_len": T, "data.batch_size": B}
 
 
 def _config(version):
@@ -51,7 +52,7 @@ def _batch(version, seed=0):
 def v2():
     config = _config("v2")
     model = modalities.build_model(config)
-    params = create_train_state(config, jax.random.PRNGKey(0)).params
+    params = init_state(config, jax.random.PRNGKey(0)).params
     teacher = jax.jit(lambda p, b: model.apply({"params": p}, b, method="teacher")["layers"])
     student = jax.jit(lambda p, b: model.apply({"params": p}, b, method="student",
                                                rngs={"noise": jax.random.PRNGKey(3),
@@ -94,7 +95,7 @@ def test_padding_and_masked_tokens_do_not_leak(v2):
 def test_v1_loss_counts_only_positions_given_the_mask_token():
     config = load_config(f"{TEXT}:tiny_v1", {**SMALL, "model.vocab_size": VOCAB})
     model = modalities.build_model(config)
-    state = create_train_state(config, jax.random.PRNGKey(0))
+    state = init_state(config, jax.random.PRNGKey(0))
     batch = _batch("v1")
     batch = {k: v[:, :1] if k in ("mask", "inputs") else v for k, v in batch.items()}
     # Corrupt like BERT: position 2 random, position 3 unchanged, the rest of 1..7 <mask>.

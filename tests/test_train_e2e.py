@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,8 +11,7 @@ from d2v_jax import metrics
 from d2v_jax.config import load_config, validate
 from d2v_jax.train import train_and_evaluate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENT = os.path.join(ROOT, "experiments", "image.py")
+from helpers import IMAGE as EXPERIMENT
 
 SMALL = {
     "model.depth": 2, "target.top_k": 2, "decoder.layers": 1, "data.batch_size": 8,
@@ -75,10 +72,8 @@ def test_load_config_rejects_misspelt_field():
         load_config(f"{EXPERIMENT}:huge_v3")
 
 
-def test_cli_rejects_unknown_field(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "d2v_jax.train", f"--config={EXPERIMENT}:tiny_v2",
-         f"--workdir={tmp_path}", "--config.model.dimm=8"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode != 0
-    assert "dimm" in proc.stderr
+def test_cli_rejects_unknown_field(tmp_path, cli):
+    run = cli("train", f"--config={EXPERIMENT}:tiny_v2", f"--workdir={tmp_path}",
+              "--config.model.dimm=8", timeout=120)
+    assert run.returncode != 0
+    assert "dimm" in run.stderr

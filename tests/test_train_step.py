@@ -8,14 +8,16 @@ import pytest
 
 from d2v_jax import losses, modalities, optim
 from d2v_jax.config import load_config
-from d2v_jax.train_state import create_train_state, teacher_params
+from d2v_jax.train_state import teacher_params
 from d2v_jax.train_step import compute_targets, make_train_step, make_train_step_fn, student_loss
+
+from helpers import init_state
 
 
 def setup(arg, batch_size=2, **overrides):
     config = load_config(f"experiments/image.py:{arg}", overrides)
     model = modalities.build_model(config)
-    state = create_train_state(config, jax.random.PRNGKey(0), model=model)
+    state = init_state(config, jax.random.PRNGKey(0), model=model)
     batch = modalities.dummy_batch(config, batch_size)
     rng = np.random.default_rng(0)
     batch["image"] = rng.normal(size=batch["image"].shape).astype(np.float32)
