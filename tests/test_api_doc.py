@@ -17,6 +17,7 @@ def _code_blocks(path):
         return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
 
 
+@pytest.mark.slow  # 40 steps of pretraining
 def test_api_doc_runs_as_written(monkeypatch, capsys):
     blocks = _code_blocks(os.path.join(ROOT, "docs", "api.md"))
     assert len(blocks) == 3

@@ -62,6 +62,7 @@ def _batch(config, rng, lengths, size, noise_in_padding=0.0):
     return {"audio": audio, "padding_mask": pad, "mask": masks}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ["tiny_v2", "tiny_v1"])
 def test_padding_changes_nothing(arg):
     """Padded samples never reach targets, instance-norm statistics or the loss;
@@ -123,6 +124,7 @@ def test_padding_changes_nothing(arg):
     np.testing.assert_allclose(l1, terms[want].mean(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_v2_student_keeps_static_visible_count():
     config = _config()
     model = modalities.build_model(config)
@@ -181,6 +183,7 @@ def test_single_pos_conv_torch_padding():
     np.testing.assert_allclose(w, v, rtol=1e-5)
 
 
+@pytest.mark.slow  # a short train run
 def test_train_e2e_on_audio_folder(tmp_path):
     """A few real train steps on a folder of FLAC/WAV files (22.05 kHz ones are
     resampled), through the CLI's train_and_evaluate."""

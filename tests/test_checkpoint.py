@@ -172,6 +172,7 @@ def _reshard(tmp_path, mode, src, dst, devices, overrides):
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow  # three 8- or 1-device subprocesses
 def test_fsdp_8_devices_to_1_device_and_back(tmp_path):
     overrides = image_folder_run(make_image_folder(tmp_path / "images", n=4))
     saved = _reshard(tmp_path, "init", "-", "fsdp8", 8, overrides)

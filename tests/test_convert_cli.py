@@ -20,6 +20,7 @@ from d2v_jax.convert.__main__ import main
 from convert_helpers import VISION, assert_same_params, fairseq_checkpoint, hidden, perturbed
 
 
+@pytest.mark.slow  # a convert CLI run
 def test_hf_folder_to_checkpoint_and_back(tmp_path):
     torch.manual_seed(1)
     hf = perturbed(Data2VecVisionModel(Data2VecVisionConfig(**VISION), add_pooling_layer=False))
@@ -40,6 +41,7 @@ def test_hf_folder_to_checkpoint_and_back(tmp_path):
                                atol=1e-6)
 
 
+@pytest.mark.slow  # a convert CLI run
 def test_fairseq_file_to_checkpoint(tmp_path):
     ckpt = fairseq_checkpoint("full")
     torch.save(ckpt, tmp_path / "d2v2.pt")

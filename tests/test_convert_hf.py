@@ -130,6 +130,7 @@ def test_audio_with_padding_matches_hf_and_round_trips(tmp_path):
                                ref[real], atol=ATOL)
 
 
+@pytest.mark.slow  # a python subprocess
 def test_core_package_never_imports_torch():
     code = ("import sys, d2v_jax, d2v_jax.train, d2v_jax.finetune, d2v_jax.models; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "

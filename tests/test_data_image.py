@@ -306,6 +306,7 @@ def test_resume_from_iterator_state():
     resumed.close()
 
 
+@pytest.mark.slow  # grain worker processes
 def test_resume_with_worker_processes(tmp_path):
     config = _folder_config(tmp_path, **{"data.num_workers": 1})
     reference = iter(pretrain_dataset(_folder_config(tmp_path)))

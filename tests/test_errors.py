@@ -29,6 +29,7 @@ EXPLODE = {"optim.schedule": "constant", "optim.warmup_steps": 1, "optim.lr": 1e
            "train.checkpoint_every": 1, "train.keep_checkpoints": 5, "train.num_steps": 5}
 
 
+@pytest.mark.slow  # a short train run
 def test_nonfinite_stop_names_step_and_last_good_checkpoint(tmp_path, image_folder):
     workdir = str(tmp_path / "run")
     with pytest.raises(train.NonFiniteError) as e:
@@ -169,6 +170,7 @@ def test_corrupt_image_file_is_named(tmp_path):
         next(iter(pretrain_dataset(config)))
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_names_parameter_paths_and_shapes(tmp_path, image_folder):
     workdir = str(tmp_path / "run")
     small = _config(image_folder)

@@ -139,6 +139,7 @@ def tiny_checkpoint(tmp_path_factory):
     return workdir, jax.device_get(state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["student", "teacher"])
 def test_init_from_checkpoint_starts_from_those_exact_weights(tiny_checkpoint, which):
     workdir, saved = tiny_checkpoint
@@ -157,6 +158,7 @@ def test_init_from_checkpoint_starts_from_those_exact_weights(tiny_checkpoint, w
     assert "decoder" in saved.params and "decoder" not in run.state.params["backbone"]
 
 
+@pytest.mark.slow
 def test_scratch_backbone_from_a_pretraining_workdir_builds_its_architecture(tiny_checkpoint):
     workdir, saved = tiny_checkpoint
     run = finetune.prepare(_ft_config(**{"backbone": workdir, "data.label_fraction": 0.01}), None)
@@ -172,6 +174,7 @@ def test_scratch_backbone_from_a_pretraining_workdir_builds_its_architecture(tin
     assert finetune.held_out_of_pretraining(run.config, run.backbone_config) is True
 
 
+@pytest.mark.slow  # a short fine-tuning run
 def test_linear_probe_freezes_the_encoder_and_trains_the_head(tiny_checkpoint, tmp_path):
     workdir, _ = tiny_checkpoint
     config = _ft_config("mnist_5k_probe", **{"data.label_fraction": 0.01, "train.num_steps": 4,
@@ -195,6 +198,7 @@ def test_linear_probe_freezes_the_encoder_and_trains_the_head(tiny_checkpoint, t
     assert os.path.getsize(tmp_path / "finetune.png") > 1000
 
 
+@pytest.mark.slow  # a short fine-tuning run
 def test_finetune_updates_the_encoder(tiny_checkpoint, tmp_path):
     workdir, saved = tiny_checkpoint
     config = _ft_config(**{"data.label_fraction": 0.01, "train.num_steps": 2,

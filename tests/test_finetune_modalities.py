@@ -282,6 +282,7 @@ def test_mean_pooling_ignores_text_padding_and_the_bos_position():
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mean_pooling_ignores_audio_padding_frames():
     bconfig = tiny_config("audio")
     model = finetune.FinetuneModel(bconfig, 3, norm="none")
@@ -305,6 +306,7 @@ def test_mean_pooling_ignores_audio_padding_frames():
 # ----------------------------------------------------------------------------- init
 
 
+@pytest.mark.slow  # a short fine-tuning run
 def test_text_finetune_starts_from_the_checkpoint_and_its_tokenizer(tsv, text_checkpoint, tmp_path):
     workdir, saved = text_checkpoint
     config = _ft("text_tsv", **{"data.path": tsv, "data.label_fraction": 0.25,

@@ -29,6 +29,7 @@ def abstract_state(config):
 
 # XLA counts element-wise work too (norms, GELU, softmax, loss, AdamW, EMA),
 # which the analytic count leaves out: a few % above at these widths, never below.
+@pytest.mark.slow
 def test_analytic_flops_match_xla_cost_analysis():
     # tiny_v2: encoder on visible patches x 4 clones, and the conv decoder with
     # decoder.conv_impl = dense, so XLA executes 4x the grouped conv's FLOPs.
@@ -58,6 +59,7 @@ def test_flops_closed_form_vit_base():
         flops.step_flops(config, 0)
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once_over_five_steps():
     config = small("experiments/image.py:tiny_v1", dim=32, depth=1)
     compiles = []

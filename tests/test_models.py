@@ -81,6 +81,7 @@ def test_block_matches_numpy_and_returns_spec_target(layer_norm_first):
     np.testing.assert_allclose(target, ref_target, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer_norm_first", [True, False])
 def test_scanned_encoder_equals_blocks_in_sequence(layer_norm_first):
     depth = 3
@@ -122,6 +123,7 @@ def test_sincos_2d_encodes_column_then_row():
     np.testing.assert_allclose(table[1, 2, 12:], np.cos(1 * omega), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_conv_decoder_layer_matches_numpy():
     grid, cin, dim, groups, k = (3, 4), 4, 6, 2, 3
     dec = ConvDecoder(grid, dim, out_dim=5, kernel_size=k, layers=1, groups=groups)
@@ -150,6 +152,7 @@ def _init_params(config):
     return nn.unbox(jax.jit(lambda r: init_params(config, r))(jax.random.PRNGKey(0)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])
 def test_student_never_sees_masked_pixels(arg):
     """The student's predictions do not depend on the content of masked
@@ -184,6 +187,7 @@ def test_student_never_sees_masked_pixels(arg):
     assert np.abs(run(visible) - base).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_teacher_returns_top_block_tensors_without_cls():
     config = load_config("experiments/image.py:tiny_v2")
     model = modalities.build_model(config)

@@ -150,6 +150,7 @@ def eight_device_report():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # the 8-device subprocess (eight_device_report)
 def test_eight_device_steps_equal_one_device_step(eight_device_report):
     """DP, FSDP, DP x FSDP (jit + NamedSharding), DP with 2 micro-batches (and
     block remat), pmap and shard_map: loss, every metric and the updated params/EMA of one step
@@ -169,6 +170,7 @@ def test_eight_device_steps_equal_one_device_step(eight_device_report):
     assert ref["update_norm"] > 1e-2 and ref["grad_norm"] > 1e-2
 
 
+@pytest.mark.slow  # the 8-device subprocess (eight_device_report)
 def test_params_are_sharded_as_the_rules_say(eight_device_report):
     """fc1 kernel [layers, embed, mlp] = [1, 32, 128]: replicated under DP;
     `embed` split 8 ways under FSDP (born sharded, and so are EMA and Adam's
@@ -193,6 +195,7 @@ def test_params_are_sharded_as_the_rules_say(eight_device_report):
     assert t["qkv"] == [None, "fsdp", "tensor"] and t["cls_token"] == ["fsdp"]
 
 
+@pytest.mark.slow  # 4 train-step compilations
 def test_grad_accumulation_equals_big_batch_step():
     """4 micro-batches of 2 (a lax.scan inside the step, with full remat) == one
     batch of 8: loss, metrics and updated params within 1e-5 (1 device). data2vec 1.0 with random
@@ -225,6 +228,7 @@ def test_grad_accumulation_equals_big_batch_step():
         make_train_step(make_config(**{"optim.accum_steps": 3}))
 
 
+@pytest.mark.slow  # 2 train-step compilations
 def test_bf16_compute_keeps_float32_master_params_and_ema():
     """model.dtype=bfloat16: activations are bf16, params / EMA / Adam moments
     stay float32 through a step, and the loss is close to the float32 one."""

@@ -90,6 +90,7 @@ def losses(workdir):
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+@pytest.mark.slow  # four `python -m d2v_jax.train` processes
 def test_sigterm_then_sigkill_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)

@@ -92,6 +92,7 @@ def test_padding_and_masked_tokens_do_not_leak(v2):
     assert not np.allclose(student(params, visible)[:2], ref_s[:2], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_v1_loss_counts_only_positions_given_the_mask_token():
     config = load_config(f"{TEXT}:tiny_v1", {**SMALL, "model.vocab_size": VOCAB})
     model = modalities.build_model(config)
@@ -117,6 +118,7 @@ def test_v1_loss_counts_only_positions_given_the_mask_token():
     assert float(loss(y.at[0, 4].add(5.0))) > float(ref) + 0.1  # a <mask> position counts
 
 
+@pytest.mark.slow  # a short train run
 def test_molecules_e2e_trains_with_the_tokenizer_saved_beside_the_run(tmp_path):
     from d2v_jax.train import train_and_evaluate
     workdir = str(tmp_path / "run")

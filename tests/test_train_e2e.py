@@ -24,6 +24,7 @@ def _config(num_steps):
     return load_config(f"{EXPERIMENT}:tiny_v2", {**SMALL, "train.num_steps": num_steps})
 
 
+@pytest.mark.slow  # two short train runs
 def test_train_writes_metrics_plot_checkpoints_and_resumes(tmp_path):
     workdir = str(tmp_path / "run")
     state = train_and_evaluate(_config(4), workdir)
@@ -72,6 +73,7 @@ def test_load_config_rejects_misspelt_field():
         load_config(f"{EXPERIMENT}:huge_v3")
 
 
+@pytest.mark.slow  # python -m d2v_jax.train
 def test_cli_rejects_unknown_field(tmp_path, cli):
     run = cli("train", f"--config={EXPERIMENT}:tiny_v2", f"--workdir={tmp_path}",
               "--config.model.dimm=8", timeout=120)

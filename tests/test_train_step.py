@@ -27,6 +27,7 @@ def setup(arg, batch_size=2, **overrides):
     return config, model, state, batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2", "digits_v1", "digits_v2"])
 def test_teacher_gets_no_gradient(arg):
     config, model, state, batch = setup(arg)
@@ -44,6 +45,7 @@ def optim_norm(tree):
     return jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])
 def test_targets_at_unmasked_positions_do_not_change_the_loss(arg):
     config, model, state, batch = setup(arg, **{"loss.cls_weight": 0.0})
@@ -61,6 +63,7 @@ def test_targets_at_unmasked_positions_do_not_change_the_loss(arg):
     assert abs(float(loss(y3)) - float(loss(y))) > 1e-3
 
 
+@pytest.mark.slow  # compiles a train step
 def test_loss_equals_independent_recomputation_v2():
     """reg loss = mean over masked positions of sum_D (pred - y)^2 / sqrt(D), with
     targets repeated per clone; cls = 0.01 * sum over clones, as fairseq."""
@@ -86,6 +89,7 @@ def test_loss_equals_independent_recomputation_v2():
     np.testing.assert_allclose(loss, reg + cls, rtol=1e-5)
 
 
+@pytest.mark.slow  # compiles a train step
 @pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])
 def test_step_applies_optax_update_then_ema(arg):
     config, model, state, batch = setup(arg, **{"optim.warmup_steps": 0})  # lr(0) > 0
@@ -106,6 +110,7 @@ def test_step_applies_optax_update_then_ema(arg):
         assert np.isfinite(float(metrics[key])), key
 
 
+@pytest.mark.slow  # compiles a train step
 def test_step_compiles_once_and_donates_state():
     config, model, state, batch = setup("tiny_v2")
     step = make_train_step(config, model=model)
