@@ -25,6 +25,7 @@ each process feeds its grain shard and `global_batch` assembles the global array
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -234,21 +235,102 @@ def device_bytes(tree: Any, shardings: Any | None = None) -> tuple[int, int]:
     return per, total
 
 
-# --- the three execution modes ----------------------------------------------------
-def make_jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, shardings: TrainState,
-                        **kwargs) -> Callable:
-    """The main path: one jit over the mesh, state donated, in/out shardings fixed."""
-    step = make_train_step_fn(config, batch_sharding=batch_sharding(mesh), **kwargs)
-    return compile_step(_with_mode(config, "jit"), step, mesh, shardings)
+# --- the parallel plan: built once per run -------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ParallelPlan:
+    """How a run places its state and batches and compiles its step.
+
+    mode: 'jit' | 'shard_map' | 'pmap' (`config.parallel.mode`).
+    mesh: the (data, fsdp, tensor) mesh (unused by pmap, which runs over the
+      local devices; None when a pmap step is made without one).
+    state_shardings: the TrainState's shardings; None for pmap (host-local
+      state on the default device).
+    batch_sharding: where the loop puts each global batch: split over
+      `data` x `fsdp` (jit), over `data` (shard_map); None for pmap (a
+      host-local batch that pmap splits itself).
+    """
+
+    mode: str
+    mesh: Mesh | None
+    state_shardings: Any
+    batch_sharding: NamedSharding | None
+
+    @property
+    def axis_name(self) -> str | None:
+        """The axis name `make_train_step_fn` needs in this mode (None for jit)."""
+        return None if self.mode == "jit" else "data"
+
+    @property
+    def step_batch_sharding(self) -> NamedSharding | None:
+        """The `batch_sharding` `make_train_step_fn` takes (jit only: the
+        per-device programs of pmap / shard_map see their own rows)."""
+        return self.batch_sharding if self.mode == "jit" else None
+
+    def compile(self, step_fn: Callable) -> Callable:
+        """Compiles a pure step built with `axis_name=self.axis_name` (and
+        `batch_sharding=self.step_batch_sharding`), with the state donated."""
+        if self.mode == "pmap":
+            return _pmap_step(step_fn)
+        replicated = NamedSharding(self.mesh, P())
+        if self.mode == "shard_map":
+            # The batch axis over `data` only (fsdp = tensor = 1 here): the step's
+            # psum runs over `data`, so nothing may vary along the other axes.
+            step_fn = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P("data"), P()),
+                                    out_specs=(P(), P()))
+        return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding, replicated),
+                       out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+
+    def describe(self) -> str:
+        """One line for the console: devices, mesh shape and mode."""
+        n = jax.device_count()
+        devices = f"{n} {jax.default_backend()} device{'s' if n != 1 else ''}"
+        if self.mode == "pmap":
+            return f"{devices}, pmap over {jax.local_device_count()} local"
+        shape = " x ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
+        return f"{devices}, mesh {shape}, {self.mode}"
 
 
-def _with_mode(config: ml_collections.ConfigDict, mode: str) -> ml_collections.ConfigDict:
-    if parallel_config(config)["mode"] == mode:
-        return config
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.parallel = ml_collections.ConfigDict(dict(parallel_config(config), mode=mode))
-    return config
+def make_plan(config: ml_collections.ConfigDict, model: nn.Module,
+              tx: optax.GradientTransformation) -> ParallelPlan:
+    """The run's ParallelPlan from `config.parallel` and `config.mesh`: the mesh
+    is made once, the state shardings are found abstractly (nothing allocated)."""
+    mode = parallel_config(config)["mode"]
+    mesh = make_mesh(config)
+    if mode == "pmap":
+        _check_data_parallel(config, mode)
+        return ParallelPlan(mode, mesh, None, None)
+    if mode == "shard_map":
+        _check_data_parallel(config, mode)
+        return _shard_map_plan(config, mesh, model, tx)
+    return _jit_plan(mesh, state_shardings(config, mesh, tx, model))
+
+
+def _jit_plan(mesh: Mesh, shardings: Any) -> ParallelPlan:
+    return ParallelPlan("jit", mesh, shardings, batch_sharding(mesh))
+
+
+def _shard_map_plan(config: ml_collections.ConfigDict, mesh: Mesh, model: nn.Module | None,
+                    tx: optax.GradientTransformation | None) -> ParallelPlan:
+    abstract = jax.eval_shape(lambda r: create_train_state(config, r, tx, model), jax.random.key(0))
+    return ParallelPlan("shard_map", mesh, replicated_shardings(abstract, mesh),
+                        NamedSharding(mesh, P("data")))
+
+
+def _pmap_step(step_fn: Callable) -> Callable:
+    """pmap over the local devices: the ordinary (unreplicated) state in and
+    out, the host-local batch [B_local, ...] split over the devices."""
+    step = jax.pmap(step_fn, axis_name="data", in_axes=(None, 0, None), out_axes=(None, None),
+                    donate_argnums=(0,))
+    n = jax.local_device_count()
+
+    def run(state, batch, rng):
+        def split(x):
+            if x.shape[0] % n:
+                raise ValueError(f"pmap: batch of {x.shape[0]} rows does not split over {n} devices")
+            return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+        return step(state, jax.tree.map(split, batch), rng)
+
+    return run
 
 
 def _check_data_parallel(config: ml_collections.ConfigDict, mode: str) -> None:
@@ -262,6 +344,18 @@ def _check_data_parallel(config: ml_collections.ConfigDict, mode: str) -> None:
                          "each device's shard only; use parallel.mode='jit'")
 
 
+def replicated_shardings(tree: Any, mesh: Mesh) -> Any:
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+
+
+# --- the three execution modes, one step each (tests, benchmarks) --------------------
+def make_jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, shardings: TrainState,
+                        **kwargs) -> Callable:
+    """The main path: one jit over the mesh, state donated, in/out shardings fixed."""
+    plan = _jit_plan(mesh, shardings)
+    return plan.compile(make_train_step_fn(config, batch_sharding=plan.step_batch_sharding, **kwargs))
+
+
 def make_pmap_train_step(config: ml_collections.ConfigDict, **kwargs) -> Callable:
     """`jax.pmap` over this process's devices (axis 'data'), for users who need it.
 
@@ -270,8 +364,8 @@ def make_pmap_train_step(config: ml_collections.ConfigDict, **kwargs) -> Callabl
     on every device) and the global metrics.
     """
     _check_data_parallel(config, "pmap")
-    step = make_train_step_fn(config, axis_name="data", **kwargs)
-    return compile_step(_with_mode(config, "pmap"), step, None, None)
+    plan = ParallelPlan("pmap", None, None, None)
+    return plan.compile(make_train_step_fn(config, axis_name=plan.axis_name, **kwargs))
 
 
 def make_shard_map_train_step(config: ml_collections.ConfigDict, mesh: Mesh, **kwargs) -> Callable:
@@ -279,77 +373,8 @@ def make_shard_map_train_step(config: ml_collections.ConfigDict, mesh: Mesh, **k
     written out (psum of gradients, global masked count) rather than derived by
     XLA. Params replicated; batch split on its first axis over `data`."""
     _check_data_parallel(config, "shard_map")
-    step = make_train_step_fn(config, axis_name="data", **kwargs)
-    abstract = jax.eval_shape(
-        lambda r: create_train_state(config, r, kwargs.get("tx"), kwargs.get("model")),
-        jax.random.key(0))
-    shardings = replicated_shardings(abstract, mesh)
-    return compile_step(_with_mode(config, "shard_map"), step, mesh, shardings)
-
-
-def replicated_shardings(tree: Any, mesh: Mesh) -> Any:
-    return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
-
-
-# --- what the train loop calls (d2v_jax/train.py) -----------------------------------
-def step_axis_name(config: ml_collections.ConfigDict) -> str | None:
-    """The axis name `make_train_step_fn` needs in this mode (None for jit)."""
-    return None if parallel_config(config)["mode"] == "jit" else "data"
-
-
-def loop_batch_sharding(config: ml_collections.ConfigDict, mesh: Mesh) -> NamedSharding | None:
-    """Where the loop puts each global batch: split over `data` x `fsdp` (jit),
-    over `data` (shard_map), or None (pmap: host-local, split by pmap itself)."""
-    mode = parallel_config(config)["mode"]
-    if mode == "pmap":
-        return None
-    return NamedSharding(mesh, P("data")) if mode == "shard_map" else batch_sharding(mesh)
-
-
-def loop_shardings(config: ml_collections.ConfigDict, mesh: Mesh, model: nn.Module,
-                   tx: optax.GradientTransformation) -> tuple[Any, Any]:
-    """(state shardings, batch sharding) for the configured mode. pmap takes a
-    host-local state and batch on the default device: (None, None)."""
-    mode = parallel_config(config)["mode"]
-    if mode == "pmap":
-        _check_data_parallel(config, mode)
-        return None, None
-    if mode == "shard_map":
-        _check_data_parallel(config, mode)
-        abstract = jax.eval_shape(lambda r: create_train_state(config, r, tx, model),
-                                  jax.random.key(0))
-        return replicated_shardings(abstract, mesh), loop_batch_sharding(config, mesh)
-    return state_shardings(config, mesh, tx, model), loop_batch_sharding(config, mesh)
-
-
-def compile_step(config: ml_collections.ConfigDict, step_fn: Callable, mesh: Mesh,
-                 shardings: Any) -> Callable:
-    """Compiles a pure step built with `axis_name=step_axis_name(config)` in the
-    configured mode, with the state donated."""
-    mode = parallel_config(config)["mode"]
-    replicated = NamedSharding(mesh, P()) if mesh is not None else None
-    if mode == "jit":
-        return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh), replicated),
-                       out_shardings=(shardings, replicated), donate_argnums=(0,))
-    if mode == "shard_map":
-        # The batch axis over `data` only (fsdp = tensor = 1 here): the step's
-        # psum runs over `data`, so nothing may vary along the other axes.
-        step = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P("data"), P()),
-                             out_specs=(P(), P()))
-        return jax.jit(step, in_shardings=(shardings, NamedSharding(mesh, P("data")), replicated),
-                       out_shardings=(shardings, replicated), donate_argnums=(0,))
-    step = jax.pmap(step_fn, axis_name="data", in_axes=(None, 0, None), out_axes=(None, None),
-                    donate_argnums=(0,))
-    n = jax.local_device_count()
-
-    def run(state, batch, rng):
-        def split(x):
-            if x.shape[0] % n:
-                raise ValueError(f"pmap: batch of {x.shape[0]} rows does not split over {n} devices")
-            return x.reshape((n, x.shape[0] // n) + x.shape[1:])
-        return step(state, jax.tree.map(split, batch), rng)
-
-    return run
+    plan = _shard_map_plan(config, mesh, kwargs.get("model"), kwargs.get("tx"))
+    return plan.compile(make_train_step_fn(config, axis_name=plan.axis_name, **kwargs))
 
 
 # --- multi-host --------------------------------------------------------------------

@@ -19,52 +19,47 @@ step t are fetched while step t+1 runs (no host sync in the hot path); logs to
 - `train.nonfinite`: "stop" raises NonFiniteError naming the step and the last
   good checkpoint; "skip" drops that step's update inside the jitted step.
 - The SPEC 3 collapse guard warns or stops (`collapse.action`).
+
+The guards are in `d2v_jax/guards.py`; the mesh, shardings and the compiled
+step's mode come from one `parallel.ParallelPlan` made per run.
+
+Console: the progress bar, a start line (model, params, origin, devices, mesh)
+and an end line (steps, final loss, wall time, checkpoint and metrics paths);
+warnings (collapse, skipped non-finite steps, preemption, unreadable
+checkpoints) always print. `--log_level=info` (or `debug`) brings back the INFO
+lines of the loop, orbax, JAX and grain; `--log_level=error` hides warnings.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import logging as pylogging
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
+from tqdm import tqdm
 
 from d2v_jax import checkpoint, metrics, modalities, optim, parallel
 from d2v_jax.config import validate
+# The run guards live in d2v_jax/guards.py; their names stay importable from here.
+from d2v_jax.guards import (PREEMPTED_EXIT_CODE, CollapseError, FiniteChecks, NonFiniteError,
+                            Preempted, PreemptionWatcher, apply_collapse_guard, collapse_check,
+                            guard_nonfinite, nonfinite_mode)
 from d2v_jax.train_state import TrainState, create_train_state
 from d2v_jax.train_step import make_train_step_fn
 
-# Exit status after a preemption save: distinct from success (0), errors (1),
-# usage errors (2) and deaths by signal (128 + n), so a launcher can requeue on it.
-PREEMPTED_EXIT_CODE = 42
-
-
-class CollapseError(RuntimeError):
-    """The representation collapsed (SPEC 3 collapse guard, action='stop')."""
-
-
-class NonFiniteError(FloatingPointError):
-    """A non-finite loss or gradient (train.nonfinite='stop')."""
-
-
-class Preempted(Exception):
-    """Raised by `train_and_evaluate` after the preemption checkpoint is written."""
-
-    def __init__(self, step: int, path: str):
-        super().__init__(f"preempted: saved step {step} to {path}")
-        self.step, self.path = step, path
+__all__ = ["PREEMPTED_EXIT_CODE", "CollapseError", "NonFiniteError", "Preempted",
+           "PreemptionWatcher", "collapse_check", "guard_nonfinite", "device_prefetch",
+           "abstract_train_state", "init_train_state", "restore_or_init", "make_step",
+           "train_and_evaluate"]
+_FiniteChecks = FiniteChecks  # the name tests/test_errors.py uses
 
 
 # --- input ------------------------------------------------------------------------
@@ -91,16 +86,6 @@ def device_prefetch(iterator: Iterator, size: int, sharding: Any = None) -> Iter
 
 
 # --- state --------------------------------------------------------------------------
-def state_shardings(config: ml_collections.ConfigDict, model, tx) -> Any:
-    """Shardings of the TrainState, or None for the default device.
-
-    The one place a mesh enters the loop (`d2v_jax/parallel.py` provides the
-    tree of NamedShardings from the logical axis rules).
-    """
-    # [scale-out, issue 5] the mesh from config.mesh; None for parallel.mode='pmap'.
-    return parallel.loop_shardings(config, parallel.make_mesh(config), model, tx)[0]
-
-
 def abstract_train_state(config: ml_collections.ConfigDict, model, tx, shardings: Any = None) -> TrainState:
     """The TrainState as ShapeDtypeStructs carrying shardings (nothing allocated):
     the target that checkpoints are restored (and resharded) onto."""
@@ -138,7 +123,7 @@ def restore_or_init(config: ml_collections.ConfigDict, manager, model, tx, rng: 
     if restored is not None:
         state, step = restored
         if init_from:
-            logging.info("--init_from=%s ignored: the work dir has a checkpoint", init_from)
+            logging.warning("--init_from=%s ignored: the work dir has a checkpoint", init_from)
         return state, f"resumed from {manager.directory}/{step}"
     state = init_train_state(config, model, tx, rng, shardings)
     if not init_from:
@@ -151,127 +136,18 @@ def restore_or_init(config: ml_collections.ConfigDict, manager, model, tx, rng: 
 
 
 # --- the guarded step ---------------------------------------------------------------
-def guard_nonfinite(step_fn: Callable, mode: str) -> Callable:
-    """Adds `finite` (loss and gradient norm finite) to the step's metrics;
-    mode 'skip' keeps the old params, EMA and optimizer state when it is False
-    (a select inside the step: no host sync). The step count always advances,
-    so the data and RNG streams stay aligned with an unskipped run."""
-    if mode not in ("stop", "skip"):
-        raise ValueError(f"config.train.nonfinite={mode!r}; expected 'stop' or 'skip'")
-
-    def step(state: TrainState, batch, rng):
-        new_state, step_metrics = step_fn(state, batch, rng)
-        finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
-        if mode == "skip":
-            kept = state.replace(step=new_state.step)
-            new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, kept)
-        return new_state, dict(step_metrics, finite=finite)
-
-    return step
-
-
 def make_step(config: ml_collections.ConfigDict, model, tx, schedule: optax.Schedule,
-              shardings: Any = None) -> Callable:
-    """The jitted, guarded train step with the state donated."""
-    if shardings is None and parallel.parallel_config(config)["mode"] != "pmap":
+              plan: parallel.ParallelPlan | None = None) -> Callable:
+    """The jitted, guarded train step with the state donated: compiled by the
+    run's ParallelPlan (jit over the mesh with the rules' shardings, or pmap /
+    shard_map), or a plain jit on the default device when there is no plan."""
+    guard = lambda step: guard_nonfinite(step, nonfinite_mode(config))  # noqa: E731
+    if plan is None:
         step = make_train_step_fn(config, model=model, tx=tx, schedule=schedule)
-        return jax.jit(guard_nonfinite(step, _nonfinite_mode(config)), donate_argnums=(0,))
-    # [scale-out, issue 5] jit over the mesh with the rules' shardings, or pmap / shard_map.
-    mesh = parallel.make_mesh(config)
-    jit_mode = parallel.parallel_config(config)["mode"] == "jit"
+        return jax.jit(guard(step), donate_argnums=(0,))
     step = make_train_step_fn(config, model=model, tx=tx, schedule=schedule,
-                              axis_name=parallel.step_axis_name(config),
-                              batch_sharding=parallel.batch_sharding(mesh) if jit_mode else None)
-    return parallel.compile_step(config, guard_nonfinite(step, _nonfinite_mode(config)), mesh,
-                                 shardings)
-
-
-def _nonfinite_mode(config) -> str:
-    return config.train.get("nonfinite", "stop")
-
-
-# --- preemption ---------------------------------------------------------------------
-class PreemptionWatcher:
-    """SIGTERM -> save at the next step boundary.
-
-    One process: a Python SIGTERM handler sets a flag. Several processes: the
-    hosts must agree on the step, so JAX's preemption sync point decides
-    (`jax.distributed.initialize()` installs its notifier on SIGTERM; orbax's
-    `reached_preemption` asks it), and no Python handler is installed.
-    """
-
-    def __init__(self):
-        self.signum = None
-        self._previous = None
-        self._multi = jax.process_count() > 1
-        if not self._multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del frame
-        self.signum = signum
-        logging.warning("received signal %d: saving at the next step boundary", signum)
-
-    def requested(self, step: int, manager) -> bool:
-        if self.signum is not None:
-            return True
-        return self._multi and manager.reached_preemption(step)
-
-    def close(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-
-# --- guards -------------------------------------------------------------------------
-def collapse_check(config: ml_collections.ConfigDict, step: int, scalars: dict) -> str | None:
-    """A message when target or prediction variance fell below SPEC 3's bounds."""
-    g = config.collapse
-    if step < g.after_step:
-        return None
-    if scalars["target_var"] < g.min_target_var:
-        return f"step {step}: target_var {scalars['target_var']:.4f} < {g.min_target_var}"
-    if scalars["pred_var"] < g.min_pred_var:
-        return f"step {step}: pred_var {scalars['pred_var']:.4f} < {g.min_pred_var}"
-    share = scalars.get("target_pos_share")
-    if share is not None and share > g.max_target_pos_share:
-        return (f"step {step}: target_pos_share {share:.3f} > {g.max_target_pos_share}: position "
-                f"alone explains the targets (positional collapse; see docs/label_efficiency.md)")
-    return None
-
-
-class _FiniteChecks:
-    """Per-step `finite` flags, read one step late (mode 'stop': the host waits
-    for step t-1 while step t runs) or at log time (mode 'skip': counted)."""
-
-    def __init__(self, mode: str, manager):
-        self.mode, self.manager = mode, manager
-        self.pending: collections.deque = collections.deque()  # (step, metrics)
-        self.skipped = 0
-
-    def add(self, step: int, step_metrics: dict) -> None:
-        self.pending.append((step, {k: step_metrics[k] for k in ("finite", "loss", "grad_norm")}))
-        if self.mode == "stop":
-            self.check(keep_last=1)
-
-    def check(self, keep_last: int = 0) -> None:
-        while len(self.pending) > keep_last:
-            step, m = self.pending.popleft()
-            if bool(m["finite"]):
-                continue
-            if self.mode == "skip":
-                self.skipped += 1
-                logging.warning("step %d: non-finite loss/gradients; update skipped (%d so far)",
-                                step, self.skipped)
-                continue
-            self.manager.wait_until_finished()
-            last = self.manager.latest_step()
-            where = (f"{self.manager.directory}/{last}" if last is not None else
-                     "none (no checkpoint was saved before it)")
-            raise NonFiniteError(
-                f"non-finite training at step {step}: loss={float(m['loss'])}, "
-                f"grad_norm={float(m['grad_norm'])}. Last good checkpoint: {where}. "
-                "Set config.train.nonfinite='skip' to skip such updates instead.")
+                              axis_name=plan.axis_name, batch_sharding=plan.step_batch_sharding)
+    return plan.compile(guard(step))
 
 
 # --- the loop -----------------------------------------------------------------------
@@ -279,6 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        init_from: str | None = None) -> TrainState:
     """Pretrains to `config.train.num_steps`, resuming from `workdir` if it
     holds checkpoints. Raises Preempted after a SIGTERM save."""
+    t0 = time.perf_counter()
     validate(config)
     os.makedirs(workdir, exist_ok=True)
     # Run-level set-up of the modality (text: train or reload the tokenizer in the
@@ -292,32 +169,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     tx, schedule = optim.make_optimizer(config)
     # The step folds its count into step_rng: the RNG is a function of (seed, step).
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    shardings = state_shardings(config, model, tx)
+    # [scale-out, issue 5] the mesh, shardings and step compilation, decided once.
+    plan = parallel.make_plan(config, model, tx)
 
     iterator = iter(modalities.get(config).pretrain_dataset(
         config, process_index=jax.process_index(), process_count=jax.process_count()))
     data_iter = checkpoint.ConsumedIterator(iterator)
     manager = checkpoint.make_manager(workdir, config)
     state, origin = restore_or_init(config, manager, model, tx, init_rng, data_iter=data_iter,
-                                    init_from=init_from, shardings=shardings)
+                                    init_from=init_from, shardings=plan.state_shardings)
     start, num_steps = int(state.step), config.train.num_steps
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("model: %s %s, %.2fM params; %s at step %d", config.modality, config.version,
-                 n_params / 1e6, origin, start)
+    _say(f"pretrain: {config.modality} {config.version}, {n_params / 1e6:.2f}M params, {origin} "
+         f"at step {start}; {plan.describe()}")
     if start >= num_steps:
-        logging.info("step %d >= train.num_steps=%d: nothing to do", start, num_steps)
+        _say(f"step {start} >= train.num_steps={num_steps}: nothing to do")
         manager.close()
         return state
 
     _trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
-    batches = device_prefetch(iterator, config.data.prefetch,  # [scale-out, issue 5]
-                              parallel.loop_batch_sharding(config, parallel.make_mesh(config)))
-    step_fn = make_step(config, model, tx, schedule, shardings)
+    batches = device_prefetch(iterator, config.data.prefetch, plan.batch_sharding)
+    step_fn = make_step(config, model, tx, schedule, plan)
     writer = metrics.MetricWriter(workdir)
     log_every = max(config.train.log_every, 1)
     every = config.train.checkpoint_every
     bar = _progress(start, num_steps)
-    finite = _FiniteChecks(_nonfinite_mode(config), manager)
+    finite = FiniteChecks(nonfinite_mode(config), manager)
     watcher = PreemptionWatcher()
 
     # Metrics of a logged step are fetched after the next step is dispatched, so
@@ -326,12 +203,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # excludes the first step's compilation.
     pending = None  # (step, device metrics) waiting to be fetched
     clock = {"step": None, "time": None}
+    last = {}  # the scalars logged last
 
     def flush():
         nonlocal pending
         finite.check()
         if pending is not None:
-            _log(config, writer, bar, clock, finite.skipped, *pending)
+            last.update(_log(config, writer, bar, clock, finite.skipped, *pending))
             pending = None
 
     try:
@@ -348,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             finite.add(done, step_metrics)
             if pending is not None:
                 finite.check(keep_last=1)
-                _log(config, writer, bar, clock, finite.skipped, *pending)
+                last.update(_log(config, writer, bar, clock, finite.skipped, *pending))
                 pending = None
             if done % log_every == 0 or done == num_steps:
                 pending = (done, step_metrics)
@@ -369,6 +247,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         bar.close()
     if jax.process_index() == 0 and os.path.exists(writer.path):
         metrics.plot_loss(writer.path, os.path.join(workdir, "loss.png"))
+    loss = f"final loss {last['loss']:.4f}" if "loss" in last else "no loss logged"
+    _say(f"pretrain: done, steps {start}->{num_steps} in {time.perf_counter() - t0:.0f}s, {loss}; "
+         f"checkpoint {manager.directory}/{num_steps}, metrics {writer.path}")
     return state
 
 
@@ -385,29 +266,32 @@ def _trim_metrics(path: str, step: int) -> None:
             f.writelines(kept)
 
 
-def _log(config, writer, bar, clock, skipped, step, device_metrics):
+def _say(msg: str) -> None:
+    """A summary line on the console (process 0), whatever the log level."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def _log(config, writer, bar, clock, skipped, step, device_metrics) -> dict[str, float]:
+    """Writes one logged step's scalars (and returns them); the collapse guard."""
     scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     scalars.pop("finite", None)
     now = time.perf_counter()
     steps = step - clock["step"]
     scalars["samples_per_sec"] = config.data.batch_size * steps / (now - clock["time"]) if steps > 0 else 0.0
     clock.update(step=step, time=now)
-    if _nonfinite_mode(config) == "skip":
+    if nonfinite_mode(config) == "skip":
         scalars["skipped_updates"] = float(skipped)
     writer.write(step, scalars)
     postfix = {"loss": f"{scalars['loss']:.4f}", "tvar": f"{scalars['target_var']:.3f}"}
     if "target_pos_share" in scalars:
         postfix["pos"] = f"{scalars['target_pos_share']:.2f}"
     bar.set_postfix(**postfix, sps=f"{scalars['samples_per_sec']:.0f}")
-    msg = collapse_check(config, step, scalars)
-    if msg:
-        if config.collapse.action == "stop":
-            raise CollapseError("representation collapse: " + msg)
-        logging.warning("possible representation collapse: %s", msg)
+    apply_collapse_guard(config, step, scalars)
+    return scalars
 
 
 def _progress(start, total):
-    from tqdm import tqdm
     # A redraw at most every few seconds keeps logs and notebook outputs short.
     return tqdm(total=total, initial=start, desc="pretrain", unit="step", mininterval=5.0,
                 disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -420,12 +304,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, plots an
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Another run's work dir (or checkpoints dir): "
                                  "start from its params and EMA teacher (fresh optimizer, step 0). "
                                  "Ignored when --workdir already holds a checkpoint.")
+_LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
+                               "Console log level of this run and its libraries (orbax, JAX, "
+                               "grain). 'warning' (default): the progress bar, a start and an end "
+                               "line, and warnings; 'info' brings back the INFO lines. An explicit "
+                               "absl --verbosity is kept when --log_level is not given.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    pylogging.getLogger("absl").setLevel(pylogging.INFO)
+    # absl sets the root logger's level, which orbax, JAX and grain inherit.
+    if _LOG_LEVEL.present or not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(_LOG_LEVEL.value)
     # [scale-out, issue 5] multi-process start (SLURM, Cloud TPU, JAX_COORDINATOR_ADDRESS)
     # before anything touches the devices.
     parallel.maybe_initialize_distributed(parallel.parallel_config(_CONFIG.value)["distributed"])
