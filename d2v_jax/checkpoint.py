@@ -89,6 +89,8 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None, 
         enable_async_checkpointing=not read_only,
         create=not read_only,
         read_only=read_only,
+        # what orbax sets for a read-only manager anyway, minus its warning saying so
+        save_interval_steps=0 if read_only else 1,
     )
     return ocp.CheckpointManager(directory or checkpoint_dir(workdir), options=options,
                                  item_handlers=_handlers())
