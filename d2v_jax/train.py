@@ -59,7 +59,6 @@ __all__ = ["PREEMPTED_EXIT_CODE", "CollapseError", "NonFiniteError", "Preempted"
            "PreemptionWatcher", "collapse_check", "guard_nonfinite", "device_prefetch",
            "abstract_train_state", "init_train_state", "restore_or_init", "make_step",
            "train_and_evaluate"]
-_FiniteChecks = FiniteChecks  # the name tests/test_errors.py uses
 
 
 # --- input ------------------------------------------------------------------------
@@ -160,19 +159,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     os.makedirs(workdir, exist_ok=True)
     # Run-level set-up of the modality (text: train or reload the tokenizer in the
     # work dir and set model.vocab_size from it), before the config is saved.
-    config = modalities.get(config).prepare(config, workdir)
+    entry = modalities.get(config)
+    config = entry.prepare(config, workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    model = modalities.build_model(config)
+    model = entry.build_model(config)
     tx, schedule = optim.make_optimizer(config)
     # The step folds its count into step_rng: the RNG is a function of (seed, step).
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     # [scale-out, issue 5] the mesh, shardings and step compilation, decided once.
     plan = parallel.make_plan(config, model, tx)
 
-    iterator = iter(modalities.get(config).pretrain_dataset(
+    iterator = iter(entry.pretrain_dataset(
         config, process_index=jax.process_index(), process_count=jax.process_count()))
     data_iter = checkpoint.ConsumedIterator(iterator)
     manager = checkpoint.make_manager(workdir, config)

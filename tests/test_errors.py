@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from d2v_jax import checkpoint, metrics, modalities, optim, train
+from d2v_jax import checkpoint, guards, metrics, modalities, optim, train
 from d2v_jax.config import load_config, validate
 
 from helpers import IMAGE, image_folder_run, make_image_folder, pretrain_dataset, tiny_config
@@ -88,13 +88,13 @@ class _Manager:
 
 def test_finite_checks_count_skips_and_name_the_checkpoint_on_stop():
     flags = {3: False, 4: True, 5: False}
-    checks = train._FiniteChecks("skip", _Manager())
+    checks = guards.FiniteChecks("skip", _Manager())
     for step, ok in [(1, True), (2, True)] + sorted(flags.items()):
         checks.add(step, {"finite": np.bool_(ok), "loss": np.float32(1.0 if ok else np.nan),
                           "grad_norm": np.float32(1.0)})
     checks.check()
     assert checks.skipped == 2
-    checks = train._FiniteChecks("stop", _Manager())
+    checks = guards.FiniteChecks("stop", _Manager())
     checks.add(1, {"finite": np.bool_(True), "loss": np.float32(1), "grad_norm": np.float32(1)})
     checks.add(2, {"finite": np.bool_(False), "loss": np.float32(np.inf), "grad_norm": np.float32(1)})
     with pytest.raises(train.NonFiniteError, match="at step 2: loss=inf"):
