@@ -120,6 +120,13 @@ def test_audio_with_padding_matches_hf_and_round_trips(tmp_path):
     enc = from_huggingface(hf)
     assert enc.config.model.pos_conv_zero_pad == "input"
     out = enc(input_values=wav, attention_mask=mask)
+    # Positional calls: the first argument is the modality's own input (issue 17:
+    # it used to land in pixel_values and silently return garbage).
+    np.testing.assert_array_equal(enc(wav, mask), out)
+    with pytest.raises(TypeError, match="input_values=..., not \\['pixel_values'\\]"):
+        enc(pixel_values=wav)
+    with pytest.raises(TypeError, match="at most 2 positional"):
+        enc(wav, mask, mask)
     frames = hf._get_feat_extract_output_lengths(mask.sum(1)).numpy()
     assert out.shape == ref.shape and list(frames) == [39, 24]
     real = np.arange(out.shape[1])[None] < frames[:, None]

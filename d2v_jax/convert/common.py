@@ -206,20 +206,44 @@ class Converted:
         """A step-0 TrainState (see `make_train_state`); teacher = student."""
         return make_train_state(self.config, self.params, seed=seed)
 
-    def batch(self, pixel_values=None, input_values=None, input_ids=None,
+    def batch(self, *args, pixel_values=None, input_values=None, input_ids=None,
               attention_mask=None) -> dict[str, np.ndarray]:
-        """HF inputs -> our batch dict (the modality's `hf.batch_from_hf`)."""
+        """HF inputs -> our batch dict (the modality's `hf.batch_from_hf`).
+
+        Positional arguments are `(inputs, attention_mask)` where `inputs` is
+        this modality's own input (`pixel_values`, `input_values` or
+        `input_ids`): a positional call never lands in another modality's slot.
+        """
         mapping = importlib.import_module(modalities.get(self.config.modality).hf)
         given = {"pixel_values": pixel_values, "input_values": input_values,
                  "input_ids": input_ids}
+        if len(args) > 2:
+            raise TypeError(f"a converted {self.config.modality} encoder takes at most 2 "
+                            f"positional arguments ({mapping.INPUT}, attention_mask), got "
+                            f"{len(args)}")
+        if args:
+            if given[mapping.INPUT] is not None:
+                raise TypeError(f"{mapping.INPUT} given both positionally and by keyword")
+            given[mapping.INPUT] = args[0]
+        if len(args) == 2:
+            if attention_mask is not None:
+                raise TypeError("attention_mask given both positionally and by keyword")
+            attention_mask = args[1]
+        wrong = [k for k, v in given.items() if v is not None and k != mapping.INPUT]
+        if wrong:
+            raise TypeError(f"a converted {self.config.modality} encoder takes "
+                            f"{mapping.INPUT}=..., not {wrong}")
         if given[mapping.INPUT] is None:
             raise ValueError(f"a converted {self.config.modality} encoder takes "
                              f"{mapping.INPUT}=...")
         mask = None if attention_mask is None else to_numpy(attention_mask)
         return mapping.batch_from_hf(to_numpy(given[mapping.INPUT]), mask)
 
-    def __call__(self, pixel_values=None, input_values=None, input_ids=None,
+    def __call__(self, *args, pixel_values=None, input_values=None, input_ids=None,
                  attention_mask=None) -> np.ndarray:
-        batch = self.batch(pixel_values, input_values, input_ids, attention_mask)
+        """Last hidden state [B, T, D]; `enc(x)` / `enc(x, attention_mask)` take
+        the modality's own input first, or use the HF keyword names."""
+        batch = self.batch(*args, pixel_values=pixel_values, input_values=input_values,
+                           input_ids=input_ids, attention_mask=attention_mask)
         params = jax.tree.map(jnp.asarray, self.params)
         return np.asarray(self._apply(params, batch))
