@@ -61,7 +61,19 @@ def rand(*shape, scale=0.2):
     return torch.randn(*shape) * scale
 
 
-def encoder_tensors(prefix, blocks_prefix, local=True):
+def alt_block_tensors(p, dim=None, hidden=None):
+    """A data2vec 2.0 AltBlock (fused qkv, post-LN) under prefix `p`."""
+    dim = dim or DIM
+    hidden = hidden or 4 * dim
+    return {p + "attn.qkv.weight": rand(3 * dim, dim), p + "attn.qkv.bias": rand(3 * dim),
+            p + "attn.proj.weight": rand(dim, dim), p + "attn.proj.bias": rand(dim),
+            p + "norm1.weight": 1 + rand(dim), p + "norm1.bias": rand(dim),
+            p + "norm2.weight": 1 + rand(dim), p + "norm2.bias": rand(dim),
+            p + "mlp.fc1.weight": rand(hidden, dim), p + "mlp.fc1.bias": rand(hidden),
+            p + "mlp.fc2.weight": rand(dim, hidden), p + "mlp.fc2.bias": rand(dim)}
+
+
+def encoder_tensors(prefix, blocks_prefix, local=True, prenet=0, depth=DEPTH):
     sd = {}
     if local:
         sd[prefix + "local_encoder.proj.weight"] = rand(DIM, CH, PATCH, PATCH)
@@ -71,20 +83,17 @@ def encoder_tensors(prefix, blocks_prefix, local=True):
     sd[prefix + "extra_tokens"] = rand(1, 1, DIM)
     sd[prefix + "context_encoder.norm.weight"] = 1 + rand(DIM)
     sd[prefix + "context_encoder.norm.bias"] = rand(DIM)
-    for i in range(DEPTH):
-        p = f"{blocks_prefix}{i}."
-        sd.update({p + "attn.qkv.weight": rand(3 * DIM, DIM), p + "attn.qkv.bias": rand(3 * DIM),
-                   p + "attn.proj.weight": rand(DIM, DIM), p + "attn.proj.bias": rand(DIM),
-                   p + "norm1.weight": 1 + rand(DIM), p + "norm1.bias": rand(DIM),
-                   p + "norm2.weight": 1 + rand(DIM), p + "norm2.bias": rand(DIM),
-                   p + "mlp.fc1.weight": rand(4 * DIM, DIM), p + "mlp.fc1.bias": rand(4 * DIM),
-                   p + "mlp.fc2.weight": rand(DIM, 4 * DIM), p + "mlp.fc2.bias": rand(DIM)})
+    for i in range(prenet):
+        sd.update(alt_block_tensors(f"{prefix}context_encoder.blocks.{i}."))
+    for i in range(depth):
+        sd.update(alt_block_tensors(f"{blocks_prefix}{i}."))
     return sd
 
 
-def fairseq_checkpoint(ema_layout="full"):
+def fairseq_checkpoint(ema_layout="full", prenet=0, depth=DEPTH, cfg=None):
+    """A data2vec_multi IMAGE checkpoint (released base: prenet 2 + depth 10)."""
     torch.manual_seed(0)
-    sd = encoder_tensors(I, "blocks.")
+    sd = encoder_tensors(I, "blocks.", prenet=prenet, depth=depth)
     for i in range(DEC_LAYERS):
         cin = DIM if i == 0 else DEC_DIM
         sd[f"{I}decoder.blocks.{i}.0.weight"] = rand(DEC_DIM, cin // DEC_G, DEC_K, DEC_K)
@@ -92,7 +101,9 @@ def fairseq_checkpoint(ema_layout="full"):
     sd[f"{I}decoder.proj.weight"] = rand(DIM, DEC_DIM)
     sd[f"{I}decoder.proj.bias"] = rand(DIM)
     if ema_layout == "full":  # ema_local_encoder=True: teacher has its own patch embedding
-        sd["_ema"] = encoder_tensors(I, "blocks.")
+        sd["_ema"] = encoder_tensors(I, "blocks.", prenet=prenet, depth=depth)
     else:  # ema_encoder_only: blocks as "{i}.*"
-        sd["_ema"] = {k: v for k, v in encoder_tensors("x.", "").items() if k[0].isdigit()}
-    return {"model": sd, "cfg": {"model": {"num_heads": HEADS, "norm_eps": 1e-6}}}
+        sd["_ema"] = {k: v for k, v in encoder_tensors("x.", "", depth=depth).items()
+                      if k[0].isdigit()}
+    model_cfg = {"num_heads": HEADS, "norm_eps": 1e-6, **(cfg or {})}
+    return {"model": sd, "cfg": {"model": model_cfg}}

@@ -27,7 +27,9 @@ from convert_helpers import (CH, DEC_DIM, DEC_G, DEC_K, DEC_LAYERS, DEPTH, DIM, 
 
 
 def reference_encoder(sd, blocks_prefix, image, front=I):
-    """fairseq Data2VecMultiModel(features_only) for a post-LN image model, in torch."""
+    """fairseq Data2VecMultiModel(features_only) for a post-LN image model, in torch:
+    the prenet blocks (context_encoder.blocks.*) run after the embedding
+    LayerNorm, then the main blocks."""
     w = lambda k: sd[k]
     x = F.conv2d(image, w(f"{I}local_encoder.proj.weight"), w(f"{I}local_encoder.proj.bias"),
                  stride=PATCH).flatten(2).transpose(1, 2)
@@ -36,8 +38,13 @@ def reference_encoder(sd, blocks_prefix, image, front=I):
     x = F.layer_norm(x, (DIM,), w(front + "context_encoder.norm.weight"),
                      w(front + "context_encoder.norm.bias"), 1e-6)
     b, t, _ = x.shape
-    for i in range(DEPTH):
-        p = lambda n: w(f"{blocks_prefix}{i}.{n}")
+    prefixes = [k[:-len("attn.qkv.weight")] for k in sd
+                if k.startswith(front + "context_encoder.blocks.") and k.endswith("attn.qkv.weight")]
+    prefixes += [k[:-len("attn.qkv.weight")] for k in sd
+                 if k.startswith(blocks_prefix) and k.endswith("attn.qkv.weight")
+                 and k[len(blocks_prefix):].split(".")[0].isdigit()]
+    for pre in prefixes:  # dicts keep insertion order: block 0, 1, ...
+        p = lambda n: w(pre + n)
         qkv = F.linear(x, p("attn.qkv.weight"), p("attn.qkv.bias"))
         q, k, v = qkv.reshape(b, t, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
         att = torch.softmax(q @ k.transpose(-1, -2) / (DIM // HEADS) ** 0.5, -1)
@@ -115,3 +122,40 @@ def test_encoder_only_ema_layout_and_loud_failures():
     bad_pos[f"{I}fixed_positional_encoder.positions"] = torch.zeros(1, SIDE * SIDE, DIM)
     with pytest.raises(ConversionError, match="sin-cos"):
         from_fairseq(bad_pos, num_heads=HEADS)
+
+
+def test_released_base_layout_prenet_blocks_and_cfg():
+    """The released base: 2 prenet blocks + main blocks; top-K and masking from cfg."""
+    cfg = {"depth": 3, "average_top_k_layers": 3, "instance_norm_target_layer": True,
+           "layer_norm_targets": True, "clone_batch": 16, "ema_decay": 0.9998,
+           "ema_end_decay": 0.99999, "ema_anneal_end_step": 100000, "cls_loss": 0.01,
+           "modalities": {"image": {"prenet_depth": 2, "mask_prob": 0.8,
+                                    "mask_prob_adjust": 0.07, "mask_length": 3}}}
+    ckpt = fairseq_checkpoint("full", prenet=2, depth=3, cfg=cfg)
+    config, params, ema_params = from_fairseq(ckpt)
+    assert config.model.depth == 5 and config.target.top_k == 3
+    assert (config.target.layer_norm, config.target.final_norm) == ("instance", "layer")
+    k = config.masking
+    assert (k.num_clones, k.ratio, k.prob_adjust, k.block_size) == (16, 0.8, 0.07, 3)
+    assert (config.ema.start, config.ema.end, config.ema.anneal_steps) == (0.9998, 0.99999,
+                                                                             100000)
+    sd, ema = ckpt["model"], ckpt["model"]["_ema"]
+    # The prenet blocks are our blocks 0 and 1, the main blocks 2..4.
+    qkv = params["encoder"]["blocks"]["attn"]["qkv"]["kernel"]
+    np.testing.assert_array_equal(qkv[1], sd[f"{I}context_encoder.blocks.1.attn.qkv.weight"].numpy().T)
+    np.testing.assert_array_equal(qkv[2], sd["blocks.0.attn.qkv.weight"].numpy().T)
+    image = torch.randn(2, CH, PATCH * SIDE, PATCH * SIDE)
+    np.testing.assert_allclose(_encode(config, params, image),
+                               reference_encoder(sd, "blocks.", image), atol=1e-4)
+    np.testing.assert_allclose(_encode(config, ema_params, image),
+                               reference_encoder(ema, "blocks.", image), atol=1e-4)
+
+
+def test_large_recipe_top_k_counts_main_blocks():
+    """ViT-L: 24 main blocks, no prenet, average_top_k_layers=18 (not our base 10)."""
+    ckpt = fairseq_checkpoint("full", depth=24, cfg={"depth": 24, "average_top_k_layers": 18})
+    config, _, _ = from_fairseq(ckpt)
+    assert (config.model.depth, config.target.top_k) == (24, 18)
+    bad = fairseq_checkpoint("full", prenet=2, depth=3, cfg={"average_top_k_layers": 4})
+    with pytest.raises(ConversionError, match="counts main blocks, but there are 3"):
+        from_fairseq(bad)

@@ -1,11 +1,14 @@
-"""fairseq data2vec 2.0 (image) checkpoints -> our params and ema_params.
+"""fairseq data2vec 2.0 (image) checkpoints -> our config, params and ema_params.
 
 A fairseq `Data2VecMultiModel` state dict (`torch.load(path)["model"]`) holds
-the student under `modality_encoders.IMAGE.*`, `blocks.{i}.*` (and `norm.*` for
-pre-LN models), and the EMA teacher's fp32 copy under `_ema`: either with the
-same names (minus the decoder and, unless `ema_local_encoder`, the patch
-embedding) or, with `ema_encoder_only`, just the blocks as `{i}.*`. The tables
-are in docs/convert.md.
+the student under `modality_encoders.IMAGE.*` (patch embedding, sin-cos table,
+CLS token, embedding LayerNorm, `prenet_depth` prenet blocks under
+`context_encoder.blocks.*`, the conv decoder), the main `blocks.{i}.*`, and the
+EMA teacher's fp32 copy under `_ema`: either with the same names (minus the
+decoder and, unless `ema_local_encoder`, the patch embedding) or, with
+`ema_encoder_only`, just the main blocks as `{i}.*`. The released base model
+has 2 prenet + 10 main blocks, the large one 0 + 24. The tables are in
+docs/convert.md.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import ml_collections
 import numpy as np
 
 from d2v_jax.convert.common import (ConversionError, StateReader, base_config, check_tree,
-                                    expected_params, stack)
+                                    expected_params)
+from d2v_jax.convert.fairseq_common import (ALT_BLOCK, FairseqConversion, apply_training_cfg,
+                                            block_prefixes, blocks, cfg_get, heads_from,
+                                            mlp_ratio, num_blocks, split_ema)
 from d2v_jax.models.layers import sincos_2d
 from d2v_jax.train_state import ema_keys
 
 IMAGE = "modality_encoders.IMAGE."
+PRENET = IMAGE + "context_encoder.blocks."  # prenet_depth blocks before the main ones
 KEY_PREFIX = IMAGE  # `d2v_jax.convert.from_fairseq` picks this mapping by it
 
 
@@ -29,72 +36,65 @@ def matches(state: Mapping[str, Any]) -> bool:
     return any(k.startswith(IMAGE) for k in state)
 
 
-def _cfg_get(cfg: Any, *path: str, default=None):
-    """A field of fairseq's saved cfg (omegaconf or dict), or `default`."""
-    node = cfg
-    for p in path:
-        if node is None:
-            return default
-        node = node.get(p) if isinstance(node, Mapping) else getattr(node, p, None)
-    return default if node is None else node
-
-
-def _num_blocks(keys, prefix: str) -> int:
-    ids = {int(k[len(prefix):].split(".")[0]) for k in keys
-           if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
-    if ids != set(range(len(ids))):
-        raise ConversionError(f"fairseq state dict: block indices under {prefix!r} are {sorted(ids)}")
-    return len(ids)
-
-
 def image_config(state: Mapping[str, Any], num_heads: int | None = None,
                  cfg: Any = None) -> ml_collections.ConfigDict:
-    """Our v2 image config from the tensor shapes (and fairseq's cfg, if saved)."""
+    """Our v2 image config from the tensor shapes and fairseq's saved cfg (depth,
+    heads, norms, top-K, masking, EMA, decoder), when saved."""
     if f"{IMAGE}local_encoder.proj.weight" not in state:
         raise ConversionError("fairseq state dict: no 'modality_encoders.IMAGE.local_encoder."
                               "proj.weight'; only data2vec 2.0 image checkpoints are supported")
     for key in state:
-        if key.startswith(IMAGE) and ("alibi" in key or ".context_encoder.blocks." in key):
-            raise ConversionError(f"fairseq state dict: {key!r}: image ALiBi / prenet blocks "
-                                  "have no counterpart in our 2.0 ViT")
+        if key.startswith(IMAGE) and "alibi" in key:
+            raise ConversionError(f"fairseq state dict: {key!r}: image ALiBi has no "
+                                  "counterpart in our 2.0 ViT")
     if "norm.weight" in state:
         raise ConversionError("fairseq state dict: 'norm.weight' means layer_norm_first=True; "
                               "our 2.0 image model is post-LN")
+    mc = cfg_get(cfg, "model")
+    ic = cfg_get(mc, "modalities", "image")
     proj = state[f"{IMAGE}local_encoder.proj.weight"]
     dim, channels, patch, _ = tuple(proj.shape)
     n = tuple(state[f"{IMAGE}fixed_positional_encoder.positions"].shape)[1]
     side = int(round(n ** 0.5))
     if side * side != n:
         raise ConversionError(f"fairseq state dict: {n} positions is not a square grid")
-    depth = _num_blocks(state, "blocks.")
-    hidden = tuple(state["blocks.0.mlp.fc1.weight"].shape)[0]
-    num_heads = num_heads or _cfg_get(cfg, "model", "num_heads")
-    if num_heads is None:
-        raise ConversionError("fairseq state dict: the head count is not stored in the weights; "
-                              "pass num_heads= (or the checkpoint with its 'cfg')")
-    dec_layers = _num_blocks(state, f"{IMAGE}decoder.blocks.")
+    prenet, main = num_blocks(state, PRENET), num_blocks(state, "blocks.")
+    if cfg_get(ic, "prenet_depth") not in (None, prenet):
+        raise ConversionError(f"fairseq cfg: modalities.image.prenet_depth="
+                              f"{cfg_get(ic, 'prenet_depth')} but the state dict holds "
+                              f"{prenet} prenet blocks ({PRENET}*)")
+    if cfg_get(mc, "depth") not in (None, main):
+        raise ConversionError(f"fairseq cfg: depth={cfg_get(mc, 'depth')} but the state dict "
+                              f"holds {main} main blocks (blocks.*)")
+    first = (PRENET if prenet else "blocks.") + "0."
+    hidden = tuple(state[first + "mlp.fc1.weight"].shape)[0]
+    dec_layers = num_blocks(state, f"{IMAGE}decoder.blocks.")
     w0 = tuple(state[f"{IMAGE}decoder.blocks.0.0.weight"].shape)  # [Ddec, D/G, k, k]
     config = base_config("image", "base_v2")
     with config.unlocked():
         m = config.model
         m.image_size, m.patch_size, m.channels = side * patch, patch, channels
-        m.dim, m.depth, m.num_heads = dim, depth, int(num_heads)
-        m.mlp_ratio = hidden / dim
-        m.norm_eps = float(_cfg_get(cfg, "model", "norm_eps", default=1e-6))
+        # The prenet blocks are our first blocks: one stack of prenet + main.
+        m.dim, m.depth = dim, prenet + main
+        m.num_heads = heads_from(cfg, num_heads, ("model", "num_heads"))
+        m.mlp_ratio = mlp_ratio(hidden, dim)
+        m.norm_eps = float(cfg_get(mc, "norm_eps", default=1e-6))
         m.drop_path = 0.0
         d = config.decoder
         d.dim, d.kernel, d.layers, d.groups = w0[0], w0[2], dec_layers, dim // w0[1]
-        d.residual = bool(_cfg_get(cfg, "model", "modalities", "image", "decoder",
-                                   "decoder_residual", default=True))
-    if int(dim * config.model.mlp_ratio) != hidden:
-        raise ConversionError(f"fairseq state dict: mlp width {hidden} is not dim * a ratio")
+        d.residual = bool(cfg_get(ic, "decoder", "decoder_residual", default=True))
+        d.mask_noise_std = float(cfg_get(ic, "mask_noise_std", default=d.mask_noise_std))
+        k = config.masking
+        k.ratio = float(cfg_get(ic, "mask_prob", default=k.ratio))
+        k.prob_adjust = float(cfg_get(ic, "mask_prob_adjust", default=k.prob_adjust))
+        k.block_size = int(cfg_get(ic, "mask_length", default=k.block_size))
+        # Without a cfg: every main block (the released base and large recipes).
+        config.target.top_k = main
+    apply_training_cfg(config, mc)
+    if config.target.top_k > main:
+        raise ConversionError(f"fairseq cfg: average_top_k_layers={config.target.top_k} counts "
+                              f"main blocks, but there are {main}")
     return config
-
-
-def _block(r: StateReader, p: str) -> dict[str, Any]:
-    return {"attn": {"qkv": r.linear(p + "attn.qkv"), "proj": r.linear(p + "attn.proj")},
-            "mlp": {"fc1": r.linear(p + "mlp.fc1"), "fc2": r.linear(p + "mlp.fc2")},
-            "norm1": r.norm(p + "norm1"), "norm2": r.norm(p + "norm2")}
 
 
 def _frontend(r: StateReader, prefix: str, config, local: bool) -> dict[str, Any]:
@@ -119,24 +119,25 @@ def _frontend(r: StateReader, prefix: str, config, local: bool) -> dict[str, Any
 
 
 def from_fairseq(checkpoint: Mapping[str, Any], num_heads: int | None = None
-                 ) -> tuple[ml_collections.ConfigDict, dict, dict]:
+                 ) -> FairseqConversion:
     """A fairseq data2vec 2.0 image checkpoint -> (config, params, ema_params).
 
     `checkpoint` is what `torch.load` returns (with 'model' and 'cfg') or the
-    model state dict itself; `num_heads` is needed when no cfg is saved. Every
-    tensor is mapped; anything left over raises `ConversionError`. The teacher
-    (`_ema`) goes into `ema_params`; a teacher without the patch embedding
-    (fairseq `ema_local_encoder=False`: it used the student's) gets the student's.
+    model state dict itself; `num_heads` is needed when no cfg is saved. The
+    prenet blocks (`modality_encoders.IMAGE.context_encoder.blocks.*`) become
+    our first blocks, the main `blocks.*` follow; top-K counts main blocks.
+    Every tensor is mapped; anything left over raises `ConversionError`. The
+    teacher (`_ema`) goes into `ema_params`; a teacher without the patch
+    embedding (fairseq `ema_local_encoder=False`: it used the student's) gets
+    the student's.
     """
-    cfg = checkpoint.get("cfg") if "model" in checkpoint else None
-    state = dict(checkpoint["model"] if "model" in checkpoint else checkpoint)
-    ema = state.pop("_ema", None)
+    cfg, state, ema = split_ema(checkpoint)
     config = image_config(state, num_heads, cfg)
     m, d = config.model, config.decoder
 
     r = StateReader(state, "fairseq state dict")
     params = {"frontend": _frontend(r, IMAGE, config, local=True),
-              "encoder": {"blocks": stack([_block(r, f"blocks.{i}.") for i in range(m.depth)])}}
+              "encoder": blocks(r, block_prefixes(state, PRENET, "blocks."), ALT_BLOCK, m.dim)}
     decoder = {}
     for i in range(d.layers):
         p = f"{IMAGE}decoder.blocks.{i}.0."
@@ -150,17 +151,20 @@ def from_fairseq(checkpoint: Mapping[str, Any], num_heads: int | None = None
     if ema is None:
         raise ConversionError("fairseq state dict has no '_ema' (teacher); save it with the EMA")
     er = StateReader(ema, "fairseq state dict '_ema'")
-    if "0.attn.qkv.weight" in ema:  # ema_encoder_only: the teacher is just the blocks
+    if "0.attn.qkv.weight" in ema:  # ema_encoder_only: the teacher is just the main blocks
+        if block_prefixes(state, PRENET):
+            raise ConversionError("fairseq state dict: an encoder-only '_ema' beside prenet "
+                                  "blocks: the teacher's prenet is not stored")
         ema_params = {"frontend": params["frontend"],
-                      "encoder": {"blocks": stack([_block(er, f"{i}.") for i in range(m.depth)])}}
+                      "encoder": blocks(er, block_prefixes(ema, ""), ALT_BLOCK, m.dim)}
     else:
         local = f"{IMAGE}local_encoder.proj.weight" in ema
         front = _frontend(er, IMAGE, config, local=local)
         if not local:
             front["patch_embed"] = params["frontend"]["patch_embed"]
-        ema_params = {"frontend": front, "encoder": {
-            "blocks": stack([_block(er, f"blocks.{i}.") for i in range(m.depth)])}}
+        ema_params = {"frontend": front, "encoder": blocks(
+            er, block_prefixes(ema, PRENET, "blocks."), ALT_BLOCK, m.dim)}
     er.finish()
     expected = expected_params(config)
     check_tree(ema_params, {k: expected[k] for k in ema_keys(config)}, "from_fairseq ema_params")
-    return config, params, ema_params
+    return FairseqConversion(config, params, ema_params)

@@ -1,0 +1,209 @@
+"""Pieces shared by the fairseq layouts (modalities/<m>/fairseq.py).
+
+The mappings are tables: `(our path, fairseq name, kind)` rows read by `read`,
+so a renamed parameter on either side is a one-row change. Kinds:
+
+  linear  torch Linear [out, in]        -> flax Dense {kernel [in, out], bias}
+  norm    torch LayerNorm               -> flax LayerNorm {scale, bias}
+  qkv     three torch Linears (q, k, v) -> our fused qkv Dense ([q | k | v])
+  conv1d  torch Conv1d [out, in/G, k]   -> [k, in/G, out] (+ bias when stored)
+  conv2d  torch Conv2d [out, in/G, h, w]-> [h, w, in/G, out] (+ bias when stored)
+  tensor  any tensor, as stored
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import ml_collections
+import numpy as np
+
+from d2v_jax.convert.common import ConversionError, StateReader, qkv, stack
+from d2v_jax.targets import FINAL_NORMS
+
+# Buffers fairseq saves that carry no weights.
+FAIRSEQ_IGNORE_SUFFIXES = (".version", "._float_tensor")
+
+# data2vec 2.0 `AltBlock` (fused qkv) -> our `layers.Block`.
+ALT_BLOCK = (
+    (("attn", "qkv"), "attn.qkv", "linear"),
+    (("attn", "proj"), "attn.proj", "linear"),
+    (("mlp", "fc1"), "mlp.fc1", "linear"),
+    (("mlp", "fc2"), "mlp.fc2", "linear"),
+    (("norm1",), "norm1", "norm"),
+    (("norm2",), "norm2", "norm"),
+)
+
+# fairseq `TransformerSentenceEncoderLayer` (wav2vec 2.0, data2vec audio 1.0) and
+# `TransformerEncoderLayer` (RoBERTa, data2vec text 1.0): separate q/k/v, post-LN.
+SEPARATE_QKV_BLOCK = (
+    (("attn", "qkv"), ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "qkv"),
+    (("attn", "proj"), "self_attn.out_proj", "linear"),
+    (("norm1",), "self_attn_layer_norm", "norm"),
+    (("mlp", "fc1"), "fc1", "linear"),
+    (("mlp", "fc2"), "fc2", "linear"),
+    (("norm2",), "final_layer_norm", "norm"),
+)
+
+
+def drop_buffers(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if not k.endswith(FAIRSEQ_IGNORE_SUFFIXES)}
+
+
+def cfg_get(cfg: Any, *path: str, default=None):
+    """A field of fairseq's saved cfg (omegaconf or dict), or `default`."""
+    node = cfg
+    for p in path:
+        if node is None:
+            return default
+        node = node.get(p) if isinstance(node, Mapping) else getattr(node, p, None)
+    return default if node is None else node
+
+
+def num_blocks(keys, prefix: str) -> int:
+    """How many `prefix{i}.` blocks the keys hold (0..n-1, else ConversionError)."""
+    ids = {int(k[len(prefix):].split(".")[0]) for k in keys
+           if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+    if ids != set(range(len(ids))):
+        raise ConversionError(f"fairseq state dict: block indices under {prefix!r} are "
+                              f"{sorted(ids)}")
+    return len(ids)
+
+
+def _read_one(r: StateReader, name, kind: str, dim: int | None):
+    if kind == "linear":
+        return r.linear(name)
+    if kind == "norm":
+        return r.norm(name)
+    if kind == "qkv":
+        return qkv(r, *name, dim=dim)
+    if kind in ("conv1d", "conv2d"):
+        w = r.get(name + ".weight")
+        out = {"kernel": w.transpose(2, 1, 0) if kind == "conv1d" else w.transpose(2, 3, 1, 0)}
+        if name + ".bias" in r:
+            out["bias"] = r.get(name + ".bias")
+        return out
+    if kind == "tensor":
+        return r.get(name)
+    raise ValueError(f"unknown mapping kind {kind!r}")
+
+
+def read(r: StateReader, prefix: str, table, dim: int | None = None) -> dict[str, Any]:
+    """Reads `table` rows under `prefix` into a nested dict of our names."""
+    out: dict[str, Any] = {}
+    for path, name, kind in table:
+        full = tuple(prefix + n for n in name) if isinstance(name, tuple) else prefix + name
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = _read_one(r, full, kind, dim)
+    return out
+
+
+def blocks(r: StateReader, prefixes: list[str], table, dim: int) -> dict[str, Any]:
+    """Blocks under each prefix, in order, stacked as our scanned `encoder`."""
+    if not prefixes:
+        raise ConversionError("fairseq state dict: no Transformer blocks found")
+    return {"blocks": stack([read(r, p, table, dim) for p in prefixes])}
+
+
+def block_prefixes(state: Mapping[str, Any], *groups: str) -> list[str]:
+    """`group{i}.` for every block of every group, in order (prenet blocks
+    first, then the main blocks: one stack of ours)."""
+    return [f"{g}{i}." for g in groups for i in range(num_blocks(state, g))]
+
+
+def check_cfg(cfg: Any, checks: list[tuple[tuple[str, ...], Any, Any]], where: str) -> None:
+    """Each (cfg path, default, wanted): a cfg value other than `wanted` -> error."""
+    for path, default, wanted in checks:
+        got = cfg_get(cfg, *path, default=default)
+        if got != wanted:
+            raise ConversionError(f"{where}: cfg {'.'.join(path)}={got!r}; our model needs "
+                                  f"{wanted!r}")
+
+
+def apply_training_cfg(config: ml_collections.ConfigDict, model_cfg: Any) -> None:
+    """The data2vec training fields of fairseq's `cfg.model` that have a
+    counterpart here: targets (top-K, norms), loss, EMA schedule, clones."""
+    g = lambda k, d=None: cfg_get(model_cfg, k, default=d)
+    with config.unlocked():
+        t = config.target
+        if g("average_top_k_layers") is not None:
+            t.top_k = int(g("average_top_k_layers"))
+        if g("instance_norm_target_layer"):
+            t.layer_norm = "instance"
+        elif g("layer_norm_target_layer"):
+            t.layer_norm = "layer"
+        elif g("batch_norm_target_layer"):
+            t.layer_norm = "batch"
+        elif g("average_top_k_layers") is not None:
+            t.layer_norm = "none"
+        final = ("instance" if g("instance_norm_targets") else
+                 "layer" if g("layer_norm_targets") else "none")
+        if final in FINAL_NORMS and g("average_top_k_layers") is not None:
+            t.final_norm = final
+        if g("loss_beta") is not None:
+            config.loss.beta = float(g("loss_beta"))
+        if g("loss_scale") is not None:
+            config.loss.scale = float(g("loss_scale"))
+        if g("cls_loss") is not None and "cls_weight" in config.loss:
+            config.loss.cls_weight = float(g("cls_loss"))
+        if g("ema_decay") is not None:
+            config.ema.start = float(g("ema_decay"))
+        if g("ema_end_decay") is not None:
+            config.ema.end = float(g("ema_end_decay"))
+        if isinstance(g("ema_anneal_end_step"), int):
+            config.ema.anneal_steps = int(g("ema_anneal_end_step"))
+        if g("clone_batch") is not None:
+            config.masking.num_clones = int(g("clone_batch"))
+    if config.target.top_k > config.model.depth:
+        raise ConversionError(f"fairseq cfg: average_top_k_layers={config.target.top_k} > "
+                              f"the {config.model.depth} blocks of the checkpoint")
+
+
+class FairseqConversion(tuple):
+    """`(config, params, ema_params)` (unpacks as three), plus `head`: the
+    fine-tuned task head's params (or None) and `task`: its kind ("ctc",
+    "classification", or None). `ema_params` is None when the checkpoint
+    holds no teacher (fine-tuned models)."""
+
+    def __new__(cls, config, params, ema_params, head=None, task=None):
+        out = super().__new__(cls, (config, params, ema_params))
+        out.head, out.task = head, task
+        return out
+
+    config = property(lambda self: self[0])
+    params = property(lambda self: self[1])
+    ema_params = property(lambda self: self[2])
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self[0], self[1], self[2]))
+
+
+def split_ema(checkpoint: Mapping[str, Any], ema_key: str = "_ema"):
+    """(cfg, state without the teacher, teacher state or None)."""
+    cfg = checkpoint.get("cfg") if "model" in checkpoint else None
+    state = dict(checkpoint["model"] if "model" in checkpoint else checkpoint)
+    ema = state.pop(ema_key, None)
+    return cfg, drop_buffers(state), None if ema is None else drop_buffers(ema)
+
+
+def heads_from(cfg: Any, num_heads: int | None, path: tuple[str, ...]) -> int:
+    heads = num_heads or cfg_get(cfg, *path)
+    if heads is None:
+        raise ConversionError("fairseq state dict: the head count is not stored in the weights; "
+                              f"pass num_heads= (or the checkpoint with its cfg: "
+                              f"{'.'.join(path)})")
+    return int(heads)
+
+
+def mlp_ratio(hidden: int, dim: int) -> float:
+    ratio = hidden / dim
+    if int(dim * ratio) != hidden:
+        raise ConversionError(f"fairseq state dict: mlp width {hidden} is not dim * a ratio")
+    return ratio
+
+
+def zeros_like_tree(tree):
+    return {k: zeros_like_tree(v) if isinstance(v, dict) else np.zeros_like(v)
+            for k, v in tree.items()}
