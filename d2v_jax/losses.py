@@ -65,6 +65,44 @@ def regression_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, *,
     return num / jnp.maximum(count, 1.0)
 
 
+CLS_REDUCTIONS = ("ref_rows", "sum", "mean")
+
+
+def cls_loss(cls_pred: jax.Array, cls_target: jax.Array, *, weight: float, reduction: str,
+             total_rows: jax.Array, ref_rows: int | None = None, beta: float = 0.0,
+             scale: float | None = None) -> jax.Array:
+    """This batch's share of the data2vec 2.0 CLS loss (SPEC 6), a float32 scalar.
+
+    ``cls_pred`` / ``cls_target`` [R, D] are the student's CLS outputs and the mean
+    over positions of the final targets (repeated per clone); ``total_rows`` is
+    the number of student rows of the whole (global) batch, so the shares of
+    micro-batches and devices add up. With ``c_r`` =
+    ``regression_loss_terms(pred_r, target_r)`` and ``C = sum_r c_r`` over the
+    global batch:
+
+    - ``ref_rows``: ``weight * ref_rows * C / total_rows``. fairseq multiplies the
+      CLS term of each GPU by its *local* masked count and divides the summed
+      loss by the *global* one; every row has the same masked count, so that is
+      ``weight * (rows per GPU) * mean_r c_r``. ``ref_rows`` = the official rows
+      per GPU (image base: 16 images x 16 clones = 256) gives the official
+      effective weight at any device count and batch.
+    - ``sum``: ``weight * C`` (the official weight only on one official GPU's batch).
+    - ``mean``: ``weight * C / total_rows``.
+    """
+    if reduction not in CLS_REDUCTIONS:
+        raise ValueError(f"loss.cls_reduction={reduction!r}; expected one of {CLS_REDUCTIONS}")
+    per = regression_loss_terms(cls_pred, cls_target, beta=beta, scale=scale)
+    total = jnp.sum(per)
+    if reduction == "sum":
+        return jnp.float32(weight) * total
+    if reduction == "mean":
+        return jnp.float32(weight) * total / total_rows
+    if ref_rows is None or ref_rows < 1:
+        raise ValueError(f"loss.cls_ref_rows={ref_rows!r}: cls_reduction='ref_rows' needs the "
+                         "official student rows per device (an integer >= 1)")
+    return jnp.float32(weight * ref_rows) * total / total_rows
+
+
 def compute_var(x: jax.Array, mask: jax.Array | None = None, *,
                 axis_name: str | None = None) -> jax.Array:
     """Collapse-guard statistic, as fairseq data2vec's ``compute_var`` (SPEC 3).

@@ -91,14 +91,9 @@ def student_loss(model: nn.Module, params: Any, batch: Batch, y: jax.Array,
         cls_target = jnp.mean(y, axis=1)  # mean over patches of the final targets
         if clones > 1:
             cls_target = jnp.repeat(cls_target, clones, axis=0)
-        per = losses.regression_loss_terms(out["cls"], cls_target, beta=lc.beta, scale=lc.scale)
-        if lc.cls_reduction == "sum":
-            cls_loss = jnp.sum(per)
-        elif lc.cls_reduction == "mean":
-            cls_loss = jnp.sum(per) / norm["rows"]
-        else:
-            raise ValueError(f"loss.cls_reduction={lc.cls_reduction!r}; expected 'sum' or 'mean'")
-        cls_loss = lc.cls_weight * cls_loss
+        cls_loss = losses.cls_loss(out["cls"], cls_target, weight=lc.cls_weight,
+                                   reduction=lc.cls_reduction, total_rows=norm["rows"],
+                                   ref_rows=lc.get("cls_ref_rows"), beta=lc.beta, scale=lc.scale)
         loss = loss + cls_loss
         aux["cls_loss"] = cls_loss
     aux["pred_var"] = losses.compute_var(pred, loss_mask, axis_name=axis_name)
@@ -220,7 +215,9 @@ def make_train_step_fn(config: ml_collections.ConfigDict, *, model: nn.Module | 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        tau = ema.decay_at(state.step, start=e.start, end=e.end, anneal_steps=e.anneal_steps)
+        # SPEC 4: tau of fairseq's post-increment count (the update to step 1 uses n = 1).
+        tau = ema.decay_at(ema.ema_update_count(state.step), start=e.start, end=e.end,
+                           anneal_steps=e.anneal_steps)
         ema_params = ema.update(state.ema_params, ema_subtree(params, config), tau)
 
         metrics = dict(aux, loss=loss, lr=schedule(state.step), tau=tau,

@@ -78,10 +78,23 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   m.conv_impl = "dense" if tiny else "xla"  # grouped conv kernel (see decoder.conv_impl)
   m.alibi = not v1  # 2.0: ALiBi attention bias with a learned per-head scale
   m.alibi_scale_init = 1.0
-  m.dropout = 0.0 if tiny else 0.1
+  # Regularization (SPEC 7): fairseq dropout / encoder_dropout + post_mlp_drop 0.1
+  # (residual dropout), attention_dropout 0.1, activation_dropout 0; layer-drop
+  # 0.05 (1.0 encoder_layerdrop, 2.0 layerdrop); prenet_dropout 0.1 after the
+  # embedding LayerNorm (1.0: the encoder's dropout there). tiny: none, as its
+  # 300-step run is measured without (README).
+  m.dropout = 0.0 if tiny else 0.1  # residual dropout (attention projection, FFN output)
+  m.activation_dropout = 0.0  # after the FFN's GELU
   m.attn_dropout = 0.0 if tiny else 0.1
+  m.prenet_dropout = 0.0 if tiny else 0.1
+  m.layerdrop = 0.0 if tiny else 0.05  # skip a whole block (student only), one draw per block
   m.dropout_input = 0.0  # on the projected features of the student
   m.drop_path = 0.0
+  # Init: fairseq init_bert_params, Linear ~ N(0, 0.02) untruncated (the conv
+  # positional encoder and the feature projection keep PyTorch's default).
+  m.init_std = 0.02
+  m.init_truncation = None  # in std; None = untruncated
+  m.init_depth_rescale = False
   m.remat = "none"  # none | block | full
   m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
   m.dtype = "float32"  # compute dtype; params and EMA stay float32
@@ -95,7 +108,11 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   d.residual = True
   d.conv_impl = "dense" if tiny else "xla"
   d.mask_noise_std = 0.01
-  d.input_dropout = 0.0 if tiny else 0.1
+  d.input_dropout = 0.0 if tiny else 0.1  # on the encoder outputs the decoder gets
+  # fairseq Decoder1d for audio: one Linear projection, reset to PyTorch's default.
+  d.projection_layers = 1
+  d.projection_ratio = 2.0
+  d.proj_init = "torch"  # torch | normal
 
   # --- targets (SPEC 2): FFN outputs of the top K blocks, instance norm each --
   c.target = t = ml_collections.ConfigDict()
@@ -119,10 +136,13 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
     e.start, e.end, e.anneal_steps = 0.999, 0.99999, 75_000
   if tiny:  # short runs need a teacher that moves within a few hundred steps
     e.start, e.end, e.anneal_steps = 0.99, 0.999, 300
-  # SPEC 4: the teacher uses the student's conv features and projection; the
-  # positional encoder and blocks are EMA. fairseq 2.0 (ema_encoder_only) also
-  # shares the positional encoder: ("frontend", "context").
-  e.shared = ("frontend",)
+  # Parameters the teacher takes from the student instead of EMA (SPEC 4),
+  # '/'-separated path prefixes with wildcards. 1.0 (ema_layers_only): conv
+  # features, projection and the conv positional encoder; EMA on the blocks and
+  # the encoder LayerNorm. 2.0 (ema_local_encoder: false): the local encoder
+  # (conv features + projection); positional convs, LayerNorm, ALiBi scale and
+  # blocks are EMA.
+  e.shared = ("frontend", "context/pos_conv*") if v1 else ("frontend",)
 
   # --- masking (SPEC 5), on the frame grid, in the input pipeline -------------
   c.masking = k = ml_collections.ConfigDict()
@@ -131,7 +151,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
     k.num_clones = 1
     k.ratio = 0.65  # fairseq mask_prob: spans start at ratio / span of the frames
     k.span = 10
-    k.min_masks = 2
+    k.min_masks = 1  # fairseq data2vec_audio.py compute_mask_indices(min_masks=1)
     k.same_count = True
   else:  # 1-D blocks, exactly int(ratio * frames) masked, M clones (SPEC 6)
     k.kind = "block_1d"
@@ -157,8 +177,14 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   dt.pad = True
   dt.check_files = True  # open every header at start: bad files fail (or skip) early
   dt.on_error = "raise"  # raise | skip (count and log bad files, train on the rest)
-  # base: fairseq's 16 GPUs x 3.8M samples ~ 250 LibriSpeech utterances per step.
-  dt.batch_size = 16 if tiny else 256
+  # Token budget (fairseq dataset.max_tokens x world size): with max_tokens > 0
+  # a batch of bucket length S has (max_tokens // S) // batch_size * batch_size
+  # rows, i.e. batch_size acts as fairseq's required_batch_size_multiple; with
+  # batch_size = the official GPU count this is exactly fairseq's per-GPU budget
+  # (floor(floor(N/S)/G) = floor((N/G)/S)). 1.0: 3.8M samples x 16 GPUs; 2.0:
+  # 1M samples x 8 GPUs. 0 = fixed batches of batch_size (the tiny runs).
+  dt.max_tokens = 0 if tiny else (16 * 3_800_000 if v1 else 8 * 1_000_000)
+  dt.batch_size = 16 if tiny else (16 if v1 else 8)
   dt.num_workers = 0
   dt.prefetch = 2
 
@@ -167,12 +193,19 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   o.name = "adamw"
   o.b1, o.b2, o.eps = 0.9, 0.98, 1e-6
   o.weight_decay = 0.01
-  o.clip_norm = 0.0 if v1 else 1.0
-  # 1.0 used a tri-stage schedule (3/90/7 %); optim offers cosine | constant,
-  # so base_v1 uses cosine with the same 3 % warm-up.
-  o.schedule = "cosine"
+  # Neither official config clips; tiny_v2 keeps its clip of 1.
+  o.clip_norm = 1.0 if tiny and not v1 else 0.0
+  # 1.0: fairseq tri_stage, 3/90/7 % of the updates, from and to 0.01 x lr
+  # (optim.tri_stage_schedule); 2.0: cosine after 8k warm-up updates.
+  o.schedule = "tri_stage" if v1 and not tiny else "cosine"
+  o.phase_ratio = (0.03, 0.9, 0.07)
+  o.init_lr_scale = 0.01
+  o.final_lr_scale = 0.01
   o.end_lr_ratio = 0.0
-  o.no_decay = ("alibi_scale", "mask_emb")
+  # fairseq's plain `adam` optimizer decays every parameter (SPEC 7).
+  o.decay_scope = "all"  # all | matrices
+  o.decay_names = ()
+  o.no_decay = ()
   o.accum_steps = 1  # micro-batches per step (gradient accumulation)
   o.lr = 5e-4 if v1 else 7.5e-4
 

@@ -75,9 +75,18 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   m.mlp_ratio = 4.0
   m.qkv_bias = True
   m.norm_eps = 1e-5  # post-LN blocks and the embedding LN (RoBERTa)
-  m.dropout = 0.0 if tiny else 0.1
+  # Regularization (SPEC 7): fairseq dropout (2.0: encoder_dropout, post_mlp_drop)
+  # 0.1 as residual dropout and after the embedding LayerNorm, attention_dropout
+  # 0.1, activation_dropout 0, no layer-drop. tiny: none (its measured recipe).
+  m.dropout = 0.0 if tiny else 0.1  # residual dropout (attention projection, FFN output)
+  m.activation_dropout = 0.0  # after the FFN's GELU
   m.attn_dropout = 0.0 if tiny else 0.1
+  m.layerdrop = 0.0  # skip a whole block (student only)
   m.drop_path = 0.0
+  # Init: fairseq init_bert_params, Linear and Embedding ~ N(0, 0.02) untruncated.
+  m.init_std = 0.02
+  m.init_truncation = None  # in std; None = untruncated
+  m.init_depth_rescale = False
   m.remat = "none"  # none | block | full
   m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
   m.dtype = "float32"  # compute dtype (float32 | bfloat16); params and EMA stay float32
@@ -88,7 +97,15 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   d.kernel = 5 if tiny else 9
   d.layers = 2 if tiny else 5
   d.groups = 1
-  d.residual = True
+  # fairseq base_text_only_task.yaml: decoder_residual false, projection_layers 2,
+  # projection_ratio 2.0 (Linear(D, 2D) -> GELU -> Linear(2D, D)), input_dropout
+  # 0.1; the text decoder keeps init_bert_params' N(0, 0.02) projection (its
+  # modality encoder never calls reset_parameters). tiny: no dropout.
+  d.residual = False
+  d.projection_layers = 2
+  d.projection_ratio = 2.0
+  d.proj_init = "normal"  # torch | normal
+  d.input_dropout = 0.0 if tiny else 0.1
   d.conv_impl = "dense" if tiny else "xla"  # groups=1: every impl is one plain conv
   d.mask_noise_std = 0.01
 
@@ -104,10 +121,11 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
 
   # --- loss (SPEC 3) --------------------------------------------------------------
   c.loss = l = ml_collections.ConfigDict()
-  if v1:
-    l.beta, l.scale = 4.0, 1.0  # smooth-L1 beta 4, scale 1
-  else:
-    l.beta, l.scale = 0.0, config_dict.placeholder(float)  # L2, 1/sqrt(D)
+  # 1.0: smooth-L1 beta 4, loss_scale 1 (base.yaml); 2.0: L2, loss_scale 1
+  # (base_text_only_task.yaml; not the 1/sqrt(D) default). tiny_v2 keeps
+  # 1/sqrt(D) (None), with which its lr and clipping were tuned.
+  l.beta = 4.0 if v1 else 0.0
+  l.scale = 1.0 if v1 or not tiny else config_dict.placeholder(float)
   l.cls_weight = 0.0  # no CLS loss for text
   l.cls_reduction = "sum"
 
@@ -126,16 +144,20 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   # --- masking (SPEC 5), drawn in the input pipeline ------------------------------
   c.masking = k = ml_collections.ConfigDict()
   if v1:
-    # BERT 15% with 80/10/10; the loss counts only positions given <mask>. The
-    # fairseq release: --config.masking.kind=span --config.masking.ratio=0.35.
-    k.kind = "bert"  # bert | span
-    k.ratio = 0.15
+    # The fairseq release (text/pretraining/base.yaml): spans of 4 from
+    # int(0.35 n / 4 + U) starts, every chosen position gets <mask> (no random
+    # or unchanged tokens); the loss counts the <mask> positions. BERT:
+    # --config.masking.kind=bert --config.masking.ratio=0.15
+    # --config.masking.leave_unmasked_prob=0.1 --config.masking.random_token_prob=0.1
+    k.kind = "span"  # span | bert
+    k.ratio = 0.35
     k.num_clones = 1
-    k.leave_unmasked_prob = 0.1
-    k.random_token_prob = 0.1
+    k.leave_unmasked_prob = 0.0
+    k.random_token_prob = 0.0
     k.loss_on = "mask_token"  # mask_token | all (every chosen position)
   else:
-    # 2.0: an exact count int(0.48 n) per row, M clones; masked tokens are removed.
+    # 2.0: MAE random masking, int(n * 0.52) kept per row, M clones; masked
+    # tokens are removed.
     k.kind = "random"
     k.ratio = 0.48
     k.num_clones = 4 if tiny else 8
@@ -143,6 +165,9 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
     k.random_token_prob = 0.0
     k.loss_on = "all"
   k.span = 4  # span length for kind=span
+  # fairseq masks <s> and </s> like other tokens (1.0 and 2.0); False keeps
+  # them visible.
+  k.mask_specials = True
 
   # --- data -------------------------------------------------------------------------
   c.data = dt = ml_collections.ConfigDict()
@@ -154,9 +179,13 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   dt.on_invalid = "skip"  # skip (and count) | error (naming the line)
   dt.validate_smiles = True  # RDKit must parse every SMILES
   dt.max_len = m.max_positions  # tokens per row, <s> and </s> included
-  dt.packing = "stream"  # stream | complete_doc | doc
-  dt.too_long = "error"  # complete_doc/doc: error | skip | split | crop
-  dt.batch_size = 32 if tiny else 256
+  # 2.0: fairseq sample_break_mode none = stream; 1.0: complete_doc, documents
+  # longer than a row split into rows (fairseq TokenBlockDataset).
+  dt.packing = "complete_doc" if v1 and not tiny else "stream"  # stream | complete_doc | doc
+  dt.too_long = "split" if v1 and not tiny else "error"  # complete_doc/doc: error | skip | split | crop
+  # 1.0: max_tokens 8192 per GPU x 16 GPUs = at most 256 rows of 512;
+  # 2.0: batch_size 4 x 16 GPUs = 64 rows of 512.
+  dt.batch_size = 32 if tiny else (256 if v1 else 64)
   dt.num_workers = 0
   dt.prefetch = 2
 
@@ -171,7 +200,11 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
     o.lr, o.clip_norm, o.warmup_steps = 2e-4, 1.0, 4_000
   o.schedule = "cosine"
   o.end_lr_ratio = 0.0
-  o.no_decay = ()  # biases, norms and other 1-D params never decay (SPEC 7)
+  # Weight-decay scope (SPEC 7): 1.0 fairseq plain `adam` decays every
+  # parameter; 2.0 `composite` excludes biases, norms and other 1-D params.
+  o.decay_scope = "all" if v1 else "matrices"  # all | matrices
+  o.decay_names = ()
+  o.no_decay = () if v1 else ("alibi_scale",)
   o.accum_steps = 1
 
   # --- run ----------------------------------------------------------------------------

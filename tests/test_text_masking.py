@@ -85,14 +85,31 @@ def test_span_masking_rate_and_runs():
                 assert b - a >= 4
 
 
-def test_random_masking_exact_count_per_row():
-    tokens, maskable, n_real = _example()
+def mae_random_masking(rng, length, mask_ratio):
+    """MAE's / fairseq's `random_masking` for one row of `length`, in numpy from
+    its description: uniform noise, argsort, keep the first int(L * (1 - r)),
+    mask the rest; returns bool [length], True = masked."""
+    len_keep = int(length * (1 - mask_ratio))
+    ids_shuffle = np.argsort(rng.random(length))
+    mask = np.ones(length, bool)
+    mask[ids_shuffle[:len_keep]] = False
+    return mask
+
+
+def test_random_masking_is_mae_random_masking_over_all_real_positions():
+    tokens, _, n_real = _example()
+    real = np.arange(T) < n_real  # specials (<s> at 0, </s> at 40, 89) are maskable
     rng = np.random.default_rng(7)
-    draws = np.stack([tm.random_positions(rng, maskable, 0.48, n_real) for _ in range(3000)])
-    assert np.all(draws.sum(1) == int(0.48 * n_real))
-    assert not draws[:, ~maskable].any()
-    freq = draws[:, maskable].mean(0)
-    assert np.all(np.abs(freq - int(0.48 * n_real) / maskable.sum()) < 0.04)
+    draws = np.stack([tm.random_positions(rng, real, 0.48, n_real) for _ in range(3000)])
+    ref_rng = np.random.default_rng(11)
+    ref = np.stack([mae_random_masking(ref_rng, n_real, 0.48) for _ in range(3000)])
+    # The count: int(90 * 0.52) = 46 kept, 44 masked, in every row.
+    assert np.all(draws.sum(1) == 44) and np.all(ref.sum(1) == 44)
+    assert not draws[:, n_real:].any()  # padding never
+    # Every real position, specials included, is masked as often as MAE's.
+    np.testing.assert_allclose(draws[:, :n_real].mean(0), ref.mean(0), atol=0.05)
+    # The released recipe: 512 tokens at 0.48 keep int(512 * 0.52) = 266.
+    assert tm.num_keep_random(512, 0.48) == 266 and tm.num_masked_random(512, 0.48) == 246
     with pytest.raises(ValueError, match="only 1 are not special"):
         tm.random_positions(rng, np.array([False, True, False, False, False]), 0.48, 5)
 
@@ -122,4 +139,4 @@ def test_text_masks_v1_and_v2_outputs():
     v2 = tm.text_masks(np.random.default_rng(9), tokens, maskable, n,
                        dict(cfg, kind="random", ratio=0.48), mask_id=4, random_low=SPECIAL,
                        vocab_size=VOCAB)
-    assert set(v2) == {"mask"} and np.all(v2["mask"].sum(1) == int(0.48 * n))
+    assert set(v2) == {"mask"} and np.all(v2["mask"].sum(1) == n - int(0.52 * n))

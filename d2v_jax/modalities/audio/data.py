@@ -14,6 +14,12 @@ joins the largest bucket it covers and is randomly cropped to exactly that lengt
 (fairseq's no-padding pretraining, no mask needed). Every batch comes from one
 bucket, so jit compiles one step per bucket.
 
+Batch rows: `data.batch_size` per batch, or with a token budget
+`data.max_tokens > 0` (fairseq's `max_tokens`, summed over its GPUs) the rows of
+a bucket of length S are `bucket_rows(max_tokens, S, batch_size)`, a multiple of
+`batch_size` (fairseq's `required_batch_size_multiple`): short buckets get more
+rows, and each bucket still has one static shape.
+
 Masks (SPEC 5) are drawn here in numpy on the feature-frame grid: T =
 `frame_count(bucket length)` frames, of which the first `frame_count(crop length)`
 are real. All randomness is seeded by (seed, epoch, example index, stream) or
@@ -36,6 +42,7 @@ from d2v_jax.data.pipeline import local_batch_size
 from d2v_jax.modalities.audio import masking, speech_set
 from d2v_jax.data.rng import example_rng
 from d2v_jax.modalities.audio.frames import config_frame_count
+from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".au")
 CROP_STREAM, MASK_STREAM, BATCH_STREAM = 0, 1, 2
@@ -70,11 +77,11 @@ class Manifest:
 def read_manifest(path: str) -> Manifest:
     """Parses a fairseq manifest; every format error names the file and line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"audio manifest {path!r} does not exist")
+        raise DataNotFoundError(f"audio manifest {path!r} does not exist")
     with open(path) as f:
         text = f.read().splitlines()
     if not text or not text[0].strip():
-        raise ValueError(f"{path} line 1: expected the root folder, got an empty line")
+        raise DataError(f"{path} line 1: expected the root folder, got an empty line")
     root = text[0].strip()
     if not os.path.isabs(root):  # relative roots are relative to the manifest's folder
         root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), root))
@@ -84,20 +91,20 @@ def read_manifest(path: str) -> Manifest:
             continue
         cols = line.split("\t")
         if len(cols) != 2:
-            raise ValueError(f"{path} line {lineno}: expected 2 tab-separated columns "
-                             f"(relative path, num_samples), got {len(cols)}: {line!r}")
+            raise DataError(f"{path} line {lineno}: expected 2 tab-separated columns "
+                            f"(relative path, num_samples), got {len(cols)}: {line!r}")
         try:
             n = int(cols[1])
         except ValueError:
-            raise ValueError(f"{path} line {lineno}: num_samples {cols[1]!r} is not an "
-                             "integer") from None
+            raise DataError(f"{path} line {lineno}: num_samples {cols[1]!r} is not an "
+                            "integer") from None
         if n < 0:
-            raise ValueError(f"{path} line {lineno}: num_samples {n} < 0")
+            raise DataError(f"{path} line {lineno}: num_samples {n} < 0")
         paths.append(cols[0])
         lengths.append(n)
         lines.append(lineno)
     if not paths:
-        raise ValueError(f"audio manifest {path} lists no files")
+        raise DataError(f"audio manifest {path} lists no files")
     return Manifest(root, paths, np.asarray(lengths, np.int64), lines, path)
 
 
@@ -123,7 +130,7 @@ def scan_folder(root: str, sample_rate: int, extensions=AUDIO_EXTENSIONS) -> Man
     """A manifest of every audio file under `root` (sorted, recursive); lengths from
     the file headers, converted to `sample_rate`."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"audio folder {root!r} does not exist")
+        raise DataNotFoundError(f"audio folder {root!r} does not exist")
     paths, lengths = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
@@ -133,11 +140,11 @@ def scan_folder(root: str, sample_rate: int, extensions=AUDIO_EXTENSIONS) -> Man
                 try:
                     info = _info(full)
                 except Exception as e:  # soundfile raises LibsndfileError / RuntimeError
-                    raise ValueError(f"cannot read audio file {full!r}: {e}") from e
+                    raise DataError(f"cannot read audio file {full!r}: {e}") from e
                 paths.append(os.path.relpath(full, root))
                 lengths.append(resampled_length(info.frames, info.samplerate, sample_rate))
     if not paths:
-        raise ValueError(f"no audio files with extensions {extensions} under {root!r}")
+        raise DataError(f"no audio files with extensions {extensions} under {root!r}")
     return Manifest(root, paths, np.asarray(lengths, np.int64), [0] * len(paths), root)
 
 
@@ -154,7 +161,7 @@ def check_files(manifest: Manifest, sample_rate: int, on_error: str = "raise") -
     error naming it and its manifest line, or (on_error='skip') is dropped, counted
     and logged. Lengths are taken from the headers (converted to `sample_rate`)."""
     if on_error not in ON_ERROR:
-        raise ValueError(f"config.data.on_error={on_error!r}; expected one of {ON_ERROR}")
+        raise ConfigError(f"config.data.on_error={on_error!r}; expected one of {ON_ERROR}")
     keep = np.ones(len(manifest), bool)
     lengths = manifest.lengths.copy()
     problems = []
@@ -171,7 +178,7 @@ def check_files(manifest: Manifest, sample_rate: int, on_error: str = "raise") -
                 problem = f"cannot read audio file {manifest.where(i)}: {e}"
         if problem:
             if on_error == "raise":
-                raise ValueError(problem)
+                raise DataError(problem)
             keep[i] = False
             problems.append(problem)
     if problems:
@@ -179,7 +186,7 @@ def check_files(manifest: Manifest, sample_rate: int, on_error: str = "raise") -
                         len(problems), len(manifest), "; ".join(problems[:3]))
     out = dataclasses.replace(manifest, lengths=lengths, skipped=len(problems)).subset(keep)
     if not len(out):
-        raise ValueError(f"no readable audio files in {manifest.source}")
+        raise DataError(f"no readable audio files in {manifest.source}")
     return out
 
 
@@ -191,9 +198,9 @@ def load_audio(manifest: Manifest, i: int, sample_rate: int) -> np.ndarray:
     try:
         audio, rate = sf.read(full, dtype="float32", always_2d=True)
     except Exception as e:
-        raise ValueError(f"cannot read audio file {manifest.where(i)}: {e}") from e
+        raise DataError(f"cannot read audio file {manifest.where(i)}: {e}") from e
     if audio.shape[0] == 0:
-        raise ValueError(f"audio file {manifest.where(i)} is empty")
+        raise DataError(f"audio file {manifest.where(i)} is empty")
     audio = audio.mean(axis=1)  # mono
     if rate != sample_rate:
         audio = speech_set.resample(audio, rate, sample_rate)
@@ -224,18 +231,18 @@ class AudioSource:
             manifest = read_manifest(os.path.join(root, f"{d.split}.tsv"))
         elif d.source == "manifest":
             if not d.path:
-                raise ValueError("config.data.path is empty; data.source='manifest' needs a "
-                                 "manifest file or a folder holding <data.split>.tsv")
+                raise ConfigError("config.data.path is empty; data.source='manifest' needs a "
+                                  "manifest file or a folder holding <data.split>.tsv")
             path = os.path.join(d.path, f"{d.split}.tsv") if os.path.isdir(d.path) else d.path
             manifest = read_manifest(path)
         elif d.source == "audio_folder":
             if not d.path:
-                raise ValueError("config.data.path is empty; data.source='audio_folder' needs "
-                                 "a folder of audio files")
+                raise ConfigError("config.data.path is empty; data.source='audio_folder' needs "
+                                  "a folder of audio files")
             manifest = scan_folder(d.path, sr)
         else:
-            raise ValueError(f"config.data.source={d.source!r} is unknown for audio; expected "
-                             "'espeak_words', 'manifest' or 'audio_folder'")
+            raise ConfigError(f"config.data.source={d.source!r} is unknown for audio; expected "
+                              "'espeak_words', 'manifest' or 'audio_folder'")
         if d.check_files:
             manifest = check_files(manifest, sr, d.on_error)
         return cls(manifest, sr)
@@ -246,8 +253,8 @@ class AudioSource:
     def read(self, i: int) -> np.ndarray:
         audio = load_audio(self.manifest, i, self.sample_rate)
         if len(audio) < self.lengths[i]:
-            raise ValueError(f"audio file {self.manifest.where(i)} has {len(audio)} samples "
-                             f"at {self.sample_rate} Hz but the manifest says {self.lengths[i]}")
+            raise DataError(f"audio file {self.manifest.where(i)} has {len(audio)} samples "
+                            f"at {self.sample_rate} Hz but the manifest says {self.lengths[i]}")
         return audio
 
     def __repr__(self) -> str:
@@ -258,12 +265,21 @@ def check_buckets(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     d = config.data
     buckets = tuple(int(b) for b in d.buckets)
     if not buckets or list(buckets) != sorted(set(buckets)) or buckets[-1] != d.max_sample_size:
-        raise ValueError(f"config.data.buckets={tuple(d.buckets)} must be strictly increasing "
-                         f"and end with data.max_sample_size={d.max_sample_size}")
+        raise ConfigError(f"config.data.buckets={tuple(d.buckets)} must be strictly increasing "
+                          f"and end with data.max_sample_size={d.max_sample_size}")
     if config_frame_count(config, buckets[0]) < 1:
-        raise ValueError(f"config.data.buckets: {buckets[0]} samples give no feature frame "
-                         "through the conv feature extractor")
+        raise ConfigError(f"config.data.buckets: {buckets[0]} samples give no feature frame "
+                          "through the conv feature extractor")
     return buckets
+
+
+def bucket_rows(max_tokens: int, length: int, multiple: int) -> int:
+    """Rows of a token-budget batch of `length`-sample examples (SPEC 7):
+    `(max_tokens // length) // multiple * multiple`, the most rows of `length`
+    that fit in `max_tokens` samples, rounded down to a multiple of `multiple`."""
+    if length < 1 or multiple < 1:
+        raise ValueError(f"bucket_rows: length={length} and multiple={multiple} must be >= 1")
+    return (int(max_tokens) // int(length)) // int(multiple) * int(multiple)
 
 
 class BatchPlan:
@@ -295,12 +311,23 @@ class BatchPlan:
                          "and are left out", dropped, len(lengths), d.min_sample_size,
                          "" if self.pad else f" or the smallest bucket {b[0]}")
         self.lengths, self.bucket = lengths, np.where(usable, bucket, -1)
-        per_bucket = [int((self.bucket == i).sum()) // self.batch_size for i in range(len(b))]
+        self.max_tokens = int(d.get("max_tokens", 0))
+        if self.max_tokens > 0:  # token budget: rows per bucket (static per bucket)
+            self.rows = tuple(bucket_rows(self.max_tokens, s, self.batch_size)
+                              for s in self.buckets)
+            if min(self.rows) < 1:
+                raise ConfigError(
+                    f"config.data.max_tokens={self.max_tokens} holds fewer than data.batch_size="
+                    f"{self.batch_size} rows of the bucket length {self.buckets[-1]} samples; "
+                    f"raise max_tokens to at least {self.batch_size * self.buckets[-1]}")
+        else:
+            self.rows = (self.batch_size,) * len(self.buckets)
+        per_bucket = [int((self.bucket == i).sum()) // self.rows[i] for i in range(len(b))]
         self.num_batches = sum(per_bucket)  # per epoch
         if self.num_batches == 0:
-            raise ValueError(
-                f"audio: no bucket of data.buckets={self.buckets} holds data.batch_size="
-                f"{self.batch_size} usable examples (bucket sizes "
+            raise DataError(
+                f"audio: no bucket of data.buckets={self.buckets} holds its batch of "
+                f"{list(self.rows)} rows of usable examples (bucket sizes "
                 f"{[int((self.bucket == i).sum()) for i in range(len(b))]})")
 
     @functools.lru_cache(maxsize=2)
@@ -311,8 +338,8 @@ class BatchPlan:
         batches = []
         for i in range(len(self.buckets)):
             members = perm[self.bucket[perm] == i]
-            n = len(members) // self.batch_size * self.batch_size
-            batches.extend(members[:n].reshape(-1, self.batch_size))
+            n = len(members) // self.rows[i] * self.rows[i]
+            batches.extend(members[:n].reshape(-1, self.rows[i]))
         return [batches[j] for j in rng.permutation(len(batches))]
 
     def batch(self, k: int) -> dict[str, Any]:
@@ -344,12 +371,16 @@ class AudioBatcher:
     def __init__(self, config, source: AudioSource, process_index: int, local_batch: int):
         self.plan = BatchPlan(config, source.lengths)
         self.source = source
-        self.rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+        # Processes split every batch evenly: batch_size / local_batch of them.
+        self.process_index = process_index
+        self.process_count = int(config.data.batch_size) // int(local_batch)
         self.normalize = bool(config.data.normalize)
 
     def __call__(self, k: int, _: Any = None) -> dict[str, np.ndarray]:
         p = self.plan.batch(k)
-        rows = range(len(p["index"]))[self.rows]
+        local = len(p["index"]) // self.process_count
+        sl = slice(self.process_index * local, (self.process_index + 1) * local)
+        rows = range(len(p["index"]))[sl]
         audio = np.zeros((len(rows), p["size"]), np.float32)
         padding = np.ones((len(rows), p["size"]), bool)
         for r_out, r in enumerate(rows):
@@ -359,8 +390,8 @@ class AudioBatcher:
                 wav = normalize(wav)
             audio[r_out, :crop] = wav
             padding[r_out, :crop] = False
-        return {"audio": audio, "padding_mask": padding, "mask": p["mask"][self.rows],
-                "index": np.asarray(p["index"][self.rows], np.int32)}
+        return {"audio": audio, "padding_mask": padding, "mask": p["mask"][sl],
+                "index": np.asarray(p["index"][sl], np.int32)}
 
 
 def make_pretrain_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
@@ -368,7 +399,8 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, *, process_index: i
                           num_threads: int = 4, prefetch_buffer_size: int = 8) -> grain.IterDataset:
     """Endless audio batches for this process: {"audio": f32 [b, S], "padding_mask":
     bool [b, S], "mask": bool [b, M, T], "index": i32 [b]}, S one of data.buckets.
-    Process p gets rows [p*b, (p+1)*b) of every global batch."""
+    Process p gets rows [p*b, (p+1)*b) of every global batch (b = its rows / the
+    process count: `data.batch_size` or, with `data.max_tokens`, the bucket's)."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     local = local_batch_size(config, process_count)

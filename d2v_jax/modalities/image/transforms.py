@@ -17,13 +17,14 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from d2v_jax.data.pipeline import holdout_split
 from d2v_jax.data.rng import AUG_STREAM, MASK_STREAM, example_rng
 from d2v_jax.data.sources import SubsetSource
 from d2v_jax.modalities.image import masking
 from d2v_jax.modalities.image.sources import make_source
+from d2v_jax.errors import ConfigError, DataError
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -36,7 +37,7 @@ DEFAULT_INTERPOLATION = "bicubic"
 
 def _check_image(image: np.ndarray, where: str) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise ValueError(f"{where}: expected uint8 [H, W, 1|3], got {image.dtype} {image.shape}")
+        raise DataError(f"{where}: expected uint8 [H, W, 1|3], got {image.dtype} {image.shape}")
     return image
 
 
@@ -52,7 +53,7 @@ def _from_pil(pil: Image.Image, channels: int) -> np.ndarray:
 
 def _resample(interpolation: str) -> Image.Resampling:
     if interpolation not in _RESAMPLE:
-        raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {sorted(_RESAMPLE)}")
+        raise ConfigError(f"unknown interpolation {interpolation!r}; expected one of {sorted(_RESAMPLE)}")
     return _RESAMPLE[interpolation]
 
 
@@ -101,6 +102,28 @@ def random_resized_crop(
     top, left, h, w = crop_params(rng, image.shape[0], image.shape[1], scale, ratio)
     # One PIL call crops and resizes (box=), antialiased like torchvision on PIL.
     pil = _to_pil(image).resize((size, size), _resample(interpolation), box=(left, top, left + w, top + h))
+    return _from_pil(pil, image.shape[2])
+
+
+def color_jitter(rng: np.random.Generator, image: np.ndarray, brightness: float = 0.0,
+                 contrast: float = 0.0, saturation: float = 0.0) -> np.ndarray:
+    """torchvision ``ColorJitter(brightness, contrast, saturation)`` on PIL images
+    (BEiT's 1.0 pretraining transform, SPEC 7): the three adjustments in a random
+    order, each with a factor drawn from U[max(0, 1 - v), 1 + v] (skipped when
+    v = 0), applied with PIL's ImageEnhance as torchvision does for PIL input.
+    Saturation leaves a 1-channel image as it is."""
+    image = _check_image(image, "color_jitter")
+    values = (float(brightness), float(contrast), float(saturation))
+    if any(v < 0 for v in values):
+        raise ConfigError(f"color_jitter: strengths {values} must be >= 0")
+    if not any(values):
+        return image
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    pil = _to_pil(image)
+    for i in rng.permutation(3):
+        if values[i] > 0:
+            factor = rng.uniform(max(0.0, 1.0 - values[i]), 1.0 + values[i])
+            pil = enhancers[i](pil).enhance(factor)
     return _from_pil(pil, image.shape[2])
 
 
@@ -161,19 +184,19 @@ def _check_stats(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndar
     for key in ("mean", "std"):
         value = np.asarray(config.data[key], dtype=np.float32).reshape(-1)
         if value.size not in (1, channels):
-            raise ValueError(
+            raise ConfigError(
                 f"config.data.{key}={tuple(config.data[key])} has {value.size} entries; "
                 f"config.model.channels={channels} needs 1 or {channels}")
         stats.append(value)
     if np.any(stats[1] <= 0):
-        raise ValueError(f"config.data.std={tuple(config.data.std)} must be > 0")
+        raise ConfigError(f"config.data.std={tuple(config.data.std)} must be > 0")
     return stats[0], stats[1]
 
 
 def _check_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
     size, patch = config.model.image_size, config.model.patch_size
     if size <= 0 or patch <= 0 or size % patch:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.image_size={size} must be a positive multiple of "
             f"config.model.patch_size={patch}")
     return size // patch, size // patch
@@ -182,7 +205,7 @@ def _check_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
 def _check_element(element: dict[str, Any], channels: int) -> np.ndarray:
     image = element["image"]
     if image.ndim != 3 or image.shape[2] != channels or image.dtype != np.uint8:
-        raise ValueError(
+        raise DataError(
             f"example {element.get('index')}: image {image.dtype} {image.shape} does not match "
             f"uint8 [H, W, config.model.channels={channels}]")
     return image
@@ -193,12 +216,12 @@ class PretrainTransform:
 
     element is a source record {"image": uint8 [H,W,C], "label", "index"}.
     mnist_5k: resize_pad to S -> random_resized_crop -> flip? -> normalize;
-    image_folder: random_resized_crop to S -> flip? -> normalize.
+    image_folder: color_jitter? -> random_resized_crop to S -> flip? -> normalize.
     """
 
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         if int(config.seed) < 0:
-            raise ValueError(f"config.seed={config.seed} must be >= 0 (it seeds numpy SeedSequences)")
+            raise ConfigError(f"config.seed={config.seed} must be >= 0 (it seeds numpy SeedSequences)")
         self.seed = int(config.seed)
         self.size = int(config.model.image_size)
         self.channels = int(config.model.channels)
@@ -209,13 +232,18 @@ class PretrainTransform:
         self.pad_first = config.data.source == "mnist_5k"
         lo, hi = (float(v) for v in config.data.crop_scale)
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"config.data.crop_scale={tuple(config.data.crop_scale)} must satisfy 0 < lo <= hi <= 1")
+            raise ConfigError(f"config.data.crop_scale={tuple(config.data.crop_scale)} must satisfy 0 < lo <= hi <= 1")
         self.crop_scale = (lo, hi)
         rlo, rhi = (float(v) for v in config.data.crop_ratio)
         if not 0 < rlo <= rhi:
-            raise ValueError(f"config.data.crop_ratio={tuple(config.data.crop_ratio)} must satisfy 0 < lo <= hi")
+            raise ConfigError(f"config.data.crop_ratio={tuple(config.data.crop_ratio)} must satisfy 0 < lo <= hi")
         self.crop_ratio = (rlo, rhi)
         self.flip = bool(config.data.flip)
+        jitter = tuple(float(v) for v in config.data.get("color_jitter", (0.0, 0.0, 0.0)))
+        if len(jitter) != 3 or min(jitter) < 0:
+            raise ConfigError(f"config.data.color_jitter={jitter} must be 3 strengths >= 0 "
+                              "(brightness, contrast, saturation)")
+        self.color_jitter = jitter
         self.mean, self.std = _check_stats(config)
         # A plain dict pickles cheaply into grain worker processes.
         self.masking_cfg = config.masking.to_dict()
@@ -226,6 +254,8 @@ class PretrainTransform:
         rng = example_rng(self.seed, epoch, index, AUG_STREAM)
         if self.pad_first:
             image = resize_pad(image, self.size)
+        if any(self.color_jitter):  # BEiT: ColorJitter before flip and crop
+            image = color_jitter(rng, image, *self.color_jitter)
         image = random_resized_crop(rng, image, self.size, self.crop_scale, self.crop_ratio)
         if self.flip:
             image = maybe_flip(rng, image)

@@ -51,6 +51,7 @@ from absl import logging
 from d2v_jax.modalities.text import masking as text_masking
 from d2v_jax.data import files
 from d2v_jax.data.rng import MASK_STREAM, example_rng
+from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
 from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, META_FILE, NUM_SPECIAL, PAD_ID, BaseTokenizer,
                                     ProteinTokenizer, load_tokenizer, smiles_tokens,
                                     train_tokenizer)
@@ -80,7 +81,7 @@ def split_documents(lines, doc_sep: str, path: str) -> Corpus:
     """Plain-text lines -> documents: one per non-empty line (`line`) or runs of
     lines separated by blank lines (`blank`)."""
     if doc_sep not in ("line", "blank"):
-        raise ValueError(f"config.data.doc_sep={doc_sep!r}; expected 'line' or 'blank'")
+        raise ConfigError(f"config.data.doc_sep={doc_sep!r}; expected 'line' or 'blank'")
     corpus = Corpus([], [])
     current, start = [], 0
     for lineno, line in lines:
@@ -118,7 +119,7 @@ def read_text_files(paths: Sequence[str], doc_sep: str) -> Corpus:
 
 def _invalid(message: str, on_invalid: str, corpus: Corpus) -> None:
     if on_invalid == "error":
-        raise ValueError(message + " (set data.on_invalid='skip' to drop such records)")
+        raise DataError(message + " (set data.on_invalid='skip' to drop such records)")
     corpus.skipped += 1
     if corpus.skipped <= 5:
         logging.warning("skipping: %s", message)
@@ -148,12 +149,12 @@ def read_smiles_files(paths: Sequence[str], column: str, on_invalid: str, parse:
         delimiter = "\t" if path.lower().endswith((".tsv", ".tab")) else ","
         lines = list(files.lines(path))
         if not lines:
-            raise ValueError(f"{path}: empty file (expected a header with a {column!r} column)")
+            raise DataError(f"{path}: empty file (expected a header with a {column!r} column)")
         rows = csv.reader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter)
         header = next(rows)
         if column not in header:
-            raise ValueError(f"{path}: no column {column!r} (config.data.smiles_column) in the "
-                             f"header {header}")
+            raise DataError(f"{path}: no column {column!r} (config.data.smiles_column) in the "
+                            f"header {header}")
         col = header.index(column)
         for (lineno, _), row in zip(lines[1:], rows):
             if not row:
@@ -180,7 +181,7 @@ def read_fasta_files(paths: Sequence[str], on_invalid: str) -> Corpus:
         where = f"{path}:{lineno} ({name})"
         try:
             if not text:
-                raise ValueError("empty sequence")
+                raise DataError("empty sequence")
             check.split(text)
         except ValueError as e:
             _invalid(f"{where}: {e}", on_invalid, corpus)
@@ -198,8 +199,8 @@ def read_fasta_files(paths: Sequence[str], on_invalid: str) -> Corpus:
                 name, seq, start = line[1:].split()[0] if line[1:].split() else "", [], lineno
             elif line:
                 if name is None:
-                    raise ValueError(f"{path}:{lineno}: sequence before the first '>' header; "
-                                     "not a FASTA file?")
+                    raise DataError(f"{path}:{lineno}: sequence before the first '>' header; "
+                                    "not a FASTA file?")
                 seq.append(line)
         if name is not None:
             flush(path, start, name, seq)
@@ -245,7 +246,7 @@ def proteome_path() -> str:
 def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: str,
                  parse: bool) -> Corpus:
     if on_invalid not in ("skip", "error"):
-        raise ValueError(f"config.data.on_invalid={on_invalid!r}; expected 'skip' or 'error'")
+        raise ConfigError(f"config.data.on_invalid={on_invalid!r}; expected 'skip' or 'error'")
     if source == "python_docs":
         corpus = python_docs_corpus()
     elif source == "chembl":
@@ -259,11 +260,11 @@ def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: 
     elif source == "fasta":
         corpus = read_fasta_files(files.paths(path, source), on_invalid)
     else:
-        raise ValueError(f"config.data.source={source!r}; expected one of {SOURCES}")
+        raise ConfigError(f"config.data.source={source!r}; expected one of {SOURCES}")
     where = f"data.source={source!r}" + (f", data.path={path!r}" if path else "")
     if not corpus.texts:
-        raise ValueError(f"empty corpus: no documents in {where}"
-                         + (f" ({corpus.skipped} invalid records skipped)" if corpus.skipped else ""))
+        raise DataError(f"empty corpus: no documents in {where}"
+                        + (f" ({corpus.skipped} invalid records skipped)" if corpus.skipped else ""))
     if corpus.skipped:
         logging.warning("%s: skipped %d invalid records, kept %d", where, corpus.skipped, len(corpus))
     return corpus
@@ -289,13 +290,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None) -> ml_collec
     t = config.tokenizer
     path = t.path or (os.path.join(workdir, "tokenizer") if workdir else "")
     if not path:
-        raise ValueError("config.tokenizer.path is empty and no workdir was given: nowhere "
-                         "to find or save the tokenizer")
+        raise ConfigError("config.tokenizer.path is empty and no workdir was given: nowhere "
+                          "to find or save the tokenizer")
     if os.path.isfile(os.path.join(path, META_FILE)):
         tok = load_tokenizer(path)
         if tok.kind != t.kind:
-            raise ValueError(f"config.tokenizer.kind={t.kind!r} but {path} holds a {tok.kind!r} "
-                             "tokenizer")
+            raise ConfigError(f"config.tokenizer.kind={t.kind!r} but {path} holds a {tok.kind!r} "
+                              "tokenizer")
         logging.info("tokenizer: reloaded %s (%s, %d tokens)", path, tok.kind, tok.vocab_size)
     else:
         corpus = read_corpus(config)
@@ -314,9 +315,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None) -> ml_collec
                      tok.kind, len(corpus), tok.vocab_size, path)
     m = config.model
     if m.vocab_size is not None and m.vocab_size != tok.vocab_size:
-        raise ValueError(f"config.model.vocab_size={m.vocab_size} but the tokenizer at {path} has "
-                         f"{tok.vocab_size} tokens; leave model.vocab_size unset (it comes from "
-                         "the tokenizer)")
+        raise ConfigError(f"config.model.vocab_size={m.vocab_size} but the tokenizer at {path} has "
+                          f"{tok.vocab_size} tokens; leave model.vocab_size unset (it comes from "
+                          "the tokenizer)")
     t.path = path
     m.vocab_size = tok.vocab_size
     return config
@@ -337,11 +338,11 @@ def build_sequences(docs: Sequence[np.ndarray], max_len: int, packing: str, too_
     """Token rows (int32, starting with <s>) of at most `max_len` tokens; only
     `too_long='crop'` leaves longer rows, which the transform crops per epoch."""
     if packing not in PACKINGS:
-        raise ValueError(f"config.data.packing={packing!r}; expected one of {PACKINGS}")
+        raise ConfigError(f"config.data.packing={packing!r}; expected one of {PACKINGS}")
     if too_long not in TOO_LONG:
-        raise ValueError(f"config.data.too_long={too_long!r}; expected one of {TOO_LONG}")
+        raise ConfigError(f"config.data.too_long={too_long!r}; expected one of {TOO_LONG}")
     if max_len < 3:
-        raise ValueError(f"config.data.max_len={max_len} must be >= 3 (<s>, a token, </s>)")
+        raise ConfigError(f"config.data.max_len={max_len} must be >= 3 (<s>, a token, </s>)")
     bos, eos = np.array([BOS_ID], np.int32), np.array([EOS_ID], np.int32)
     if packing == "stream":
         stream = np.concatenate([np.concatenate([np.asarray(d, np.int32), eos]) for d in docs])
@@ -358,7 +359,7 @@ def build_sequences(docs: Sequence[np.ndarray], max_len: int, packing: str, too_
             num_long += 1
             if too_long == "error":
                 where = f" ({origins[i]})" if origins is not None else ""
-                raise ValueError(
+                raise DataError(
                     f"document {i}{where} has {doc.size} tokens, {doc.size + 2} with <s> and </s>, "
                     f"more than data.max_len={max_len}; set data.too_long to 'crop', 'split' or "
                     "'skip', or raise data.max_len (and model.max_positions)")
@@ -385,8 +386,8 @@ def build_sequences(docs: Sequence[np.ndarray], max_len: int, packing: str, too_
                         num_long, len(docs), max_len,
                         {"skip": "skipped", "split": "split", "crop": "cropped per epoch"}[too_long])
     if not rows:
-        raise ValueError(f"no rows left after data.too_long={too_long!r} (every document is "
-                         f"longer than data.max_len={max_len})")
+        raise DataError(f"no rows left after data.too_long={too_long!r} (every document is "
+                        f"longer than data.max_len={max_len})")
     return rows
 
 
@@ -444,7 +445,9 @@ class TextPretrainTransform:
         tokens = np.full((t,), PAD_ID, np.int32)
         tokens[:n] = row
         padding = np.arange(t) >= n
-        maskable = ~padding & ~np.isin(tokens, self.special)
+        maskable = ~padding  # masking.mask_specials: fairseq masks <s> / </s> too
+        if not self.config.masking.get("mask_specials", True):
+            maskable &= ~np.isin(tokens, self.special)
         rng = example_rng(self.seed, epoch, index, MASK_STREAM)
         out = text_masking.text_masks(rng, tokens, maskable, n, self.config.masking,
                                       mask_id=self.tok.mask_id, random_low=NUM_SPECIAL,
@@ -458,8 +461,8 @@ def pretrain_parts(config: ml_collections.ConfigDict, source=None):
     `source` replaces the corpus named by the config (tests, custom data)."""
     tok = tokenizer_for(config)
     if config.model.vocab_size is not None and config.model.vocab_size != tok.vocab_size:
-        raise ValueError(f"config.model.vocab_size={config.model.vocab_size} != the tokenizer's "
-                         f"{tok.vocab_size} ({config.tokenizer.path})")
+        raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} != the tokenizer's "
+                          f"{tok.vocab_size} ({config.tokenizer.path})")
     src = make_source(config, tok) if source is None else source
     return src, TextPretrainTransform(config, tok)
 
@@ -478,7 +481,7 @@ def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,
         fallback = os.path.join(init_from, "tokenizer")
         if not (saved and os.path.isdir(saved)):
             if not os.path.isdir(fallback):
-                raise FileNotFoundError(f"the pretraining run {init_from!r} names tokenizer "
+                raise DataNotFoundError(f"the pretraining run {init_from!r} names tokenizer "
                                         f"{saved!r}, which does not exist, and has no {fallback}")
             bconfig.tokenizer.path = fallback
         return prepare(bconfig, init_from)

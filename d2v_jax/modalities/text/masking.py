@@ -11,10 +11,16 @@ padding and special tokens, which are never masked); True in a result means
 - `span_positions`: the released fairseq 1.0 text config: `int(p * n / L + U)`
   span starts, each grown to L positions (p = 0.35, L = 4); spans may overlap and
   stop at non-maskable positions, so the realised rate is a little below p.
-- `random_positions`: data2vec 2.0: exactly `num_masked_random(n_real, p)` positions
-  (p = 0.48), n_real counting every non-padding position. The 2.0 student encodes
-  only the visible tokens, and this count is what makes that a static shape (see
-  `num_keep_random`).
+- `random_positions`: data2vec 2.0: MAE's `random_masking` (fairseq
+  `modalities/base.py`): keep `int(n_real * (1 - p))` positions, mask the other
+  `num_masked_random(n_real, p)` (p = 0.48), n_real counting every non-padding
+  position. The 2.0 student encodes only the visible tokens, and this count is
+  what makes that a static shape (see `num_keep_random`).
+
+Special tokens (`<s>`, `</s>`): fairseq masks them like any token, in 1.0
+(`MaskTokensDataset` draws over all `len(item)` positions) and 2.0
+(`random_masking` over all L); `masking.mask_specials = True` (the default of
+both recipes) does the same, False keeps them always visible.
 - `corrupt`: BERT's 80/10/10 replacement of the masked positions; the 1.0 loss
   counts only positions that received the mask token.
 - `text_masks`: the M per-example masks (and 1.0 student inputs) from a config.
@@ -79,18 +85,24 @@ def span_positions(rng: np.random.Generator, maskable: np.ndarray, prob: float,
 
 
 def num_masked_random(num_real: int, prob: float) -> int:
-    """The 2.0 masked count for a sequence of `num_real` non-padding tokens."""
-    return int(prob * num_real)
+    """The 2.0 masked count for a sequence of `num_real` non-padding tokens:
+    all but the `int(num_real * (1 - prob))` that MAE's `random_masking` keeps
+    (SPEC 5; 512 tokens at 0.48: 266 kept, 246 masked). At least one token of a
+    non-empty row stays visible (MAE would keep none of a 1-token row at 0.15:
+    an encoder row without any key)."""
+    if num_real < 1:
+        return 0
+    return num_real - max(1, int(num_real * (1 - prob)))
 
 
 def num_keep_random(length: int, prob: float) -> int:
     """Static number of positions the 2.0 student encodes for sequences of `length`.
 
-    A row with n <= length real tokens has n - int(prob * n) visible ones, and
-    n - int(prob * n) is non-decreasing in n, so it never exceeds this; shorter rows
-    fill the rest with padding positions (masked out as attention keys).
+    A row with n <= length real tokens keeps int(n * (1 - prob)) visible ones,
+    which is non-decreasing in n, so it never exceeds this; shorter rows fill the
+    rest with padding positions (masked out as attention keys).
     """
-    return length - num_masked_random(length, prob)
+    return max(1, int(length * (1 - prob)))
 
 
 def random_positions(rng: np.random.Generator, maskable: np.ndarray, prob: float,
@@ -98,8 +110,8 @@ def random_positions(rng: np.random.Generator, maskable: np.ndarray, prob: float
     """data2vec 2.0: exactly `num_masked_random(num_real, prob)` maskable positions.
 
     `num_real` counts the non-padding positions (special tokens included), so every
-    packed block of the same length gets the same count. Raises when the specials
-    leave fewer maskable positions than that count.
+    packed block of the same length gets the same count. Raises when fewer
+    positions are maskable than that count (specials kept out of a short row).
     """
     maskable = _check(maskable, prob)
     candidates = np.flatnonzero(maskable)
