@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 import flax
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
 
 from d2v_jax import modalities, optim
 
@@ -18,8 +20,8 @@ from d2v_jax import modalities, optim
 class TrainState:
     """Everything that must survive a restart, as one pytree.
 
-    `ema_params` is a sibling subtree, never seen by `grad` or the optimizer: it
-    holds the teacher's copy of the subtrees listed by `ema_keys` (SPEC 4).
+    `ema_params` is a sibling tree, never seen by `grad` or the optimizer: it
+    holds the teacher's copy of the parameters `ema_subtree` selects (SPEC 4).
     """
 
     step: jax.Array
@@ -28,26 +30,67 @@ class TrainState:
     opt_state: Any
 
 
-def ema_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """Top-level subtrees the teacher keeps as EMA (the rest it shares)."""
-    teacher = modalities.teacher_modules(config)
-    shared = tuple(config.ema.shared)
-    unknown = [k for k in shared if k not in teacher]
-    if unknown:
-        raise ValueError(f"ema.shared={shared!r} names {unknown}, which the {config.modality} "
-                         f"teacher does not use; it uses {list(teacher)}")
-    return tuple(k for k in teacher if k not in shared)
+def _shared_patterns(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(str(p).split("/")) for p in config.ema.shared)
+
+
+def _matches(path: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """True when `pattern` (segments, shell wildcards allowed) is a prefix of `path`."""
+    return len(path) >= len(pattern) and all(
+        fnmatch.fnmatchcase(seg, pat) for seg, pat in zip(path, pattern))
 
 
 def ema_subtree(params: Any, config: ml_collections.ConfigDict) -> dict:
-    return {k: params[k] for k in ema_keys(config)}
+    """The parameters the teacher keeps as an EMA (SPEC 4, config `ema.shared`).
+
+    The teacher uses the subtrees `modalities.teacher_modules(config)`; of
+    those, every parameter whose path matches an entry of `ema.shared` is the
+    student's (shared, or in fairseq's words copied into the teacher each
+    step); the rest is returned here, as a nested dict of the same layout.
+    An entry is a '/'-separated path prefix whose segments may use shell
+    wildcards: "frontend" (a whole subtree), "context/pos_conv*" (the audio
+    positional convs: data2vec 1.0 `ema_layers_only`). An entry that matches
+    nothing is an error (a typo would silently put a module under EMA).
+    """
+    teacher = modalities.teacher_modules(config)
+    patterns = _shared_patterns(config)
+    flat = traverse_util.flatten_dict({k: params[k] for k in teacher if k in params})
+    used = {p: False for p in patterns}
+    keep = {}
+    for path, leaf in flat.items():
+        hit = [p for p in patterns if _matches(path, p)]
+        for p in hit:
+            used[p] = True
+        if not hit:
+            keep[path] = leaf
+    unused = ["/".join(p) for p, u in used.items() if not u]
+    if unused:
+        raise ValueError(
+            f"ema.shared={tuple(config.ema.shared)!r}: {unused} match no parameter that the "
+            f"{config.modality} teacher uses; its subtrees are {list(teacher)} (paths like "
+            "'frontend' or 'context/pos_conv*')")
+    return traverse_util.unflatten_dict(keep)
+
+
+def ema_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Top-level subtrees holding EMA parameters (whole or in part)."""
+    teacher = modalities.teacher_modules(config)
+    patterns = _shared_patterns(config)
+    unknown = [p[0] for p in patterns if not any(fnmatch.fnmatchcase(k, p[0]) for k in teacher)]
+    if unknown:
+        raise ValueError(f"ema.shared={tuple(config.ema.shared)!r} names {unknown}, which the "
+                         f"{config.modality} teacher does not use; it uses {list(teacher)}")
+    whole = {p[0] for p in patterns if len(p) == 1}
+    return tuple(k for k in teacher if not any(fnmatch.fnmatchcase(k, w) for w in whole))
 
 
 def teacher_params(params: Any, ema_params: Any, config: ml_collections.ConfigDict) -> dict:
-    """The teacher's parameters: EMA subtrees, plus the student's shared ones."""
-    out = {k: params[k] for k in modalities.teacher_modules(config) if k not in ema_params}
-    out.update(ema_params)
-    return out
+    """The teacher's parameters: the student's teacher subtrees with every EMA
+    parameter (`ema_params`, a partial tree of the same layout) put in place."""
+    teacher = modalities.teacher_modules(config)
+    flat = traverse_util.flatten_dict({k: params[k] for k in teacher if k in params})
+    flat.update(traverse_util.flatten_dict(dict(ema_params)))
+    return traverse_util.unflatten_dict(flat)
 
 
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array, model: nn.Module | None = None):

@@ -17,7 +17,7 @@ import numpy as np
 
 from d2v_jax import modalities, optim
 from d2v_jax.config import load_config
-from d2v_jax.train_state import TrainState, ema_keys, init_params
+from d2v_jax.train_state import TrainState, ema_subtree, init_params
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "experiments")
@@ -169,9 +169,8 @@ def make_train_state(config: ml_collections.ConfigDict, params: Any, ema_params:
     merged = {**fresh, **params}
     check_tree(merged, fresh, "make_train_state")
     merged = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), merged)
-    keys = ema_keys(config)
-    teacher = ema_params if ema_params is not None else {k: merged[k] for k in keys}
-    check_tree(teacher, {k: fresh[k] for k in keys}, "make_train_state ema_params")
+    teacher = ema_params if ema_params is not None else ema_subtree(merged, config)
+    check_tree(teacher, ema_subtree(fresh, config), "make_train_state ema_params")
     teacher = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), teacher)
     tx, _ = optim.make_optimizer(config)
     return TrainState(step=jnp.zeros((), jnp.int32), params=merged, ema_params=teacher,

@@ -4,7 +4,10 @@ The student encoder runs on visible tokens only; the decoder receives the full
 grid (visible outputs scattered back, masked positions filled with small noise)
 and predicts the teacher's targets everywhere. Each layer is a grouped conv
 (kernel k, same padding) -> LayerNorm without affine -> GELU, with a residual
-where input and output widths match, then a final Linear to the model width.
+where input and output widths match (`decoder.residual`; text 2.0 has none),
+then the projection to the model width (one Linear; text 2.0: Linear(D, 2D)
+-> GELU -> Linear(2D, D)). Dropout on the decoder's input (`decoder.input_dropout`)
+is the caller's: it acts on the encoder outputs before the masked slots are filled.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from d2v_jax.errors import check_field
-from d2v_jax.models.layers import dense, kernel, zeros
+from d2v_jax.models.layers import (dense, dense_init, kernel, torch_default_bias,
+                                   torch_default_kernel)
 
 CONV_IMPLS = ("xla", "einsum", "dense")
+INITS = ("torch", "normal")  # GroupedConv.init, ConvDecoder.proj_init
 
 
 def grouped_conv(x: jax.Array, w: jax.Array, groups: int, impl: str = "xla") -> jax.Array:
@@ -72,29 +78,53 @@ def grouped_conv(x: jax.Array, w: jax.Array, groups: int, impl: str = "xla") -> 
 class GroupedConv(nn.Module):
     """`nn.Conv(features, k, padding='SAME', feature_group_count=groups)` with the
     same parameters (kernel [*k, C_in/G, features], bias [features]) and a
-    selectable implementation (see `grouped_conv`)."""
+    selectable implementation (see `grouped_conv`).
+
+    Init `torch` (default): PyTorch's Conv default, weights and bias
+    U(+-1/sqrt(fan_in)) with fan_in = prod(k) * C_in / G: fairseq never
+    re-initializes the decoder's and the audio positional encoder's convs
+    (`init_bert_params` touches only Linear and Embedding). `normal`: N(0, 0.02)
+    weights, zero bias (this code's former init)."""
 
     features: int
     kernel_size: Sequence[int]
     groups: int
     impl: str = "xla"
     dtype: Any = jnp.float32
+    init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         nd = len(self.kernel_size)
-        w = self.param("kernel", kernel((None,) * nd + ("embed", "mlp")),
-                       tuple(self.kernel_size) + (x.shape[-1] // self.groups, self.features))
-        b = self.param("bias", zeros(("mlp",)), (self.features,))
+        shape = tuple(self.kernel_size) + (x.shape[-1] // self.groups, self.features)
+        fan_in = int(np.prod(shape[:-1]))
+        if self.init == "torch":
+            w_init, b_init = torch_default_kernel(), torch_default_bias(fan_in)
+        elif self.init == "normal":
+            w_init, b_init = dense_init, nn.initializers.zeros_init()
+        else:
+            raise ValueError(f"GroupedConv init {self.init!r}; expected one of {INITS}")
+        w = self.param("kernel", kernel((None,) * nd + ("embed", "mlp"), w_init), shape)
+        b = self.param("bias", kernel(("mlp",), b_init), (self.features,))
         x = x.astype(self.dtype)
         y = grouped_conv(x, jnp.asarray(w, self.dtype), self.groups, self.impl)
         return y + jnp.asarray(b, self.dtype)
 
 
 class ConvDecoder(nn.Module):
-    """Grouped conv decoder over a 1-D (audio, text) or 2-D (image) grid.
+    """Grouped conv decoder over a 1-D (audio, text) or 2-D (image) grid
+    (fairseq `Decoder1d` / `Decoder2d`, SPEC 6).
 
-    `grid` is the spatial shape: (T,) for sequences, (h, w) for images.
+    `grid` is the spatial shape: (T,) for sequences, (h, w) for images. Each
+    layer: conv -> LayerNorm (no affine) -> GELU, plus the layer's input when
+    `residual` and the widths match. Then the projection: `projection_layers`
+    Linear layers, the first `projection_layers - 1` followed by GELU, the
+    first of them widening by `projection_ratio` (text 2.0: Linear(D, 2D) ->
+    GELU -> Linear(2D, D)); the last one is always named `proj`, the hidden
+    ones `proj_0`, `proj_1`, ... Projection init (`proj_init`): `torch`
+    (PyTorch's Linear default; fairseq's image and audio decoders call
+    `reset_parameters`) or `normal` (N(0, 0.02): the text decoder keeps
+    `init_bert_params`' init, fairseq `TextEncoder.reset_parameters`).
     """
 
     grid: Sequence[int]
@@ -107,6 +137,10 @@ class ConvDecoder(nn.Module):
     conv_impl: str = "xla"
     norm_eps: float = 1e-5  # torch LayerNorm default, as fairseq's decoder
     dtype: Any = jnp.float32
+    projection_layers: int = 1
+    projection_ratio: float = 2.0
+    proj_init: str = "torch"
+    conv_init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -118,7 +152,8 @@ class ConvDecoder(nn.Module):
         # not one scannable stack, and there are only a handful of them.
         for i in range(self.layers):
             x = GroupedConv(self.dim, (self.kernel_size,) * len(grid), self.groups,
-                            impl=self.conv_impl, dtype=self.dtype, name=f"conv_{i}")(x)
+                            impl=self.conv_impl, dtype=self.dtype, init=self.conv_init,
+                            name=f"conv_{i}")(x)
             x = nn.LayerNorm(epsilon=self.norm_eps, use_bias=False, use_scale=False,
                              dtype=self.dtype)(x)
             x = nn.gelu(x, approximate=False)
@@ -126,14 +161,31 @@ class ConvDecoder(nn.Module):
                 x = x + residual
             residual = x
         x = x.reshape(b, n, self.dim)
-        return dense(self.out_dim, ("mlp", "embed"), self.dtype, name="proj")(x)
+        width = self.dim
+        for i in range(self.projection_layers - 1):
+            nxt = int(width * self.projection_ratio) if i == 0 else width
+            x = nn.gelu(self._linear(nxt, width, f"proj_{i}")(x), approximate=False)
+            width = nxt
+        return self._linear(self.out_dim, width, "proj")(x)
+
+    def _linear(self, features: int, fan_in: int, name: str) -> nn.Dense:
+        if self.proj_init == "torch":
+            return dense(features, ("mlp", "embed"), self.dtype, name=name,
+                         init=torch_default_kernel(), bias_init=torch_default_bias(fan_in))
+        if self.proj_init != "normal":
+            raise ValueError(f"decoder.proj_init must be one of {INITS}, got {self.proj_init!r}")
+        return dense(features, ("mlp", "embed"), self.dtype, name=name)
 
 
 def decoder_from_config(d, grid: Sequence[int], out_dim: int, dtype: Any) -> ConvDecoder:
     """The `ConvDecoder` a `config.decoder` section describes, over `grid`
-    ((h, w) for images, (T,) or (-1,) for sequences), predicting `out_dim`."""
+    ((h, w) for images, (T,) or (-1,) for sequences), predicting `out_dim`.
+    Fields newer than a saved config default to fairseq's `D2vDecoderConfig`."""
     return ConvDecoder(tuple(grid), d.dim, out_dim, d.kernel, d.layers, d.groups, d.residual,
-                       conv_impl=d.conv_impl, dtype=dtype)
+                       conv_impl=d.conv_impl, dtype=dtype,
+                       projection_layers=d.get("projection_layers", 1),
+                       projection_ratio=d.get("projection_ratio", 2.0),
+                       proj_init=d.get("proj_init", "torch"))
 
 
 def validate_decoder(config) -> None:
@@ -143,3 +195,11 @@ def validate_decoder(config) -> None:
                 f"decoder.dim={d.dim} is not divisible by groups={d.groups}")
     check_field(dim % d.groups == 0, "decoder.groups",
                 f"model.dim={dim} is not divisible by decoder.groups={d.groups}")
+    check_field(d.get("projection_layers", 1) >= 1, "decoder.projection_layers",
+                f"{d.get('projection_layers')} < 1")
+    check_field(d.get("projection_ratio", 2.0) > 0, "decoder.projection_ratio",
+                f"{d.get('projection_ratio')} must be > 0")
+    check_field(d.get("proj_init", "torch") in INITS, "decoder.proj_init",
+                f"{d.get('proj_init')!r} not in {INITS}")
+    v = d.get("input_dropout", 0.0)
+    check_field(0.0 <= v < 1.0, "decoder.input_dropout", f"{v} is not in [0, 1)")

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d2v_jax.errors import check_field
+
 Dtype = Any
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -26,8 +28,45 @@ def dtype_of(name: str) -> Dtype:
     return DTYPES[name]
 
 
-# BEiT / data2vec initialize linear layers with trunc_normal(std=0.02).
-dense_init = nn.initializers.truncated_normal(stddev=0.02)
+def normal_init(std: float, truncation: float | None = None) -> Callable:
+    """N(0, std^2), truncated at +-`truncation` standard deviations when given.
+
+    fairseq data2vec (`init_bert_params`) draws Linear and Embedding weights
+    from an untruncated N(0, 0.02); BEiT / data2vec 1.0 vision uses timm's
+    `trunc_normal_(std=0.02, a=-std, b=std)` (`beit/modeling_cyclical.py`),
+    i.e. truncation 1.0: every value within +-0.02 (SPEC 7).
+    """
+    if truncation is None:
+        return nn.initializers.normal(std)
+    if truncation <= 0:
+        raise ValueError(f"model.init_truncation={truncation} must be > 0 (or None)")
+    return nn.initializers.truncated_normal(std, lower=-truncation, upper=truncation)
+
+
+def scaled_init(init: Callable, scale) -> Callable:
+    """`init` times `scale` (a Python float or a traced per-block value)."""
+    if isinstance(scale, (int, float)) and scale == 1:
+        return init
+    return lambda key, shape, dtype=jnp.float32: (init(key, shape, dtype) * scale).astype(dtype)
+
+
+def torch_default_kernel() -> Callable:
+    """PyTorch's default Linear / Conv weight init, kaiming_uniform_(a=sqrt(5)):
+    U(+-1/sqrt(fan_in)); fan_in = every axis but the last (output) one."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=-2,
+                                            out_axis=-1)
+
+
+def torch_default_bias(fan_in: int) -> Callable:
+    """PyTorch's default Linear / Conv bias init: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound)
+
+
+# fairseq init_bert_params: Linear and Embedding weights ~ N(0, 0.02), untruncated.
+# A model's blocks take theirs from `model.init_std` / `model.init_truncation`.
+dense_init = normal_init(0.02)
 
 
 def kernel(names: tuple[str, ...], init: Callable = dense_init) -> Callable:
@@ -49,9 +88,12 @@ def layer_norm(eps: float, dtype: Dtype, name: str | None = None, affine: bool =
 
 
 def dense(features: int, names: tuple[str, str], dtype: Dtype, use_bias: bool = True,
-          name: str | None = None) -> nn.Dense:
+          name: str | None = None, init: Callable = dense_init,
+          bias_init: Callable | None = None) -> nn.Dense:
+    """Linear layer; weights from `init`, bias from `bias_init` (default zeros)."""
+    b_init = zeros(names[-1:]) if bias_init is None else kernel(names[-1:], bias_init)
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                    kernel_init=kernel(names), bias_init=zeros(names[-1:]))
+                    kernel_init=kernel(names, init), bias_init=b_init)
 
 
 class DropPath(nn.Module):
@@ -69,7 +111,12 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection."""
+    """Multi-head self-attention with a fused qkv projection.
+
+    `attn_dropout` acts on the attention probabilities, `dropout` on the
+    output projection (the residual dropout: fairseq `dropout` / AltAttention
+    `proj_drop`). `proj_init_scale` multiplies the output projection's initial
+    weights (BEiT's 1/sqrt(2 l), `Encoder.init_depth_rescale`)."""
 
     dim: int
     num_heads: int
@@ -78,12 +125,15 @@ class Attention(nn.Module):
     dropout: float = 0.0
     attention_impl: str | None = None
     dtype: Dtype = jnp.float32
+    init: Callable = dense_init
 
     @nn.compact
-    def __call__(self, x, bias=None, key_padding_mask=None, *, deterministic: bool):
+    def __call__(self, x, bias=None, key_padding_mask=None, *, deterministic: bool,
+                 proj_init_scale=1.0):
         b, t, _ = x.shape
         head_dim = self.dim // self.num_heads
-        qkv = dense(3 * self.dim, ("embed", "qkv"), self.dtype, self.qkv_bias, name="qkv")(x)
+        qkv = dense(3 * self.dim, ("embed", "qkv"), self.dtype, self.qkv_bias, name="qkv",
+                    init=self.init)(x)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, self.num_heads, head_dim), 3, axis=2)
         q, k, v = (a[:, :, 0] for a in (q, k, v))  # [B, T, H, hd]
         mask = None
@@ -105,23 +155,30 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(
                 q, k, v, bias=bias, mask=mask, implementation=self.attention_impl)
         out = out.reshape(b, t, self.dim)
-        out = dense(self.dim, ("qkv", "embed"), self.dtype, name="proj")(out)
+        out = dense(self.dim, ("qkv", "embed"), self.dtype, name="proj",
+                    init=scaled_init(self.init, proj_init_scale))(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
 class Mlp(nn.Module):
+    """fc1 -> exact GELU -> activation dropout -> fc2 (fairseq's
+    `activation_dropout`, SPEC 7; 0 in every official config). The residual
+    dropout after fc2 is the caller's (`Block`), as the FFN output before it is
+    the data2vec target of a post-LN block."""
+
     dim: int
     hidden: int
-    dropout: float = 0.0
+    activation_dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    init: Callable = dense_init
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool):
-        x = dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1")(x)
+    def __call__(self, x, *, deterministic: bool, fc2_init_scale=1.0):
+        x = dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1", init=self.init)(x)
         x = nn.gelu(x, approximate=False)  # PyTorch's default GELU is the exact one
-        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-        x = dense(self.dim, ("mlp", "embed"), self.dtype, name="fc2")(x)
-        return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        x = nn.Dropout(self.activation_dropout)(x, deterministic=deterministic)
+        return dense(self.dim, ("mlp", "embed"), self.dtype, name="fc2",
+                     init=scaled_init(self.init, fc2_init_scale))(x)
 
 
 class Block(nn.Module):
@@ -130,9 +187,21 @@ class Block(nn.Module):
     `target` is the tensor data2vec regresses from this block (SPEC 2): for a
     pre-LN block (1.0 vision, BEiT) the block's full output after the residual
     (layer scale included); for a post-LN block (audio, text, every 2.0 model)
-    the FFN output before the residual add and the block's final LayerNorm.
+    the FFN output before the residual dropout, the residual add and the
+    block's final LayerNorm.
 
-    Written as a scan body: `carry = x`, per-block inputs `(drop_path_rate,)`.
+    Regularization, where fairseq / BEiT put it: `attn_dropout` on the
+    attention probabilities; `dropout` (residual dropout) on the attention
+    output projection and on the FFN output; `activation_dropout` after the
+    FFN's GELU; drop path on each residual branch; `layerdrop`: with that
+    probability the whole block is skipped (its output is its input), one
+    draw per block and forward pass as fairseq's `np.random.random() >
+    layerdrop`, done with a select so that shapes stay static under scan.
+    None of them acts when `deterministic` (the teacher, `encode`).
+
+    Written as a scan body: `carry = x`, per-block inputs `(drop_path_rate,
+    init_scale)`; `init_scale` multiplies the initial weights of `attn.proj`
+    and `mlp.fc2` (BEiT's `fix_init_weight`: 1/sqrt(2 l) for block l, 1-based).
     """
 
     dim: int
@@ -144,19 +213,27 @@ class Block(nn.Module):
     norm_eps: float = 1e-6
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    layerdrop: float = 0.0
     attention_impl: str | None = None
     deterministic: bool = True
     dtype: Dtype = jnp.float32
+    init_std: float = 0.02
+    init_truncation: float | None = None
 
     @nn.compact
-    def __call__(self, x, drop_path_rate, bias=None, key_padding_mask=None):
+    def __call__(self, x, drop_path_rate=0.0, init_scale=1.0, bias=None, key_padding_mask=None):
         det = self.deterministic
+        init = normal_init(self.init_std, self.init_truncation)
         attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.attn_dropout,
-                         self.dropout, self.attention_impl, self.dtype, name="attn")
-        mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.dropout, self.dtype, name="mlp")
+                         self.dropout, self.attention_impl, self.dtype, init, name="attn")
+        mlp = Mlp(self.dim, int(self.dim * self.mlp_ratio), self.activation_dropout, self.dtype,
+                  init, name="mlp")
         norm1 = layer_norm(self.norm_eps, self.dtype, "norm1")
         norm2 = layer_norm(self.norm_eps, self.dtype, "norm2")
+        residual_dropout = nn.Dropout(self.dropout)
         drop_path = DropPath()
+        x_in = x
 
         def scale(name, h):
             if self.layer_scale_init <= 0:
@@ -166,17 +243,23 @@ class Block(nn.Module):
             return h * self.param(name, init, (self.dim,)).astype(h.dtype)
 
         if self.layer_norm_first:
-            h = attn(norm1(x), bias, key_padding_mask, deterministic=det)
+            h = attn(norm1(x), bias, key_padding_mask, deterministic=det,
+                     proj_init_scale=init_scale)
             x = x + drop_path(scale("gamma_1", h), drop_path_rate, det)
-            h = mlp(norm2(x), deterministic=det)
+            h = mlp(norm2(x), deterministic=det, fc2_init_scale=init_scale)
+            h = residual_dropout(h, deterministic=det)
             x = x + drop_path(scale("gamma_2", h), drop_path_rate, det)
             target = x
         else:
-            h = attn(x, bias, key_padding_mask, deterministic=det)
+            h = attn(x, bias, key_padding_mask, deterministic=det, proj_init_scale=init_scale)
             x = norm1(x + drop_path(h, drop_path_rate, det))
-            h = mlp(x, deterministic=det)
+            h = mlp(x, deterministic=det, fc2_init_scale=init_scale)
             target = h
+            h = residual_dropout(h, deterministic=det)
             x = norm2(x + drop_path(h, drop_path_rate, det))
+        if self.layerdrop > 0 and not det:
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.layerdrop)
+            x = jnp.where(keep, x, x_in)
         return x, target
 
 
@@ -194,6 +277,10 @@ class Encoder(nn.Module):
 
     Returns the final hidden states [B,T,D] and the per-block target tensors
     stacked as [L,B,T,D], ready for `targets.make_targets`.
+
+    Init: Linear weights ~ N(0, init_std^2), truncated at +-init_truncation
+    std when set; `init_depth_rescale` divides `attn.proj` and `mlp.fc2` of
+    block l (1-based) by sqrt(2 l), BEiT's `fix_init_weight` (SPEC 7).
     """
 
     depth: int
@@ -206,10 +293,15 @@ class Encoder(nn.Module):
     norm_eps: float = 1e-6
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    activation_dropout: float = 0.0
     drop_path: float = 0.0
+    layerdrop: float = 0.0
     remat: str = "none"
     attention_impl: str | None = None
     dtype: Dtype = jnp.float32
+    init_std: float = 0.02
+    init_truncation: float | None = None
+    init_depth_rescale: bool = False
 
     @nn.compact
     def __call__(self, x, bias=None, key_padding_mask=None, *, deterministic: bool):
@@ -222,7 +314,7 @@ class Encoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
+            in_axes=(0, 0, nn.broadcast, nn.broadcast),
             length=self.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(
@@ -230,24 +322,54 @@ class Encoder(nn.Module):
             qkv_bias=self.qkv_bias, layer_norm_first=self.layer_norm_first,
             layer_scale_init=self.layer_scale_init, norm_eps=self.norm_eps,
             dropout=self.dropout, attn_dropout=self.attn_dropout,
+            activation_dropout=self.activation_dropout, layerdrop=self.layerdrop,
             attention_impl=self.attention_impl, deterministic=deterministic,
-            dtype=self.dtype, name="blocks")
+            dtype=self.dtype, init_std=self.init_std, init_truncation=self.init_truncation,
+            name="blocks")
         # Linearly increasing stochastic depth, as BEiT / data2vec.
         rates = jnp.linspace(0.0, self.drop_path, self.depth, dtype=jnp.float32)
-        return blocks(x, rates, bias, key_padding_mask)
+        layer = jnp.arange(1, self.depth + 1, dtype=jnp.float32)
+        scales = (1.0 / jnp.sqrt(2.0 * layer) if self.init_depth_rescale
+                  else jnp.ones((self.depth,), jnp.float32))
+        return blocks(x, rates, scales, bias, key_padding_mask)
 
 
 def encoder_from_config(m, *, layer_norm_first: bool = False, layer_scale_init: float = 0.0,
                         dtype: Dtype = jnp.float32) -> Encoder:
     """The `Encoder` that a `config.model` section describes. Block style is the
     caller's: pre-LN + layer scale for 1.0 vision, post-LN (the defaults) for
-    every other model."""
+    every other model. Fields newer than a saved config (activation_dropout,
+    layerdrop, init_*) default to off / fairseq's N(0, 0.02)."""
     return Encoder(
         depth=m.depth, dim=m.dim, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
         qkv_bias=m.qkv_bias, layer_norm_first=layer_norm_first,
         layer_scale_init=layer_scale_init, norm_eps=m.norm_eps, dropout=m.dropout,
-        attn_dropout=m.attn_dropout, drop_path=m.drop_path, remat=m.remat,
-        attention_impl=m.attention_impl, dtype=dtype)
+        attn_dropout=m.attn_dropout, activation_dropout=m.get("activation_dropout", 0.0),
+        drop_path=m.drop_path, layerdrop=m.get("layerdrop", 0.0), remat=m.remat,
+        attention_impl=m.attention_impl, dtype=dtype, init_std=m.get("init_std", 0.02),
+        init_truncation=m.get("init_truncation", None),
+        init_depth_rescale=m.get("init_depth_rescale", False))
+
+
+def linear_init(m) -> Callable:
+    """The weight init of a model's Linear layers outside the blocks (heads),
+    from the same `model.init_std` / `model.init_truncation` fields."""
+    return normal_init(m.get("init_std", 0.02), m.get("init_truncation", None))
+
+
+def validate_encoder(config) -> None:
+    """The checks of the `model` fields the shared blocks read (ConfigError)."""
+    m = config.model
+    for key in ("dropout", "attn_dropout", "activation_dropout", "drop_path"):
+        v = m.get(key, 0.0)
+        check_field(0.0 <= v < 1.0, f"model.{key}", f"{v} is not in [0, 1)")
+    v = m.get("layerdrop", 0.0)
+    check_field(0.0 <= v <= 1.0, "model.layerdrop", f"{v} is not in [0, 1]")
+    v = m.get("init_std", 0.02)
+    check_field(v > 0, "model.init_std", f"{v} must be > 0")
+    v = m.get("init_truncation", None)
+    check_field(v is None or v > 0, "model.init_truncation",
+                f"{v} must be > 0 (in standard deviations) or None (untruncated)")
 
 
 def sincos_2d(grid: tuple[int, int], dim: int) -> np.ndarray:

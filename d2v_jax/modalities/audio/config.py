@@ -6,10 +6,12 @@ import ml_collections
 
 from d2v_jax.errors import check_field
 from d2v_jax.models.decoder import validate_decoder
+from d2v_jax.models.layers import validate_encoder
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """The audio checks of `d2v_jax.config.validate` (ConfigError naming the field)."""
+    validate_encoder(config)
     m, k, d = config.model, config.masking, config.data
     n = len(m.conv_dims)
     check_field(n >= 1 and len(m.conv_kernels) == n and len(m.conv_strides) == n, "model.conv_dims",
@@ -20,6 +22,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"{m.get('pos_conv_zero_pad')!r} is not 'layer' or 'input'")
     check_field(m.dim % m.pos_conv_groups == 0, "model.pos_conv_groups",
                 f"model.dim={m.dim} is not divisible by pos_conv_groups={m.pos_conv_groups}")
+    v = m.get("prenet_dropout", m.dropout)
+    check_field(0.0 <= v < 1.0, "model.prenet_dropout", f"{v} is not in [0, 1)")
     check_field(0.0 <= m.feature_grad_mult <= 1.0, "model.feature_grad_mult",
                 f"{m.feature_grad_mult} is not in [0, 1]")
     buckets = tuple(d.buckets)

@@ -6,8 +6,10 @@ Three parameter subtrees (the teacher uses all three, `TEACHER_MODULES`):
   bias), the feature LayerNorm and the projection to the model width. SPEC 4:
   shared, the teacher uses the student's features (`ema.shared = ("frontend",)`).
 - `context`: the conv positional encoder (5 grouped conv layers, or wav2vec
-  2.0's single wide conv), the embedding LayerNorm of the post-LN stack, and for
-  2.0 the learned per-head ALiBi scale.
+  2.0's single wide conv), the embedding LayerNorm of the post-LN stack (then
+  `model.prenet_dropout`), and for 2.0 the learned per-head ALiBi scale. 1.0
+  (`ema_layers_only`) shares the positional convs as well:
+  `ema.shared = ("frontend", "context/pos_conv*")`.
 - `encoder`: the post-LN Transformer blocks.
 
 Entry points (`method=`): `teacher(batch)` -> {'layers' [L,B,T,D], 'padding_mask'
@@ -36,8 +38,9 @@ from d2v_jax.modalities.audio import masking
 from d2v_jax.modalities.audio.frames import config_frame_count, frame_count
 from d2v_jax.models import visible
 from d2v_jax.models.decoder import ConvDecoder, GroupedConv, decoder_from_config, grouped_conv
-from d2v_jax.models.layers import (Encoder, dtype_of, alibi_bias, alibi_slopes, dense, encoder_from_config,
-                                   kernel, layer_norm)
+from d2v_jax.models.layers import (Encoder, alibi_bias, alibi_slopes, dense, dtype_of,
+                                   encoder_from_config, kernel, layer_norm, torch_default_bias,
+                                   torch_default_kernel)
 
 TEACHER_MODULES = ("frontend", "context", "encoder")
 POS_CONV_KINDS = ("stack", "single")
@@ -88,7 +91,10 @@ class FeatureExtractor(nn.Module):
             x = nn.gelu(x, approximate=False)
         x = _grad_mult(x, self.feature_grad_mult)
         x = layer_norm(1e-5, dtype, "feature_norm")(x)
-        return dense(self.dim, (None, "embed"), dtype, name="proj")(x)
+        # PyTorch's Linear default: fairseq leaves wav2vec's post_extract_proj at
+        # it (1.0) and resets data2vec 2.0's project_features to it.
+        return dense(self.dim, (None, "embed"), dtype, name="proj", init=torch_default_kernel(),
+                     bias_init=torch_default_bias(self.conv_dims[-1]))(x)
 
 
 def _same_conv_even(conv: nn.Module, x: jax.Array, k: int) -> jax.Array:
@@ -137,7 +143,7 @@ class AudioContext(nn.Module):
     pos_conv_zero_pad: str = "layer"  # "layer" or "input" (fairseq / HF)
     conv_impl: str = "xla"
     norm_eps: float = 1e-5
-    dropout_rate: float = 0.0  # after the embedding LayerNorm (model.dropout)
+    dropout_rate: float = 0.0  # after the embedding LayerNorm (model.prenet_dropout)
     alibi: bool = False
     alibi_scale_init: float = 1.0
     dtype: str = "float32"
@@ -232,7 +238,9 @@ class AudioData2Vec(nn.Module):
         self.input_dropout = nn.Dropout(self.dropout_input)
         if self.version == "v1":
             self.mask_emb = MaskEmbedding(dim, name="mask_emb")
-            self.head = dense(dim, ("embed", "embed_out"), dtype, name="head")
+            # fairseq final_proj: a Linear outside the encoder, PyTorch's default init.
+            self.head = dense(dim, ("embed", "embed_out"), dtype, name="head",
+                              init=torch_default_kernel(), bias_init=torch_default_bias(dim))
         else:
             self.decoder_dropout = nn.Dropout(self.decoder_input_dropout)
 
@@ -348,7 +356,7 @@ def build(config: ml_collections.ConfigDict) -> AudioData2Vec:
         dim=m.dim, num_heads=m.num_heads, pos_conv=m.pos_conv, pos_conv_width=m.pos_conv_width,
         pos_conv_depth=m.pos_conv_depth, pos_conv_groups=m.pos_conv_groups,
         pos_conv_zero_pad=m.get("pos_conv_zero_pad", "layer"), conv_impl=m.conv_impl,
-        norm_eps=m.norm_eps, dropout_rate=m.dropout, alibi=m.alibi,
+        norm_eps=m.norm_eps, dropout_rate=m.get("prenet_dropout", m.dropout), alibi=m.alibi,
         alibi_scale_init=m.alibi_scale_init, dtype=m.dtype)
     encoder = encoder_from_config(m, dtype=dtype_of(m.dtype))
     common = dict(dropout_input=m.dropout_input, dtype=m.dtype)

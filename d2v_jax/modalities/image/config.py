@@ -6,11 +6,13 @@ import ml_collections
 
 from d2v_jax.errors import check_field
 from d2v_jax.models.decoder import validate_decoder
+from d2v_jax.models.layers import validate_encoder
 from d2v_jax.modalities.image.model import PATCH_EMBED_INITS
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """The image checks of `d2v_jax.config.validate` (ConfigError naming the field)."""
+    validate_encoder(config)
     m, k = config.model, config.masking
     check_field(m.image_size % m.patch_size == 0, "model.image_size",
                 f"{m.image_size} is not divisible by model.patch_size={m.patch_size}")
@@ -20,6 +22,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"entries but model.channels={m.channels}")
     check_field(m.patch_embed_init in PATCH_EMBED_INITS, "model.patch_embed_init",
                 f"{m.patch_embed_init!r} not in {sorted(PATCH_EMBED_INITS)}")
+    v = m.get("token_init_std", 0.02)
+    check_field(v > 0, "model.token_init_std", f"{v} must be > 0")
     holdout = config.data.get("holdout_fraction", 0.0)
     check_field(0.0 <= holdout < 1.0, "data.holdout_fraction", f"{holdout} is not in [0, 1)")
     if config.version == "v2":

@@ -28,7 +28,8 @@ from d2v_jax.modalities.image import masking
 from d2v_jax.models import visible
 from d2v_jax.models.decoder import ConvDecoder, decoder_from_config
 from d2v_jax.models.layers import (Encoder, RelativePositionBias, dense, dtype_of,
-                                   encoder_from_config, kernel, layer_norm, sincos_2d)
+                                   encoder_from_config, kernel, layer_norm, normal_init,
+                                   sincos_2d)
 
 TEACHER_MODULES = ("frontend", "encoder")
 
@@ -57,8 +58,11 @@ PATCH_EMBED_INITS = {
     # BEiT / data2vec 1.0: PyTorch's Conv2d default, U(+-1/sqrt(p*p*C)).
     "torch_conv": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
                                                    in_axis=(0, 1, 2), out_axis=-1),
-    # Hugging Face Data2VecVision's _init_weights: N(0, 0.02) (the dense layers' init).
+    # Hugging Face Data2VecVision's _init_weights: N(0, 0.02) truncated at +-2 std.
     "trunc_normal": nn.initializers.truncated_normal(stddev=0.02),
+    # "linear": the Linear layers' init (model.init_std / init_truncation); BEiT's
+    # _init_weights gives the patch Conv2d the same trunc_normal_ as every Linear.
+    "linear": None,
 }
 
 
@@ -77,17 +81,24 @@ class ImageFrontEnd(nn.Module):
     patch_embed_init: str = "xavier"
     mask_token: bool = False  # 1.0: a learned token replaces masked patches
     dtype: str = "float32"
+    init_std: float = 0.02  # the Linear layers' init (and patch_embed_init="linear")
+    init_truncation: float | None = None
+    # CLS and mask token ~ N(0, token_init_std^2), truncated as the Linear layers:
+    # 2.0 N(0, 1) (fairseq init_extra_token_zero=False); BEiT trunc_normal_(0.02).
+    token_init_std: float = 0.02
 
     def setup(self):
         dtype = dtype_of(self.dtype)
         self.grid = (self.image_size // self.patch_size,) * 2
         p = self.patch_size
+        patch_init = PATCH_EMBED_INITS[self.patch_embed_init]
+        if patch_init is None:
+            patch_init = normal_init(self.init_std, self.init_truncation)
         self.patch_embed = nn.Conv(
             self.dim, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="patch_embed",
-            kernel_init=kernel((None, None, None, "embed"),
-                               PATCH_EMBED_INITS[self.patch_embed_init]),
+            kernel_init=kernel((None, None, None, "embed"), patch_init),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
-        tok_init = kernel(("embed",))
+        tok_init = kernel(("embed",), normal_init(self.token_init_std, self.init_truncation))
         self.cls_token = self.param("cls_token", tok_init, (self.dim,))
         if self.mask_token:
             self.mask_embedding = self.param("mask_token", tok_init, (self.dim,))
@@ -129,6 +140,7 @@ class ImageData2Vec(nn.Module):
     decoder: ConvDecoder | None = None  # 2.0 only
     num_keep: int = 0  # 2.0: patches the student encodes per row (masking.num_keep)
     mask_noise_std: float = 0.01  # 2.0: the decoder's fill at removed patches
+    decoder_input_dropout: float = 0.0  # 2.0: on the encoder outputs the decoder gets
     dtype: str = "float32"
     # `encode` returns the CLS position first (pooling skips it for "mean").
     cls_first = True
@@ -138,7 +150,11 @@ class ImageData2Vec(nn.Module):
         if self.frontend.layer_norm_first:  # pre-LN stacks end with a LayerNorm (BEiT)
             self.final_norm = layer_norm(self.frontend.norm_eps, dtype, "final_norm")
         if self.version == "v1":
-            self.head = dense(self.frontend.dim, ("embed", "embed_out"), dtype, name="head")
+            self.head = dense(self.frontend.dim, ("embed", "embed_out"), dtype, name="head",
+                              init=normal_init(self.frontend.init_std,
+                                               self.frontend.init_truncation))
+        else:
+            self.decoder_dropout = nn.Dropout(self.decoder_input_dropout)
 
     # -- shared pieces ----------------------------------------------------------
     def _encode(self, x, *, deterministic: bool, final_norm: bool = True):
@@ -193,7 +209,9 @@ class ImageData2Vec(nn.Module):
         keep = visible.keep_indices(mask, self.num_keep)
         h, _ = self._encode(self.frontend.with_cls(visible.gather(x, keep)),
                             deterministic=deterministic)
-        # Decoder input: visible outputs back in place, masked slots ~ N(0, std).
+        # Decoder input: visible outputs (after the decoder's input dropout) back
+        # in place, masked slots ~ N(0, std) (fairseq decoder_input).
+        h = self.decoder_dropout(h, deterministic=deterministic)
         full = visible.scatter_with_noise(h[:, 1:], keep, n, self.mask_noise_std,
                                           self.make_rng("noise"))
         return {"pred": self.decoder(full), "cls": h[:, 0]}
@@ -207,7 +225,9 @@ def build(config: ml_collections.ConfigDict) -> ImageData2Vec:
         image_size=m.image_size, patch_size=m.patch_size, channels=m.channels, dim=m.dim,
         num_heads=m.num_heads, abs_pos=m.abs_pos, rel_pos_bias=m.rel_pos_bias,
         layer_norm_first=m.layer_norm_first, norm_eps=m.norm_eps,
-        patch_embed_init=m.patch_embed_init, mask_token=config.version == "v1", dtype=m.dtype)
+        patch_embed_init=m.patch_embed_init, mask_token=config.version == "v1", dtype=m.dtype,
+        init_std=m.get("init_std", 0.02), init_truncation=m.get("init_truncation", None),
+        token_init_std=m.get("token_init_std", 0.02))
     encoder = encoder_from_config(m, layer_norm_first=m.layer_norm_first,
                                   layer_scale_init=m.layer_scale_init, dtype=dtype_of(m.dtype))
     if config.version == "v1":
@@ -215,4 +235,6 @@ def build(config: ml_collections.ConfigDict) -> ImageData2Vec:
     decoder = decoder_from_config(config.decoder, masking.grid_of(config), m.dim,
                                   dtype_of(m.dtype))
     return ImageData2Vec("v2", frontend, encoder, decoder, num_keep=masking.num_keep(config),
-                         mask_noise_std=config.decoder.mask_noise_std, dtype=m.dtype)
+                         mask_noise_std=config.decoder.mask_noise_std,
+                         decoder_input_dropout=config.decoder.get("input_dropout", 0.0),
+                         dtype=m.dtype)

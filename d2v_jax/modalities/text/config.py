@@ -6,6 +6,7 @@ import ml_collections
 
 from d2v_jax.errors import check_field
 from d2v_jax.models.decoder import validate_decoder
+from d2v_jax.models.layers import validate_encoder
 from d2v_jax.modalities.text import data as text_data
 from d2v_jax.modalities.text import masking as text_masking
 from d2v_jax.modalities.text import tokenizer
@@ -13,6 +14,7 @@ from d2v_jax.modalities.text import tokenizer
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Text, SMILES and proteins (d2v_jax/models/text.py, d2v_jax/data/text.py)."""
+    validate_encoder(config)
     m, k, d = config.model, config.masking, config.data
     check_field(config.tokenizer.kind in tokenizer.TOKENIZERS, "tokenizer.kind",
                 f"{config.tokenizer.kind!r} not in {sorted(tokenizer.TOKENIZERS)}")

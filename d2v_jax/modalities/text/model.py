@@ -12,7 +12,8 @@ for the train step (`method=`):
   drawn in the pipeline) and runs the whole sequence, then the two-layer head
   Linear(D, 2D) -> GELU -> Linear(2D, D) (SPEC 3). 2.0 encodes only the visible
   tokens of M clones (a static `num_keep`, `text_masking.num_keep_random`) and the
-  1-D conv decoder predicts every position.
+  1-D conv decoder predicts every position (fairseq's text decoder: no residual,
+  Linear(D, 2D) -> GELU -> Linear(2D, D), input dropout 0.1; SPEC 6).
 - `encode(batch)`: final hidden states [B, T, D] of the full sequence.
 
 Padding is masked out as attention keys everywhere. The teacher uses only
@@ -92,6 +93,7 @@ class TextData2Vec(nn.Module):
     decoder: ConvDecoder | None = None  # 2.0 only
     num_keep: int = 0  # 2.0: positions the student encodes per row (masking.num_keep)
     mask_noise_std: float = 0.01  # 2.0: the decoder's fill at removed positions
+    decoder_input_dropout: float = 0.0  # 2.0: on the encoder outputs the decoder gets
     dtype: str = "float32"
     # `encode` puts <s> first, RoBERTa's sequence representation.
     cls_first = True
@@ -103,6 +105,8 @@ class TextData2Vec(nn.Module):
             # SPEC 3: text 1.0 regresses with Linear(D, 2D) -> GELU -> Linear(2D, D).
             self.head_fc1 = dense(2 * dim, ("embed", "mlp"), dtype, name="head_fc1")
             self.head_fc2 = dense(dim, ("mlp", "embed"), dtype, name="head_fc2")
+        else:
+            self.decoder_dropout = nn.Dropout(self.decoder_input_dropout)
 
     def _encode(self, tokens, padding_mask, *, deterministic: bool):
         x = self.frontend(tokens, deterministic=deterministic)
@@ -146,8 +150,10 @@ class TextData2Vec(nn.Module):
         keep = visible.keep_indices(jnp.where(mask, 2, jnp.where(padding, 1, 0)), self.num_keep)
         h, _ = self.encoder(visible.gather(x, keep), None, visible.gather(padding, keep),
                             deterministic=deterministic)
-        # Decoder input: visible outputs back in place, masked slots ~ N(0, std),
-        # padding 0 (the convolution must not read the pad tokens' states).
+        # Decoder input: visible outputs (after the decoder's input dropout) back
+        # in place, masked slots ~ N(0, std), padding 0 (the convolution must not
+        # read the pad tokens' states).
+        h = self.decoder_dropout(h, deterministic=deterministic)
         full = visible.scatter_with_noise(h, keep, t, self.mask_noise_std, self.make_rng("noise"))
         full = jnp.where(padding[..., None], 0, full)
         return self.decoder(full)
@@ -165,4 +171,6 @@ def build(config: ml_collections.ConfigDict) -> TextData2Vec:
     decoder = decoder_from_config(config.decoder, (config.data.max_len,), m.dim,
                                   dtype_of(m.dtype))
     return TextData2Vec("v2", frontend, encoder, decoder, num_keep=text_masking.num_keep(config),
-                        mask_noise_std=config.decoder.mask_noise_std, dtype=m.dtype)
+                        mask_noise_std=config.decoder.mask_noise_std,
+                        decoder_input_dropout=config.decoder.get("input_dropout", 0.0),
+                        dtype=m.dtype)
