@@ -103,15 +103,18 @@ def block_mask_1d(
     block_len: int = 5,
     prob_adjust: float = 0.05,
 ) -> np.ndarray:
-    """1-D block masking with an exact count, data2vec 2.0 audio (SPEC section 5).
+    """1-D block masking with an exact count, data2vec 2.0 audio (SPEC 5, 7).
 
-    With n = ``num_valid`` real frames: ``int(n * (mask_ratio + prob_adjust) /
-    block_len)`` block starts are drawn uniformly (with replacement) from
-    ``[0, n - block_len]``, each masks ``block_len`` frames (blocks may overlap, and
-    ``prob_adjust`` makes up for the overlap as fairseq's ``mask_prob_adjust``), then
-    a uniform random subset of frames is unmasked, or of unmasked frames masked, so
-    that exactly ``num_masked_1d(n, mask_ratio)`` real frames are masked. Padding
-    frames (``>= num_valid``) are never masked.
+    fairseq ``compute_block_mask_1d`` (``fairseq/data/data_utils.py``; overlapping
+    blocks, ``require_same_masks``) on the n = ``num_valid`` real frames:
+    ``int(n * ((mask_ratio + prob_adjust) / block_len))`` block *centres* are drawn
+    uniformly with replacement from ``[0, n)`` (a repeated centre is one block);
+    each masks the frames centre + k for k in ``[-block_len // 2, block_len -
+    block_len // 2)``, clamped into ``[0, n - 1]``, so the first and last frames
+    are masked about as often as inner ones. Then a uniform random subset of the
+    masked frames is unmasked, or of the unmasked ones masked, so that exactly
+    ``num_masked_1d(n, mask_ratio)`` real frames are masked. Padding frames
+    (``>= num_valid``) are never masked.
 
     Returns:
         bool [num_frames], True = masked.
@@ -124,11 +127,11 @@ def block_mask_1d(
     target = num_masked_1d(n, mask_ratio)
     mask = np.zeros(num_frames, dtype=bool)
     valid = mask[:n]  # a view: writes go to `mask`
-    num_starts = max(0, int(n * (mask_ratio + prob_adjust) / block_len))
-    if num_starts and n:
-        starts = rng.integers(0, max(n - block_len, 0) + 1, size=num_starts)
-        idx = (starts[:, None] + np.arange(block_len)[None, :]).reshape(-1)
-        valid[idx[idx < n]] = True
+    num_centres = max(0, int(n * ((mask_ratio + prob_adjust) / block_len)))
+    if num_centres and n:
+        centres = rng.integers(0, n, size=num_centres)
+        offsets = np.arange(block_len) - block_len // 2
+        valid[np.clip(centres[:, None] + offsets[None, :], 0, n - 1).reshape(-1)] = True
     count = int(valid.sum())
     if count > target:
         valid[rng.choice(np.flatnonzero(valid), count - target, replace=False)] = False
