@@ -173,3 +173,29 @@ def test_espeak_builder_small(tmp_path):
         for i, rel in enumerate(m.paths):
             info = sf.info(os.path.join(out, rel))
             assert info.samplerate == 16000 and info.frames == m.lengths[i] > 1000
+
+
+def test_token_budget_rows_per_bucket_match_fairseq_max_tokens():
+    # audio base_v2: max_tokens 1M samples per GPU x 8 GPUs. Per bucket of S
+    # samples fairseq fits 1M // S rows on each of 8 GPUs; ours (global budget 8M,
+    # rows a multiple of batch_size 8) must give exactly 8 x that.
+    config = load_config("experiments/audio.py:base_v2", {})
+    assert config.data.max_tokens == 8_000_000 and config.data.batch_size == 8
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(40_000, 400_000, 3000)
+    plan = A.BatchPlan(config, lengths)
+    want = {s: 8 * (1_000_000 // s) for s in config.data.buckets}
+    assert dict(zip(plan.buckets, plan.rows)) == want  # {120k: 64, 200k: 40, 260k: 24, 320k: 24}
+    seen = {}
+    for k in range(plan.num_batches):
+        idx = plan.epoch(0)[k]
+        size = plan.buckets[int(plan.bucket[idx[0]])]
+        assert len(idx) == want[size] and (plan.bucket[idx] == plan.bucket[idx[0]]).all()
+        seen[size] = len(idx)
+        assert len(idx) * size <= config.data.max_tokens
+    assert seen == want  # every bucket forms batches, each of its one static shape
+    b = plan.batch(0)  # masks of the bucket's frame count, M = 8 clones
+    assert b["mask"].shape == (len(b["index"]), 8, config_frame_count(config, b["size"]))
+    with pytest.raises(ValueError, match="data.max_tokens=1000000 holds fewer than"):
+        A.BatchPlan(load_config("experiments/audio.py:base_v2", {"data.max_tokens": 1_000_000}),
+                    lengths)

@@ -338,3 +338,25 @@ def test_process_sharding_matches_global_batch():
         i.close()
     with pytest.raises(ValueError, match="config.data.batch_size=8"):
         pretrain_dataset(config, process_index=0, process_count=3)
+
+
+def test_color_jitter_brightness_contrast_saturation_ranges():
+    # torchvision ColorJitter(0.4, 0.4, 0.4) semantics, checked by effect:
+    # brightness scales pixels by f in [0.6, 1.4]; saturation keeps the gray
+    # level of a gray image; all-zero strengths are the identity.
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 180, (16, 16, 3)).astype(np.uint8)
+    ratios = []
+    for seed in range(200):
+        out = image_ops.color_jitter(np.random.default_rng(seed), image, 0.4, 0.0, 0.0)
+        ratios.append(out.astype(float).sum() / image.astype(float).sum())
+    assert 0.58 < min(ratios) < 0.7 and 1.3 < max(ratios) < 1.42
+    gray = np.repeat(image[:, :, :1], 3, axis=2)
+    out = image_ops.color_jitter(np.random.default_rng(1), gray, 0.0, 0.0, 0.4)
+    np.testing.assert_array_equal(out, gray)
+    assert (image_ops.color_jitter(rng, image, 0, 0, 0) == image).all()
+    with pytest.raises(ValueError, match="strengths"):
+        image_ops.color_jitter(rng, image, -0.1, 0, 0)
+    # base_v1 jitters (BEiT --color_jitter 0.4); base_v2 does not.
+    assert tuple(load_config(f"{IMAGE}:base_v1", {}).data.color_jitter) == (0.4, 0.4, 0.4)
+    assert tuple(load_config(f"{IMAGE}:base_v2", {}).data.color_jitter) == (0.0, 0.0, 0.0)

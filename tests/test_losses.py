@@ -219,3 +219,57 @@ def test_position_share_matches_numpy_and_detects_positional_targets():
     np.testing.assert_allclose(np.asarray(both), _position_share_numpy(noise + pos), rtol=1e-5)
     with pytest.raises(ValueError, match=r"\[B, T, D\], got shape \(8, 6\)"):
         losses.position_share(jnp.zeros((8, 6)))
+
+
+def fairseq_cls_share(cls_pred, cls_target, masked_per_row, gpus, weight):
+    """The CLS part of fairseq's data2vec 2.0 update (SPEC 6), by hand: GPU g's
+    loss adds weight * (its masked count S_g) * sum over its rows of the
+    per-row term (sum over D of (p - y)^2 / sqrt(D)); the trainer sums the GPUs'
+    gradients and divides by the global masked count sum_g S_g."""
+    pred, target = np.asarray(cls_pred, np.float64), np.asarray(cls_target, np.float64)
+    per_row = ((pred - target) ** 2).sum(-1) / math.sqrt(pred.shape[-1])
+    shards = np.split(per_row, gpus)
+    s_local = [len(sh) * masked_per_row for sh in shards]
+    return sum(weight * s * sh.sum() for s, sh in zip(s_local, shards)) / sum(s_local)
+
+
+@pytest.mark.parametrize("our_devices", [1, 8])
+def test_cls_loss_reproduces_fairseq_effective_weight_at_any_device_count(our_devices):
+    # The official run: 4 GPUs x 6 student rows; ours: the same 24 rows on 1 or
+    # 8 devices (a named vmap: the same psum as shard_map / pmap over devices).
+    rng = np.random.default_rng(0)
+    rows, gpus, d, w = 24, 4, 16, 0.01
+    pred = rng.normal(size=(rows, d)).astype(np.float32)
+    target = rng.normal(size=(rows, d)).astype(np.float32)
+    want = fairseq_cls_share(pred, target, masked_per_row=157, gpus=gpus, weight=w)
+
+    def share(p, t, axis_name=None):
+        total = jnp.float32(p.shape[0])
+        if axis_name is not None:
+            total = jax.lax.psum(total, axis_name)
+        out = losses.cls_loss(p, t, weight=w, reduction="ref_rows", total_rows=total,
+                              ref_rows=rows // gpus)
+        return out if axis_name is None else jax.lax.psum(out, axis_name)
+
+    if our_devices == 1:
+        got = share(pred, target)
+    else:
+        split = lambda x: x.reshape(our_devices, rows // our_devices, d)
+        got = jax.vmap(lambda p, t: share(p, t, "devices"), axis_name="devices")(
+            split(pred), split(target))[0]
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    # The global sum (fairseq's weight only when one GPU holds the whole batch)
+    # is gpus x stronger; the mean is rows-per-GPU x weaker.
+    total = jnp.float32(rows)
+    s = losses.cls_loss(pred, target, weight=w, reduction="sum", total_rows=total)
+    m = losses.cls_loss(pred, target, weight=w, reduction="mean", total_rows=total)
+    np.testing.assert_allclose(float(s), gpus * want, rtol=1e-5)
+    np.testing.assert_allclose(float(m), want / (rows // gpus), rtol=1e-5)
+
+
+def test_cls_loss_config_errors():
+    x = jnp.zeros((2, 4))
+    with pytest.raises(ValueError, match="loss.cls_reduction='max'"):
+        losses.cls_loss(x, x, weight=0.01, reduction="max", total_rows=2.0)
+    with pytest.raises(ValueError, match="loss.cls_ref_rows=None"):
+        losses.cls_loss(x, x, weight=0.01, reduction="ref_rows", total_rows=2.0)
