@@ -19,15 +19,19 @@ killed mid-save leaves nothing that is restored. Kept: the latest
 `train.keep_checkpoints` steps plus every multiple of `train.keep_every`.
 
 A finalized step that cannot be read (a truncated file, a disk error) is
-reported, moved aside to `<step>.corrupt`, and the next older step restored.
-A checkpoint whose parameters do not fit the current config is an error that
-lists the mismatching parameter paths and shapes (never silently skipped).
+reported (the step, the file and the reason), moved aside to
+`<step>.corrupt`, and the next older step restored. A checkpoint whose
+parameters do not fit the current config is an IncompatibleCheckpointError
+(a `UserError`) that lists the mismatching parameter paths and shapes (never
+silently skipped); `check_workdir` / `check_init_from` make that check from
+the metadata alone, so a run can refuse before it writes anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import grain
@@ -38,15 +42,24 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
+from d2v_jax.errors import CheckpointError
+
 STATE, DATA_ITER, CONFIG = "state", "data_iter", "config"
 CORRUPT_SUFFIX = ".corrupt"
 
 
-class IncompatibleCheckpointError(ValueError):
-    """A checkpoint's tree does not fit the structure the current config builds."""
+class IncompatibleCheckpointError(CheckpointError, ValueError):
+    """A checkpoint's tree does not fit the structure the current config builds.
+    The first line of the message says so with the first mismatch; the lines
+    after it (also in `details`) list every mismatching path and shape."""
+
+    def __init__(self, message: str, details: list[str] = (), hint: str | None = None):
+        self.details = list(details)
+        full = message + "".join(f"\n  {line}" for line in self.details)
+        super().__init__(full, hint=hint)
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No (readable) checkpoint where one was asked for."""
 
 
@@ -172,14 +185,17 @@ def tree_mismatches(saved: Any, expected: Any, limit: int | None = 20) -> list[s
     return out
 
 
-def check_compatible(saved: Any, expected: Any, where: str) -> None:
+def check_compatible(saved: Any, expected: Any, where: str, hint: str | None = None) -> None:
     """Raises IncompatibleCheckpointError naming every mismatching path and shape."""
     diffs = tree_mismatches(saved, expected, limit=None)
     if diffs:
         shown = diffs[:20] + ([f"... and {len(diffs) - 20} more"] if len(diffs) > 20 else [])
+        n = len(diffs)
         raise IncompatibleCheckpointError(
-            f"checkpoint {where} does not fit the current config ({len(diffs)} mismatching "
-            f"parameter path{'s' if len(diffs) > 1 else ''}):\n  " + "\n  ".join(shown))
+            f"checkpoint {where} does not fit the current config ({n} mismatching parameter "
+            f"path{'s' if n > 1 else ''}, first {diffs[0]})", shown,
+            hint=hint or "it was written by a model of another size or kind: use the config "
+                         "that wrote it, or another directory")
 
 
 # --- restore ----------------------------------------------------------------------
@@ -187,12 +203,38 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
     return os.path.join(os.fspath(manager.directory), str(step))
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
-    """Reports an unreadable step and moves it aside, so that the next save of
-    that step number does not collide with it and it is never tried again."""
+def unreadable_reason(error: BaseException, step_dir: str, part: str) -> str:
+    """`<file>: <reason>` for an unreadable step, from the innermost error of
+    the chain (orbax wraps TensorStore's readable error in one whose message is
+    an object repr). `part` is what was being read: 'metadata' or 'arrays'."""
+    chain, e = [], error
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    readable = [c for c in chain if str(c) and "<bound method" not in str(c)
+                and "TensorStore(" not in str(c)]
+    root = readable[-1] if readable else chain[-1]
+    text = str(root).splitlines()[0] if str(root) else ""
+    m = re.search(r'Error reading "([^"]+)" in \S+ database at local file "([^"]+)":?\s*', text)
+    if m:  # TensorStore names the array (key) inside the step's state folder
+        array = m.group(1).split("/")[0].replace(".", "/")
+        return f"{m.group(2).rstrip('/')}, array {array}: {text[m.end():] or text}"
+    where = os.path.join(step_dir, STATE, "_METADATA") if part == "metadata" else step_dir
+    if not os.path.exists(where):
+        where = step_dir
+    return f"{where}: {type(root).__name__}: {text}" if text else f"{where}: {type(root).__name__}"
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception,
+                part: str = "arrays") -> None:
+    """Reports an unreadable step (the step, the file and the reason) and moves
+    it aside, so that the next save of that step number does not collide with
+    it and it is never tried again."""
     path = _step_dir(manager, step)
-    logging.error("checkpoint %s is unreadable (%s: %s); falling back to an older step",
-                  path, type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+    older = [s for s in manager.all_steps() if s < step]
+    then = f"restoring step {max(older)} instead" if older else "no older step to restore"
+    logging.error("checkpoint step %d is unreadable (%s; its %s): %s; %s", step, path, part,
+                  unreadable_reason(error, path, part), then)
     if jax.process_index() == 0 and os.path.isdir(path):
         target = path + CORRUPT_SUFFIX
         n = 1
@@ -227,7 +269,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
         try:
             saved = _state_metadata(manager, step)
         except Exception as e:  # unreadable metadata: a corrupt step
-            _quarantine(manager, step, e)
+            _quarantine(manager, step, e, "metadata")
             continue
         check_compatible(saved, abstract_state, where)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
@@ -247,6 +289,53 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
             logging.warning("checkpoint %s has no data iterator state; the data stream restarts", where)
         return out[STATE], step
     return None
+
+
+def check_workdir(workdir: str, abstract_state: Any) -> int | None:
+    """The step a run in `workdir` would resume from, after checking from its
+    metadata (no arrays read, nothing written) that it fits `abstract_state`:
+    raises IncompatibleCheckpointError otherwise. None when there is no
+    checkpoint. Steps whose metadata does not read are passed over here; the
+    restore reports and moves them aside (`restore_latest`)."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return None
+    manager = make_manager("", directory=directory, read_only=True)
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                saved = _state_metadata(manager, step)
+            except Exception:  # noqa: BLE001  (unreadable: the restore reports it)
+                continue
+            check_compatible(saved, abstract_state, _step_dir(manager, step), hint=(
+                f"the checkpoints in {workdir} were written by another model (their config: "
+                f"{os.path.join(workdir, 'config.json')}); use that config, or another --workdir"))
+            return step
+    finally:
+        manager.close()
+    return None
+
+
+def check_init_from(path: str, abstract: dict[str, Any], step: int | None = None) -> int:
+    """Checks from its metadata that `path`'s checkpoint (newest step unless
+    `step`) has the subtrees of `abstract` ({"params": ..., "ema_params": ...})
+    in the shapes given; returns the step. Raises CheckpointNotFoundError or
+    IncompatibleCheckpointError; reads no arrays, writes nothing."""
+    directory = resolve_dir(path)
+    manager = make_manager("", directory=directory, read_only=True)
+    try:
+        step = _finalized_step(manager, step, directory)
+        where = _step_dir(manager, step)
+        saved = _state_metadata(manager, step)
+        for name, want in abstract.items():
+            if name not in saved:
+                raise IncompatibleCheckpointError(f"checkpoint {where} has no {name!r} subtree")
+            check_compatible(saved[name], want, where, hint=(
+                f"--init_from={path} holds another model; pass a config of its size "
+                f"(its config: {os.path.join(where, CONFIG)})"))
+        return step
+    finally:
+        manager.close()
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:

@@ -15,7 +15,8 @@ import os
 import ml_collections
 
 from d2v_jax import modalities
-from d2v_jax.errors import check_field
+from d2v_jax.errors import ConfigError, ConfigFileError, check_field, missing_key_error
+from d2v_jax.models.layers import DTYPES, REMAT_POLICIES
 
 _NORMS = ("instance", "layer", "batch", "none")
 _FINAL_NORMS = ("instance", "layer", "none")
@@ -25,11 +26,16 @@ def load_config(spec: str, overrides: dict | None = None) -> ml_collections.Conf
     """`path/to/file.py[:arg]` -> locked ConfigDict, with dotted-key overrides."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+        raise ConfigFileError(f"config file {path!r} does not exist")
     mod_spec = importlib.util.spec_from_file_location("_d2v_experiment", path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:  # the experiment file rejects its arg (e.g. an unknown size)
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{spec}: {e}") from e
     config.lock()
     for key, value in (overrides or {}).items():
         set_field(config, key, value)
@@ -42,7 +48,9 @@ def parse_overrides(text: str) -> dict:
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value",
+                              hint="overrides are comma-separated key=value pairs, e.g. "
+                                   "model.dim=64,train.num_steps=100")
         try:
             out[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
@@ -51,16 +59,15 @@ def parse_overrides(text: str) -> dict:
 
 
 def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
-    """Sets `a.b.c`; a misspelt field is an error naming it, never a new key."""
+    """Sets `a.b.c`; a misspelt field is a ConfigKeyError (a KeyError) naming it
+    and the nearest valid keys, never a new key."""
+    err = missing_key_error(config, key)
+    if err is not None:
+        raise err
     *parents, leaf = key.split(".")
     node = config
-    for i, name in enumerate(parents):
-        if name not in node:
-            raise KeyError(f"config has no field {'.'.join(parents[:i + 1])!r}")
+    for name in parents:
         node = node[name]
-    if leaf not in node:
-        raise KeyError(f"config has no field {key!r}; fields under "
-                       f"{'.'.join(parents) or 'config'}: {sorted(node.keys())}")
     with node.unlocked():
         node[leaf] = value
 
@@ -89,6 +96,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"{config.collapse.max_target_pos_share} is not in (0, 1]")
     check_field(config.collapse.action in ("warn", "stop"), "collapse.action",
                 f"{config.collapse.action!r} is not 'warn' or 'stop'")
+    check_field(m.get("dtype", "float32") in DTYPES, "model.dtype",
+                f"{m.get('dtype')!r} not in {sorted(DTYPES)}")
+    check_field(m.get("remat", "none") in REMAT_POLICIES, "model.remat",
+                f"{m.get('remat')!r} not in {sorted(REMAT_POLICIES)}")
     r = config.train
     check_field(r.checkpoint_every >= 0, "train.checkpoint_every", f"{r.checkpoint_every} < 0")
     check_field(r.keep_checkpoints >= 1, "train.keep_checkpoints", f"{r.keep_checkpoints} < 1")

@@ -23,6 +23,17 @@ step t are fetched while step t+1 runs (no host sync in the hot path); logs to
 The guards are in `d2v_jax/guards.py`; the mesh, shardings and the compiled
 step's mode come from one `parallel.ParallelPlan` made per run.
 
+Before anything is written (config.json, the tokenizer, checkpoints, even the
+work dir itself) the run checks its config, reads one batch of its data, and
+checks from their metadata that the work dir's checkpoints (or `--init_from`'s)
+fit the model: a refused run leaves the work dir as it was (what the modality's
+set-up added, e.g. a newly trained tokenizer, is removed again).
+
+Errors (d2v_jax/errors.py): a user error (bad config key or value, bad data,
+an incompatible checkpoint) prints `error: ...` and a `hint: ...` line and
+exits with 2, no traceback (`--debug` or D2V_DEBUG=1 shows it); a stopped run
+(non-finite loss, collapse) exits with 3; preemption with 42.
+
 Console: the progress bar, a start line (model, params, origin, devices, mesh)
 and an end line (steps, final loss, wall time, checkpoint and metrics paths);
 warnings (collapse, skipped non-finite steps, preemption, unreadable
@@ -35,6 +46,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -42,11 +54,11 @@ from typing import Any, Callable, Iterator
 import jax
 import ml_collections
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from d2v_jax import checkpoint, metrics, modalities, optim, parallel
+from d2v_jax import checkpoint, errors, metrics, modalities, optim, parallel
 from d2v_jax.config import validate
 # The run guards live in d2v_jax/guards.py; their names stay importable from here.
 from d2v_jax.guards import (PREEMPTED_EXIT_CODE, CollapseError, FiniteChecks, NonFiniteError,
@@ -156,24 +168,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     holds checkpoints. Raises Preempted after a SIGTERM save."""
     t0 = time.perf_counter()
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    # Run-level set-up of the modality (text: train or reload the tokenizer in the
-    # work dir and set model.vocab_size from it), before the config is saved.
     entry = modalities.get(config)
-    config = entry.prepare(config, workdir)
+    # Checks before writes: a refused run leaves the work dir as it was.
+    with _undo_on_error(workdir):
+        # Run-level set-up of the modality (text: train or reload the tokenizer in
+        # the work dir and set model.vocab_size from it), before the config is saved.
+        config = entry.prepare(config, workdir)
+        model = entry.build_model(config)
+        with errors.config_errors():  # their checks name the optim.* / mesh.* field
+            tx, schedule = optim.make_optimizer(config)
+            parallel.make_mesh(config)
+        # [scale-out, issue 5] the mesh, shardings and step compilation, decided once.
+        plan = parallel.make_plan(config, model, tx)
+        iterator = iter(entry.pretrain_dataset(
+            config, process_index=jax.process_index(), process_count=jax.process_count()))
+        _check_first_batch(iterator)
+        _check_checkpoints(config, workdir, init_from, model, tx, plan)
+    os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    model = entry.build_model(config)
-    tx, schedule = optim.make_optimizer(config)
     # The step folds its count into step_rng: the RNG is a function of (seed, step).
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    # [scale-out, issue 5] the mesh, shardings and step compilation, decided once.
-    plan = parallel.make_plan(config, model, tx)
-
-    iterator = iter(entry.pretrain_dataset(
-        config, process_index=jax.process_index(), process_count=jax.process_count()))
     data_iter = checkpoint.ConsumedIterator(iterator)
     manager = checkpoint.make_manager(workdir, config)
     state, origin = restore_or_init(config, manager, model, tx, init_rng, data_iter=data_iter,
@@ -253,6 +270,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return state
 
 
+# --- checks before writes -------------------------------------------------------------
+def _check_first_batch(iterator) -> None:
+    """Reads one batch and rewinds: an unreadable file, an empty folder or a
+    missing column is reported before the run writes anything."""
+    start = iterator.get_state()
+    try:
+        next(iterator)
+    except StopIteration:
+        raise errors.DataError("the data source yields no batch (fewer examples than "
+                               "data.batch_size?)") from None
+    iterator.set_state(start)
+
+
+def _check_checkpoints(config, workdir: str, init_from: str | None, model, tx,
+                       plan: parallel.ParallelPlan) -> None:
+    """The work dir's newest checkpoint (or else `init_from`'s) fits the model
+    the config builds: checked from the metadata, nothing read or written."""
+    abstract = abstract_train_state(config, model, tx, plan.state_shardings)
+    if checkpoint.check_workdir(workdir, abstract) is None and init_from:
+        checkpoint.check_init_from(init_from, {"params": abstract.params,
+                                               "ema_params": abstract.ema_params})
+
+
+class _undo_on_error:
+    """On an exception inside: removes what was added under `workdir` (and
+    `workdir` itself if it did not exist), so that a refused run leaves it as
+    it was. Only additions are undone; the checks inside rewrite nothing."""
+
+    def __init__(self, workdir: str):
+        self.workdir = os.path.abspath(workdir)
+
+    def _paths(self) -> set[str]:
+        out = set()
+        for d, dirs, files in os.walk(self.workdir):
+            out.update(os.path.join(d, n) for n in dirs + files)
+        return out
+
+    def __enter__(self):
+        self.existed = os.path.isdir(self.workdir)
+        self.before = self._paths() if self.existed else set()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None or jax.process_index() != 0 or not os.path.isdir(self.workdir):
+            return False
+        if not self.existed:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return False
+        for path in sorted(self._paths() - self.before, key=len, reverse=True):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.remove(path)
+        return False
+
+
 def _trim_metrics(path: str, step: int) -> None:
     """Drops rows logged after `step` by a run that died before checkpointing
     them, so a resumed run's metrics.jsonl has each step once."""
@@ -297,36 +370,45 @@ def _progress(start, total):
                 disable=jax.process_index() != 0, dynamic_ncols=True)
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment file and arg, e.g. experiments/image.py:tiny_v2.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, plots and checkpoints; "
-                               "resumes from its newest checkpoint if it has one.")
-_INIT_FROM = flags.DEFINE_string("init_from", None, "Another run's work dir (or checkpoints dir): "
-                                 "start from its params and EMA teacher (fresh optimizer, step 0). "
-                                 "Ignored when --workdir already holds a checkpoint.")
-_LOG_LEVEL = flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
-                               "Console log level of this run and its libraries (orbax, JAX, "
-                               "grain). 'warning' (default): the progress bar, a start and an end "
-                               "line, and warnings; 'info' brings back the INFO lines. An explicit "
-                               "absl --verbosity is kept when --log_level is not given.")
+def _define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    config_flags.DEFINE_config_file(
+        "config", None, "Experiment file and arg, e.g. experiments/image.py:tiny_v2.",
+        flag_values=fv, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "Directory for metrics, plots and checkpoints; resumes "
+                        "from its newest checkpoint if it has one.", flag_values=fv)
+    flags.DEFINE_string("init_from", None, "Another run's work dir (or checkpoints dir): start "
+                        "from its params and EMA teacher (fresh optimizer, step 0). Ignored when "
+                        "--workdir already holds a checkpoint.", flag_values=fv)
+    flags.DEFINE_enum("log_level", "warning", ["debug", "info", "warning", "error"],
+                      "Console log level of this run and its libraries (orbax, JAX, grain). "
+                      "'warning' (default): the progress bar, a start and an end line, and "
+                      "warnings; 'info' brings back the INFO lines.", flag_values=fv)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def _run(fv: flags.FlagValues) -> int:
     # absl sets the root logger's level, which orbax, JAX and grain inherit.
-    if _LOG_LEVEL.present or not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(_LOG_LEVEL.value)
+    logging.set_verbosity(fv.log_level)
     # [scale-out, issue 5] multi-process start (SLURM, Cloud TPU, JAX_COORDINATOR_ADDRESS)
     # before anything touches the devices.
-    parallel.maybe_initialize_distributed(parallel.parallel_config(_CONFIG.value)["distributed"])
+    with errors.config_errors():
+        distributed = parallel.parallel_config(fv.config)["distributed"]
+    parallel.maybe_initialize_distributed(distributed)
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
+        train_and_evaluate(fv.config, fv.workdir, init_from=fv.init_from)
     except Preempted as e:
         logging.warning("%s; exiting with code %d", e, PREEMPTED_EXIT_CODE)
-        sys.exit(PREEMPTED_EXIT_CODE)
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m d2v_jax.train` with `argv` (default sys.argv); returns the exit
+    code: 0, 2 (a user error, printed as `error: ...`), 3 (the run stopped
+    itself: non-finite loss, collapse) or 42 (preempted)."""
+    return errors.absl_main(_define_flags, _run, argv, doc=__doc__,
+                            stopped=(NonFiniteError, CollapseError))
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    sys.exit(main())

@@ -5,15 +5,17 @@ from __future__ import annotations
 import glob
 import os
 
+from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
+
 
 def paths(spec: str, what: str) -> list[str]:
     if not spec:
-        raise ValueError(f"config.data.path is empty; data.source={what!r} needs files")
+        raise ConfigError(f"config.data.path is empty; data.source={what!r} needs files")
     out = []
     for part in (p.strip() for p in spec.split(",")):
         matches = sorted(glob.glob(part))
         if not matches:
-            raise FileNotFoundError(f"config.data.path: no file matches {part!r}")
+            raise DataNotFoundError(f"config.data.path: no file matches {part!r}")
         out.extend(m for m in matches if os.path.isfile(m))
     return out
 
@@ -25,5 +27,5 @@ def lines(path: str):
             try:
                 yield lineno, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte "
-                                 f"{e.start} of the line)") from None
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte "
+                                f"{e.start} of the line)") from None

@@ -30,6 +30,7 @@ import numpy as np
 
 from d2v_jax.data import files
 from d2v_jax.data.splits import label_subset, split_test
+from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
 
 
 TASKS = ("classification", "regression")
@@ -72,15 +73,15 @@ def label_ids(names: Sequence[str], origins: Sequence[str], classes: Sequence[st
     if classes:
         classes = [str(c) for c in classes]
         if len(set(classes)) != len(classes):
-            raise ValueError(f"config.data.classes={classes} has duplicates")
+            raise ConfigError(f"config.data.classes={classes} has duplicates")
     else:
         classes = sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
     ids = np.empty(len(names), np.int64)
     for i, name in enumerate(names):
         if name not in index:
-            raise ValueError(f"{origins[i]}: {field} {name!r} is not one of config.data.classes "
-                             f"{classes}")
+            raise DataError(f"{origins[i]}: {field} {name!r} is not one of config.data.classes "
+                            f"{classes}")
         ids[i] = index[name]
     return ids, classes
 
@@ -96,20 +97,20 @@ def read_table(path: str, columns: Sequence[str], fields: Sequence[str]
     named `columns[j]`).
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"labeled data file {path!r} (config.data.path) does not exist")
+        raise DataNotFoundError(f"labeled data file {path!r} (config.data.path) does not exist")
     tsv = path.lower().endswith((".tsv", ".tab"))
     lines = list(files.lines(path))  # strict UTF-8, errors name the line
     reader = csv.reader((text for _, text in lines), delimiter="\t" if tsv else ",",
                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     header = next(reader, None)
     if not header:
-        raise ValueError(f"{path}: empty file; expected a header row naming the columns "
-                         f"{list(columns)}")
+        raise DataError(f"{path}: empty file; expected a header row naming the columns "
+                        f"{list(columns)}")
     header = [h.strip() for h in header]
     for column, field in zip(columns, fields):
         if column not in header:
-            raise ValueError(f"{path}: no column {column!r} (config.data.{field}) in the header "
-                             f"{header}")
+            raise DataError(f"{path}: no column {column!r} (config.data.{field}) in the header "
+                            f"{header}")
     where = {c: header.index(c) for c in columns}
     rows = []
     try:
@@ -118,14 +119,14 @@ def read_table(path: str, columns: Sequence[str], fields: Sequence[str]
             if not row or not any(v.strip() for v in row):
                 continue  # blank lines
             if len(row) != len(header):
-                raise ValueError(f"{path}:{line}: {len(row)} fields, but the header has "
-                                 f"{len(header)} ({header})" + ("; a tab inside the text?"
+                raise DataError(f"{path}:{line}: {len(row)} fields, but the header has "
+                                f"{len(header)} ({header})" + ("; a tab inside the text?"
                                                                  if tsv else ""))
             rows.append((f"{path}:{line}", {c: row[j] for c, j in where.items()}))
     except csv.Error as e:
-        raise ValueError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
     if not rows:
-        raise ValueError(f"{path}: no data rows after the header")
+        raise DataError(f"{path}: no data rows after the header")
     return rows
 
 
@@ -154,14 +155,14 @@ def labeled_data(config: ml_collections.ConfigDict, source: LabeledSource, label
     test split from `data.split_seed`, the labels from `data.label_fraction`
     and `seed`."""
     if config.task not in TASKS:
-        raise ValueError(f"config.task={config.task!r}; expected one of {TASKS}")
+        raise ConfigError(f"config.task={config.task!r}; expected one of {TASKS}")
     classify = config.task == "classification"
     if classify:
         if not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"config.task='classification' needs integer labels; the "
-                             f"{config.data.source!r} data has {labels.dtype} labels")
+            raise ConfigError(f"config.task='classification' needs integer labels; the "
+                              f"{config.data.source!r} data has {labels.dtype} labels")
         if labels.min() < 0:
-            raise ValueError(f"labels must be >= 0, found {labels.min()} in {config.data.source!r}")
+            raise DataError(f"labels must be >= 0, found {labels.min()} in {config.data.source!r}")
         num_classes = int(labels.max()) + 1
     else:
         labels = labels.astype(np.float32)
@@ -198,7 +199,7 @@ def train_dataset(data: LabeledData, batch_size: int, seed: int, *,
     per-example seeds (seed, epoch, index), so a rerun sees the same stream."""
     n = len(data.train)
     if n < 1:
-        raise ValueError("no training labels: raise config.data.label_fraction")
+        raise ConfigError("no training labels: raise config.data.label_fraction")
 
     def apply(position: int, element: dict[str, Any]) -> dict[str, Any]:
         return _with_label(data.train_transform(element, position // n), element, data.labels)

@@ -20,6 +20,7 @@ import numpy as np
 from absl import flags
 
 from d2v_jax.data.splits import split_test
+from d2v_jax.errors import ConfigError, DataError
 
 
 def holdout_split(config: ml_collections.ConfigDict, source) -> tuple[np.ndarray, np.ndarray]:
@@ -32,8 +33,8 @@ def holdout_split(config: ml_collections.ConfigDict, source) -> tuple[np.ndarray
     """
     labels = getattr(source, "labels", None)
     if labels is None:
-        raise ValueError(f"config.data.holdout_fraction={config.data.holdout_fraction}: the source "
-                         f"{source!r} has no `labels` to stratify the held-out split by")
+        raise ConfigError(f"config.data.holdout_fraction={config.data.holdout_fraction}: the source "
+                          f"{source!r} has no `labels` to stratify the held-out split by")
     return split_test(np.asarray(labels), float(config.data.holdout_fraction),
                       int(config.data.holdout_seed))
 
@@ -42,7 +43,7 @@ def local_batch_size(config: ml_collections.ConfigDict, process_count: int) -> i
     """Per-process batch: config.data.batch_size split evenly over processes."""
     global_batch = int(config.data.batch_size)
     if process_count < 1 or global_batch < 1 or global_batch % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.batch_size={global_batch} must be a positive multiple of the "
             f"process count {process_count}")
     return global_batch // process_count
@@ -76,7 +77,7 @@ def map_pretrain_dataset(
     src, transform = parts(config, source)
     num_examples = len(src)
     if num_examples < 1:
-        raise ValueError(f"data source {src!r} is empty")
+        raise DataError(f"data source {src!r} is empty")
 
     def apply(position: int, element: dict[str, Any]) -> dict[str, Any]:
         # `position` counts examples in the global stream (all processes), so

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from d2v_jax.errors import ConfigError, DataError
+
 
 def allocate(class_sizes: np.ndarray, total: int) -> np.ndarray:
     """Counts per class summing to exactly `total`, each in [1, size].
@@ -25,9 +27,9 @@ def allocate(class_sizes: np.ndarray, total: int) -> np.ndarray:
     sizes = np.asarray(class_sizes, dtype=np.int64)
     k, n = len(sizes), int(sizes.sum())
     if np.any(sizes < 1):
-        raise ValueError(f"allocate: every class needs at least one example, got sizes {sizes.tolist()}")
+        raise DataError(f"allocate: every class needs at least one example, got sizes {sizes.tolist()}")
     if not k <= total <= n:
-        raise ValueError(
+        raise DataError(
             f"allocate: cannot keep every one of {k} classes with {total} of {n} examples; "
             f"the count must be in [{k}, {n}]")
     share = sizes * (total / n)
@@ -55,7 +57,7 @@ def _stratified_pick(labels: np.ndarray, pool: np.ndarray, count: int,
 def fraction_count(fraction: float, n: int, field: str) -> int:
     """round(fraction * n), checked: `field` names the config key in errors."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"config.{field}={fraction} must be in (0, 1]")
+        raise ConfigError(f"config.{field}={fraction} must be in (0, 1]")
     return int(round(fraction * n))
 
 
@@ -71,7 +73,7 @@ def split_test(labels: np.ndarray, test_fraction: float, seed: int,
     all_idx = np.arange(n)
     count = fraction_count(test_fraction, n, "data.test_fraction")
     if count >= n:
-        raise ValueError(f"config.data.test_fraction={test_fraction} leaves no training examples of {n}")
+        raise ConfigError(f"config.data.test_fraction={test_fraction} leaves no training examples of {n}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x7e57]))
     if stratify:
         test = _stratified_pick(labels, all_idx, count, rng)
@@ -95,11 +97,11 @@ def label_subset(labels: np.ndarray, pool: np.ndarray, fraction: float, seed: in
     if stratify:
         num_classes = len(np.unique(labels[pool]))
         if count < num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"config.data.label_fraction={fraction} keeps {count} of {len(pool)} training "
                 f"labels, fewer than the {num_classes} classes; raise it to at least "
                 f"{num_classes / len(pool):.4f}")
         return _stratified_pick(labels, pool, count, rng)
     if count < 1:
-        raise ValueError(f"config.data.label_fraction={fraction} keeps no example of {len(pool)}")
+        raise ConfigError(f"config.data.label_fraction={fraction} keeps no example of {len(pool)}")
     return np.sort(rng.permutation(pool)[:count])

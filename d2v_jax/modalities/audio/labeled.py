@@ -15,6 +15,7 @@ from d2v_jax.data.rng import example_rng
 from d2v_jax.modalities.audio import data as audio
 from d2v_jax.modalities.audio.frames import config_frame_count
 from d2v_jax.modalities.audio import speech_set
+from d2v_jax.errors import ConfigError, DataError
 
 
 AUDIO_SOURCES = ("audio_folder", "espeak_words")
@@ -32,8 +33,8 @@ class AudioFolderSource:
         for rel in self.manifest.paths:
             parts = rel.split(os.sep)
             if len(parts) < 2:
-                raise ValueError(f"audio file {os.path.join(root, rel)!r} is not inside a class "
-                                 f"folder; expected {root}/<label>/<file>")
+                raise DataError(f"audio file {os.path.join(root, rel)!r} is not inside a class "
+                                f"folder; expected {root}/<label>/<file>")
             names.append(parts[0])
             origins.append(repr(os.path.join(root, rel)))
         self.labels, self.classes = label_ids(names, origins, classes, "class folder")
@@ -88,23 +89,23 @@ def labeled_parts(config, backbone_config):
         root = d.path or os.path.join(speech_set.ensure_espeak_set(d.cache_dir), "words")
     elif d.source == "audio_folder":
         if not d.path:
-            raise ValueError("config.data.path is empty; data.source='audio_folder' needs a "
-                             "class-folder root (<root>/<label>/<file>.wav)")
+            raise ConfigError("config.data.path is empty; data.source='audio_folder' needs a "
+                              "class-folder root (<root>/<label>/<file>.wav)")
         root = d.path
     else:
-        raise ValueError(f"config.data.source={d.source!r} is not an audio task; expected one "
-                         f"of {AUDIO_SOURCES}")
+        raise ConfigError(f"config.data.source={d.source!r} is not an audio task; expected one "
+                          f"of {AUDIO_SOURCES}")
     bd = backbone_config.data
     source = AudioFolderSource(root, bd.sample_rate, tuple(d.classes))
     size = int(d.max_sample_size or bd.max_sample_size)
     short = config_frame_count(backbone_config, source.manifest.lengths) < 1
     if np.any(short):
         i = int(np.argmax(short))
-        raise ValueError(f"audio file {source.manifest.where(i)} has "
-                         f"{source.manifest.lengths[i]} samples, too short for one feature "
-                         "frame of the backbone's conv front-end")
+        raise DataError(f"audio file {source.manifest.where(i)} has "
+                        f"{source.manifest.lengths[i]} samples, too short for one feature "
+                        "frame of the backbone's conv front-end")
     if config_frame_count(backbone_config, size) < 1:
-        raise ValueError(f"config.data.max_sample_size={size} gives no feature frame")
+        raise ConfigError(f"config.data.max_sample_size={size} gives no feature frame")
     normalize = bool(bd.normalize)
     return (source, source.labels, source.classes,
             AudioFinetuneTransform(size, normalize, config.seed, train=True),

@@ -11,6 +11,7 @@ import numpy as np
 from d2v_jax.data.rng import AUG_STREAM, example_rng
 from d2v_jax.modalities.image import transforms as image_ops
 from d2v_jax.modalities.image.sources import make_source
+from d2v_jax.errors import ConfigError
 
 
 class ImageFinetuneTransform:
@@ -30,7 +31,7 @@ class ImageFinetuneTransform:
         self.crop_scale = tuple(float(v) for v in d.crop_scale)
         self.crop_ratio = tuple(float(v) for v in d.crop_ratio)
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"config.data.crop_scale={d.crop_scale} must satisfy 0 < lo <= hi <= 1")
+            raise ConfigError(f"config.data.crop_scale={d.crop_scale} must satisfy 0 < lo <= hi <= 1")
         self.flip = bool(d.flip)
         self.eval = image_ops.EvalTransform(view)
 

@@ -18,8 +18,11 @@ import numpy as np
 from PIL import Image
 
 from d2v_jax.data.sources import check_index
+from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+LAYOUT_HINT = ("expected one folder per class, e.g. <root>/cat/001.jpg and <root>/dog/002.png "
+               f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
 
 
 class ImageSource(Protocol):
@@ -30,7 +33,7 @@ class ImageSource(Protocol):
 
 def _check_channels(channels: int, where: str) -> int:
     if channels not in (1, 3):
-        raise ValueError(f"{where}: channels must be 1 or 3, got {channels!r}")
+        raise ConfigError(f"{where}: channels must be 1 or 3, got {channels!r}")
     return int(channels)
 
 
@@ -98,14 +101,14 @@ class ImageFolderSource:
         self.channels = _check_channels(channels, f"ImageFolderSource({self.root!r})")
         self.extensions = tuple(e.lower() for e in extensions)
         if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"ImageFolderSource: root {self.root!r} does not exist or is not a folder")
+            raise DataNotFoundError(f"ImageFolderSource: root {self.root!r} does not exist or is not a folder")
         self.classes = sorted(
             e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")
         )
         if not self.classes:
-            raise ValueError(
+            raise DataError(
                 f"ImageFolderSource: no class folders under {self.root!r}; "
-                f"expected root/<class_name>/<image>{self.extensions}")
+                f"expected root/<class_name>/<image>{self.extensions}", hint=LAYOUT_HINT)
         files: list[str] = []
         labels: list[int] = []
         for label, name in enumerate(self.classes):
@@ -116,9 +119,9 @@ class ImageFolderSource:
                         files.append(os.path.join(dirpath, filename))
                         labels.append(label)
         if not files:
-            raise ValueError(
+            raise DataError(
                 f"ImageFolderSource: no images with extensions {self.extensions} in the "
-                f"class folders {self.classes} under {self.root!r}")
+                f"class folders {self.classes} under {self.root!r}", hint=LAYOUT_HINT)
         self.files = files
         self.labels = np.asarray(labels, dtype=np.int64)
         self._mode = "L" if self.channels == 1 else "RGB"
@@ -126,7 +129,7 @@ class ImageFolderSource:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "ImageFolderSource":
         if not config.data.path:
-            raise ValueError("config.data.path is empty; data.source='image_folder' needs a class-folder root")
+            raise ConfigError("config.data.path is empty; data.source='image_folder' needs a class-folder root")
         return cls(config.data.path, channels=config.model.channels)
 
     def __len__(self) -> int:
@@ -139,7 +142,7 @@ class ImageFolderSource:
             with Image.open(path) as im:
                 image = np.asarray(im.convert(self._mode), dtype=np.uint8)
         except (OSError, SyntaxError, ValueError) as e:  # PIL's decode errors
-            raise ValueError(f"ImageFolderSource: cannot decode image file {path!r}: {e}") from e
+            raise DataError(f"ImageFolderSource: cannot decode image file {path!r}: {e}") from e
         if image.ndim == 2:
             image = image[:, :, None]
         return {"image": image, "label": int(self.labels[index]), "index": index}
@@ -160,5 +163,5 @@ def make_source(config: ml_collections.ConfigDict) -> ImageSource:
     """Builds the source named by `config.data.source` (path, channels from config)."""
     name = config.data.source
     if name not in SOURCES:
-        raise ValueError(f"config.data.source={name!r} is unknown; known sources: {sorted(SOURCES)}")
+        raise ConfigError(f"config.data.source={name!r} is unknown; known sources: {sorted(SOURCES)}")
     return SOURCES[name].from_config(config)

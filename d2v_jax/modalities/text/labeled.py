@@ -16,6 +16,7 @@ from d2v_jax.data import files
 from d2v_jax.data.labeled import ArraySource, label_ids, read_table
 from d2v_jax.modalities.text import data as text_data
 from d2v_jax.modalities.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from d2v_jax.errors import ConfigError, DataError
 
 
 def _paths(config) -> list[str]:
@@ -31,9 +32,9 @@ def read_text_labels(paths: Sequence[str], text_column: str, label_column: str
                                       ("text_column", "label_column")):
             text, name = row[text_column].strip(), row[label_column].strip()
             if not text:
-                raise ValueError(f"{origin}: empty text in column {text_column!r}")
+                raise DataError(f"{origin}: empty text in column {text_column!r}")
             if not name:
-                raise ValueError(f"{origin}: empty label in column {label_column!r}")
+                raise DataError(f"{origin}: empty label in column {label_column!r}")
             texts.append(text)
             names.append(name)
             origins.append(origin)
@@ -51,15 +52,15 @@ def read_smiles_targets(paths: Sequence[str], smiles_column: str, target_column:
             s = row[smiles_column].strip()
             reason = text_data.check_smiles(s, parse=True)
             if reason:
-                raise ValueError(f"{origin}: column {smiles_column!r}: {reason}")
+                raise DataError(f"{origin}: column {smiles_column!r}: {reason}")
             value = row[target_column].strip()
             try:
                 y = float(value)
             except ValueError:
-                raise ValueError(f"{origin}: column {target_column!r}: {value!r} is not a "
-                                 "number") from None
+                raise DataError(f"{origin}: column {target_column!r}: {value!r} is not a "
+                                "number") from None
             if not np.isfinite(y):
-                raise ValueError(f"{origin}: column {target_column!r}: {value!r} is not finite")
+                raise DataError(f"{origin}: column {target_column!r}: {value!r} is not finite")
             smiles.append(s)
             targets.append(y)
             origins.append(origin)
@@ -194,15 +195,15 @@ def encode_rows(tokenizer, texts: Sequence[str], max_len: int, too_long: str,
     tokens (`too_long='truncate'`, BERT / RoBERTa classification) or is an error
     naming it (`'error'`)."""
     if too_long not in TOO_LONG:
-        raise ValueError(f"config.data.too_long={too_long!r}; expected one of {TOO_LONG}")
+        raise ConfigError(f"config.data.too_long={too_long!r}; expected one of {TOO_LONG}")
     body = max_len - 2
     tokens = np.full((len(texts), max_len), PAD_ID, np.int32)
     num_long, num_unk = 0, 0
     for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
         if len(ids) > body:
             if too_long == "error":
-                raise ValueError(f"{origins[i]}: {len(ids)} tokens, more than data.max_len="
-                                 f"{max_len} - 2 (<s>, </s>); set data.too_long='truncate'")
+                raise DataError(f"{origins[i]}: {len(ids)} tokens, more than data.max_len="
+                                f"{max_len} - 2 (<s>, </s>); set data.too_long='truncate'")
             num_long += 1
             ids = ids[:body]
         num_unk += int(np.sum(ids == UNK_ID))
@@ -227,14 +228,14 @@ def labeled_parts(config, backbone_config):
     """(source, labels, class names, train transform, eval transform) of a text task."""
     d = config.data
     if d.source not in TEXT_SOURCES:
-        raise ValueError(f"config.data.source={d.source!r} is not a text task; expected one of "
-                         f"{TEXT_SOURCES}")
+        raise ConfigError(f"config.data.source={d.source!r} is not a text task; expected one of "
+                          f"{TEXT_SOURCES}")
     tokenizer = text_data.tokenizer_for(backbone_config)
     smiles = d.source in SMILES_SOURCES
     if smiles != (tokenizer.kind == "smiles"):
-        raise ValueError(f"config.data.source={d.source!r} needs a "
-                         f"{'SMILES' if smiles else 'text'} tokenizer; the backbone's "
-                         f"({backbone_config.tokenizer.path}) is {tokenizer.kind!r}")
+        raise ConfigError(f"config.data.source={d.source!r} needs a "
+                          f"{'SMILES' if smiles else 'text'} tokenizer; the backbone's "
+                          f"({backbone_config.tokenizer.path}) is {tokenizer.kind!r}")
     class_names = None
     if d.source == "text_tsv":
         texts, names, origins = read_text_labels(_paths(config), d.text_column, d.label_column)
@@ -250,8 +251,8 @@ def labeled_parts(config, backbone_config):
         texts, labels, origins = solubility_set()
     max_len = int(d.max_len or backbone_config.data.max_len)
     if not 3 <= max_len <= backbone_config.model.max_positions:
-        raise ValueError(f"config.data.max_len={max_len} must be in [3, model.max_positions="
-                         f"{backbone_config.model.max_positions}] of the backbone")
+        raise ConfigError(f"config.data.max_len={max_len} must be in [3, model.max_positions="
+                          f"{backbone_config.model.max_positions}] of the backbone")
     tokens, padding = encode_rows(tokenizer, texts, max_len, d.too_long, origins)
     source = ArraySource(d.source, tokens=tokens, padding_mask=padding)
     return source, labels, class_names, _model_inputs, _model_inputs

@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
+
 PAD, BOS, EOS, UNK, MASK = "<pad>", "<s>", "</s>", "<unk>", "<mask>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = range(len(SPECIAL_TOKENS))
@@ -119,8 +121,8 @@ def smiles_tokens(smiles: str) -> list[str]:
             if t.start() != pos:
                 break
             pos = t.end()
-        raise ValueError(f"SMILES {smiles!r}: character {smiles[pos]!r} at position {pos} is not "
-                         "a SMILES token (atom, [bracket atom], bond, branch or ring closure)")
+        raise DataError(f"SMILES {smiles!r}: character {smiles[pos]!r} at position {pos} is not "
+                        "a SMILES token (atom, [bracket atom], bond, branch or ring closure)")
     return tokens
 
 
@@ -137,7 +139,7 @@ class SmilesTokenizer(_TableTokenizer):
         kept = sorted((t for t, c in counts.items() if c >= min_frequency),
                       key=lambda t: (-counts[t], t))
         if not kept:
-            raise ValueError("SmilesTokenizer.train: the corpus has no tokens")
+            raise DataError("SmilesTokenizer.train: the corpus has no tokens")
         return cls(list(SPECIAL_TOKENS) + kept)
 
 
@@ -150,8 +152,8 @@ class ProteinTokenizer(_TableTokenizer):
     def split(self, text: str) -> list[str]:
         for i, ch in enumerate(text):
             if ch not in self.ids or self.ids[ch] < NUM_SPECIAL:
-                raise ValueError(f"protein sequence: character {ch!r} at position {i} is not an "
-                                 f"amino-acid letter of {PROTEIN_ALPHABET!r}")
+                raise DataError(f"protein sequence: character {ch!r} at position {i} is not an "
+                                f"amino-acid letter of {PROTEIN_ALPHABET!r}")
         return list(text)
 
     @classmethod
@@ -215,7 +217,7 @@ def train_tokenizer(kind: str, corpus: Sequence[str], *, vocab_size: int,
                     min_frequency: int) -> BaseTokenizer:
     """A new tokenizer of `kind` fitted to `corpus` (`vocab_size` is the BPE target)."""
     if kind not in TOKENIZERS:
-        raise ValueError(f"tokenizer.kind={kind!r}; expected one of {sorted(TOKENIZERS)}")
+        raise ConfigError(f"tokenizer.kind={kind!r}; expected one of {sorted(TOKENIZERS)}")
     if kind == "bpe":
         return SubwordTokenizer.train(corpus, vocab_size, min_frequency)
     return TOKENIZERS[kind].train(corpus, min_frequency)
@@ -225,7 +227,7 @@ def load_tokenizer(directory: str) -> BaseTokenizer:
     """Reads a tokenizer that `save(directory)` wrote."""
     meta_path = os.path.join(directory, META_FILE)
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"no tokenizer in {directory!r} (missing {META_FILE})")
+        raise DataNotFoundError(f"no tokenizer in {directory!r} (missing {META_FILE})")
     with open(meta_path) as f:
         meta = json.load(f)
     kind = meta.get("kind")
@@ -236,7 +238,7 @@ def load_tokenizer(directory: str) -> BaseTokenizer:
         with open(os.path.join(directory, "vocab.json")) as f:
             tok = TOKENIZERS[kind](json.load(f))
     else:
-        raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZERS)}")
+        raise DataError(f"{meta_path}: unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZERS)}")
     if tok.vocab_size != meta["vocab_size"]:
-        raise ValueError(f"{directory}: vocab size {tok.vocab_size} != {meta['vocab_size']} in {META_FILE}")
+        raise DataError(f"{directory}: vocab size {tok.vocab_size} != {meta['vocab_size']} in {META_FILE}")
     return tok
