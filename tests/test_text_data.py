@@ -122,10 +122,10 @@ def test_pipeline_batches_and_tokenizer_beside_the_run(tmp_path):
     assert batch["tokens"].shape == (4, t) and batch["tokens"].dtype == np.int32
     assert batch["mask"].shape == (4, 1, t) and batch["inputs"].shape == (4, 1, t)
     np.testing.assert_array_equal(batch["padding_mask"], batch["tokens"] == PAD_ID)
-    special = batch["tokens"] < NUM_SPECIAL
-    assert not batch["mask"][:, 0][special].any()
+    padding = batch["padding_mask"]
+    assert not batch["mask"][:, 0][padding].any()
     changed = batch["inputs"][:, 0] != batch["tokens"]
-    assert not changed[special].any()  # specials and padding are never corrupted
+    assert not changed[padding].any()  # padding is never corrupted (specials may be: fairseq)
     np.testing.assert_array_equal(batch["mask"][:, 0], batch["inputs"][:, 0] == MASK_ID)
     assert (batch["tokens"][:, 0] == BOS_ID).all()
 
@@ -153,8 +153,20 @@ def test_crop_window_and_v2_exact_counts(tmp_path):
                                    .__eq__(out["tokens"]).all(1))[0])
         np.testing.assert_array_equal(row[start:start + 32], out["tokens"])
         assert not out["padding_mask"].any()
-        assert (out["mask"].sum(1) == int(0.48 * 32)).all() and "inputs" not in out
+        # MAE random_masking: int(32 * 0.52) = 16 kept, 16 masked
+        assert (out["mask"].sum(1) == 16).all() and "inputs" not in out
     assert not np.array_equal(a["tokens"], b["tokens"]) or not np.array_equal(a["mask"], b["mask"])
+    # masking.mask_specials=False keeps <s> / </s> visible (fairseq masks them).
+    config = _tiny(f"{MOLECULES}:tiny_v2_protein", **{"data.max_len": 32,
+                                                      "masking.mask_specials": False})
+    config = data.prepare(config, str(tmp_path / "q"))
+    src, transform = text.pretrain_parts(config)
+    row = np.r_[src.rows[0][:19], src.rows[0][-1]]  # <s>, 18 residues, </s>
+    assert row[0] < NUM_SPECIAL and row[-1] < NUM_SPECIAL
+    masks = np.concatenate([transform({"tokens": row, "index": 0}, epoch=e)["mask"]
+                            for e in range(20)])
+    assert not masks[:, :20][:, row < NUM_SPECIAL].any() and not masks[:, 20:].any()
+    assert (masks.sum(1) == 20 - int(20 * 0.52)).all()
 
 
 def test_sequence_longer_than_positions_is_a_config_error():
