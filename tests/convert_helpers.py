@@ -107,3 +107,204 @@ def fairseq_checkpoint(ema_layout="full", prenet=0, depth=DEPTH, cfg=None):
                       if k[0].isdigit()}
     model_cfg = {"num_heads": HEADS, "norm_eps": 1e-6, **(cfg or {})}
     return {"model": sd, "cfg": {"model": model_cfg}}
+
+
+# ----------------------------------------------------------------------------- fairseq audio/text
+# Key names and shapes of each released model's module tree (issue 17), written
+# from fairseq's modules: data2vec2.py + modalities/{audio,text}.py (2.0),
+# data2vec_audio.py + wav2vec2.py (audio 1.0, Wav2VecCtc), data2vec_text.py +
+# fairseq TransformerEncoder (text 1.0, RoBERTa-style).
+
+A = "modality_encoders.AUDIO."
+T = "modality_encoders.TEXT."
+SV1 = "encoder.sentence_encoder."
+CONV = [(16, 10, 5), (16, 3, 2)]  # (dim, kernel, stride): 400 samples -> 39 frames
+CONV_SPEC = "[(16, 10, 5)] + [(16, 3, 2)]"
+POS_K, POS_DEPTH, POS_G = 5, 2, 4
+VOCAB, MAXPOS, PAD = 40, 20, 1
+
+
+def ln(dim):
+    return 1 + rand(dim), rand(dim)
+
+
+def put_norm(sd, p, dim):
+    sd[p + ".weight"], sd[p + ".bias"] = ln(dim)
+
+
+def put_linear(sd, p, out, inp):
+    sd[p + ".weight"], sd[p + ".bias"] = rand(out, inp), rand(out)
+
+
+def conv_extractor_tensors(sd, p):
+    """ConvFeatureExtractionModel(mode='layer_norm'): conv_layers.{i}.0 (no bias),
+    .2.1 the Fp32LayerNorm inside Sequential(TransposeLast, LN, TransposeLast)."""
+    cin = 1
+    for i, (c, k, _) in enumerate(CONV):
+        sd[f"{p}{i}.0.weight"] = rand(c, cin, k, scale=0.5)
+        put_norm(sd, f"{p}{i}.2.1", c)
+        cin = c
+
+
+def separate_qkv_layer(sd, p, dim=DIM):
+    """TransformerSentenceEncoderLayer / TransformerEncoderLayer (post-LN)."""
+    for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        put_linear(sd, f"{p}self_attn.{n}", dim, dim)
+    put_norm(sd, p + "self_attn_layer_norm", dim)
+    put_linear(sd, p + "fc1", 4 * dim, dim)
+    put_linear(sd, p + "fc2", dim, 4 * dim)
+    put_norm(sd, p + "final_layer_norm", dim)
+
+
+def decoder1d_tensors(sd, p, proj_layers=1):
+    for i in range(DEC_LAYERS):
+        cin = DIM if i == 0 else DEC_DIM
+        sd[f"{p}blocks.{i}.0.weight"] = rand(DEC_DIM, cin // DEC_G, DEC_K)
+        sd[f"{p}blocks.{i}.0.bias"] = rand(DEC_DIM)
+    if proj_layers == 1:
+        put_linear(sd, p + "proj", DIM, DEC_DIM)
+    else:
+        put_linear(sd, p + "proj.0", 2 * DEC_DIM, DEC_DIM)
+        put_linear(sd, p + "proj.2", DIM, 2 * DEC_DIM)
+
+
+def audio_v2_checkpoint(seed=0):
+    """data2vec_multi AUDIO (base_audio_only_task: prenet 0, ALiBi scale per head,
+    ema_encoder_only=False, ema_local_encoder=False)."""
+    torch.manual_seed(seed)
+
+    def context(sd):
+        for j in range(1, POS_DEPTH + 1):
+            sd[f"{A}relative_positional_encoder.{j}.0.weight"] = rand(DIM, DIM // POS_G, POS_K)
+            sd[f"{A}relative_positional_encoder.{j}.0.bias"] = rand(DIM)
+        put_norm(sd, A + "context_encoder.norm", DIM)
+        sd[A + "alibi_scale"] = 0.5 + torch.rand(1, 1, HEADS, 1, 1)
+        for i in range(DEPTH):
+            sd.update(alt_block_tensors(f"blocks.{i}."))
+        return sd
+
+    sd = {}
+    conv_extractor_tensors(sd, A + "local_encoder.conv_layers.")
+    put_norm(sd, A + "project_features.1", CONV[-1][0])
+    put_linear(sd, A + "project_features.2", DIM, CONV[-1][0])
+    context(sd)
+    decoder1d_tensors(sd, A + "decoder.")
+    sd["_ema"] = context({})
+    cfg = {"model": {"num_heads": HEADS, "norm_eps": 1e-5, "depth": DEPTH,
+                     "average_top_k_layers": 2, "instance_norm_target_layer": True,
+                     "clone_batch": 8, "ema_encoder_only": False,
+                     "modalities": {"audio": {"feature_encoder_spec": CONV_SPEC,
+                                              "conv_pos_depth": POS_DEPTH,
+                                              "conv_pos_width": POS_K * POS_DEPTH,
+                                              "conv_pos_groups": POS_G, "prenet_depth": 0,
+                                              "mask_prob": 0.5, "mask_length": 5,
+                                              "use_alibi_encoder": True,
+                                              "learned_alibi_scale_per_head": True}}}}
+    return {"model": sd, "cfg": cfg}
+
+
+def audio_v1_state(p=""):
+    """data2vec_audio (base_librispeech: pos_conv_depth 5 stack, post-LN)."""
+    sd = {}
+    conv_extractor_tensors(sd, p + "feature_extractor.conv_layers.")
+    put_norm(sd, p + "layer_norm", CONV[-1][0])
+    put_linear(sd, p + "post_extract_proj", DIM, CONV[-1][0])
+    sd[p + "mask_emb"] = torch.rand(DIM)
+    for i in range(POS_DEPTH):
+        sd[f"{p}encoder.pos_conv.{i}.0.weight"] = rand(DIM, DIM // POS_G, POS_K)
+        sd[f"{p}encoder.pos_conv.{i}.0.bias"] = rand(DIM)
+    put_norm(sd, p + "encoder.layer_norm", DIM)
+    for i in range(DEPTH):
+        separate_qkv_layer(sd, f"{p}encoder.layers.{i}.")
+    return sd
+
+
+def audio_v1_cfg():
+    return {"encoder_attention_heads": HEADS, "conv_feature_layers": CONV_SPEC,
+            "average_top_k_layers": 2, "instance_norm_target_layer": True, "mask_prob": 0.65,
+            "mask_length": 10, "ema_decay": 0.999, "ema_end_decay": 0.9999,
+            "ema_anneal_end_step": 30000}
+
+
+def audio_v1_checkpoint(seed=0):
+    torch.manual_seed(seed)
+    sd = audio_v1_state()
+    put_linear(sd, "final_proj", DIM, DIM)
+    ema = {}
+    for i in range(POS_DEPTH):
+        ema[f"pos_conv.{i}.0.weight"] = sd[f"encoder.pos_conv.{i}.0.weight"].clone()
+        ema[f"pos_conv.{i}.0.bias"] = sd[f"encoder.pos_conv.{i}.0.bias"].clone()
+    put_norm(ema, "layer_norm", DIM)
+    for i in range(DEPTH):
+        separate_qkv_layer(ema, f"layers.{i}.")
+    sd["_ema"] = ema
+    return {"model": sd, "cfg": {"model": audio_v1_cfg()}}
+
+
+def audio_ctc_checkpoint(seed=0, vocab=12):
+    """Wav2VecCtc around data2vec_audio (remove_pretraining_modules: no final_proj, no EMA)."""
+    torch.manual_seed(seed)
+    sd = audio_v1_state("w2v_encoder.w2v_model.")
+    put_linear(sd, "w2v_encoder.proj", vocab, DIM)
+    return {"model": sd, "cfg": {"model": {"w2v_args": {"model": audio_v1_cfg()}}}}
+
+
+def text_v2_checkpoint(seed=0, proj_layers=1):
+    """data2vec_multi TEXT (base_text_only_task: prenet 0, ema_encoder_only)."""
+    torch.manual_seed(seed)
+    sd = {T + "local_encoder.embed_tokens.weight": rand(VOCAB, DIM, scale=1.0),
+          T + "local_encoder.embed_positions.weight": rand(MAXPOS + PAD + 1, DIM, scale=1.0)}
+    put_norm(sd, T + "local_encoder.layernorm_embedding", DIM)
+    for i in range(DEPTH):
+        sd.update(alt_block_tensors(f"blocks.{i}."))
+    decoder1d_tensors(sd, T + "decoder.", proj_layers)
+    sd["_ema"] = {k[len("blocks."):]: rand(*v.shape) + (1 if "norm" in k and "weight" in k else 0)
+                  for k, v in sd.items() if k.startswith("blocks.")}
+    cfg = {"model": {"num_heads": HEADS, "norm_eps": 1e-5, "depth": DEPTH,
+                     "average_top_k_layers": 2, "instance_norm_target_layer": True,
+                     "ema_encoder_only": True,
+                     "modalities": {"text": {"max_source_positions": MAXPOS, "mask_prob": 0.48,
+                                             "prenet_depth": 0,
+                                             "decoder": {"decoder_residual": proj_layers == 1,
+                                                         "projection_layers": proj_layers}}}}}
+    return {"model": sd, "cfg": cfg}
+
+
+def text_v1_state():
+    sd = {SV1 + "embed_tokens.weight": rand(VOCAB, DIM, scale=1.0),
+          SV1 + "embed_positions.weight": rand(MAXPOS + PAD + 1, DIM, scale=1.0),
+          SV1 + "version": torch.tensor([3.0])}
+    put_norm(sd, SV1 + "layernorm_embedding", DIM)
+    for i in range(DEPTH):
+        separate_qkv_layer(sd, f"{SV1}layers.{i}.")
+    return sd
+
+
+def text_v1_cfg():
+    return {"head_layers": 2, "average_top_k_layers": 2, "layer_norm_target_layer": True,
+            "loss_beta": 4, "transformer": {"no_scale_embedding": True,
+                                            "max_source_positions": MAXPOS,
+                                            "encoder": {"attention_heads": HEADS,
+                                                        "normalize_before": False}}}
+
+
+def text_v1_checkpoint(seed=0):
+    """data2vec_text (head_layers 2, ema_transformer_layers_only)."""
+    torch.manual_seed(seed)
+    sd = text_v1_state()
+    put_linear(sd, "encoder.regression_head.0", 2 * DIM, DIM)
+    put_linear(sd, "encoder.regression_head.2", DIM, 2 * DIM)
+    ema = {k[len(SV1):]: v.clone() for k, v in sd.items() if k.startswith(SV1)}
+    for i in range(DEPTH):
+        separate_qkv_layer(ema, f"layers.{i}.")
+    sd["encoder._ema"] = ema
+    return {"model": sd, "cfg": {"model": text_v1_cfg()}}
+
+
+def text_cls_checkpoint(seed=0, classes=3):
+    """data2vec_text fine-tuned (remove_pretraining_modules) with one RoBERTa head."""
+    torch.manual_seed(seed)
+    sd = text_v1_state()
+    put_linear(sd, "classification_heads.sentence_classification_head.dense", DIM, DIM)
+    put_linear(sd, "classification_heads.sentence_classification_head.out_proj", classes, DIM)
+    return {"model": sd, "cfg": {"model": text_v1_cfg()}}

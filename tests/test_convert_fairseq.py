@@ -124,6 +124,7 @@ def test_encoder_only_ema_layout_and_loud_failures():
         from_fairseq(bad_pos, num_heads=HEADS)
 
 
+@pytest.mark.slow  # compiles our encoder (~5 s on 2 shared cores)
 def test_released_base_layout_prenet_blocks_and_cfg():
     """The released base: 2 prenet blocks + main blocks; top-K and masking from cfg."""
     cfg = {"depth": 3, "average_top_k_layers": 3, "instance_norm_target_layer": True,

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="default: newest")
     p.add_argument("--teacher", action="store_true", help="export the EMA teacher")
     p.add_argument("--out", required=True, help="output folder")
-    p = sub.add_parser("fairseq-to-jax", help="fairseq data2vec 2.0 image .pt -> our checkpoint")
+    p = sub.add_parser("fairseq-to-jax", help="fairseq data2vec .pt (1.0 / 2.0, image / audio / "
+                                             "text) -> our checkpoint")
     p.add_argument("--checkpoint", required=True, help="fairseq checkpoint (.pt)")
     p.add_argument("--num_heads", type=int, default=None,
                    help="attention heads, if the checkpoint has no cfg")

@@ -18,8 +18,9 @@ from typing import Any, Iterator, Mapping
 import ml_collections
 import numpy as np
 
-from d2v_jax.convert.common import ConversionError, StateReader, qkv, stack
+from d2v_jax.convert.common import ConversionError, StateReader, check_tree, qkv, stack
 from d2v_jax.targets import FINAL_NORMS
+from d2v_jax.train_state import ema_keys
 
 # Buffers fairseq saves that carry no weights.
 FAIRSEQ_IGNORE_SUFFIXES = (".version", "._float_tensor")
@@ -47,7 +48,8 @@ SEPARATE_QKV_BLOCK = (
 
 
 def drop_buffers(state: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in state.items() if not k.endswith(FAIRSEQ_IGNORE_SUFFIXES)}
+    return {k: v for k, v in state.items()
+            if not ("." + k).endswith(FAIRSEQ_IGNORE_SUFFIXES)}
 
 
 def cfg_get(cfg: Any, *path: str, default=None):
@@ -207,3 +209,81 @@ def mlp_ratio(hidden: int, dim: int) -> float:
 def zeros_like_tree(tree):
     return {k: zeros_like_tree(v) if isinstance(v, dict) else np.zeros_like(v)
             for k, v in tree.items()}
+
+
+def conv_spec(spec: Any, where: str) -> list[tuple[int, int, int]]:
+    """fairseq's `feature_encoder_spec` / `conv_feature_layers` string, e.g.
+    "[(512, 10, 5)] + [(512, 3, 2)] * 4", -> [(dim, kernel, stride), ...].
+    Only list/tuple literals, + and * are read (never eval)."""
+    import ast
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [ev(e) for e in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            a, b = ev(node.left), ev(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a * b
+        raise ValueError(ast.dump(node))
+
+    try:
+        layers = [tuple(int(v) for v in layer) for layer in ev(ast.parse(str(spec), mode="eval"))]
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise ConversionError(f"{where}: cannot read the conv spec {spec!r} ({e})") from None
+    if not layers or any(len(layer) != 3 for layer in layers):
+        raise ConversionError(f"{where}: conv spec {spec!r} is not [(dim, kernel, stride), ...]")
+    return layers
+
+
+# wav2vec 2.0's default extractor (data2vec audio 1.0 and 2.0 use it).
+WAV2VEC2_CONV_SPEC = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2"
+
+
+def conv_extractor(r: StateReader, prefix: str, n: int) -> dict[str, Any]:
+    """wav2vec 2.0 `ConvFeatureExtractionModel` in layer_norm mode: per layer
+    Sequential(Conv1d (no bias), Dropout, Sequential(TransposeLast,
+    Fp32LayerNorm, TransposeLast), GELU) -> our conv_{i} / conv_norm_{i}."""
+    out = {}
+    for i in range(n):
+        out.update(read(r, f"{prefix}{i}.", (((f"conv_{i}",), "0", "conv1d"),
+                                             ((f"conv_norm_{i}",), "2.1", "norm"))))
+    return out
+
+
+def extractor_config(state: Mapping[str, Any], prefix: str, spec: Any, where: str):
+    """(conv_dims, conv_kernels, conv_strides) from the weights, strides from
+    the cfg's spec (the weights do not hold them; default wav2vec 2.0's)."""
+    n = num_blocks(state, prefix)
+    if f"{prefix}0.2.weight" in state:
+        raise ConversionError(f"{where}: {prefix}0.2.weight is a group norm: extractor_mode="
+                              "'default' (wav2vec 2.0 base); ours is the layer_norm mode")
+    shapes = [tuple(state[f"{prefix}{i}.0.weight"].shape) for i in range(n)]
+    layers = conv_spec(spec if spec is not None else WAV2VEC2_CONV_SPEC, where)
+    got = [(s[0], s[2]) for s in shapes]
+    if [(d, k) for d, k, _ in layers] != got:
+        raise ConversionError(f"{where}: conv spec {spec!r} does not fit the weights "
+                              f"((dim, kernel) per layer {got}); pass the checkpoint with its cfg")
+    return (tuple(d for d, _, _ in layers), tuple(k for _, k, _ in layers),
+            tuple(s for _, _, s in layers))
+
+
+def odd_kernel(k: int, field: str) -> None:
+    """fairseq pads even conv kernels as Conv(padding=k//2) + SamePad (drop the
+    last frame); our 'SAME' places even windows one frame later."""
+    if k % 2 == 0:
+        raise ConversionError(f"fairseq cfg {field}={k}: even decoder kernels are padded "
+                              "differently from ours (fairseq SamePad); only odd ones map")
+
+
+def ema_subset(config: ml_collections.ConfigDict, teacher: Mapping[str, Any],
+               expected: Mapping[str, Any]) -> dict[str, Any]:
+    """The teacher's EMA subtrees (`train_state.ema_keys`: the teacher modules
+    minus `ema.shared`, which the teacher takes from the student), checked."""
+    keys = ema_keys(config)
+    out = {k: teacher[k] for k in keys}
+    check_tree(out, {k: expected[k] for k in keys}, "from_fairseq ema_params")
+    return out

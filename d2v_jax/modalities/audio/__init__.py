@@ -18,4 +18,5 @@ MODALITY = register(Modality(
     step_flops=flops.step_flops,
     labeled_parts=labeled.labeled_parts,
     hf="d2v_jax.modalities.audio.hf",
+    fairseq="d2v_jax.modalities.audio.fairseq",
 ))

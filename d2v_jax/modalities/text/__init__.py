@@ -24,4 +24,5 @@ MODALITY = register(Modality(
     prepare_backbone=data.prepare_backbone,
     labeled_parts=labeled.labeled_parts,
     hf="d2v_jax.modalities.text.hf",
+    fairseq="d2v_jax.modalities.text.fairseq",
 ))

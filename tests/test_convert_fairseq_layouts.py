@@ -1,0 +1,360 @@
+"""Every released fairseq data2vec audio and text layout converts (issue 17).
+
+State dicts carry the exact key names and shapes of each model's module tree
+(tests/convert_helpers.py, written from fairseq's modules) with random tensors.
+The references below are torch forwards written from fairseq's description
+(wav2vec 2.0 conv extractor and positional convs, AltBlock /
+TransformerSentenceEncoderLayer post-LN blocks, get_alibi's slopes, Decoder1d,
+RobertaClassificationHead), not from our code.
+"""
+
+import pytest
+
+pytest.importorskip("torch", reason="needs the convert extra: pip install torch transformers")
+pytest.importorskip("transformers", reason="needs the convert extra")
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from d2v_jax import modalities
+from d2v_jax.convert import ConversionError, from_fairseq
+from d2v_jax.convert.heads import apply_head
+from d2v_jax.models.decoder import decoder_from_config
+from d2v_jax.train_state import teacher_params
+
+from convert_helpers import (A, CONV, DEC_K, DEC_LAYERS, DEPTH, DIM, HEADS, PAD, POS_DEPTH,
+                             POS_G, POS_K, SV1, T, VOCAB, audio_ctc_checkpoint,
+                             audio_v1_checkpoint, audio_v2_checkpoint, text_cls_checkpoint,
+                             text_v1_checkpoint, text_v2_checkpoint)
+
+ATOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- torch references
+def conv_extractor(sd, p, wav):
+    """wav2vec 2.0 ConvFeatureExtractionModel, layer_norm mode -> [B, T, C]."""
+    x = wav[:, None]
+    for i, (c, _, s) in enumerate(CONV):
+        x = F.conv1d(x, sd[f"{p}{i}.0.weight"], stride=s)
+        x = F.layer_norm(x.transpose(1, 2), (c,), sd[f"{p}{i}.2.1.weight"],
+                         sd[f"{p}{i}.2.1.bias"], 1e-5).transpose(1, 2)
+        x = F.gelu(x)
+    return x.transpose(1, 2)
+
+
+def pos_conv_stack(x, convs):
+    """Sequential(Conv1d(k, padding=k//2, groups), SamePad, LN (no affine), GELU) xN."""
+    h = x.transpose(1, 2)
+    for w, b in convs:
+        k = w.shape[-1]
+        h = F.conv1d(h, w, b, padding=k // 2, groups=POS_G)
+        if k % 2 == 0:
+            h = h[..., :-1]  # SamePad
+        h = F.gelu(F.layer_norm(h.transpose(1, 2), (DIM,)).transpose(1, 2))
+    return h.transpose(1, 2)
+
+
+def attention(x, q, k, v, proj, bias=None, key_pad=None):
+    """Multi-head self-attention from separate projections (weight, bias) pairs."""
+    b, t, _ = x.shape
+    hd = DIM // HEADS
+    split = lambda y: y.reshape(b, t, HEADS, hd).transpose(1, 2)
+    q, k, v = (split(F.linear(x, *w)) for w in (q, k, v))
+    logits = (q * hd ** -0.5) @ k.transpose(-1, -2)
+    if bias is not None:
+        logits = logits + bias
+    if key_pad is not None:
+        logits = logits.masked_fill(key_pad[:, None, None, :], float("-inf"))
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, t, DIM)
+    return F.linear(out, *proj)
+
+
+def alt_block(x, sd, p, eps, bias=None, key_pad=None):
+    """data2vec 2.0 AltBlock, layer_norm_first=False (fused qkv)."""
+    w, b = sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]
+    qkv = [(w[i * DIM:(i + 1) * DIM], b[i * DIM:(i + 1) * DIM]) for i in range(3)]
+    x = x + attention(x, *qkv, (sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"]),
+                      bias, key_pad)
+    x = F.layer_norm(x, (DIM,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps)
+    h = F.linear(F.gelu(F.linear(x, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
+                 sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    return F.layer_norm(x + h, (DIM,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
+
+
+def separate_layer(x, sd, p, key_pad=None):
+    """TransformerSentenceEncoderLayer / TransformerEncoderLayer, post-LN."""
+    lin = lambda n: (sd[p + n + ".weight"], sd[p + n + ".bias"])
+    a = attention(x, lin("self_attn.q_proj"), lin("self_attn.k_proj"), lin("self_attn.v_proj"),
+                  lin("self_attn.out_proj"), key_pad=key_pad)
+    x = F.layer_norm(x + a, (DIM,), *lin("self_attn_layer_norm"), 1e-5)
+    h = F.linear(F.gelu(F.linear(x, *lin("fc1"))), *lin("fc2"))
+    return F.layer_norm(x + h, (DIM,), *lin("final_layer_norm"), 1e-5)
+
+
+def alibi(t, scale):
+    """fairseq get_alibi (dims=1) times the clamped per-head scale: [1, H, T, T]."""
+    def slopes(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+    pos = -(torch.arange(t)[None] - torch.arange(t)[:, None]).abs()
+    return torch.tensor(slopes(HEADS))[:, None, None] * pos[None] * scale.clamp_min(0).reshape(
+        1, HEADS, 1, 1)
+
+
+def decoder1d(sd, p, x, residual=True, proj_layers=1):
+    """fairseq Decoder1d: Conv1d (odd k) -> LN (no affine) -> GELU (+ residual), proj."""
+    h = x.transpose(1, 2)
+    res = h
+    for i in range(DEC_LAYERS):
+        h = F.conv1d(h, sd[f"{p}blocks.{i}.0.weight"], sd[f"{p}blocks.{i}.0.bias"],
+                     padding=DEC_K // 2, groups=DIM // sd[f"{p}blocks.0.0.weight"].shape[1])
+        h = F.gelu(F.layer_norm(h.transpose(1, 2), (h.shape[1],)).transpose(1, 2))
+        if residual and res.shape[1] == h.shape[1]:
+            h = h + res
+        res = h
+    h = h.transpose(1, 2)
+    if proj_layers == 1:
+        return F.linear(h, sd[p + "proj.weight"], sd[p + "proj.bias"])
+    h = F.gelu(F.linear(h, sd[p + "proj.0.weight"], sd[p + "proj.0.bias"]))
+    return F.linear(h, sd[p + "proj.2.weight"], sd[p + "proj.2.bias"])
+
+
+def audio_v2_reference(sd, ema_or_sd, wav):
+    """Data2VecMultiModel(features_only), AUDIO, no padding: the student's local
+    features (the teacher has no extractor with ema_local_encoder=False)."""
+    x = conv_extractor(sd, A + "local_encoder.conv_layers.", wav)
+    x = F.layer_norm(x, (x.shape[-1],), sd[A + "project_features.1.weight"],
+                     sd[A + "project_features.1.bias"], 1e-5)
+    x = F.linear(x, sd[A + "project_features.2.weight"], sd[A + "project_features.2.bias"])
+    e = ema_or_sd
+    convs = [(e[f"{A}relative_positional_encoder.{j}.0.weight"],
+              e[f"{A}relative_positional_encoder.{j}.0.bias"]) for j in range(1, POS_DEPTH + 1)]
+    x = x + pos_conv_stack(x, convs)
+    x = F.layer_norm(x, (DIM,), e[A + "context_encoder.norm.weight"],
+                     e[A + "context_encoder.norm.bias"], 1e-5)
+    bias = alibi(x.shape[1], e[A + "alibi_scale"])
+    for i in range(DEPTH):
+        x = alt_block(x, e, f"blocks.{i}.", 1e-5, bias=bias)
+    return x
+
+
+def frame_mask(lengths, t):
+    n = torch.tensor(lengths)
+    for _, k, s in CONV:
+        n = (n - k) // s + 1
+    return torch.arange(t)[None] >= n[:, None]
+
+
+def audio_v1_reference(sd, p, wav, lengths, ema=None):
+    """data2vec_audio / w2v_model.extract_features: features LN -> projection ->
+    padded frames zeroed -> pos convs -> LN -> post-LN layers (key padding)."""
+    x = conv_extractor(sd, p + "feature_extractor.conv_layers.", wav)
+    x = F.layer_norm(x, (x.shape[-1],), sd[p + "layer_norm.weight"], sd[p + "layer_norm.bias"])
+    x = F.linear(x, sd[p + "post_extract_proj.weight"], sd[p + "post_extract_proj.bias"])
+    pad = frame_mask(lengths, x.shape[1])
+    x = x.masked_fill(pad[..., None], 0)
+    e, q = (sd, p + "encoder.") if ema is None else (ema, "")
+    convs = [(e[f"{q}pos_conv.{i}.0.weight"], e[f"{q}pos_conv.{i}.0.bias"])
+             for i in range(POS_DEPTH)]
+    x = x + pos_conv_stack(x, convs)
+    x = F.layer_norm(x, (DIM,), e[q + "layer_norm.weight"], e[q + "layer_norm.bias"])
+    for i in range(DEPTH):
+        x = separate_layer(x, e, f"{q}layers.{i}.", key_pad=pad)
+    return x, pad
+
+
+def text_reference(emb, tokens, block, key_pad):
+    """TextLocalEncoder / fairseq TransformerEncoder embeddings: E[tok] +
+    P[make_positions] -> LayerNorm, then the blocks with key padding."""
+    real = tokens.ne(PAD)
+    pos = torch.cumsum(real, 1) * real + PAD
+    x = emb["tokens"][tokens] + emb["positions"][pos]
+    x = F.layer_norm(x, (DIM,), emb["norm_w"], emb["norm_b"], 1e-5)
+    x = x * real[..., None]
+    for i in range(DEPTH):
+        x = block(x, i)
+    return x
+
+
+def text_batch():
+    torch.manual_seed(3)
+    tokens = torch.randint(4, VOCAB, (2, 9))
+    tokens[1, 6:] = PAD
+    return tokens, tokens.eq(PAD)
+
+
+_ENCODE = {}
+
+
+def encode(config, params, batch):
+    """Our `encode`, one compilation per config (student and teacher share it)."""
+    key = json.dumps(config.to_dict(), sort_keys=True, default=list)
+    if key not in _ENCODE:
+        model = modalities.build_model(config)
+        _ENCODE[key] = jax.jit(lambda p, b: model.apply({"params": p}, b, method="encode"))
+    return np.asarray(_ENCODE[key](params, batch))
+
+
+# ----------------------------------------------------------------------------- audio
+@pytest.mark.slow  # compiles our encoder (~5 s on 2 shared cores)
+def test_audio_v2_student_teacher_decoder_match_fairseq():
+    ckpt = audio_v2_checkpoint()
+    config, params, ema_params = from_fairseq(ckpt)
+    m = config.model
+    assert (m.depth, m.dim, m.num_heads, m.alibi, m.pos_conv_depth) == (DEPTH, DIM, HEADS, True, 2)
+    assert (m.conv_dims, m.conv_kernels, m.conv_strides) == ((16, 16), (10, 3), (5, 2))
+    assert (config.target.top_k, config.target.layer_norm, config.masking.num_clones) == (
+        2, "instance", 8)
+    sd, ema = ckpt["model"], ckpt["model"]["_ema"]
+    torch.manual_seed(1)
+    wav = torch.randn(2, 400)
+    batch = {"audio": wav.numpy()}
+    with torch.no_grad():
+        ref_s, ref_t = audio_v2_reference(sd, sd, wav), audio_v2_reference(sd, ema, wav)
+    np.testing.assert_allclose(encode(config, params, batch), ref_s.numpy(), atol=ATOL)
+    got_t = encode(config, teacher_params(params, ema_params, config), batch)
+    np.testing.assert_allclose(got_t, ref_t.numpy(), atol=ATOL)
+    assert (ref_t - ref_s).abs().max().item() > 1e-2  # the teacher is the _ema tensors
+    # The teacher shares the student's extractor (ema_local_encoder=False): not EMA.
+    assert sorted(ema_params) == ["context", "encoder"] and config.ema.shared == ("frontend",)
+    x = torch.randn(2, 39, DIM)
+    dec = decoder_from_config(config.decoder, (-1,), DIM, jnp.float32)
+    got = dec.apply({"params": params["decoder"]}, x.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(got), decoder1d(sd, A + "decoder.", x).numpy(),
+                                   atol=ATOL)
+
+
+@pytest.mark.slow  # compiles our encoder (~5 s on 2 shared cores)
+def test_audio_v1_and_ctc_match_fairseq_with_padding():
+    ckpt = audio_v1_checkpoint()
+    config, params, ema_params = from_fairseq(ckpt)
+    assert config.version == "v1" and config.model.pos_conv == "stack"
+    assert (config.target.top_k, config.masking.ratio, config.ema.anneal_steps) == (2, 0.65, 30000)
+    sd = ckpt["model"]
+    torch.manual_seed(2)
+    wav = torch.randn(2, 400)
+    wav[1, 250:] = 0
+    pad = np.zeros((2, 400), bool)
+    pad[1, 250:] = True
+    batch = {"audio": wav.numpy(), "padding_mask": pad}
+    with torch.no_grad():
+        ref, fpad = audio_v1_reference(sd, "", wav, [400, 250])
+        ref_t, _ = audio_v1_reference(sd, "", wav, [400, 250], ema=sd["_ema"])
+    real = ~fpad.numpy()
+    got = encode(config, params, batch)
+    np.testing.assert_allclose(got[real], ref.numpy()[real], atol=ATOL)
+    np.testing.assert_allclose(encode(config, teacher_params(params, ema_params, config), batch)[real], ref_t.numpy()[real],
+                               atol=ATOL)
+    np.testing.assert_array_equal(params["head"]["kernel"], sd["final_proj.weight"].numpy().T)
+    np.testing.assert_array_equal(params["mask_emb"]["embedding"], sd["mask_emb"].numpy())
+
+    ctc = audio_ctc_checkpoint()
+    out = from_fairseq(ctc)
+    config, params, ema_params = out
+    assert out.task == "ctc" and ema_params is None
+    csd = ctc["model"]
+    with torch.no_grad():
+        ref, _ = audio_v1_reference(csd, "w2v_encoder.w2v_model.", wav, [400, 250])
+        logits = F.linear(ref, csd["w2v_encoder.proj.weight"], csd["w2v_encoder.proj.bias"])
+    got = apply_head("ctc", out.head, encode(config, params, batch))
+    np.testing.assert_allclose(got[real], logits.numpy()[real], atol=ATOL)
+
+
+# ----------------------------------------------------------------------------- text
+@pytest.mark.slow  # compiles our encoder (~5 s on 2 shared cores)
+def test_text_v2_student_teacher_decoder_match_fairseq():
+    ckpt = text_v2_checkpoint()
+    config, params, ema_params = from_fairseq(ckpt)
+    m = config.model
+    assert (m.vocab_size, m.max_positions, m.depth, config.target.top_k) == (VOCAB, 20, DEPTH, 2)
+    sd, ema = ckpt["model"], ckpt["model"]["_ema"]
+    tokens, pad = text_batch()
+    emb = {"tokens": sd[T + "local_encoder.embed_tokens.weight"],
+           "positions": sd[T + "local_encoder.embed_positions.weight"],
+           "norm_w": sd[T + "local_encoder.layernorm_embedding.weight"],
+           "norm_b": sd[T + "local_encoder.layernorm_embedding.bias"]}
+    with torch.no_grad():
+        ref = text_reference(emb, tokens, lambda x, i: alt_block(x, sd, f"blocks.{i}.", 1e-5,
+                                                                 key_pad=pad), pad)
+        ref_t = text_reference(emb, tokens, lambda x, i: alt_block(x, ema, f"{i}.", 1e-5,
+                                                                   key_pad=pad), pad)
+    batch = {"tokens": tokens.numpy(), "padding_mask": pad.numpy()}
+    real = ~pad.numpy()
+    np.testing.assert_allclose(encode(config, params, batch)[real], ref.numpy()[real], atol=ATOL)
+    np.testing.assert_allclose(encode(config, teacher_params(params, ema_params, config), batch)[real], ref_t.numpy()[real],
+                               atol=ATOL)
+    x = torch.randn(2, config.data.max_len, DIM)
+    dec = decoder_from_config(config.decoder, (config.data.max_len,), DIM, jnp.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(dec.apply({"params": params["decoder"]}, x.numpy())),
+                                   decoder1d(sd, T + "decoder.", x).numpy(), atol=ATOL)
+
+
+@pytest.mark.slow  # compiles our encoder (~5 s on 2 shared cores)
+def test_text_v1_and_classifier_match_fairseq():
+    ckpt = text_v1_checkpoint()
+    config, params, ema_params = from_fairseq(ckpt)
+    assert config.version == "v1" and (config.target.layer_norm, config.loss.beta) == ("layer", 4)
+    sd = ckpt["model"]
+    tokens, pad = text_batch()
+
+    def run(e, q):
+        emb = {"tokens": e[q + "embed_tokens.weight"], "positions": e[q + "embed_positions.weight"],
+               "norm_w": e[q + "layernorm_embedding.weight"],
+               "norm_b": e[q + "layernorm_embedding.bias"]}
+        return text_reference(emb, tokens, lambda x, i: separate_layer(x, e, f"{q}layers.{i}.",
+                                                                       key_pad=pad), pad)
+
+    with torch.no_grad():
+        ref, ref_t = run(sd, SV1), run(sd["encoder._ema"], "")
+        head = F.linear(F.gelu(F.linear(ref, sd["encoder.regression_head.0.weight"],
+                                        sd["encoder.regression_head.0.bias"])),
+                        sd["encoder.regression_head.2.weight"], sd["encoder.regression_head.2.bias"])
+    batch = {"tokens": tokens.numpy(), "padding_mask": pad.numpy()}
+    real = ~pad.numpy()
+    got = encode(config, params, batch)
+    np.testing.assert_allclose(got[real], ref.numpy()[real], atol=ATOL)
+    np.testing.assert_allclose(encode(config, teacher_params(params, ema_params, config), batch)[real], ref_t.numpy()[real],
+                               atol=ATOL)
+    h = params["head_fc2"]
+    ours = jax.nn.gelu(got @ params["head_fc1"]["kernel"] + params["head_fc1"]["bias"],
+                       approximate=False) @ h["kernel"] + h["bias"]
+    np.testing.assert_allclose(np.asarray(ours)[real], head.numpy()[real], atol=ATOL)
+
+    cls = text_cls_checkpoint()
+    out = from_fairseq(cls)
+    assert out.task == "classification" and out.ema_params is None
+    csd = cls["model"]
+    p = "classification_heads.sentence_classification_head."
+    with torch.no_grad():
+        x = run(csd, SV1)[:, 0]
+        logits = F.linear(torch.tanh(F.linear(x, csd[p + "dense.weight"], csd[p + "dense.bias"])),
+                          csd[p + "out_proj.weight"], csd[p + "out_proj.bias"])
+    got = apply_head("classification", out.head, encode(out.config, out.params, batch))
+    np.testing.assert_allclose(got, logits.numpy(), atol=ATOL)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_unknown_and_unmappable_layouts_name_their_keys():
+    ckpt = audio_v2_checkpoint()
+    extra = dict(ckpt["model"], **{A + "alibi_bias": torch.zeros(1, HEADS, 4, 4)})
+    with pytest.raises(ConversionError, match=r"not mapped: \['modality_encoders.AUDIO.alibi_bias'\]"):
+        from_fairseq({"model": extra, "cfg": ckpt["cfg"]})
+    per_layer = dict(ckpt["model"], **{A + "alibi_scale": torch.ones(DEPTH, 1, HEADS, 1, 1)})
+    with pytest.raises(ConversionError, match="learned_alibi_scale_per_layer"):
+        from_fairseq({"model": per_layer, "cfg": ckpt["cfg"]})
+    t = text_v1_checkpoint()
+    sd = dict(t["model"], **{"encoder.lm_head.dense.weight": torch.zeros(DIM, DIM)})
+    with pytest.raises(ConversionError, match="encoder.lm_head.dense.weight"):
+        from_fairseq({"model": sd, "cfg": t["cfg"]})
+    with pytest.raises(ConversionError, match="no known data2vec layout.*first keys"):
+        from_fairseq({"model": {"decoder.embed_tokens.weight": torch.zeros(3, 2)}})
+    with pytest.raises(ConversionError, match="attention_heads"):
+        from_fairseq(text_v1_checkpoint()["model"])
