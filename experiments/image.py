@@ -81,7 +81,8 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   # BEiT README commands: --layer_scale_init_value 1e-4 (base) / 1e-5 (large);
   # tiny keeps run_cyclical.py's default 0.1 (its measured recipe, 4 blocks).
   m.layer_scale_init = (0.1 if tiny else (1e-5 if size == "large" else 1e-4)) if v1 else 0.0
-  m.rel_pos_bias = "shared" if v1 else "none"  # shared | none
+  m.rel_pos_bias = "shared" if v1 else "none"  # shared | per_block (BEiT fine-tuning) | none
+  m.final_norm = True  # pre-LN: LayerNorm after the blocks (False: HF use_mean_pooling models)
   m.abs_pos = "none" if v1 else "sincos"  # none | sincos
   # modalities/image/model.py PATCH_EMBED_INITS: xavier (2.0, fairseq) | linear (the
   # Linear layers' init: 1.0, BEiT's _init_weights) | torch_conv | trunc_normal (HF).

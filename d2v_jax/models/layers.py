@@ -302,6 +302,9 @@ class Encoder(nn.Module):
     init_std: float = 0.02
     init_truncation: float | None = None
     init_depth_rescale: bool = False
+    # True: `bias` has a leading layer axis [L, ...], one attention bias per block
+    # (BEiT fine-tuning's per-block relative position bias); else one for all.
+    bias_per_layer: bool = False
 
     @nn.compact
     def __call__(self, x, bias=None, key_padding_mask=None, *, deterministic: bool):
@@ -314,7 +317,7 @@ class Encoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, 0, nn.broadcast, nn.broadcast),
+            in_axes=(0, 0, 0 if self.bias_per_layer else nn.broadcast, nn.broadcast),
             length=self.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(
@@ -335,7 +338,7 @@ class Encoder(nn.Module):
 
 
 def encoder_from_config(m, *, layer_norm_first: bool = False, layer_scale_init: float = 0.0,
-                        dtype: Dtype = jnp.float32) -> Encoder:
+                        dtype: Dtype = jnp.float32, bias_per_layer: bool = False) -> Encoder:
     """The `Encoder` that a `config.model` section describes. Block style is the
     caller's: pre-LN + layer scale for 1.0 vision, post-LN (the defaults) for
     every other model. Fields newer than a saved config (activation_dropout,
@@ -348,7 +351,7 @@ def encoder_from_config(m, *, layer_norm_first: bool = False, layer_scale_init: 
         drop_path=m.drop_path, layerdrop=m.get("layerdrop", 0.0), remat=m.remat,
         attention_impl=m.attention_impl, dtype=dtype, init_std=m.get("init_std", 0.02),
         init_truncation=m.get("init_truncation", None),
-        init_depth_rescale=m.get("init_depth_rescale", False))
+        init_depth_rescale=m.get("init_depth_rescale", False), bias_per_layer=bias_per_layer)
 
 
 def linear_init(m) -> Callable:
@@ -413,21 +416,27 @@ def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
 
 
 class RelativePositionBias(nn.Module):
-    """BEiT's relative position bias, one table shared by all blocks (1.0)."""
+    """BEiT's relative position bias: one table shared by all blocks (1.0
+    pretraining), or with `num_tables=L` one per block (BEiT fine-tuning,
+    HF `use_relative_position_bias`), stacked as [L, size, H]."""
 
     grid: tuple[int, int]
     num_heads: int
+    num_tables: int = 0  # 0: one shared table [size, H]; L: [L, size, H]
 
     @nn.compact
     def __call__(self) -> jax.Array:
         h, w = self.grid
         size = (2 * h - 1) * (2 * w - 1) + 3
+        lead = (self.num_tables,) if self.num_tables else ()
+        names = ((None,) if self.num_tables else ()) + ("rel_pos", "heads")
         table = self.param(
-            "relative_position_bias_table", kernel(("rel_pos", "heads"), nn.initializers.zeros_init()),
-            (size, self.num_heads))
+            "relative_position_bias_table", kernel(names, nn.initializers.zeros_init()),
+            lead + (size, self.num_heads))
         index = relative_position_index(self.grid)
-        bias = table[index.reshape(-1)].reshape(index.shape + (self.num_heads,))
-        return bias.transpose(2, 0, 1)[None]  # [1, H, 1+N, 1+N]
+        bias = table[..., index.reshape(-1), :].reshape(lead + index.shape + (self.num_heads,))
+        bias = jnp.moveaxis(bias, -1, -3)  # [..., H, 1+N, 1+N]
+        return bias[..., None, :, :, :]  # [1, H, 1+N, 1+N] or [L, 1, H, 1+N, 1+N]
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:

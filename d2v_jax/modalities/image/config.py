@@ -20,6 +20,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_field(len(config.data.mean) == m.channels and len(config.data.std) == m.channels,
                 "data.mean", f"data.mean/std have {len(config.data.mean)}/{len(config.data.std)} "
                 f"entries but model.channels={m.channels}")
+    check_field(m.rel_pos_bias in ("none", "shared", "per_block"), "model.rel_pos_bias",
+                f"{m.rel_pos_bias!r} is not 'none', 'shared' or 'per_block'")
     check_field(m.patch_embed_init in PATCH_EMBED_INITS, "model.patch_embed_init",
                 f"{m.patch_embed_init!r} not in {sorted(PATCH_EMBED_INITS)}")
     v = m.get("token_init_std", 0.02)

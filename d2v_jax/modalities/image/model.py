@@ -75,7 +75,8 @@ class ImageFrontEnd(nn.Module):
     dim: int
     num_heads: int
     abs_pos: str = "sincos"  # "sincos" (2.0) or "none" (1.0: relative bias only)
-    rel_pos_bias: str = "none"  # "shared": one BEiT table for all blocks
+    rel_pos_bias: str = "none"  # "shared": one BEiT table for all blocks; "per_block": one each
+    depth: int = 0  # blocks: the number of tables for rel_pos_bias="per_block"
     layer_norm_first: bool = False
     norm_eps: float = 1e-6
     patch_embed_init: str = "xavier"
@@ -102,8 +103,10 @@ class ImageFrontEnd(nn.Module):
         self.cls_token = self.param("cls_token", tok_init, (self.dim,))
         if self.mask_token:
             self.mask_embedding = self.param("mask_token", tok_init, (self.dim,))
-        if self.rel_pos_bias == "shared":
-            self.rel_pos = RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")
+        if self.rel_pos_bias in ("shared", "per_block"):
+            tables = self.depth if self.rel_pos_bias == "per_block" else 0
+            self.rel_pos = RelativePositionBias(self.grid, self.num_heads, tables,
+                                                name="rel_pos_bias")
         if not self.layer_norm_first:  # post-LN blocks need normalized inputs
             self.emb_norm = layer_norm(self.norm_eps, dtype, "emb_norm")
 
@@ -128,7 +131,8 @@ class ImageFrontEnd(nn.Module):
         return jnp.where(mask[..., None], self.mask_embedding.astype(x.dtype), x)
 
     def bias(self):
-        return self.rel_pos() if self.rel_pos_bias == "shared" else None
+        """[1, H, 1+N, 1+N]; per block [L, 1, H, 1+N, 1+N]; or None."""
+        return self.rel_pos() if self.rel_pos_bias in ("shared", "per_block") else None
 
 
 class ImageData2Vec(nn.Module):
@@ -142,12 +146,15 @@ class ImageData2Vec(nn.Module):
     mask_noise_std: float = 0.01  # 2.0: the decoder's fill at removed patches
     decoder_input_dropout: float = 0.0  # 2.0: on the encoder outputs the decoder gets
     dtype: str = "float32"
+    # False: no LayerNorm after a pre-LN stack (BEiT fine-tuning with mean
+    # pooling normalizes the pooled features instead; HF use_mean_pooling).
+    final_norm_on: bool = True
     # `encode` returns the CLS position first (pooling skips it for "mean").
     cls_first = True
 
     def setup(self):
         dtype = dtype_of(self.dtype)
-        if self.frontend.layer_norm_first:  # pre-LN stacks end with a LayerNorm (BEiT)
+        if self._has_final_norm():  # pre-LN stacks end with a LayerNorm (BEiT)
             self.final_norm = layer_norm(self.frontend.norm_eps, dtype, "final_norm")
         if self.version == "v1":
             self.head = dense(self.frontend.dim, ("embed", "embed_out"), dtype, name="head",
@@ -157,9 +164,12 @@ class ImageData2Vec(nn.Module):
             self.decoder_dropout = nn.Dropout(self.decoder_input_dropout)
 
     # -- shared pieces ----------------------------------------------------------
+    def _has_final_norm(self) -> bool:
+        return self.frontend.layer_norm_first and self.final_norm_on
+
     def _encode(self, x, *, deterministic: bool, final_norm: bool = True):
         x, layer_targets = self.encoder(x, self.frontend.bias(), deterministic=deterministic)
-        if final_norm and self.frontend.layer_norm_first:
+        if final_norm and self._has_final_norm():
             x = self.final_norm(x)
         return x, layer_targets
 
@@ -227,11 +237,15 @@ def build(config: ml_collections.ConfigDict) -> ImageData2Vec:
         layer_norm_first=m.layer_norm_first, norm_eps=m.norm_eps,
         patch_embed_init=m.patch_embed_init, mask_token=config.version == "v1", dtype=m.dtype,
         init_std=m.get("init_std", 0.02), init_truncation=m.get("init_truncation", None),
-        token_init_std=m.get("token_init_std", 0.02))
+        token_init_std=m.get("token_init_std", 0.02), depth=m.depth)
     encoder = encoder_from_config(m, layer_norm_first=m.layer_norm_first,
-                                  layer_scale_init=m.layer_scale_init, dtype=dtype_of(m.dtype))
+                                  layer_scale_init=m.layer_scale_init, dtype=dtype_of(m.dtype),
+                                  bias_per_layer=m.rel_pos_bias == "per_block")
     if config.version == "v1":
-        return ImageData2Vec("v1", frontend, encoder, dtype=m.dtype)
+        # model.final_norm=False: no LayerNorm after the pre-LN stack (BEiT
+        # fine-tuning with mean pooling normalizes the pooled features instead).
+        return ImageData2Vec("v1", frontend, encoder, dtype=m.dtype,
+                             final_norm_on=m.get("final_norm", True))
     decoder = decoder_from_config(config.decoder, masking.grid_of(config), m.dim,
                                   dtype_of(m.dtype))
     return ImageData2Vec("v2", frontend, encoder, decoder, num_keep=masking.num_keep(config),
