@@ -21,8 +21,10 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import (Data2VecAudioConfig, Data2VecAudioModel, Data2VecTextConfig,
-                          Data2VecTextModel, Data2VecVisionConfig, Data2VecVisionModel)
+from transformers import (Data2VecAudioConfig, Data2VecAudioForCTC, Data2VecAudioModel,
+                          Data2VecTextConfig, Data2VecTextForSequenceClassification,
+                          Data2VecTextModel, Data2VecVisionConfig,
+                          Data2VecVisionForImageClassification, Data2VecVisionModel)
 
 from d2v_jax.convert import ConversionError, from_huggingface, to_huggingface
 
@@ -32,12 +34,17 @@ ATOL = 1e-4
 
 
 def round_trip(enc, hf_class, tmp_path):
-    """ours -> HF -> save_pretrained -> from_pretrained -> ours."""
-    hf = to_huggingface(enc.config, enc.params)
+    """ours -> HF -> save_pretrained -> from_pretrained -> ours (bit-exact,
+    the task head included)."""
+    hf = to_huggingface(enc.config, enc.params, enc.head, enc.task)
+    assert type(hf) is hf_class
     hf.save_pretrained(tmp_path)
     loaded = hf_class.from_pretrained(tmp_path).eval()
     back = from_huggingface(loaded)
     assert_same_params(enc.params, back.params)
+    assert back.task == enc.task
+    if enc.head is not None:
+        assert_same_params(enc.head, back.head)
     return loaded
 
 
@@ -75,8 +82,6 @@ def test_vision_fails_loudly():
     del state["encoder.layer.1.lambda_2"]
     with pytest.raises(ConversionError, match="encoder.layer.1.lambda_2"):
         from_huggingface(state, hf.config)
-    with pytest.raises(ConversionError, match="use_mean_pooling"):
-        from_huggingface(hf.state_dict(), Data2VecVisionConfig(**{**VISION, "use_mean_pooling": True}))
     with pytest.raises(ConversionError, match="use_relative_position_bias"):
         from_huggingface(hf.state_dict(), Data2VecVisionConfig(
             **{**VISION, "use_relative_position_bias": True}))
@@ -135,6 +140,68 @@ def test_audio_with_padding_matches_hf_and_round_trips(tmp_path):
     loaded = round_trip(enc, Data2VecAudioModel, tmp_path)
     np.testing.assert_allclose(hidden(loaded, input_values=wav, attention_mask=mask)[real],
                                ref[real], atol=ATOL)
+
+
+AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2),
+             num_conv_pos_embeddings=2, conv_pos_kernel_size=4, num_conv_pos_embedding_groups=4)
+TEXT = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=20, layer_norm_eps=1e-5)
+
+
+@pytest.mark.slow  # three HF task models, a compile each
+def test_task_heads_match_hf_and_round_trip(tmp_path):
+    """Data2VecAudioForCTC, Data2VecTextForSequenceClassification and
+    Data2VecVisionForImageClassification (per-block relative position bias and
+    mean pooling, as the released fine-tuned vision models): logits within
+    1e-4 of HF; ours -> HF -> ours bit-exact."""
+    torch.manual_seed(0)
+    # Audio CTC (logits at real frames; ours zeroes padded frames' states).
+    hf = perturbed(Data2VecAudioForCTC(Data2VecAudioConfig(**AUDIO, vocab_size=12)))
+    wav, mask = torch.randn(2, 400), torch.ones(2, 400, dtype=torch.long)
+    wav[1, 250:], mask[1, 250:] = 0, 0
+    with torch.no_grad():
+        ref = hf(input_values=wav, attention_mask=mask).logits.numpy()
+    enc = from_huggingface(hf)
+    assert enc.task == "ctc"
+    real = np.arange(ref.shape[1])[None] < np.array([39, 24])[:, None]
+    np.testing.assert_allclose(enc.logits(wav, mask)[real], ref[real], atol=ATOL)
+    round_trip(enc, Data2VecAudioForCTC, tmp_path / "ctc")
+    # Text sequence classification (RoBERTa's head on <s>).
+    hf = perturbed(Data2VecTextForSequenceClassification(Data2VecTextConfig(**TEXT, num_labels=3)))
+    ids = torch.randint(3, 40, (2, 9))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits.numpy()
+    enc = from_huggingface(hf)
+    assert enc.task == "classification"
+    np.testing.assert_allclose(enc.logits(ids), ref, atol=ATOL)
+    round_trip(enc, Data2VecTextForSequenceClassification, tmp_path / "cls")
+    # Vision image classification, fine-tuned layout.
+    vision = {**VISION, "use_shared_relative_position_bias": False,
+              "use_relative_position_bias": True, "use_mean_pooling": True, "num_labels": 5}
+    hf = perturbed(Data2VecVisionForImageClassification(Data2VecVisionConfig(**vision)))
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels).logits.numpy()
+        ref_h = hf.data2vec_vision(pixel_values=pixels).last_hidden_state.numpy()
+    enc = from_huggingface(hf)
+    m = enc.config.model
+    assert (m.rel_pos_bias, m.final_norm, enc.task) == ("per_block", False, "image_classification")
+    table = enc.params["frontend"]["rel_pos_bias"]["relative_position_bias_table"]
+    assert table.shape == (2, 7 * 7 + 3, 4) and np.abs(table[0] - table[1]).max() > 0
+    np.testing.assert_allclose(enc(pixels), ref_h, atol=ATOL)
+    np.testing.assert_allclose(enc.logits(pixels), ref, atol=ATOL)
+    round_trip(enc, Data2VecVisionForImageClassification, tmp_path / "vit")
+
+
+def test_image_v2_export_names_the_missing_hf_class():
+    """jax-to-hf on a 2.0 image model: the reason (no HF class), not a missing subtree."""
+    from d2v_jax.config import load_config
+    config = load_config("experiments/image.py:tiny_v2")
+    with pytest.raises(ConversionError, match="2.0 image models are post-LN and have no HF class"):
+        to_huggingface(config, {"frontend": {}, "encoder": {}})
+    with pytest.raises(ConversionError, match="head and task together"):
+        to_huggingface(load_config("experiments/image.py:tiny_v1"), {}, head={"head": {}})
 
 
 @pytest.mark.slow  # a python subprocess

@@ -17,6 +17,7 @@ import numpy as np
 
 from d2v_jax import modalities, optim
 from d2v_jax.config import load_config
+from d2v_jax.convert.heads import apply_head
 from d2v_jax.train_state import TrainState, ema_subtree, init_params
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -197,6 +198,8 @@ class Converted:
 
     config: ml_collections.ConfigDict
     params: Any
+    head: Any = None  # a task model's head params (convert.heads), or None
+    task: str | None = None  # "ctc", "classification", "image_classification"
 
     def __post_init__(self):
         self._apply = _encode_fn(json.dumps(self.config.to_dict(), sort_keys=True, default=list))
@@ -246,3 +249,10 @@ class Converted:
                            input_ids=input_ids, attention_mask=attention_mask)
         params = jax.tree.map(jnp.asarray, self.params)
         return np.asarray(self._apply(params, batch))
+
+    def logits(self, *args, **inputs) -> np.ndarray:
+        """The task model's logits (the HF task model's `.logits`), from the
+        same inputs as `__call__`."""
+        if self.head is None:
+            raise ValueError("this converted model has no task head (it was a base model)")
+        return apply_head(self.task, self.head, self(*args, **inputs), self.config.model.norm_eps)

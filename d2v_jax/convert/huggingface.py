@@ -62,20 +62,30 @@ def from_huggingface(model_or_state: Any, hf_config: Any = None) -> Converted:
         state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
     reader = StateReader(state, f"Hugging Face {kind} state dict", ignore=HF_IGNORE)
     params = mapping.params_from_hf(reader, hf_config, config)
+    # A task model's head (CTC, sequence / image classification), if any.
+    task, head = mapping.head_from_hf(reader, hf_config)
     reader.finish()
     expected = expected_params(config)
     check_tree(params, {k: expected[k] for k in params}, "from_huggingface")
-    return Converted(config, params)
+    return Converted(config, params, head=head, task=task)
 
 
-def to_huggingface(config: ml_collections.ConfigDict, params: Any):
+def to_huggingface(config: ml_collections.ConfigDict, params: Any, head: Any = None,
+                   task: str | None = None):
     """Our config and params (student or EMA teacher) -> a transformers model in
     eval mode; `model.save_pretrained(dir)` writes a folder that
-    `Data2Vec*Model.from_pretrained(dir)` loads."""
+    `Data2Vec*Model.from_pretrained(dir)` loads. With a task `head` (what
+    `from_huggingface` / `from_fairseq` return as `.head`, `.task`) the task
+    model: Data2VecAudioForCTC, Data2VecTextForSequenceClassification or
+    Data2VecVisionForImageClassification."""
     import torch
     mapping = hf_mapping(config.modality)
+    # A config HF has no class for fails here, before its params are looked at.
+    mapping.check_export(config)
+    if (head is None) != (task is None):
+        raise ConversionError("to_huggingface: pass head and task together (or neither)")
     params = {k: v for k, v in params.items()}
-    needed = mapping.ENCODER_SUBTREES
+    needed = mapping.encoder_subtrees(config)
     missing = [k for k in needed if k not in params]
     if missing:
         raise ConversionError(f"to_huggingface: params lack the subtrees {missing} "
@@ -83,7 +93,7 @@ def to_huggingface(config: ml_collections.ConfigDict, params: Any):
     expected = expected_params(config)
     check_tree({k: params[k] for k in params if k in expected},
                {k: expected[k] for k in params if k in expected}, "to_huggingface")
-    model, sd = mapping.to_hf(config, params)
+    model, sd = mapping.to_hf(config, params, head, task)
     tensors = {k: torch.from_numpy(np.array(v, np.float32, copy=True))
                for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)

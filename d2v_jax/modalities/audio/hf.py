@@ -84,10 +84,13 @@ def params_from_hf(r: StateReader, hf, config) -> dict[str, Any]:
     return params
 
 
-def to_hf(config, params):
-    from transformers import Data2VecAudioConfig, Data2VecAudioModel
+def encoder_subtrees(config) -> tuple[str, ...]:
+    return ENCODER_SUBTREES
+
+
+def check_export(config) -> None:
+    """A config HF Data2VecAudio cannot hold -> ConversionError naming the field."""
     m = config.model
-    d = m.dim
     if m.alibi or m.pos_conv != "stack":
         raise ConversionError(
             f"to_huggingface: HF Data2VecAudio has no ALiBi and a stacked positional conv; "
@@ -97,6 +100,21 @@ def to_hf(config, params):
             "to_huggingface: HF zeroes padded frames only at the positional conv's input; "
             "set model.pos_conv_zero_pad='input' (outputs then match with padding). "
             f"Got {m.get('pos_conv_zero_pad', 'layer')!r}")
+
+
+def head_from_hf(r: StateReader, hf) -> tuple[str | None, Any]:
+    """Data2VecAudioForCTC's `lm_head` -> ("ctc", {"proj": Dense})."""
+    if "lm_head.weight" not in r:
+        return None, None
+    return "ctc", {"proj": r.linear("lm_head")}
+
+
+def to_hf(config, params, head=None, task=None):
+    from transformers import Data2VecAudioConfig, Data2VecAudioForCTC, Data2VecAudioModel
+    m = config.model
+    d = m.dim
+    if task not in (None, "ctc"):
+        raise ConversionError(f"to_huggingface: task {task!r}; HF audio task heads: 'ctc'")
     kernel_size = max(3, m.pos_conv_width // m.pos_conv_depth)
     has_mask = "mask_emb" in params
     hf_config = Data2VecAudioConfig(
@@ -138,7 +156,13 @@ def to_hf(config, params):
             sd.update({p + theirs + "." + k: v for k, v in norm_out(ours).items()})
     if has_mask:
         sd["masked_spec_embed"] = np.asarray(params["mask_emb"]["embedding"])
-    return Data2VecAudioModel(hf_config), sd
+    if head is None:
+        return Data2VecAudioModel(hf_config), sd
+    proj = linear_out(head["proj"])
+    hf_config.vocab_size = int(proj["weight"].shape[0])
+    sd = {PREFIX + k: v for k, v in sd.items()}
+    sd.update({"lm_head." + k: v for k, v in proj.items()})
+    return Data2VecAudioForCTC(hf_config), sd
 
 
 def batch_from_hf(x: np.ndarray, attention_mask: np.ndarray | None) -> dict[str, np.ndarray]:

@@ -19,17 +19,16 @@ MODEL_TYPE = "data2vec-vision"  # transformers config.model_type
 PREFIX = "data2vec_vision."  # a task model's (e.g. ...ForSequenceClassification) encoder prefix
 INPUT = "pixel_values"  # the encoder's input argument
 ENCODER_SUBTREES = ("frontend", "encoder", "final_norm")  # our subtrees a Hugging Face encoder holds
+PER_BLOCK_TABLE = "attention.attention.relative_position_bias.relative_position_bias_table"
 
 
 def config_from_hf(hf) -> ml_collections.ConfigDict:
     hf_require(hf.hidden_act == "gelu", "hidden_act", f"{hf.hidden_act!r}; ours is exact GELU ('gelu')")
     hf_require(not hf.use_absolute_position_embeddings, "use_absolute_position_embeddings",
              "learned absolute positions are not in our v1 ViT (BEiT uses none)")
-    hf_require(not hf.use_relative_position_bias, "use_relative_position_bias",
-             "per-block relative position bias is not supported; our model has one shared "
-             "table (use_shared_relative_position_bias=True)")
-    hf_require(not hf.use_mean_pooling, "use_mean_pooling",
-             "True makes HF's last_hidden_state skip the final LayerNorm; ours ends with it")
+    hf_require(not (hf.use_relative_position_bias and hf.use_shared_relative_position_bias),
+               "use_relative_position_bias", "per-block tables together with a shared one: "
+               "our model has one or the other (model.rel_pos_bias)")
     hf_require(hf.hidden_size % hf.num_attention_heads == 0, "hidden_size", "not divisible by heads")
     size = hf.image_size if isinstance(hf.image_size, int) else hf.image_size[0]
     hf_require(isinstance(hf.image_size, int) or hf.image_size[0] == hf.image_size[1],
@@ -40,8 +39,12 @@ def config_from_hf(hf) -> ml_collections.ConfigDict:
                depth=int(hf.num_hidden_layers), num_heads=int(hf.num_attention_heads),
                mlp_ratio=hf.intermediate_size / hf.hidden_size, qkv_bias=True,
                layer_norm_first=True, layer_scale_init=float(hf.layer_scale_init_value),
-               rel_pos_bias="shared" if hf.use_shared_relative_position_bias else "none",
-               abs_pos="none", norm_eps=float(hf.layer_norm_eps), drop_path=0.0)
+               rel_pos_bias=("per_block" if hf.use_relative_position_bias else
+                             "shared" if hf.use_shared_relative_position_bias else "none"),
+               abs_pos="none", norm_eps=float(hf.layer_norm_eps), drop_path=0.0,
+               # use_mean_pooling: HF's encoder ends without a LayerNorm (the
+               # pooler normalizes the mean instead), so does ours then.
+               final_norm=not hf.use_mean_pooling)
     hf_require(int(config.model.dim * config.model.mlp_ratio) == hf.intermediate_size,
              "intermediate_size", "must be hidden_size * a ratio that round-trips")
     return config
@@ -64,6 +67,9 @@ def params_from_hf(r: StateReader, hf, config) -> dict[str, Any]:
     if m.rel_pos_bias == "shared":
         frontend["rel_pos_bias"] = {"relative_position_bias_table": r.get(
             "encoder.relative_position_bias.relative_position_bias_table")}
+    elif m.rel_pos_bias == "per_block":  # [L, size, H], block i's table at i
+        frontend["rel_pos_bias"] = {"relative_position_bias_table": np.stack([r.get(
+            f"encoder.layer.{i}.{PER_BLOCK_TABLE}") for i in range(m.depth)])}
     blocks = []
     for i in range(m.depth):
         p = f"encoder.layer.{i}."
@@ -80,12 +86,19 @@ def params_from_hf(r: StateReader, hf, config) -> dict[str, Any]:
             block["gamma_1"] = r.get(p + "lambda_1", (d,))
             block["gamma_2"] = r.get(p + "lambda_2", (d,))
         blocks.append(block)
-    return {"frontend": frontend, "encoder": {"blocks": stack(blocks)},
-            "final_norm": r.norm("layernorm")}
+    params = {"frontend": frontend, "encoder": {"blocks": stack(blocks)}}
+    if m.final_norm:
+        params["final_norm"] = r.norm("layernorm")
+    return params
 
 
-def to_hf(config, params):
-    from transformers import Data2VecVisionConfig, Data2VecVisionModel
+def encoder_subtrees(config) -> tuple[str, ...]:
+    """Our subtrees an HF encoder holds (no final_norm with use_mean_pooling)."""
+    return ENCODER_SUBTREES if config.model.get("final_norm", True) else ENCODER_SUBTREES[:2]
+
+
+def check_export(config) -> None:
+    """A config HF Data2VecVision cannot hold -> ConversionError naming the field."""
     m = config.model
     if config.version != "v1" or not m.layer_norm_first:
         raise ConversionError(
@@ -95,14 +108,44 @@ def to_hf(config, params):
     if m.abs_pos != "none":
         raise ConversionError(f"to_huggingface: model.abs_pos={m.abs_pos!r} has no HF "
                               "Data2VecVision counterpart with a v1 model")
+
+
+def head_from_hf(r: StateReader, hf) -> tuple[str | None, Any]:
+    """Data2VecVisionForImageClassification's pooler and classifier ->
+    ("image_classification", {"fc_norm" (mean pooling), "head"}). A base
+    model's pooler (unused by last_hidden_state) is read and dropped."""
+    fc_norm = r.norm("pooler.layernorm") if "pooler.layernorm.weight" in r else None
+    if "classifier.weight" not in r:
+        return None, None
+    head = {"head": r.linear("classifier")}
+    if hf.use_mean_pooling:
+        head["fc_norm"] = fc_norm
+    return "image_classification", head
+
+
+def to_hf(config, params, head=None, task=None):
+    from transformers import (Data2VecVisionConfig, Data2VecVisionForImageClassification,
+                              Data2VecVisionModel)
+    m = config.model
+    check_export(config)
+    final_norm = m.get("final_norm", True)
+    if task not in (None, "image_classification"):
+        raise ConversionError(f"to_huggingface: task {task!r}; HF vision task heads: "
+                              "'image_classification'")
+    if head is not None and ("fc_norm" in head) == final_norm:
+        raise ConversionError(
+            "to_huggingface: HF pools the mean of the patch tokens through a LayerNorm only "
+            "with use_mean_pooling, whose encoder has no final LayerNorm; a head with fc_norm "
+            f"needs model.final_norm=False, one without needs True (got {final_norm})")
     d = m.dim
     hf_config = Data2VecVisionConfig(
         hidden_size=d, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
         intermediate_size=int(d * m.mlp_ratio), hidden_act="gelu", image_size=m.image_size,
         patch_size=m.patch_size, num_channels=m.channels, use_mask_token=True,
-        use_absolute_position_embeddings=False, use_relative_position_bias=False,
+        use_absolute_position_embeddings=False,
+        use_relative_position_bias=m.rel_pos_bias == "per_block",
         use_shared_relative_position_bias=m.rel_pos_bias == "shared",
-        layer_scale_init_value=m.layer_scale_init, use_mean_pooling=False,
+        layer_scale_init_value=m.layer_scale_init, use_mean_pooling=not final_norm,
         layer_norm_eps=m.norm_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         drop_path_rate=0.0)
     f = params["frontend"]
@@ -116,6 +159,9 @@ def to_hf(config, params):
             f["rel_pos_bias"]["relative_position_bias_table"])
     for i, b in enumerate(unstack(params["encoder"]["blocks"], m.depth)):
         p = f"encoder.layer.{i}."
+        if m.rel_pos_bias == "per_block":
+            sd[p + PER_BLOCK_TABLE] = np.asarray(
+                f["rel_pos_bias"]["relative_position_bias_table"])[i]
         a = p + "attention.attention."
         (wq, bq), (wk, _), (wv, bv) = split_qkv(b["attn"]["qkv"], d)  # k bias: see _qkv
         sd.update({a + "query.weight": wq, a + "query.bias": bq, a + "key.weight": wk,
@@ -128,8 +174,17 @@ def to_hf(config, params):
             sd.update({p + theirs + "." + k: v for k, v in norm_out(ours).items()})
         if m.layer_scale_init > 0:
             sd[p + "lambda_1"], sd[p + "lambda_2"] = b["gamma_1"], b["gamma_2"]
-    sd.update({"layernorm." + k: v for k, v in norm_out(params["final_norm"]).items()})
-    return Data2VecVisionModel(hf_config, add_pooling_layer=False), sd
+    if final_norm:
+        sd.update({"layernorm." + k: v for k, v in norm_out(params["final_norm"]).items()})
+    if head is None:
+        return Data2VecVisionModel(hf_config, add_pooling_layer=False), sd
+    out = linear_out(head["head"])
+    hf_config.num_labels = int(out["weight"].shape[0])
+    sd = {PREFIX + k: v for k, v in sd.items()}
+    if "fc_norm" in head:
+        sd.update({PREFIX + "pooler.layernorm." + k: v for k, v in norm_out(head["fc_norm"]).items()})
+    sd.update({"classifier." + k: v for k, v in out.items()})
+    return Data2VecVisionForImageClassification(hf_config), sd
 
 
 def batch_from_hf(x: np.ndarray, attention_mask: np.ndarray | None) -> dict[str, np.ndarray]:

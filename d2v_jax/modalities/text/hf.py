@@ -11,7 +11,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from d2v_jax.convert.common import (StateReader, base_config, hf_require,
+from d2v_jax.convert.common import (ConversionError, StateReader, base_config, hf_require,
                                     linear_out, norm_out, qkv, set_model, split_qkv, stack,
                                     unstack)
 from d2v_jax.modalities.text.tokenizer import PAD_ID
@@ -77,9 +77,30 @@ def params_from_hf(r: StateReader, hf, config) -> dict[str, Any]:
     return {"frontend": frontend, "encoder": {"blocks": stack(blocks)}}
 
 
-def to_hf(config, params):
-    from transformers import Data2VecTextConfig, Data2VecTextModel
+def encoder_subtrees(config) -> tuple[str, ...]:
+    return ENCODER_SUBTREES
+
+
+def check_export(config) -> None:
+    del config  # every text config of ours has an HF counterpart
+
+
+def head_from_hf(r: StateReader, hf) -> tuple[str | None, Any]:
+    """Data2VecTextForSequenceClassification's `classifier` (RoBERTa's head:
+    first token -> dense -> tanh -> out_proj) -> ("classification", ...)."""
+    if "classifier.out_proj.weight" not in r:
+        return None, None
+    return "classification", {"dense": r.linear("classifier.dense"),
+                              "out_proj": r.linear("classifier.out_proj")}
+
+
+def to_hf(config, params, head=None, task=None):
+    from transformers import (Data2VecTextConfig, Data2VecTextForSequenceClassification,
+                              Data2VecTextModel)
     m = config.model
+    if task not in (None, "classification"):
+        raise ConversionError(f"to_huggingface: task {task!r}; HF text task heads: "
+                              "'classification'")
     d = m.dim
     offset = PAD_ID + 1
     hf_config = Data2VecTextConfig(
@@ -108,7 +129,14 @@ def to_hf(config, params):
         for ours, theirs in ((b["norm1"], "attention.output.LayerNorm"),
                              (b["norm2"], "output.LayerNorm")):
             sd.update({p + theirs + "." + k: v for k, v in norm_out(ours).items()})
-    return Data2VecTextModel(hf_config, add_pooling_layer=False), sd
+    if head is None:
+        return Data2VecTextModel(hf_config, add_pooling_layer=False), sd
+    out = linear_out(head["out_proj"])
+    hf_config.num_labels = int(out["weight"].shape[0])
+    sd = {PREFIX + k: v for k, v in sd.items()}
+    sd.update({"classifier.dense." + k: v for k, v in linear_out(head["dense"]).items()})
+    sd.update({"classifier.out_proj." + k: v for k, v in out.items()})
+    return Data2VecTextForSequenceClassification(hf_config), sd
 
 
 def batch_from_hf(x: np.ndarray, attention_mask: np.ndarray | None) -> dict[str, np.ndarray]:
