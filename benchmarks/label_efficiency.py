@@ -27,14 +27,14 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, _ROOT)
 
 from arms import label_efficiency_arms  # noqa: E402  (benchmarks/arms.py, next to this script)
-from d2v_jax import checkpoint, finetune  # noqa: E402
+from d2v_jax import checkpoint, errors, finetune  # noqa: E402
 from d2v_jax.config import load_config, parse_overrides  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (pretraining, runs, table, plot).")
@@ -209,4 +209,7 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    # A user error (bad flag, config key or value, data) is one `error:` line, exit 2
+    # (d2v_jax/errors.py); --debug shows its traceback.
+    sys.exit(errors.absl_main(None, lambda fv: main(sys.argv[:1]), None, doc=__doc__,
+                              flag_values=flags.FLAGS))

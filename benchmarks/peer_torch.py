@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import d2v_jax
-from d2v_jax import flops
+from d2v_jax import errors, flops
 from d2v_jax.config import set_field
 
 PEAK_FLOPS = (("h200", 989e12), ("h100", 989e12), ("a100", 312e12))  # bf16 dense
@@ -234,4 +234,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # A user error (bad config key or value) is one `error:` line, exit 2 (d2v_jax/errors.py).
+    sys.exit(errors.run(main, debug=errors.debug_requested(sys.argv)))

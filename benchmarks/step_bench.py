@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import d2v_jax
-from d2v_jax import flops, modalities, parallel
+from d2v_jax import errors, flops, modalities, parallel
 from d2v_jax.models import layers
 from d2v_jax.config import set_field, validate
 from d2v_jax.train_step import make_train_step, make_train_step_fn
@@ -336,4 +336,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # A user error (bad config key or value) is one `error:` line, exit 2 (d2v_jax/errors.py).
+    sys.exit(errors.run(main, debug=errors.debug_requested(sys.argv)))

@@ -233,7 +233,7 @@ def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception,
     path = _step_dir(manager, step)
     older = [s for s in manager.all_steps() if s < step]
     then = f"restoring step {max(older)} instead" if older else "no older step to restore"
-    logging.error("checkpoint step %d is unreadable (%s; its %s): %s; %s", step, path, part,
+    logging.error("checkpoint step %d is unreadable: %s; %s", step,
                   unreadable_reason(error, path, part), then)
     if jax.process_index() == 0 and os.path.isdir(path):
         target = path + CORRUPT_SUFFIX

@@ -30,6 +30,7 @@ import contextlib
 import difflib
 import os
 import re
+import shutil
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
@@ -101,6 +102,42 @@ def config_errors():
         raise ConfigError(one_line(str(e))) from e
 
 
+class undo_additions:
+    """On an exception inside: removes what was added under `workdir` (and
+    `workdir` itself if it did not exist), so that a refused run leaves it as
+    it was. Only additions are undone: the code inside must rewrite nothing
+    (a run checks inside, then writes its files after). `primary`: whether
+    this process does the file work (process 0 of a multi-host run)."""
+
+    def __init__(self, workdir: str, primary: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        self.primary = primary
+
+    def _paths(self) -> set[str]:
+        out = set()
+        for d, dirs, files in os.walk(self.workdir):
+            out.update(os.path.join(d, n) for n in dirs + files)
+        return out
+
+    def __enter__(self):
+        self.existed = os.path.isdir(self.workdir)
+        self.before = self._paths() if self.existed else set()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None or not self.primary or not os.path.isdir(self.workdir):
+            return False
+        if not self.existed:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return False
+        for path in sorted(self._paths() - self.before, key=len, reverse=True):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.remove(path)
+        return False
+
+
 # --- config keys ---------------------------------------------------------------------
 def config_keys(config: Any, prefix: str = "") -> list[str]:
     """Every dotted key of a (nested) ConfigDict: the sections and their fields."""
@@ -115,18 +152,17 @@ def config_keys(config: Any, prefix: str = "") -> list[str]:
 
 
 def nearest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """The closest `n` candidates to `word` (difflib), best first; the leaf
-    name alone is compared too, so `model.dimm` finds `model.dim` and
-    `data.holdout` finds `data.holdout_fraction` in another section."""
+    """The closest `n` dotted candidates to `word` (difflib), best first: the
+    fields of the same section when one is close (`model.dimm` -> `model.dim`),
+    else the closest keys anywhere (`modle.dim` -> `model.dim`, `data.holdout`
+    -> `data.holdout_fraction`)."""
     candidates = list(candidates)
-    found = difflib.get_close_matches(word, candidates, n=n, cutoff=0.6)
-    leaf = word.rsplit(".", 1)[-1]
-    by_leaf = {}
-    for c in candidates:
-        by_leaf.setdefault(c.rsplit(".", 1)[-1], []).append(c)
-    for name in difflib.get_close_matches(leaf, list(by_leaf), n=n, cutoff=0.75):
-        found += [c for c in by_leaf[name] if c not in found]
-    return found[:n]
+    parent, _, leaf = word.rpartition(".")
+    siblings = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=n, cutoff=0.6)
+    if close:
+        return [siblings[c] for c in close]
+    return difflib.get_close_matches(word, candidates, n=n, cutoff=0.6)
 
 
 def missing_key_error(config: Any, key: str) -> ConfigKeyError | None:
@@ -183,20 +219,22 @@ def debug_requested(argv: Sequence[str] = ()) -> bool:
     return "--debug" in argv or env not in ("", "0", "false", "no")
 
 
-def run(fn: Callable[[], int | None], *, debug: bool = False,
+def run(fn: Callable[[], int | None], *, debug: bool = False, user: Sequence[type] = (),
         stopped: Sequence[type] = ()) -> int:
-    """Calls `fn` and returns its exit code (None = 0). A user error (or one of
-    `stopped`: exit code 3) is printed by `report` and its exit code returned;
-    with `debug` it propagates with its traceback, as does any other error."""
+    """Calls `fn` and returns its exit code (None = 0). A user error (a
+    UserError or one of `user`: exit code 2; one of `stopped`: 3) is printed
+    by `report` and its exit code returned; with `debug` it propagates with its
+    traceback, as does any other error."""
     try:
         return int(fn() or 0)
     except Exception as e:  # noqa: BLE001  (anything else is re-raised)
-        user = find_user_error(e, stopped)
-        if user is None or debug:
+        found = find_user_error(e, tuple(user) + tuple(stopped))
+        if found is None or debug:
             raise
-        report(user)
-        return getattr(user, "exit_code", EXIT_RUN_STOPPED if isinstance(user, tuple(stopped))
-                       else EXIT_USER_ERROR)
+        report(found)
+        if isinstance(found, tuple(stopped)):
+            return EXIT_RUN_STOPPED
+        return getattr(found, "exit_code", EXIT_USER_ERROR)
 
 
 # --- absl flags -----------------------------------------------------------------------
@@ -288,23 +326,26 @@ def _load_config_arg(argv: Sequence[str], name: str):
     return None
 
 
-def absl_main(define_flags: Callable, body: Callable, argv: Sequence[str] | None, *,
-              doc: str = "", stopped: Sequence[type] = ()) -> int:
+def absl_main(define_flags: Callable | None, body: Callable, argv: Sequence[str] | None, *,
+              doc: str = "", stopped: Sequence[type] = (), flag_values=None) -> int:
     """A command line on absl flags, run through `run`: `define_flags(fv, argv)`
     defines its flags on a fresh FlagValues (so several CLIs can run in one
     process, and a test can call `main(argv)` repeatedly), `body(fv)` does the
     work and returns an exit code. Adds `--debug`; `--help` prints `doc` and
-    the flags. Returns the exit code."""
+    the flags. Returns the exit code. A script whose flags are defined at
+    import passes `flag_values=flags.FLAGS` and no `define_flags`."""
     from absl import flags
     from absl import logging as absl_logging
 
     argv = list(sys.argv if argv is None else argv)
 
     def go() -> int | None:
-        fv = flags.FlagValues()
-        define_flags(fv, argv)
-        flags.DEFINE_bool("debug", False, f"Show the traceback of user errors too (also "
-                          f"{DEBUG_ENV}=1).", flag_values=fv)
+        fv = flags.FlagValues() if flag_values is None else flag_values
+        if define_flags is not None:
+            define_flags(fv, argv)
+        if "debug" not in fv:
+            flags.DEFINE_bool("debug", False, f"Show the traceback of user errors too (also "
+                              f"{DEBUG_ENV}=1).", flag_values=fv)
         if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
             print(doc.strip() + "\n\nflags:\n" + fv.get_help(include_special_flags=False))
             return 0

@@ -46,7 +46,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -170,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     validate(config)
     entry = modalities.get(config)
     # Checks before writes: a refused run leaves the work dir as it was.
-    with _undo_on_error(workdir):
+    with errors.undo_additions(workdir, primary=jax.process_index() == 0):
         # Run-level set-up of the modality (text: train or reload the tokenizer in
         # the work dir and set model.vocab_size from it), before the config is saved.
         config = entry.prepare(config, workdir)
@@ -291,39 +290,6 @@ def _check_checkpoints(config, workdir: str, init_from: str | None, model, tx,
     if checkpoint.check_workdir(workdir, abstract) is None and init_from:
         checkpoint.check_init_from(init_from, {"params": abstract.params,
                                                "ema_params": abstract.ema_params})
-
-
-class _undo_on_error:
-    """On an exception inside: removes what was added under `workdir` (and
-    `workdir` itself if it did not exist), so that a refused run leaves it as
-    it was. Only additions are undone; the checks inside rewrite nothing."""
-
-    def __init__(self, workdir: str):
-        self.workdir = os.path.abspath(workdir)
-
-    def _paths(self) -> set[str]:
-        out = set()
-        for d, dirs, files in os.walk(self.workdir):
-            out.update(os.path.join(d, n) for n in dirs + files)
-        return out
-
-    def __enter__(self):
-        self.existed = os.path.isdir(self.workdir)
-        self.before = self._paths() if self.existed else set()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None or jax.process_index() != 0 or not os.path.isdir(self.workdir):
-            return False
-        if not self.existed:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            return False
-        for path in sorted(self._paths() - self.before, key=len, reverse=True):
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                os.remove(path)
-        return False
 
 
 def _trim_metrics(path: str, step: int) -> None:

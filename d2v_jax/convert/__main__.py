@@ -8,17 +8,24 @@ r"""Convert checkpoints on disk (docs/convert.md).
 fresh optimizer state, config) that `d2v_jax.train --init_from` and
 `d2v_jax.restore_checkpoint` read. `hf_dir` is a local folder written by
 `save_pretrained`; nothing is downloaded.
+
+A bad argument, a missing file or a checkpoint that cannot be mapped prints
+`error: ...` (and a `hint: ...` line) and exits with 2, no traceback
+(`--debug` or D2V_DEBUG=1 shows it); the output folder is left as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 
-from d2v_jax import checkpoint
+import jax
+
+from d2v_jax import checkpoint, errors
 from d2v_jax.api import save_checkpoint
-from d2v_jax.convert import (from_fairseq, from_huggingface, make_train_state,
+from d2v_jax.convert import (ConversionError, from_fairseq, from_huggingface, make_train_state,
                              to_huggingface)
 from d2v_jax.train_state import teacher_params
 
@@ -28,9 +35,16 @@ def _hf_to_jax(args) -> str:
 
 
     if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"--model {args.model!r} is not a folder (save_pretrained output)")
-    hf_config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-    model = AutoModel.from_pretrained(args.model, config=hf_config, local_files_only=True)
+        raise errors.DataNotFoundError(f"--model {args.model!r} is not a folder (save_pretrained "
+                                       "output)")
+    try:
+        hf_config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+        model = AutoModel.from_pretrained(args.model, config=hf_config, local_files_only=True)
+    except (OSError, ValueError) as e:  # transformers: no config.json / weights, bad json
+        raise errors.DataError(f"--model {args.model!r}: transformers cannot load it: "
+                               f"{errors.one_line(str(e))[:300]}",
+                               hint="expected a folder written by save_pretrained "
+                                    "(config.json and the weights)") from e
     enc = from_huggingface(model)
     return save_checkpoint(args.out, enc.train_state(), enc.config)
 
@@ -50,16 +64,41 @@ def _fairseq_to_jax(args) -> str:
     import torch
 
     if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+        raise errors.DataNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
     # fairseq checkpoints pickle their omegaconf cfg, which weights_only refuses.
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=not args.trust_pickle)
+    try:
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=not args.trust_pickle)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        hint = ("fairseq checkpoints pickle their cfg: pass --trust_pickle (only for files you "
+                "trust)" if "Weights only load failed" in str(e) and not args.trust_pickle else
+                "expected a fairseq data2vec checkpoint (.pt) written by torch.save")
+        raise errors.DataError(f"--checkpoint {args.checkpoint!r}: torch.load cannot read it: "
+                               f"{first}", hint=hint) from e
     config, params, ema_params = from_fairseq(ckpt, num_heads=args.num_heads)
     return save_checkpoint(args.out, make_train_state(config, params, ema_params), config)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors (one `error:` line, exit 2)."""
+
+    def error(self, message):
+        raise errors.UserError(message, hint=f"{self.prog} --help")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m d2v_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """`python -m d2v_jax.convert` with `argv` (default sys.argv[1:]); returns the
+    exit code: 0, or 2 for a user error (printed as `error: ...`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return errors.run(lambda: _main(argv), debug=errors.debug_requested(argv),
+                      user=(ConversionError,))
+
+
+def _main(argv: list[str]) -> int:
+    parser = _Parser(prog="python -m d2v_jax.convert", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of errors (also {errors.DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("hf-to-jax", help="HF Data2Vec*Model folder -> our checkpoint")
     p.add_argument("--model", required=True, help="folder written by save_pretrained")
@@ -81,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run = {"hf-to-jax": _hf_to_jax, "jax-to-hf": _jax_to_hf,
            "fairseq-to-jax": _fairseq_to_jax}[args.command]
-    print(run(args))
+    n = jax.device_count()
+    print(f"convert {args.command}: {n} {jax.default_backend()} device{'s' if n != 1 else ''} "
+          "(the conversion runs on the host)", file=sys.stderr, flush=True)
+    with errors.undo_additions(args.out):  # a failed conversion leaves --out as it was
+        print(run(args))
     return 0
 
 

@@ -10,6 +10,7 @@ import ml_collections
 from d2v_jax import checkpoint, modalities
 from d2v_jax.config import load_config
 from d2v_jax.data import labeled
+from d2v_jax.errors import CheckpointError, ConfigError
 from d2v_jax.finetune.config import INIT_PARAMS
 
 
@@ -22,7 +23,7 @@ def load_pretrained(workdir: str, which: str = "student", step: int | None = Non
     never the optimizer state.
     """
     if which not in INIT_PARAMS:
-        raise ValueError(f"init.params={which!r}; expected one of {INIT_PARAMS}")
+        raise ConfigError(f"config.init.params={which!r}; expected one of {INIT_PARAMS}")
     subtrees = ("params", "ema_params") if which == "teacher" else ("params",)
     restored, config = checkpoint.restore_params(workdir, step, subtrees=subtrees)
     if which == "teacher":
@@ -35,8 +36,8 @@ def backbone_config_for(config: ml_collections.ConfigDict, init_from: str | None
     if init_from:
         params, bconfig = load_pretrained(init_from, config.init.params, config.init.step)
         if bconfig.modality != config.modality:
-            raise ValueError(f"--init_from={init_from!r} holds a {bconfig.modality!r} model; "
-                             f"config.modality is {config.modality!r}")
+            raise CheckpointError(f"--init_from={init_from!r} holds a {bconfig.modality!r} model; "
+                                  f"config.modality is {config.modality!r}")
         return params, bconfig
     if os.path.isdir(config.backbone):  # a pretraining run: its architecture, fresh weights
         return None, checkpoint.restore_config(config.backbone)
@@ -58,10 +59,10 @@ def make_labeled_data(config: ml_collections.ConfigDict,
     `data.labeled.labeled_data`."""
     entry = modalities.get(config)
     if entry.labeled_parts is None:
-        raise ValueError(f"config.modality={config.modality!r} has no labeled data for "
-                         "fine-tuning (its Modality record sets no labeled_parts)")
+        raise ConfigError(f"config.modality={config.modality!r} has no labeled data for "
+                          "fine-tuning (its Modality record sets no labeled_parts)")
     if config.task not in labeled.TASKS:
-        raise ValueError(f"config.task={config.task!r}; expected one of {labeled.TASKS}")
+        raise ConfigError(f"config.task={config.task!r}; expected one of {labeled.TASKS}")
     return labeled.labeled_data(config, *entry.labeled_parts(config, backbone_config))
 
 

@@ -7,6 +7,7 @@ import math
 import ml_collections
 
 from d2v_jax.data import labeled
+from d2v_jax.errors import check_field
 
 MODES = ("finetune", "linear_probe")
 POOLS = ("mean", "cls")
@@ -14,13 +15,11 @@ HEAD_NORMS = ("batch", "layer", "none")
 INIT_PARAMS = ("student", "teacher")
 
 
-def _check(cond: bool, field: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"config.{field}: {msg}")
+_check = check_field  # ConfigError (a ValueError): `config.<field>: <msg>`
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Raises ValueError naming the first impossible field of a fine-tune config."""
+    """Raises ConfigError naming the first impossible field of a fine-tune config."""
     _check(config.mode in MODES, "mode", f"{config.mode!r} not in {MODES}")
     _check(config.task in labeled.TASKS, "task", f"{config.task!r} not in {labeled.TASKS}")
     _check(config.head.pool in POOLS, "head.pool", f"{config.head.pool!r} not in {POOLS}")

@@ -4,6 +4,7 @@ results and the plot."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -16,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from d2v_jax import errors
 from d2v_jax import metrics as metrics_lib
 from d2v_jax.data import labeled
 from d2v_jax.finetune.backbone import (backbone_config_for, held_out_of_pretraining,
@@ -59,12 +61,14 @@ def prepare(config: ml_collections.ConfigDict, init_from: str | None = None,
         init_params, bconfig = pretrained
     else:
         init_params, bconfig = backbone_config_for(config, init_from)
-    bconfig = prepare_backbone(bconfig, init_from if init_params is not None else None, workdir)
+    bconfig = _prepare_backbone(config, bconfig, init_from if init_params is not None else None,
+                                workdir)
     data = make_labeled_data(config, bconfig)
     classify = config.task == "classification"
     num_outputs = config.head.num_outputs or (data.num_classes if classify else 1)
     if classify and num_outputs < data.num_classes:
-        raise ValueError(f"config.head.num_outputs={num_outputs} < {data.num_classes} classes in the data")
+        raise errors.ConfigError(f"config.head.num_outputs={num_outputs} < {data.num_classes} "
+                                 "classes in the data")
     target_stats = (0.0, 1.0)
     if not classify and config.loss.standardize_targets:
         used = data.labels[data.train]
@@ -99,18 +103,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains a head (and, unless probing, the encoder) on the task's labels.
     Returns the final state and the results dict written to `workdir/results.json`."""
     t0 = time.perf_counter()
-    run = prepare(config, init_from, pretrained=pretrained, workdir=workdir)
-    data, steps, state = run.data, run.num_steps, run.state
+    # Checks before writes: the config, the backbone, the labels, every test
+    # example and the first training batch are read before the work dir is
+    # touched; a refused run leaves it as it was (a scratch text backbone's
+    # newly trained tokenizer is removed again).
+    with errors.undo_additions(workdir):
+        run = prepare(config, init_from, pretrained=pretrained, workdir=workdir)
+        data, steps, state = run.data, run.num_steps, run.state
+        eval_batches = labeled.eval_arrays(data, data.test, config.data.eval_batch_size)
+        batches = iter(labeled.train_dataset(data, config.data.batch_size, config.seed,
+                                             num_threads=config.data.num_threads))
+        batches = itertools.chain([next(batches)], batches)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
-    logging.info("%s %s on %s: %d training labels (%.1f%% of %d), %d test, %d steps, init %s",
-                 config.mode, config.task, config.data.source, len(data.train),
-                 100 * config.data.label_fraction, len(data.train_pool), len(data.test), steps,
-                 init_from or "scratch")
-    eval_batches = labeled.eval_arrays(data, data.test, config.data.eval_batch_size)
-    batches = iter(labeled.train_dataset(data, config.data.batch_size, config.seed,
-                                         num_threads=config.data.num_threads))
+    n = jax.device_count()
+    if pretrained is None:  # the benchmark's many runs stay quiet
+        print(f"finetune: {config.mode} {config.task} on {config.data.source}, "
+              f"{len(data.train)} labels ({100 * config.data.label_fraction:.1f}% of "
+              f"{len(data.train_pool)}), {len(data.test)} test, {steps} steps, init "
+              f"{init_from or 'scratch'}; {n} {jax.default_backend()} device{'s' if n != 1 else ''}"
+              f", runs on 1 (jit, no mesh)", flush=True)
 
     writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
     history, pending = [], None
@@ -153,6 +166,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     plot(workdir, results)
     logging.info("test %s", json.dumps(final))
     return state, results
+
+
+def _prepare_backbone(config, bconfig, init_from, workdir):
+    """`backbone.prepare_backbone`, its errors naming where the backbone came
+    from: a scratch text backbone trains its tokenizer on the corpus of its
+    pretraining config, which an experiment file's default does not name."""
+    try:
+        return prepare_backbone(bconfig, init_from, workdir)
+    except errors.UserError as e:
+        if init_from or not str(e).startswith("config.data.path is empty"):
+            raise
+        raise errors.ConfigError(
+            f"config.backbone={config.backbone!r}: a scratch {bconfig.modality} backbone is set "
+            "up as its pretraining would be (its tokenizer is trained on the backbone's corpus), "
+            f"but the backbone config names no corpus ({e})",
+            hint="pass --config.backbone=<a pretraining work dir> (its architecture and "
+                 "tokenizer, fresh weights), or --init_from=<that work dir> for its weights "
+                 "too") from e
 
 
 def _write(writer, step, device_metrics):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from d2v_jax import modalities
+from d2v_jax.errors import CheckpointError
 
 
 class FinetuneModel(nn.Module):
@@ -87,10 +88,10 @@ def load_backbone_into(params: dict, pretrained: dict) -> dict:
     have = flax.traverse_util.flatten_dict(pretrained, sep="/")
     missing = sorted(k for k in want if k not in have)
     if missing:
-        raise ValueError(f"the pretrained checkpoint lacks encoder params {missing[:5]} "
-                         f"(of {len(missing)}); it has {sorted(have)[:5]}...")
+        raise CheckpointError(f"the pretrained checkpoint lacks encoder params {missing[:5]} "
+                              f"(of {len(missing)}); it has {sorted(have)[:5]}...")
     bad = [(k, have[k].shape, want[k].shape) for k in want if have[k].shape != want[k].shape]
     if bad:
-        raise ValueError(f"pretrained param shapes differ from the model's: {bad[:5]}")
+        raise CheckpointError(f"pretrained param shapes differ from the model's: {bad[:5]}")
     backbone = flax.traverse_util.unflatten_dict({k: jnp.asarray(have[k]) for k in want}, sep="/")
     return {**params, "backbone": backbone}

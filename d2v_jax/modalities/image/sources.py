@@ -101,7 +101,8 @@ class ImageFolderSource:
         self.channels = _check_channels(channels, f"ImageFolderSource({self.root!r})")
         self.extensions = tuple(e.lower() for e in extensions)
         if not os.path.isdir(self.root):
-            raise DataNotFoundError(f"ImageFolderSource: root {self.root!r} does not exist or is not a folder")
+            raise DataNotFoundError(f"ImageFolderSource: root {self.root!r} does not exist or is not a folder",
+                                    hint=LAYOUT_HINT)
         self.classes = sorted(
             e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")
         )
