@@ -270,10 +270,12 @@ def test_audio_v1_and_ctc_match_fairseq_with_padding():
 # ----------------------------------------------------------------------------- text
 @pytest.mark.slow  # compiles our encoder (~5 s on 2 shared cores)
 def test_text_v2_student_teacher_decoder_match_fairseq():
-    ckpt = text_v2_checkpoint()
+    """base_text_only_task: decoder without residual, projection_layers=2."""
+    ckpt = text_v2_checkpoint(proj_layers=2)
     config, params, ema_params = from_fairseq(ckpt)
-    m = config.model
+    m, d = config.model, config.decoder
     assert (m.vocab_size, m.max_positions, m.depth, config.target.top_k) == (VOCAB, 20, DEPTH, 2)
+    assert (d.residual, d.projection_layers, d.projection_ratio) == (False, 2, 2.0)
     sd, ema = ckpt["model"], ckpt["model"]["_ema"]
     tokens, pad = text_batch()
     emb = {"tokens": sd[T + "local_encoder.embed_tokens.weight"],
@@ -294,7 +296,8 @@ def test_text_v2_student_teacher_decoder_match_fairseq():
     dec = decoder_from_config(config.decoder, (config.data.max_len,), DIM, jnp.float32)
     with torch.no_grad():
         np.testing.assert_allclose(np.asarray(dec.apply({"params": params["decoder"]}, x.numpy())),
-                                   decoder1d(sd, T + "decoder.", x).numpy(), atol=ATOL)
+                                   decoder1d(sd, T + "decoder.", x, residual=False,
+                                             proj_layers=2).numpy(), atol=ATOL)
 
 
 @pytest.mark.slow  # compiles our encoder (~5 s on 2 shared cores)

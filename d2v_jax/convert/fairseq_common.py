@@ -20,7 +20,8 @@ import numpy as np
 
 from d2v_jax.convert.common import ConversionError, StateReader, check_tree, qkv, stack
 from d2v_jax.targets import FINAL_NORMS
-from d2v_jax.train_state import ema_keys
+from d2v_jax import modalities
+from d2v_jax.train_state import ema_subtree
 
 # Buffers fairseq saves that carry no weights.
 FAIRSEQ_IGNORE_SUFFIXES = (".version", "._float_tensor")
@@ -280,10 +281,12 @@ def odd_kernel(k: int, field: str) -> None:
 
 
 def ema_subset(config: ml_collections.ConfigDict, teacher: Mapping[str, Any],
-               expected: Mapping[str, Any]) -> dict[str, Any]:
-    """The teacher's EMA subtrees (`train_state.ema_keys`: the teacher modules
-    minus `ema.shared`, which the teacher takes from the student), checked."""
-    keys = ema_keys(config)
-    out = {k: teacher[k] for k in keys}
-    check_tree(out, {k: expected[k] for k in keys}, "from_fairseq ema_params")
+               expected: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The teacher's EMA parameters (`train_state.ema_subtree`: the teacher
+    modules minus what `ema.shared` takes from the student), checked.
+    `teacher` holds the subtrees the checkpoint's teacher stores; the others
+    are the student's (`params`)."""
+    full = {k: teacher.get(k, params.get(k)) for k in modalities.teacher_modules(config)}
+    out = ema_subtree({k: v for k, v in full.items() if v is not None}, config)
+    check_tree(out, ema_subtree(expected, config), "from_fairseq ema_params")
     return out

@@ -177,7 +177,7 @@ def _from_multi(checkpoint, num_heads) -> FairseqConversion:
             with config.unlocked():  # the teacher has its own extractor: EMA, not shared
                 config.ema.shared = tuple(s for s in config.ema.shared if s != "frontend")
     er.finish()
-    return FairseqConversion(config, params, ema_subset(config, teacher, expected))
+    return FairseqConversion(config, params, ema_subset(config, teacher, expected, params))
 
 
 # ----------------------------------------------------------------------------- 1.0
@@ -237,6 +237,9 @@ def _v1_config(state, p, cfg, num_heads) -> ml_collections.ConfigDict:
         k.ratio = float(cfg_get(mc, "mask_prob", default=k.ratio))
         k.span = int(cfg_get(mc, "mask_length", default=k.span))
         config.target.top_k = min(config.target.top_k, depth)
+        if not cfg_get(mc, "ema_layers_only", default=True):  # the positional convs are EMA too
+            config.ema.shared = tuple(s for s in config.ema.shared
+                                      if not str(s).startswith("context"))
     apply_training_cfg(config, mc)
     return config
 
@@ -284,5 +287,5 @@ def _from_v1(checkpoint, num_heads) -> FairseqConversion:
         teacher = {"context": ctx, "encoder": blocks(er, block_prefixes(ema, "layers."),
                                                      SEPARATE_QKV_BLOCK, m.dim)}
         er.finish()
-        ema_params = ema_subset(config, teacher, expected)
+        ema_params = ema_subset(config, teacher, expected, params)
     return FairseqConversion(config, params, ema_params, head=head, task="ctc" if ctc else None)

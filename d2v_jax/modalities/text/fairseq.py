@@ -89,18 +89,29 @@ def _positions(state, key: str, max_positions: Any) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- 2.0
-def _decoder_proj(r: StateReader, prefix: str, expected: Mapping[str, Any]) -> dict[str, Any]:
+def _decoder_proj(r: StateReader, prefix: str) -> dict[str, Any]:
     """fairseq Decoder1d's projection: one Linear (`proj`) or, with
-    projection_layers=2, Sequential(Linear(D, rD), GELU, Linear(rD, D))
-    (`proj.0`, `proj.2`) onto the names our decoder has."""
+    projection_layers=n > 1, Sequential(Linear, GELU, ..., Linear) (`proj.0`,
+    `proj.2`, ...) -> our `proj_0`, `proj_1`, ... and the last one `proj`."""
     if prefix + "proj.weight" in r:
         return {"proj": r.linear(prefix + "proj")}
-    ours = sorted(k for k in expected if k.startswith("proj"))
-    if len(ours) != 2:
-        raise ConversionError(f"fairseq state dict: {prefix}proj.0 / proj.2 (a 2-layer "
-                              f"decoder projection, projection_layers=2) but our decoder has "
-                              f"{ours or 'no'} projection layers; set decoder.projection_layers")
-    return {ours[0]: r.linear(prefix + "proj.0"), ours[1]: r.linear(prefix + "proj.2")}
+    layers, _ = _projection(r.state, prefix, 1)
+    ids = list(range(0, 2 * layers, 2))  # Linear at 0, 2, ...; GELU between
+    out = {f"proj_{j}": r.linear(f"{prefix}proj.{i}") for j, i in enumerate(ids[:-1])}
+    out["proj"] = r.linear(f"{prefix}proj.{ids[-1]}")
+    return out
+
+
+def _projection(state: Mapping[str, Any], prefix: str, dec_dim: int) -> tuple[int, float]:
+    """(projection_layers, projection_ratio) from the decoder's weights."""
+    if prefix + "proj.weight" in state:
+        return 1, 2.0
+    layers = sorted(int(k[len(prefix) + 5:].split(".")[0]) for k in state
+                    if k.startswith(prefix + "proj.") and k.endswith(".weight"))
+    if layers != list(range(0, 2 * len(layers), 2)):
+        raise ConversionError(f"fairseq state dict: decoder projection layers {layers} under "
+                              f"{prefix}proj.; expected Linear at 0, 2, ...")
+    return len(layers), tuple(state[f"{prefix}proj.0.weight"].shape)[0] / dec_dim
 
 
 def _from_multi(checkpoint, num_heads) -> FairseqConversion:
@@ -132,8 +143,9 @@ def _from_multi(checkpoint, num_heads) -> FairseqConversion:
         d.dim, d.kernel, d.layers, d.groups = w0[0], w0[2], dec_layers, dim // w0[1]
         d.residual = bool(cfg_get(tc, "decoder", "decoder_residual", default=True))
         d.mask_noise_std = float(cfg_get(tc, "mask_noise_std", default=d.mask_noise_std))
-        if "projection_layers" in d:
-            d.projection_layers = int(cfg_get(tc, "decoder", "projection_layers", default=1))
+        d.projection_layers, d.projection_ratio = _projection(state, TEXT + "decoder.", w0[0])
+        if cfg_get(tc, "decoder", "input_dropout") is not None:
+            d.input_dropout = float(cfg_get(tc, "decoder", "input_dropout"))
         config.masking.ratio = float(cfg_get(tc, "mask_prob", default=config.masking.ratio))
     apply_training_cfg(config, mc)
     expected = expected_params(config)
@@ -142,7 +154,7 @@ def _from_multi(checkpoint, num_heads) -> FairseqConversion:
               "encoder": blocks(r, block_prefixes(state, "blocks."), ALT_BLOCK, dim)}
     dec = read(r, TEXT + "decoder.blocks.",
                [((f"conv_{i}",), f"{i}.0", "conv1d") for i in range(dec_layers)])
-    dec.update(_decoder_proj(r, TEXT + "decoder.", expected["decoder"]))
+    dec.update(_decoder_proj(r, TEXT + "decoder."))
     params["decoder"] = dec
     r.finish()
     check_tree(params, expected, "from_fairseq params")
@@ -158,7 +170,7 @@ def _from_multi(checkpoint, num_heads) -> FairseqConversion:
                 with config.unlocked():
                     config.ema.shared = tuple(s for s in config.ema.shared if s != "frontend")
         er.finish()
-        ema_params = ema_subset(config, teacher, expected)
+        ema_params = ema_subset(config, teacher, expected, params)
     return FairseqConversion(config, params, ema_params)
 
 
@@ -218,6 +230,6 @@ def _from_v1(checkpoint, num_heads) -> FairseqConversion:
             _embeddings(er, "", config, pad, scale)
         teacher = {"encoder": blocks(er, block_prefixes(ema, "layers."), SEPARATE_QKV_BLOCK, dim)}
         er.finish()
-        ema_params = ema_subset(config, teacher, expected)
+        ema_params = ema_subset(config, teacher, expected, params)
     return FairseqConversion(config, params, ema_params, head=head,
                              task="classification" if head is not None else None)
