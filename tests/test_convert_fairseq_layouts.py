@@ -198,7 +198,9 @@ def encode(config, params, batch):
     if key not in _ENCODE:
         model = modalities.build_model(config)
         _ENCODE[key] = jax.jit(lambda p, b: model.apply({"params": p}, b, method="encode"))
-    return np.asarray(_ENCODE[key](params, batch))
+    # Only the subtrees `encode` reads: student and teacher trees then match.
+    used = {k: params[k] for k in ("frontend", "context", "encoder") if k in params}
+    return np.asarray(_ENCODE[key](used, batch))
 
 
 # ----------------------------------------------------------------------------- audio
