@@ -13,6 +13,7 @@ so a renamed parameter on either side is a one-row change. Kinds:
 
 from __future__ import annotations
 
+import ast
 from typing import Any, Iterator, Mapping
 
 import ml_collections
@@ -216,8 +217,6 @@ def conv_spec(spec: Any, where: str) -> list[tuple[int, int, int]]:
     """fairseq's `feature_encoder_spec` / `conv_feature_layers` string, e.g.
     "[(512, 10, 5)] + [(512, 3, 2)] * 4", -> [(dim, kernel, stride), ...].
     Only list/tuple literals, + and * are read (never eval)."""
-    import ast
-
     def ev(node):
         if isinstance(node, ast.Expression):
             return ev(node.body)
