@@ -262,6 +262,20 @@ def test_programming_errors_keep_their_traceback(monkeypatch):
     assert errors.find_user_error(ValueError("plain")) is None
 
 
+def test_a_run_stopped_by_a_guard_exits_3(capsys):
+    def explode():
+        raise train.NonFiniteError("non-finite training at step 3: loss=nan")
+    assert errors.run(explode, stopped=(train.NonFiniteError, train.CollapseError)) == 3
+    assert capsys.readouterr().err == "error: non-finite training at step 3: loss=nan\n"
+
+
+def test_convert_reports_its_devices_first(world, capsys):
+    assert convert_main(["jax-to-hf", "--workdir", world["root"] + "/nope", "--out", "x"]) == 2
+    first = capsys.readouterr().err.split("\n")[0]
+    assert first == f"convert jax-to-hf: {jax.device_count()} {jax.default_backend()} device" + \
+        ("s" if jax.device_count() > 1 else "") + " (the conversion runs on the host)", first
+
+
 def test_python_api_names_the_key_and_its_neighbours():
     config = load_config(f"{IMAGE}:tiny_v2")
     with pytest.raises(KeyError) as e:  # a ConfigKeyError is a KeyError (and a ValueError)
