@@ -132,7 +132,8 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   c.target = t = ml_collections.ConfigDict()
   if v1:  # BEiT data2vec_vision: blocks 6..11, LN per layer, LN after averaging
     t.top_k = 3 if tiny else 6  # BEiT README: base blocks 6..11, large 18..23
-    t.layer_norm, t.final_norm, t.eps = "layer", "layer", 1e-6
+    # F.layer_norm without eps (engine_for_cyclical.py): torch's 1e-5 (SPEC 2)
+    t.layer_norm, t.final_norm, t.eps = "layer", "layer", 1e-5
   else:  # all main blocks, instance norm per layer, LN after averaging
     t.top_k = depth - 1 if tiny else (10 if size in ("small", "base") else 18)
     t.layer_norm, t.final_norm, t.eps = "instance", "layer", 1e-5
