@@ -308,3 +308,13 @@ def text_cls_checkpoint(seed=0, classes=3):
     put_linear(sd, "classification_heads.sentence_classification_head.dense", DIM, DIM)
     put_linear(sd, "classification_heads.sentence_classification_head.out_proj", classes, DIM)
     return {"model": sd, "cfg": {"model": text_v1_cfg()}}
+
+
+def finetuned_v2(ckpt, prefix, cfg_key, head):
+    """A fine-tuning wrapper around a data2vec_multi checkpoint as fairseq saves
+    it after remove_pretraining_modules: no decoder, no _ema, keys under
+    `prefix`, the pretraining cfg under cfg.model.<cfg_key>.model, plus `head`."""
+    sd = {prefix + k: v for k, v in ckpt["model"].items()
+          if k != "_ema" and ".decoder." not in k}
+    sd.update(head)
+    return {"model": sd, "cfg": {"model": {cfg_key: ckpt["cfg"]}}}

@@ -29,7 +29,7 @@ from d2v_jax.models.decoder import decoder_from_config
 from d2v_jax.train_state import teacher_params
 
 from convert_helpers import (A, CONV, DEC_K, DEC_LAYERS, DEPTH, DIM, HEADS, PAD, POS_DEPTH,
-                             POS_G, POS_K, SV1, T, VOCAB, audio_ctc_checkpoint,
+                             POS_G, POS_K, SV1, T, VOCAB, audio_ctc_checkpoint, finetuned_v2,
                              audio_v1_checkpoint, audio_v2_checkpoint, text_cls_checkpoint,
                              text_v1_checkpoint, text_v2_checkpoint)
 
@@ -194,7 +194,10 @@ _ENCODE = {}
 
 def encode(config, params, batch):
     """Our `encode`, one compilation per config (student and teacher share it)."""
-    key = json.dumps(config.to_dict(), sort_keys=True, default=list)
+    # `encode` reads only the model fields: pretrained and fine-tuned configs
+    # (decoder and training fields differ) share one compilation.
+    key = json.dumps([config.modality, config.version, config.model.to_dict()], sort_keys=True,
+                     default=list)
     if key not in _ENCODE:
         model = modalities.build_model(config)
         _ENCODE[key] = jax.jit(lambda p, b: model.apply({"params": p}, b, method="encode"))
@@ -225,6 +228,13 @@ def test_audio_v2_student_teacher_decoder_match_fairseq():
     assert (ref_t - ref_s).abs().max().item() > 1e-2  # the teacher is the _ema tensors
     # The teacher shares the student's extractor (ema_local_encoder=False): not EMA.
     assert sorted(ema_params) == ["context", "encoder"] and config.ema.shared == ("frontend",)
+    # 2.0 fine-tuned for ASR: Wav2VecCtc around the multi model.
+    head = {"w2v_encoder.proj.weight": torch.randn(12, DIM), "w2v_encoder.proj.bias": torch.randn(12)}
+    out = from_fairseq(finetuned_v2(ckpt, "w2v_encoder.w2v_model.", "w2v_args", head))
+    assert out.task == "ctc" and out.ema_params is None and "decoder" not in out.params
+    logits = F.linear(ref_s, head["w2v_encoder.proj.weight"], head["w2v_encoder.proj.bias"])
+    np.testing.assert_allclose(apply_head("ctc", out.head, encode(out.config, out.params, batch)),
+                               logits.numpy(), atol=ATOL)
     x = torch.randn(2, 39, DIM)
     dec = decoder_from_config(config.decoder, (-1,), DIM, jnp.float32)
     got = dec.apply({"params": params["decoder"]}, x.numpy())
@@ -294,6 +304,18 @@ def test_text_v2_student_teacher_decoder_match_fairseq():
     np.testing.assert_allclose(encode(config, params, batch)[real], ref.numpy()[real], atol=ATOL)
     np.testing.assert_allclose(encode(config, teacher_params(params, ema_params, config), batch)[real], ref_t.numpy()[real],
                                atol=ATOL)
+    # 2.0 fine-tuned: Data2VecTextClassificationModel (multi model under "model.").
+    p = "classification_heads.sentence_classification_head."
+    head = {p + "dense.weight": torch.randn(DIM, DIM) * 0.2, p + "dense.bias": torch.randn(DIM),
+            p + "out_proj.weight": torch.randn(3, DIM), p + "out_proj.bias": torch.randn(3)}
+    out = from_fairseq(finetuned_v2(ckpt, "model.", "pretrained_model_args", head))
+    assert out.task == "classification" and "decoder" not in out.params
+    with torch.no_grad():
+        logits = F.linear(torch.tanh(F.linear(ref[:, 0], head[p + "dense.weight"],
+                                              head[p + "dense.bias"])),
+                          head[p + "out_proj.weight"], head[p + "out_proj.bias"])
+    got = apply_head("classification", out.head, encode(out.config, out.params, batch))
+    np.testing.assert_allclose(got, logits.numpy(), atol=ATOL)
     x = torch.randn(2, config.data.max_len, DIM)
     dec = decoder_from_config(config.decoder, (config.data.max_len,), DIM, jnp.float32)
     with torch.no_grad():

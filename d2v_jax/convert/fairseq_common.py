@@ -289,3 +289,29 @@ def ema_subset(config: ml_collections.ConfigDict, teacher: Mapping[str, Any],
     out = ema_subtree({k: v for k, v in full.items() if v is not None}, config)
     check_tree(out, ema_subtree(expected, config), "from_fairseq ema_params")
     return out
+
+
+def split_wrapper(checkpoint: Mapping[str, Any], prefix: str, cfg_path: tuple[str, ...]):
+    """A fine-tuning model wrapping a pretrained one under `prefix` (fairseq
+    `Wav2VecCtc`: "w2v_encoder.w2v_model.", `Data2VecTextClassificationModel`:
+    "model.") -> (the inner checkpoint with its own cfg, the outer tensors:
+    the task head)."""
+    cfg = checkpoint.get("cfg") if "model" in checkpoint else None
+    state = checkpoint["model"] if "model" in checkpoint else checkpoint
+    inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    outer = drop_buffers({k: v for k, v in state.items() if not k.startswith(prefix)})
+    inner_cfg = cfg_get(cfg, *cfg_path)
+    return {"model": inner, "cfg": None if inner_cfg is None else {"model": inner_cfg}}, outer
+
+
+def classification_head(r: StateReader, where: str):
+    """fairseq's one `classification_heads.<name>.{dense,out_proj}` (RoBERTa's
+    head) -> {"dense", "out_proj"}, or None when there is none."""
+    names = sorted({k.split(".")[1] for k in r.state if k.startswith("classification_heads.")})
+    if len(names) > 1:
+        raise ConversionError(f"{where}: {len(names)} classification heads {names}; convert "
+                              "one (drop the others' classification_heads.<name>.* keys)")
+    if not names:
+        return None
+    return read(r, f"classification_heads.{names[0]}.", ((("dense",), "dense", "linear"),
+                                                          (("out_proj",), "out_proj", "linear")))

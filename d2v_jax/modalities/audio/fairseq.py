@@ -12,9 +12,9 @@ Three layouts (docs/convert.md has the tables):
   `post_extract_proj`, `mask_emb`, the wav2vec 2.0 `encoder.*`
   (`pos_conv`, `layer_norm`, `layers.*` with separate q/k/v), the regression
   head `final_proj`, and the teacher's transformer under `_ema`.
-- 1.0 fine-tuned for ASR, `Wav2VecCtc`: the same encoder under
-  `w2v_encoder.w2v_model.*` and the CTC head `w2v_encoder.proj` (returned as
-  `head`, task "ctc").
+- fine-tuned for ASR, `Wav2VecCtc` around either: the encoder under
+  `w2v_encoder.w2v_model.*` (no decoder, no teacher, no regression head) and
+  the CTC head `w2v_encoder.proj` (returned as `head`, task "ctc").
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from d2v_jax.convert.common import (ConversionError, StateReader, base_config, c
                                     expected_params)
 from d2v_jax.convert.fairseq_common import (ALT_BLOCK, SEPARATE_QKV_BLOCK, FairseqConversion,
                                             apply_training_cfg, block_prefixes, blocks, cfg_get,
-                                            conv_extractor, extractor_config, heads_from,
-                                            ema_subset, mlp_ratio, num_blocks, odd_kernel, read,
-                                            split_ema)
+                                            conv_extractor, ema_subset, extractor_config,
+                                            heads_from, mlp_ratio, num_blocks, odd_kernel, read,
+                                            split_ema, split_wrapper)
 
 AUDIO = "modality_encoders.AUDIO."
 PRENET = AUDIO + "context_encoder.blocks."
@@ -41,8 +41,8 @@ KEY_PREFIX = f"{AUDIO} | {V1_KEY} | {CTC}"  # what `convert.from_fairseq` matche
 
 
 def matches(state: Mapping[str, Any]) -> bool:
-    """A data2vec_multi AUDIO, data2vec_audio or its Wav2VecCtc checkpoint."""
-    return (any(k.startswith(AUDIO) for k in state) or V1_KEY in state
+    """A data2vec_multi AUDIO, data2vec_audio, or a Wav2VecCtc around either."""
+    return (any(k.startswith((AUDIO, CTC + AUDIO)) for k in state) or V1_KEY in state
             or CTC + V1_KEY in state)
 
 
@@ -54,6 +54,13 @@ def from_fairseq(checkpoint: Mapping[str, Any], num_heads: int | None = None
     state = checkpoint["model"] if "model" in checkpoint else checkpoint
     if any(k.startswith(AUDIO) for k in state):
         return _from_multi(checkpoint, num_heads)
+    if any(k.startswith(CTC + AUDIO) for k in state):  # 2.0 fine-tuned for ASR
+        inner, outer = split_wrapper(checkpoint, CTC, ("model", "w2v_args", "model"))
+        config, params, _ = _from_multi(inner, num_heads, finetuned=True)
+        r = StateReader(outer, "fairseq state dict (Wav2VecCtc)")
+        head = {"proj": r.linear("w2v_encoder.proj")}
+        r.finish()
+        return FairseqConversion(config, params, None, head=head, task="ctc")
     return _from_v1(checkpoint, num_heads)
 
 
@@ -79,9 +86,10 @@ def _v2_config(state, cfg, num_heads) -> ml_collections.ConfigDict:
     pw = tuple(state[POS + "1.0.weight"].shape)  # [D, D/G, k]
     prenet, main = num_blocks(state, PRENET), num_blocks(state, "blocks.")
     hidden = tuple(state[(PRENET if prenet else "blocks.") + "0.mlp.fc1.weight"].shape)[0]
-    dec_layers = num_blocks(state, AUDIO + "decoder.blocks.")
-    w0 = tuple(state[AUDIO + "decoder.blocks.0.0.weight"].shape)  # [Ddec, D/G, k]
-    odd_kernel(w0[2], "modalities.audio.decoder.decoder_kernel")
+    dec_layers = num_blocks(state, AUDIO + "decoder.blocks.")  # 0: fine-tuned, no decoder
+    if dec_layers:
+        w0 = tuple(state[AUDIO + "decoder.blocks.0.0.weight"].shape)  # [Ddec, D/G, k]
+        odd_kernel(w0[2], "modalities.audio.decoder.decoder_kernel")
     heads = heads_from(cfg, num_heads, ("model", "num_heads"))
     config = base_config("audio", "base_v2")
     with config.unlocked():
@@ -98,7 +106,8 @@ def _v2_config(state, cfg, num_heads) -> ml_collections.ConfigDict:
         m.alibi = AUDIO + "alibi_scale" in state
         m.drop_path = 0.0
         d = config.decoder
-        d.dim, d.kernel, d.layers, d.groups = w0[0], w0[2], dec_layers, dim // w0[1]
+        if dec_layers:
+            d.dim, d.kernel, d.layers, d.groups = w0[0], w0[2], dec_layers, dim // w0[1]
         d.residual = bool(cfg_get(ac, "decoder", "decoder_residual", default=True))
         d.input_dropout = float(cfg_get(ac, "decoder", "input_dropout", default=d.input_dropout))
         d.mask_noise_std = float(cfg_get(ac, "mask_noise_std", default=d.mask_noise_std))
@@ -145,20 +154,23 @@ def _frontend_v2(r: StateReader, config) -> dict[str, Any]:
     return out
 
 
-def _from_multi(checkpoint, num_heads) -> FairseqConversion:
+def _from_multi(checkpoint, num_heads, finetuned: bool = False) -> FairseqConversion:
     cfg, state, ema = split_ema(checkpoint)
     config = _v2_config(state, cfg, num_heads)
     m, d = config.model, config.decoder
     r = StateReader(state, "fairseq state dict")
     params = {"frontend": _frontend_v2(r, config), "context": _context(r, config),
               "encoder": blocks(r, block_prefixes(state, PRENET, "blocks."), ALT_BLOCK, m.dim)}
-    dec = read(r, AUDIO + "decoder.blocks.",
-               [((f"conv_{i}",), f"{i}.0", "conv1d") for i in range(d.layers)])
-    dec["proj"] = r.linear(AUDIO + "decoder.proj")
-    params["decoder"] = dec
+    if not finetuned or AUDIO + "decoder.proj.weight" in r:
+        dec = read(r, AUDIO + "decoder.blocks.",
+                   [((f"conv_{i}",), f"{i}.0", "conv1d") for i in range(d.layers)])
+        dec["proj"] = r.linear(AUDIO + "decoder.proj")
+        params["decoder"] = dec
     r.finish()
     expected = expected_params(config)
-    check_tree(params, expected, "from_fairseq params")
+    check_tree(params, {k: expected[k] for k in params}, "from_fairseq params")
+    if ema is None and finetuned:  # remove_pretraining_modules dropped the teacher
+        return FairseqConversion(config, params, None)
     if ema is None:
         raise ConversionError("fairseq state dict has no '_ema' (teacher); save it with the EMA")
     er = StateReader(ema, "fairseq state dict '_ema'")

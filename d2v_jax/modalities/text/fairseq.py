@@ -10,9 +10,11 @@ Three layouts (docs/convert.md has the tables):
   (embeddings, `layers.*` with separate q/k/v, post-LN), the regression head
   `encoder.regression_head.{0,2}` (Linear(D,2D) -> GELU -> Linear(2D,D)) and
   the teacher under `encoder._ema`.
-- 1.0 fine-tuned for classification: the same encoder and one
-  `classification_heads.<name>.{dense,out_proj}` (RoBERTa's head: first token
-  -> dense -> tanh -> out_proj), returned as `head`, task "classification".
+- fine-tuned for classification: the 1.0 encoder, or the 2.0 data2vec_multi
+  under `model.*` (`Data2VecTextClassificationModel`, no decoder or teacher),
+  and one `classification_heads.<name>.{dense,out_proj}` (RoBERTa's head:
+  first token -> dense -> tanh -> out_proj), returned as `head`, task
+  "classification".
 
 Token ids are the checkpoint's fairseq dictionary ids (pad = 1 unless the
 position table says otherwise); positions start after the pad id as in
@@ -30,18 +32,22 @@ from d2v_jax.convert.common import (ConversionError, StateReader, base_config, c
                                     expected_params)
 from d2v_jax.convert.fairseq_common import (ALT_BLOCK, SEPARATE_QKV_BLOCK, FairseqConversion,
                                             apply_training_cfg, block_prefixes, blocks, cfg_get,
-                                            ema_subset, heads_from, mlp_ratio, num_blocks,
-                                            odd_kernel, read, split_ema)
+                                            classification_head, ema_subset, heads_from,
+                                            mlp_ratio, num_blocks, odd_kernel, read, split_ema,
+                                            split_wrapper)
 
 TEXT = "modality_encoders.TEXT."
+WRAPPED = "model."  # Data2VecTextClassificationModel's data2vec_multi
 V1 = "encoder.sentence_encoder."
-KEY_PREFIX = f"{TEXT} | {V1}"  # what `convert.from_fairseq` matches on
+KEY_PREFIX = f"{TEXT} | {WRAPPED}{TEXT} | {V1}"  # what `convert.from_fairseq` matches on
 FAIRSEQ_PAD = 1  # fairseq Dictionary: <s>=0, <pad>=1, </s>=2, <unk>=3
 
 
 def matches(state: Mapping[str, Any]) -> bool:
-    """A data2vec_multi TEXT or data2vec_text (pretrained or fine-tuned) checkpoint."""
-    return any(k.startswith(TEXT) for k in state) or V1 + "embed_tokens.weight" in state
+    """A data2vec_multi TEXT or data2vec_text checkpoint, pretrained or
+    fine-tuned for classification (2.0: the multi model under `model.`)."""
+    return (any(k.startswith((TEXT, WRAPPED + TEXT)) for k in state)
+            or V1 + "embed_tokens.weight" in state)
 
 
 def from_fairseq(checkpoint: Mapping[str, Any], num_heads: int | None = None
@@ -51,6 +57,17 @@ def from_fairseq(checkpoint: Mapping[str, Any], num_heads: int | None = None
     state = checkpoint["model"] if "model" in checkpoint else checkpoint
     if any(k.startswith(TEXT) for k in state):
         return _from_multi(checkpoint, num_heads)
+    if any(k.startswith(WRAPPED + TEXT) for k in state):  # Data2VecTextClassificationModel
+        inner, outer = split_wrapper(checkpoint, WRAPPED,
+                                     ("model", "pretrained_model_args", "model"))
+        config, params, _ = _from_multi(inner, num_heads, finetuned=True)
+        r = StateReader(outer, "fairseq state dict (data2vec text classification)")
+        head = classification_head(r, "fairseq data2vec text classification")
+        r.finish()
+        if head is None:
+            raise ConversionError("fairseq state dict: a 'model.'-wrapped data2vec_multi TEXT "
+                                  "without classification_heads.*")
+        return FairseqConversion(config, params, None, head=head, task="classification")
     return _from_v1(checkpoint, num_heads)
 
 
@@ -114,7 +131,7 @@ def _projection(state: Mapping[str, Any], prefix: str, dec_dim: int) -> tuple[in
     return len(layers), tuple(state[f"{prefix}proj.0.weight"].shape)[0] / dec_dim
 
 
-def _from_multi(checkpoint, num_heads) -> FairseqConversion:
+def _from_multi(checkpoint, num_heads, finetuned: bool = False) -> FairseqConversion:
     cfg, state, ema = split_ema(checkpoint)
     mc = cfg_get(cfg, "model")
     tc = cfg_get(mc, "modalities", "text")
@@ -132,18 +149,22 @@ def _from_multi(checkpoint, num_heads) -> FairseqConversion:
                                 cfg_get(tc, "max_source_positions"))
     depth = num_blocks(state, "blocks.")
     hidden = tuple(state["blocks.0.mlp.fc1.weight"].shape)[0]
-    dec_layers = num_blocks(state, TEXT + "decoder.blocks.")
-    w0 = tuple(state[TEXT + "decoder.blocks.0.0.weight"].shape)  # [Ddec, D/G, k]
-    odd_kernel(w0[2], "modalities.text.decoder.decoder_kernel")
+    dec_layers = num_blocks(state, TEXT + "decoder.blocks.")  # 0: fine-tuned, no decoder
+    if dec_layers:
+        w0 = tuple(state[TEXT + "decoder.blocks.0.0.weight"].shape)  # [Ddec, D/G, k]
+        odd_kernel(w0[2], "modalities.text.decoder.decoder_kernel")
     config = base_config("text", "base_v2")
     _text_model(config, vocab, dim, depth, heads_from(cfg, num_heads, ("model", "num_heads")),
                 hidden, positions, float(cfg_get(mc, "norm_eps", default=1e-5)))
     with config.unlocked():
         d = config.decoder
-        d.dim, d.kernel, d.layers, d.groups = w0[0], w0[2], dec_layers, dim // w0[1]
-        d.residual = bool(cfg_get(tc, "decoder", "decoder_residual", default=True))
+        d.residual = bool(cfg_get(tc, "decoder", "decoder_residual", default=d.residual))
         d.mask_noise_std = float(cfg_get(tc, "mask_noise_std", default=d.mask_noise_std))
-        d.projection_layers, d.projection_ratio = _projection(state, TEXT + "decoder.", w0[0])
+        if dec_layers:
+            d.dim, d.kernel, d.layers, d.groups = w0[0], w0[2], dec_layers, dim // w0[1]
+            d.residual = bool(cfg_get(tc, "decoder", "decoder_residual", default=True))
+            d.projection_layers, d.projection_ratio = _projection(state, TEXT + "decoder.",
+                                                                  w0[0])
         if cfg_get(tc, "decoder", "input_dropout") is not None:
             d.input_dropout = float(cfg_get(tc, "decoder", "input_dropout"))
         config.masking.ratio = float(cfg_get(tc, "mask_prob", default=config.masking.ratio))
@@ -152,12 +173,13 @@ def _from_multi(checkpoint, num_heads) -> FairseqConversion:
     r = StateReader(state, "fairseq state dict")
     params = {"frontend": _embeddings(r, p, config, pad),
               "encoder": blocks(r, block_prefixes(state, "blocks."), ALT_BLOCK, dim)}
-    dec = read(r, TEXT + "decoder.blocks.",
-               [((f"conv_{i}",), f"{i}.0", "conv1d") for i in range(dec_layers)])
-    dec.update(_decoder_proj(r, TEXT + "decoder."))
-    params["decoder"] = dec
+    if dec_layers:
+        dec = read(r, TEXT + "decoder.blocks.",
+                   [((f"conv_{i}",), f"{i}.0", "conv1d") for i in range(dec_layers)])
+        dec.update(_decoder_proj(r, TEXT + "decoder."))
+        params["decoder"] = dec
     r.finish()
-    check_tree(params, expected, "from_fairseq params")
+    check_tree(params, {k: expected[k] for k in params}, "from_fairseq params")
     ema_params = None
     if ema is not None:
         er = StateReader(ema, "fairseq state dict '_ema'")
@@ -209,15 +231,7 @@ def _from_v1(checkpoint, num_heads) -> FairseqConversion:
                                   "is Linear(D, 2D) -> GELU -> Linear(2D, D) (head_layers=2)")
         params.update(read(r, "encoder.regression_head.", ((("head_fc1",), "0", "linear"),
                                                             (("head_fc2",), "2", "linear"))))
-    names = sorted({k.split(".")[1] for k in state if k.startswith("classification_heads.")})
-    head = None
-    if len(names) > 1:
-        raise ConversionError(f"{where}: {len(names)} classification heads {names}; convert "
-                              "one (drop the others' classification_heads.<name>.* keys)")
-    if names:
-        head = read(r, f"classification_heads.{names[0]}.", ((("dense",), "dense", "linear"),
-                                                              (("out_proj",), "out_proj",
-                                                               "linear")))
+    head = classification_head(r, where)
     r.finish()
     expected = expected_params(config)
     check_tree(params, {k: expected[k] for k in params}, "from_fairseq params")
