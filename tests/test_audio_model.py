@@ -203,3 +203,44 @@ def test_train_e2e_on_audio_folder(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) and r["target_var"] > 0 for r in rows)
     assert 0.3 < rows[-1]["masked_frac"] <= 0.5  # half of the real frames, none of the padding
+
+
+def _param_tree(config, fill):
+    """Parameter-shaped numpy arrays filled with `fill` (no init compile)."""
+    import flax.linen as nn
+    from d2v_jax.train_state import init_params
+    shapes = jax.eval_shape(lambda r: nn.unbox(init_params(config, r)), jax.random.PRNGKey(0))
+    return jax.tree.map(lambda s: np.full(s.shape, fill, np.float32), shapes)
+
+
+@pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])
+def test_ema_scope_follows_fairseq(arg):
+    """SPEC 4. 1.0 (ema_layers_only): the conv features, projection and conv
+    positional encoder are the student's; only the blocks and the encoder
+    LayerNorm are EMA. 2.0 (ema_local_encoder false): the local encoder is the
+    student's, positional convs, LayerNorm, ALiBi scale and blocks are EMA."""
+    from flax import traverse_util
+    from d2v_jax.train_state import ema_subtree
+    config = _config(arg)
+    student = _param_tree(config, 1.0)
+    ema = ema_subtree(_param_tree(config, 2.0), config)
+    paths = {"/".join(p) for p in traverse_util.flatten_dict(ema)}
+    assert not any(p.startswith("frontend") for p in paths)
+    assert any(p.startswith("encoder/blocks/") for p in paths)
+    assert "context/emb_norm/scale" in paths
+    pos = {p for p in paths if p.startswith("context/pos_conv_")}
+    assert (len(pos) == 0) if arg == "tiny_v1" else (len(pos) == 2 * config.model.pos_conv_depth)
+    if arg == "tiny_v2":
+        assert "context/alibi_scale" in paths
+    teacher = traverse_util.flatten_dict(teacher_params(student, ema, config))
+    for path, leaf in teacher.items():  # EMA values where EMA, the student's elsewhere
+        want = 2.0 if "/".join(path) in paths else 1.0
+        assert float(np.asarray(leaf).flat[0]) == want, path
+    assert {p[0] for p in teacher} == set(AM.TEACHER_MODULES)
+
+
+def test_ema_scope_typo_is_an_error():
+    from d2v_jax.train_state import ema_subtree
+    config = _config("tiny_v1", **{"ema.shared": ("frontend", "context/pos_cnv*")})
+    with pytest.raises(ValueError, match=r"ema.shared=.*\['context/pos_cnv\*'\] match no parameter"):
+        ema_subtree(_param_tree(config, 0.0), config)

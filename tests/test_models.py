@@ -1,6 +1,7 @@
 """Model pieces against independent numpy computations (SPEC 2, 6)."""
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,3 +232,245 @@ def test_patch_embed_init_matches_the_pytorch_recipes(name, bound):
     with pytest.raises(ValueError, match="model.patch_embed_init.*'nope' not in"):
         from d2v_jax.config import validate
         validate(config)
+
+
+# --- regularization placement (SPEC 7, fairseq TransformerSentenceEncoderLayer /
+# AltBlock, BEiT Block), tested by its effect --------------------------------------
+
+def _run_block(block, params, x, seed):
+    """(out, target, intermediates) of a block with dropout rng `seed`."""
+    (out, target), state = jax.jit(lambda p, x, key: block.apply(
+        {"params": p}, x, 0.0, rngs={"dropout": key}, capture_intermediates=True,
+        mutable=["intermediates"]))(params, x, jax.random.PRNGKey(seed))
+    inter = {"/".join(k[:-1]): np.asarray(v[0], np.float64)
+             for k, v in traverse_util.flatten_dict(state["intermediates"]).items()
+             if k[-1] == "__call__" and len(k) > 1}
+    return np.asarray(out, np.float64), np.asarray(target, np.float64), inter
+
+
+def _block_and_params(**kw):
+    block = Block(D, H, layer_norm_first=False, deterministic=False, **kw)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, T, D))
+    params = randomize(nn.unbox(jax.jit(lambda k: block.init(
+        {"params": k, "dropout": k}, x, 0.0))(jax.random.PRNGKey(0))["params"]))
+    return block, params, x
+
+
+@pytest.mark.slow  # compiles blocks with dropout (~10 s of CPU)
+def test_post_ln_block_dropouts_sit_where_fairseq_puts_them():
+    """fairseq (post-LN): x1 = LN1(x + drop(attn(x))); h = fc2(act_drop(gelu(fc1 x1)));
+    target = h; out = LN2(x1 + drop(h)). The reference below is that formula with
+    the dropped positions (zeros of the dropout outputs) as its only input from
+    the run; a dropout elsewhere (e.g. after fc2 before the target) fails it."""
+    p, q = 0.3, 0.4
+    block, params, x = _block_and_params(dropout=p, activation_dropout=q)
+    out, target, inter = _run_block(block, params, x, seed=3)
+    P = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    keep_attn = inter["attn/Dropout_0"] != 0  # residual dropout of the attention output
+    keep_act = inter["mlp/Dropout_0"] != 0  # activation dropout after GELU
+    keep_res = inter["Dropout_0"] != 0  # residual dropout of the FFN output
+    for keep, rate in ((keep_attn, p), (keep_act, q), (keep_res, p)):
+        assert abs((1 - keep.mean()) - rate) < 0.15  # each dropout drops at its own rate
+    xn = np.asarray(x, np.float64)
+    a = np_attention(xn, P["attn"]) * keep_attn / (1 - p)
+    x1 = np_ln(xn + a, P["norm1"]["scale"], P["norm1"]["bias"])
+    g = np_gelu(x1 @ P["mlp"]["fc1"]["kernel"] + P["mlp"]["fc1"]["bias"]) * keep_act / (1 - q)
+    h = g @ P["mlp"]["fc2"]["kernel"] + P["mlp"]["fc2"]["bias"]
+    ref = np_ln(x1 + h * keep_res / (1 - p), P["norm2"]["scale"], P["norm2"]["bias"])
+    np.testing.assert_allclose(target, h, atol=2e-5, rtol=1e-4)  # the target: before dropout
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow  # compiles blocks with dropout (~10 s of CPU)
+@pytest.mark.parametrize("field, same, changed", [
+    # activation dropout: nothing before the GELU moves, fc2 (the target) does
+    ("activation_dropout", ("attn", "mlp/fc1"), ("mlp/fc2", "norm2")),
+    # attention dropout: acts on the probabilities, so qkv stays and proj moves
+    ("attn_dropout", ("attn/qkv",), ("attn/proj", "norm1")),
+    # residual dropout: the projection itself is the same, the block input to
+    # norm1 is not
+    ("dropout", ("attn/proj", "attn/qkv"), ("attn", "norm1")),
+])
+def test_each_dropout_changes_only_the_activations_after_it(field, same, changed):
+    block, params, x = _block_and_params(**{field: 0.5})
+    _, _, a = _run_block(block, params, x, seed=1)
+    _, _, b = _run_block(block, params, x, seed=2)
+    for name in same:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=f"{field}: {name} moved")
+    for name in changed:
+        assert np.abs(a[name] - b[name]).max() > 1e-3, f"{field}: {name} did not move"
+    det = Block(D, H, layer_norm_first=False, deterministic=True, **{field: 0.5})
+    ref = Block(D, H, layer_norm_first=False, deterministic=True)
+    run = lambda blk: jax.jit(lambda p: blk.apply({"params": p}, x, 0.0)[0])(params)
+    np.testing.assert_array_equal(run(det), run(ref))
+
+
+@pytest.mark.slow  # compiles blocks with dropout (~10 s of CPU)
+def test_beit_block_drop_path_drops_whole_branches_per_sample():
+    """BEiT: x + drop_path(g1 * attn(LN x)), x + drop_path(g2 * mlp(LN x)), one
+    draw per sample and branch: with both dropped a sample passes unchanged."""
+    block = Block(D, H, layer_norm_first=True, layer_scale_init=0.5, deterministic=False)
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, T, D))
+    params = randomize(nn.unbox(jax.jit(lambda k: block.init(k, x, 0.0))(
+        jax.random.PRNGKey(0))["params"]))
+    out, _ = jax.jit(lambda p: block.apply({"params": p}, x, 0.5,
+                                           rngs={"dropout": jax.random.PRNGKey(4)}))(params)
+    same = np.all(np.isclose(out, x, atol=0), axis=(1, 2))
+    assert 0.1 < same.mean() < 0.45  # P(both branches dropped) = 0.25
+    # every other sample differs at every position (a branch adds to all of them)
+    assert np.all(np.abs(np.asarray(out - x))[~same].max(-1) > 0)
+    det = Block(D, H, layer_norm_first=True, layer_scale_init=0.5, deterministic=True)
+    run = jax.jit(lambda p, rate: det.apply({"params": p}, x, rate))
+    out_det, _ = run(params, 0.5)
+    out_none, _ = run(params, 0.0)
+    np.testing.assert_array_equal(out_det, out_none)
+
+
+def _blocks_in_sequence(params, x, keep):
+    block = jax.jit(lambda p, h: Block(D, H).apply({"params": p}, h, 0.0)[0])
+    h = x
+    for i, k in enumerate(keep):
+        if k:
+            h = block(jax.tree.map(lambda a: a[i], params["blocks"]), h)
+    return np.asarray(h)
+
+
+@pytest.mark.slow  # compiles blocks with dropout (~10 s of CPU)
+def test_layerdrop_skips_whole_blocks_only_in_training():
+    """fairseq: a block runs unless np.random.random() < layerdrop (one draw per
+    block and forward pass); eval never drops. p = 1: the encoder is the identity."""
+    import itertools
+    depth = 3
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, T, D))
+    enc = Encoder(depth, D, H, layerdrop=0.5)
+    params = randomize(nn.unbox(jax.jit(lambda k: enc.init(k, x, deterministic=True))(
+        jax.random.PRNGKey(0))["params"]))
+    outs = {keep: _blocks_in_sequence(params, x, keep)
+            for keep in itertools.product((False, True), repeat=depth)}
+    seen = set()
+    train = jax.jit(lambda p, key: enc.apply({"params": p}, x, deterministic=False,
+                                             rngs={"dropout": key})[0])
+    for seed in range(12):
+        out = train(params, jax.random.PRNGKey(seed))
+        hits = [k for k, ref in outs.items() if np.allclose(out, ref, atol=1e-5)]
+        assert len(hits) == 1, "the output is not some subset of the blocks"
+        seen.add(hits[0])
+    assert len(seen) >= 3  # different blocks dropped on different draws
+    out, _ = jax.jit(lambda p: enc.apply({"params": p}, x, deterministic=True))(params)
+    np.testing.assert_allclose(out, outs[(True,) * depth], atol=1e-5)
+    always = Encoder(depth, D, H, layerdrop=1.0)
+    out, _ = jax.jit(lambda p: always.apply({"params": p}, x, deterministic=False,
+                                            rngs={"dropout": jax.random.PRNGKey(0)}))(params)
+    np.testing.assert_array_equal(out, x)
+
+
+# --- init (SPEC 7) -------------------------------------------------------------------
+
+def _encoder_params(**kw):
+    enc = Encoder(4, 64, 4, **kw)
+    x = jnp.zeros((1, 2, 64))
+    return nn.unbox(jax.jit(lambda k: enc.init(k, x, deterministic=True))(
+        jax.random.PRNGKey(0))["params"])["blocks"]
+
+
+def test_beit_init_truncates_at_one_std_and_rescales_block_l_by_sqrt_2l():
+    """BEiT (data2vec_vision beit/modeling_cyclical.py): trunc_normal_(std=0.02,
+    a=-std, b=std) for every Linear; attn.proj and mlp.fc2 of block l (1-based)
+    divided by sqrt(2 l) (fix_init_weight)."""
+    from scipy.stats import truncnorm
+    std = 0.02
+    blocks = _encoder_params(init_std=std, init_truncation=1.0, init_depth_rescale=True)
+    trunc_std = std * truncnorm(-1, 1).std()  # 0.5396 * std
+    for l in range(1, 5):
+        qkv = np.asarray(blocks["attn"]["qkv"]["kernel"][l - 1])
+        fc1 = np.asarray(blocks["mlp"]["fc1"]["kernel"][l - 1])
+        for w in (qkv, fc1):  # not rescaled
+            assert np.abs(w).max() <= std and np.abs(w).max() > 0.99 * std
+            np.testing.assert_allclose(w.std(), trunc_std, rtol=0.04)
+        for w in (blocks["attn"]["proj"]["kernel"][l - 1], blocks["mlp"]["fc2"]["kernel"][l - 1]):
+            w = np.asarray(w)
+            bound = std / np.sqrt(2 * l)
+            assert np.abs(w).max() <= bound * (1 + 1e-6) and np.abs(w).max() > 0.98 * bound
+            np.testing.assert_allclose(w.std(), trunc_std / np.sqrt(2 * l), rtol=0.06)
+        np.testing.assert_array_equal(blocks["attn"]["proj"]["bias"][l - 1], 0)
+
+
+def test_data2vec2_init_is_untruncated_normal_without_rescale():
+    """fairseq init_bert_params: N(0, 0.02), no truncation, no depth rescale."""
+    blocks = _encoder_params(init_std=0.02)
+    for l in range(4):
+        for w in (blocks["attn"]["qkv"]["kernel"][l], blocks["mlp"]["fc2"]["kernel"][l]):
+            w = np.asarray(w)
+            np.testing.assert_allclose(w.std(), 0.02, rtol=0.04)
+            assert np.abs(w).max() > 3 * 0.02  # 12k+ draws: a 3-sigma value is certain
+
+
+@pytest.mark.slow  # two tiny image model inits
+def test_image_inits_follow_beit_and_data2vec2():
+    """Model level: 1.0 patch embedding, CLS / mask token and head as BEiT's
+    _init_weights (|w| <= 0.02); 2.0 CLS token ~ N(0, 1), patch embedding xavier,
+    decoder convs and projection at PyTorch's default U(+-1/sqrt(fan_in))."""
+    v1 = _init_params(load_config("experiments/image.py:tiny_v1",
+                                  {"model.patch_embed_init": "linear"}))
+    for w in (v1["frontend"]["patch_embed"]["kernel"], v1["frontend"]["cls_token"],
+              v1["frontend"]["mask_token"], v1["head"]["kernel"]):
+        assert 0.015 < np.abs(np.asarray(w)).max() <= 0.02
+    proj = np.asarray(v1["encoder"]["blocks"]["attn"]["proj"]["kernel"])
+    depth = proj.shape[0]
+    for l in range(1, depth + 1):
+        assert np.abs(proj[l - 1]).max() <= 0.02 / np.sqrt(2 * l) * (1 + 1e-6)
+    config = load_config("experiments/image.py:tiny_v2", {"model.dim": 256, "model.num_heads": 4})
+    v2 = _init_params(config)
+    cls = np.asarray(v2["frontend"]["cls_token"])
+    np.testing.assert_allclose(cls.std(), 1.0, rtol=0.15)
+    d = config.decoder
+    conv = np.asarray(v2["decoder"]["conv_0"]["kernel"])
+    bound = 1 / np.sqrt(d.kernel ** 2 * config.model.dim // d.groups)
+    assert 0.95 * bound < np.abs(conv).max() <= bound
+    np.testing.assert_allclose(conv.std(), bound / np.sqrt(3), rtol=0.05)
+    b = np.asarray(v2["decoder"]["conv_0"]["bias"])
+    assert np.abs(b).max() <= bound and np.abs(b).max() > 0
+    pw = np.asarray(v2["decoder"]["proj"]["kernel"])
+    assert 0.95 / np.sqrt(d.dim) < np.abs(pw).max() <= 1 / np.sqrt(d.dim)
+    qkv = np.asarray(v2["encoder"]["blocks"]["attn"]["qkv"]["kernel"])
+    np.testing.assert_allclose(qkv.std(), 0.02, rtol=0.03)
+
+
+def test_recipe_configs_select_the_official_inits():
+    for arg in ("base_v1", "large_v1"):
+        m = load_config(f"experiments/image.py:{arg}").model
+        assert (m.patch_embed_init, m.init_std, m.init_truncation, m.init_depth_rescale,
+                m.token_init_std) == ("linear", 0.02, 1.0, True, 0.02)
+    m = load_config("experiments/image.py:base_v2").model
+    assert (m.patch_embed_init, m.init_truncation, m.init_depth_rescale,
+            m.token_init_std) == ("xavier", None, False, 1.0)
+    base = load_config("experiments/image.py:base_v1").model
+    large = load_config("experiments/image.py:large_v1").model
+    # BEiT README pretraining commands
+    assert (base.layer_scale_init, base.drop_path, base.attn_dropout) == (1e-4, 0.25, 0.05)
+    assert (large.layer_scale_init, large.drop_path, large.attn_dropout) == (1e-5, 0.2, 0.15)
+
+
+# --- the 2.0 decoder (fairseq Decoder1d, text: base_text_only_task.yaml) ----------------
+
+@pytest.mark.slow  # compiles blocks with dropout (~10 s of CPU)
+def test_text_decoder_has_no_residual_and_a_two_layer_projection():
+    t, cin, dim, k = 7, 6, 6, 3
+    dec = ConvDecoder((t,), dim, out_dim=5, kernel_size=k, layers=2, groups=1, residual=False,
+                      projection_layers=2, projection_ratio=2.0, conv_impl="xla")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, t, cin))
+    params = randomize(nn.unbox(jax.jit(dec.init)(jax.random.PRNGKey(1), x)["params"]))
+    assert params["proj_0"]["kernel"].shape == (dim, 2 * dim)
+    assert params["proj"]["kernel"].shape == (2 * dim, 5)
+    P = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+    def conv1d(h, w, b):  # torch Conv1d(padding=k//2), odd k: output length t
+        hp = np.pad(h, ((0, 0), (k // 2, k // 2), (0, 0)))
+        return np.stack([np.einsum("bkc,kco->bo", hp[:, i:i + k], w) for i in range(t)], 1) + b
+
+    h = np.asarray(x, np.float64)
+    for i in range(2):  # no residual, although the widths match
+        h = np_gelu(np_ln(conv1d(h, P[f"conv_{i}"]["kernel"], P[f"conv_{i}"]["bias"]), eps=1e-5))
+    h = np_gelu(h @ P["proj_0"]["kernel"] + P["proj_0"]["bias"])
+    ref = h @ P["proj"]["kernel"] + P["proj"]["bias"]
+    np.testing.assert_allclose(jax.jit(dec.apply)({"params": params}, x), ref, atol=1e-4)

@@ -92,6 +92,32 @@ def test_padding_and_masked_tokens_do_not_leak(v2):
     assert not np.allclose(student(params, visible)[:2], ref_s[:2], atol=1e-5)
 
 
+@pytest.mark.slow  # compiles the teacher and two students
+def test_teacher_never_drops_and_decoder_input_dropout_acts_in_training_only(v2):
+    """SPEC 2: the teacher runs deterministically; layer-drop 1 (every block
+    skipped in training) leaves it unchanged. The decoder's input dropout
+    (fairseq decoder.input_dropout, text 2.0: 0.1) acts only in training."""
+    config, _, params, teacher, _ = v2
+    noisy = load_config(f"{TEXT}:tiny_v2", {**SMALL, "model.vocab_size": VOCAB,
+                                            "masking.num_clones": 2, "model.layerdrop": 1.0,
+                                            "decoder.input_dropout": 0.5})
+    model = modalities.build_model(noisy)
+    batch = _batch("v2")
+    t = jax.jit(lambda p, b: model.apply({"params": p}, b, method="teacher")["layers"])
+    np.testing.assert_array_equal(t(params, batch), teacher(params, batch))
+
+    def student(m, det):
+        return jax.jit(lambda p, b: m.apply(
+            {"params": p}, b, method="student", deterministic=det,
+            rngs={"noise": jax.random.PRNGKey(3), "dropout": jax.random.PRNGKey(4)})["pred"])
+
+    base = modalities.build_model(config)
+    np.testing.assert_allclose(student(model, True)(params, batch),
+                               student(base, True)(params, batch), atol=1e-6)
+    assert np.abs(student(model, False)(params, batch)
+                  - student(base, False)(params, batch)).max() > 1e-3
+
+
 @pytest.mark.slow
 def test_v1_loss_counts_only_positions_given_the_mask_token():
     config = load_config(f"{TEXT}:tiny_v1", {**SMALL, "model.vocab_size": VOCAB})
