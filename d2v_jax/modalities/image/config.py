@@ -35,6 +35,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         validate_decoder(config)
         check_field(m.abs_pos != "sincos" or m.dim % 4 == 0, "model.dim",
                     f"{m.dim} must be divisible by 4 for sin-cos positions")
+        check_field(m.rel_pos_bias == "none", "model.rel_pos_bias",
+                    f"{m.rel_pos_bias!r}: the 2.0 student encodes visible patches only, and a "
+                    "relative position bias is indexed by the full grid; use 'none'")
     else:
         check_field(config.loss.cls_weight == 0, "loss.cls_weight", "the CLS loss is a 2.0 feature")
     if k.kind == "block":
