@@ -87,7 +87,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   # modalities/image/model.py PATCH_EMBED_INITS: xavier (2.0, fairseq) | linear (the
   # Linear layers' init: 1.0, BEiT's _init_weights) | torch_conv | trunc_normal (HF).
   # tiny_v1 keeps torch_conv, its measured recipe: 16-pixel patches at BEiT's
-  # +-0.02 would start the patch content ~15x quieter than U(+-1/4).
+  # +-0.02 (std 0.0108) would start the patch content ~13x quieter than U(+-1/4).
   m.patch_embed_init = ("torch_conv" if tiny else "linear") if v1 else "xavier"
   # Init (SPEC 7): 1.0 BEiT trunc_normal_(std=0.02, a=-std, b=std), i.e. cut at
   # +-1 std, and attn.proj / mlp.fc2 of block l divided by sqrt(2 l)
