@@ -53,3 +53,25 @@ def test_fairseq_file_to_checkpoint(tmp_path):
     assert_same_params(params, both["params"])
     assert_same_params(ema_params, both["ema_params"])
     assert config.version == "v2" and config.decoder.groups == 4
+
+
+def test_task_head_file_round_trips(tmp_path):
+    from d2v_jax.convert.heads import load_head, save_head
+    head = {"dense": {"kernel": np.ones((4, 4), np.float32), "bias": np.arange(4.0)},
+            "out_proj": {"kernel": np.full((4, 3), 2.0), "bias": np.zeros(3)}}
+    task, back = load_head(save_head(str(tmp_path / "h.npz"), "classification", head))
+    assert task == "classification"
+    assert_same_params(head, back)
+
+
+@pytest.mark.slow  # a convert CLI run (text base config init)
+def test_fairseq_finetuned_file_keeps_its_head(tmp_path):
+    from convert_helpers import text_cls_checkpoint
+    from d2v_jax.convert.heads import HEAD_FILE, load_head
+    ckpt = text_cls_checkpoint()
+    torch.save(ckpt, tmp_path / "cls.pt")
+    assert main(["fairseq-to-jax", "--checkpoint", str(tmp_path / "cls.pt"),
+                 "--out", str(tmp_path / "run")]) == 0
+    task, head = load_head(str(tmp_path / "run" / HEAD_FILE))
+    assert task == "classification"
+    assert_same_params(from_fairseq(ckpt).head, head)

@@ -27,6 +27,7 @@ from d2v_jax import checkpoint, errors
 from d2v_jax.api import save_checkpoint
 from d2v_jax.convert import (ConversionError, from_fairseq, from_huggingface, make_train_state,
                              to_huggingface)
+from d2v_jax.convert.heads import HEAD_FILE, save_head
 from d2v_jax.train_state import teacher_params
 
 
@@ -75,8 +76,12 @@ def _fairseq_to_jax(args) -> str:
                 "expected a fairseq data2vec checkpoint (.pt) written by torch.save")
         raise errors.DataError(f"--checkpoint {args.checkpoint!r}: torch.load cannot read it: "
                                f"{first}", hint=hint) from e
-    config, params, ema_params = from_fairseq(ckpt, num_heads=args.num_heads)
-    return save_checkpoint(args.out, make_train_state(config, params, ema_params), config)
+    out = from_fairseq(ckpt, num_heads=args.num_heads)
+    config, params, ema_params = out
+    path = save_checkpoint(args.out, make_train_state(config, params, ema_params), config)
+    if out.head is not None:  # a fine-tuned model's task head (CTC, classification)
+        save_head(os.path.join(args.out, HEAD_FILE), out.task, out.head)
+    return path
 
 
 class _Parser(argparse.ArgumentParser):

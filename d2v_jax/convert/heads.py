@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 TASKS = ("ctc", "classification", "image_classification")
 
@@ -52,3 +53,23 @@ def apply_head(task: str, head: Mapping[str, Any], hidden: Any, eps: float = 1e-
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     return np.asarray(out)
+
+
+HEAD_FILE = "task_head.npz"  # what `fairseq-to-jax` writes beside a fine-tuned model's checkpoint
+
+
+def save_head(path: str, task: str, head: Mapping[str, Any]) -> str:
+    """A task head -> one .npz (arrays under '/'-joined paths, plus `task`)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    flat = traverse_util.flatten_dict(dict(head), sep="/")
+    np.savez(path, __task__=np.array(task), **{k: np.asarray(v) for k, v in flat.items()})
+    return path
+
+
+def load_head(path: str) -> tuple[str, dict[str, Any]]:
+    """`save_head`'s file -> (task, head)."""
+    with np.load(path) as f:
+        task = str(f["__task__"])
+        flat = {k: f[k] for k in f.files if k != "__task__"}
+    return task, traverse_util.unflatten_dict(flat, sep="/")
