@@ -60,7 +60,10 @@ def cfg_get(cfg: Any, *path: str, default=None):
     for p in path:
         if node is None:
             return default
-        node = node.get(p) if isinstance(node, Mapping) else getattr(node, p, None)
+        try:
+            node = node.get(p) if isinstance(node, Mapping) else getattr(node, p, None)
+        except Exception:  # noqa: BLE001 - an omegaconf interpolation (e.g. to
+            return default  # optimization.max_update) that this cfg cannot resolve
     return default if node is None else node
 
 
