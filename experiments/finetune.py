@@ -21,6 +21,23 @@ Tasks:
                 regression of logS (column SOL)
   smiles_csv    a CSV at --config.data.path with a `smiles` column and the target
                 column --config.data.target_column (regression)
+  asr_espeak    speech recognition (CTC over letters, WER / CER): espeak-ng speaking
+                600 standard-library docstring sentences; 300 sentences x 5 voices
+                (74 min) to fine-tune on, 60 others by a 6th voice (en-us+m3, also
+                held out of the espeak_words pretraining set) to test on
+  asr_manifest  speech recognition on fairseq fine-tuning data: --config.data.path
+                and --config.data.test_path name x.tsv manifests with x.ltr / x.wrd
+                beside them (dict.ltr.txt there, if any, is the letter dictionary)
+  asr_folder    speech recognition on folders of audio files, each with a .txt
+                transcript of the same name (--config.data.path, data.test_path)
+
+Speech recognition (`asr_*`, `config.task='ctc'`) follows the wav2vec 2.0 /
+data2vec fine-tuning recipe (fairseq examples/wav2vec/config/finetuning/base_10m):
+a linear CTC head on every frame, the conv feature extractor frozen
+(encoder.feature_grad_mult=0), the rest of the encoder frozen for the first
+optim.freeze_finetune_updates updates, time masks (masking.mask_prob 0.65, spans
+of 10) and channel masks, layer-drop, the tri-stage lr; `data.train_minutes`
+sets the amount of transcribed audio (e.g. 10 minutes).
 
 With `--init_from` the encoder's architecture and input normalization come from
 the checkpoint's own config; `backbone` only matters for scratch runs.
@@ -30,7 +47,8 @@ import ml_collections
 from ml_collections import config_dict
 
 TASKS = ("mnist_5k", "image_folder", "espeak_words", "audio_folder", "stdlib_docs", "text_tsv",
-         "solubility", "smiles_csv")
+         "solubility", "smiles_csv", "asr_espeak", "asr_manifest", "asr_folder")
+_ASR_TASKS = ("asr_espeak", "asr_manifest", "asr_folder")
 
 # Non-image tasks: modality, head kind, the scratch backbone. The packaged sets
 # pair with the tiny pretraining experiment that reads the same kind of data.
@@ -134,7 +152,87 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   r.log_every = 50
   if task in _SEQUENCE_TASKS:
     _sequence_task(c, task, probe)
+  if task in _ASR_TASKS:
+    _asr_task(c, task)
   return c
+
+
+def _asr_task(c: ml_collections.ConfigDict, task: str) -> None:
+  """CTC speech recognition: the wav2vec 2.0 / data2vec fine-tuning recipe
+  (fairseq base_10m.yaml) where the model size allows it; `tiny` (the packaged
+  asr_espeak set on the tiny speech encoder) scales the steps, lr and channel
+  span down to a CPU run."""
+  tiny = task == "asr_espeak"
+  c.modality, c.task = "audio", "ctc"
+  c.backbone = "experiments/audio.py:tiny_v2" if tiny else "experiments/audio.py:base_v2"
+
+  d = c.data = ml_collections.ConfigDict()
+  d.source = task
+  # asr_manifest: train / test x.tsv (x.ltr and/or x.wrd beside); asr_folder: folders
+  # of audio + .txt. asr_espeak: "" = the packaged set (built on first use).
+  d.path = ""
+  d.test_path = ""
+  d.cache_dir = ""  # asr_espeak: "" = $D2V_JAX_CACHE or ~/.cache/d2v_jax
+  # Transcribed audio used for fine-tuning: utterances drawn (with `seed`) until
+  # this many minutes; None = data.label_fraction of the utterances.
+  d.train_minutes = config_dict.placeholder(float)
+  d.label_fraction = 1.0
+  d.split_seed = 0  # unused: the test set is the data's own (other voices / speakers)
+  d.batch_size = 8
+  d.eval_batch_size = 16
+  # Padded waveform lengths (one compiled step each); () = num_buckets equal-count
+  # quantiles of all utterance lengths, rounded up to bucket_multiple samples.
+  d.buckets = ()
+  d.num_buckets = 3
+  d.bucket_multiple = 1600
+  d.num_threads = 2
+
+  # The encoder's regularization during fine-tuning, replacing the pretraining
+  # values (fairseq Wav2VecEncoder overrides the same fields of w2v_args).
+  e = c.encoder = ml_collections.ConfigDict()
+  e.dropout = 0.0
+  e.attn_dropout = 0.0
+  e.activation_dropout = 0.1
+  e.layerdrop = 0.1  # one draw per block per step (models/layers.py)
+  e.feature_grad_mult = 0.0  # 0 = the conv feature extractor is frozen
+
+  # Time masks (spans of the mask embedding) and channel masks (zeroed feature
+  # spans) on the projected features, in training only.
+  k = c.masking = ml_collections.ConfigDict()
+  k.mask_prob = 0.65
+  k.mask_length = 10
+  k.mask_channel_prob = 0.25
+  # base_10m: 64 of 768 channels; the tiny encoder has 64, so spans of 8.
+  k.mask_channel_length = 8 if tiny else 64
+
+  c.head.final_dropout = 0.0  # on the encoder output, before the CTC projection
+
+  c.loss = l = ml_collections.ConfigDict()
+  l.blank = 0  # the vocabulary's blank id (<pad> of the LibriSpeech letters, <s> of fairseq's)
+  l.ctc_reduction = "sentence"  # sentence (fairseq sentence_avg: true) | token
+  l.zero_infinity = True  # drop utterances too short for their transcript
+
+  o = c.optim
+  o.schedule = "tri_stage"
+  o.phase_ratio = (0.1, 0.4, 0.5)
+  o.init_lr_scale = 0.01
+  o.final_lr_scale = 0.05
+  # base_10m: 5e-5 for 13k updates of a pretrained base model. The tiny encoder
+  # and its few hundred steps need a much larger one.
+  o.lr = 2e-3 if tiny else 5e-5
+  o.b1, o.b2, o.eps = 0.9, 0.98, 1e-8
+  o.weight_decay = 0.0
+  o.clip_norm = 0.0
+  o.layer_decay = 1.0
+  o.freeze_finetune_updates = 100 if tiny else 10_000
+
+  r = c.train
+  r.num_steps = 600 if tiny else 13_000
+  r.eval_every = 200 if tiny else 1000
+  r.log_every = 25 if tiny else 200
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = 8  # decoded test utterances (reference vs hypothesis) in results.json
 
 
 def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool) -> None:

@@ -3,6 +3,7 @@ run-level preparation, and the labeled data read with its preprocessing."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import ml_collections
@@ -52,12 +53,32 @@ def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,
     return modalities.get(bconfig).prepare_backbone(bconfig, init_from, workdir)
 
 
+def with_encoder_overrides(config: ml_collections.ConfigDict,
+                           bconfig: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The backbone config with `config.encoder`'s fields (dropout, layer-drop,
+    feature_grad_mult, ...) in place of its `model` ones (the CTC recipe); a
+    field the backbone's model lacks is an error naming it."""
+    if "encoder" not in config:
+        return bconfig
+    bconfig = ml_collections.ConfigDict(bconfig.to_dict())
+    for key, value in config.encoder.items():
+        if key not in bconfig.model:
+            raise ConfigError(f"config.encoder.{key}: the backbone's model has no field {key!r}")
+        bconfig.model[key] = value
+    return bconfig
+
+
 def make_labeled_data(config: ml_collections.ConfigDict,
                       backbone_config: ml_collections.ConfigDict) -> labeled.LabeledData:
     """The task of `config` (a fine-tune config) read with `backbone_config`'s
     preprocessing by the modality's `labeled_parts`; splits as in
     `data.labeled.labeled_data`."""
     entry = modalities.get(config)
+    if config.task == "ctc":  # transcribed speech: the modality's ASR hooks
+        if entry.asr is None:
+            raise ConfigError(f"config.task='ctc': the {config.modality!r} modality has no "
+                              "transcribed data (its Modality record sets no `asr`)")
+        return importlib.import_module(entry.asr).asr_data(config, backbone_config)
     if entry.labeled_parts is None:
         raise ConfigError(f"config.modality={config.modality!r} has no labeled data for "
                           "fine-tuning (its Modality record sets no labeled_parts)")
@@ -67,10 +88,14 @@ def make_labeled_data(config: ml_collections.ConfigDict,
 
 
 def held_out_of_pretraining(config: ml_collections.ConfigDict,
-                            bconfig: ml_collections.ConfigDict) -> bool:
+                            bconfig: ml_collections.ConfigDict, data=None) -> bool | None:
     """Whether the pretraining run kept this fine-tune's test split out: same
     source, and its `data.holdout_fraction` / `holdout_seed` equal to our
-    `data.test_fraction` / `split_seed` (data/pipeline.py `holdout_split`)."""
+    `data.test_fraction` / `split_seed` (data/pipeline.py `holdout_split`).
+    CTC: the modality's file-by-file check of the test utterances."""
+    if config.task == "ctc":
+        asr = importlib.import_module(modalities.get(config).asr)
+        return asr.held_out_of_pretraining(config, bconfig, data)
     d, b = config.data, bconfig.data
     return (b.get("source") == d.source and b.get("path", "") == d.get("path", "")
             and float(b.get("holdout_fraction", 0.0)) == float(d.test_fraction)

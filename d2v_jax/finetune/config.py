@@ -13,6 +13,10 @@ MODES = ("finetune", "linear_probe")
 POOLS = ("mean", "cls")
 HEAD_NORMS = ("batch", "layer", "none")
 INIT_PARAMS = ("student", "teacher")
+# Head kinds: the labeled tasks, and CTC speech recognition (letters per frame).
+TASKS = (*labeled.TASKS, "ctc")
+SCHEDULES = ("cosine", "constant", "tri_stage")
+CTC_REDUCTIONS = ("sentence", "token")
 
 
 _check = check_field  # ConfigError (a ValueError): `config.<field>: <msg>`
@@ -21,7 +25,7 @@ _check = check_field  # ConfigError (a ValueError): `config.<field>: <msg>`
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first impossible field of a fine-tune config."""
     _check(config.mode in MODES, "mode", f"{config.mode!r} not in {MODES}")
-    _check(config.task in labeled.TASKS, "task", f"{config.task!r} not in {labeled.TASKS}")
+    _check(config.task in TASKS, "task", f"{config.task!r} not in {TASKS}")
     _check(config.head.pool in POOLS, "head.pool", f"{config.head.pool!r} not in {POOLS}")
     _check(config.head.norm in HEAD_NORMS, "head.norm", f"{config.head.norm!r} not in {HEAD_NORMS}")
     _check(config.init.params in INIT_PARAMS, "init.params",
@@ -31,10 +35,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(config.data.batch_size >= 1, "data.batch_size", f"{config.data.batch_size} < 1")
     _check(config.data.eval_batch_size >= 1, "data.eval_batch_size",
            f"{config.data.eval_batch_size} < 1")
-    _check(config.optim.schedule in ("cosine", "constant"), "optim.schedule",
-           f"{config.optim.schedule!r} is not 'cosine' or 'constant'")
-    _check(0 <= config.loss.label_smoothing < 1, "loss.label_smoothing",
-           f"{config.loss.label_smoothing} is not in [0, 1)")
+    _check(config.optim.schedule in SCHEDULES, "optim.schedule",
+           f"{config.optim.schedule!r} is not one of {SCHEDULES}")
+    if config.task == "ctc":
+        k, l = config.masking, config.loss
+        _check(0 <= k.mask_prob <= 1, "masking.mask_prob", f"{k.mask_prob} is not in [0, 1]")
+        _check(0 <= k.mask_channel_prob <= 1, "masking.mask_channel_prob",
+               f"{k.mask_channel_prob} is not in [0, 1]")
+        _check(k.mask_length >= 1 and k.mask_channel_length >= 1, "masking.mask_length",
+               f"mask_length={k.mask_length} / mask_channel_length={k.mask_channel_length} < 1")
+        _check(l.ctc_reduction in CTC_REDUCTIONS, "loss.ctc_reduction",
+               f"{l.ctc_reduction!r} not in {CTC_REDUCTIONS}")
+        _check(config.optim.freeze_finetune_updates >= 0, "optim.freeze_finetune_updates",
+               f"{config.optim.freeze_finetune_updates} < 0")
+    if config.task == "classification":
+        _check(0 <= config.loss.label_smoothing < 1, "loss.label_smoothing",
+               f"{config.loss.label_smoothing} is not in [0, 1)")
     return config
 
 

@@ -21,13 +21,14 @@ from d2v_jax import errors
 from d2v_jax import metrics as metrics_lib
 from d2v_jax.data import labeled
 from d2v_jax.finetune.backbone import (backbone_config_for, held_out_of_pretraining,
-                                       make_labeled_data, prepare_backbone)
+                                       make_labeled_data, prepare_backbone,
+                                       with_encoder_overrides)
 from d2v_jax.finetune.config import num_steps, validate
 from d2v_jax.finetune.model import FinetuneModel, build_model, load_backbone_into
 from d2v_jax.finetune.optim import make_optimizer
-from d2v_jax.finetune.steps import FinetuneState, evaluate, make_steps
+from d2v_jax.finetune.steps import CTC_INPUTS, CTCPredict, FinetuneState, evaluate, make_steps
 
-HEADLINE = {"classification": "accuracy", "regression": "rmse"}
+HEADLINE = {"classification": "accuracy", "regression": "rmse", "ctc": "cer"}
 
 
 @dataclasses.dataclass
@@ -63,27 +64,33 @@ def prepare(config: ml_collections.ConfigDict, init_from: str | None = None,
         init_params, bconfig = backbone_config_for(config, init_from)
     bconfig = _prepare_backbone(config, bconfig, init_from if init_params is not None else None,
                                 workdir)
+    bconfig = with_encoder_overrides(config, bconfig)
     data = make_labeled_data(config, bconfig)
-    classify = config.task == "classification"
-    num_outputs = config.head.num_outputs or (data.num_classes if classify else 1)
+    classify, is_ctc = config.task == "classification", config.task == "ctc"
+    # CTC: one output per letter unit (data.num_classes = the vocabulary size).
+    num_outputs = config.head.num_outputs or (data.num_classes if classify or is_ctc else 1)
     if classify and num_outputs < data.num_classes:
         raise errors.ConfigError(f"config.head.num_outputs={num_outputs} < {data.num_classes} "
                                  "classes in the data")
     target_stats = (0.0, 1.0)
-    if not classify and config.loss.standardize_targets:
+    if config.task == "regression" and config.loss.standardize_targets:
         used = data.labels[data.train]
         target_stats = (float(used.mean()), float(used.std()) or 1.0)
     steps = num_steps(config, len(data.train))
 
     model = build_model(config, bconfig, num_outputs)
-    sample = labeled.eval_arrays(data, data.test[:1], 1)[0]
-    sample.pop("valid")
+    if is_ctc:
+        sample = {k: v[:1] for k, v in data.eval_batches(1)[0].items() if k in CTC_INPUTS}
+    else:
+        sample = labeled.eval_arrays(data, data.test[:1], 1)[0]
+        sample.pop("valid")
     variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(config.seed), sample))
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     if init_params is not None:
         params = load_backbone_into(params, init_params)
     # The seed and label fraction do not change the compiled program.
-    cache_key = json.dumps([_without(config, ("seed",), ("data", "label_fraction")),
+    cache_key = json.dumps([_without(config, ("seed",), ("data", "label_fraction"),
+                                     ("data", "train_minutes")),
                             bconfig.model.to_json_best_effort(), num_outputs, steps, target_stats])
     if cache_key not in _STEP_CACHE:
         tx, schedule = make_optimizer(config, params, bconfig.model.depth, steps)
@@ -92,7 +99,11 @@ def prepare(config: ml_collections.ConfigDict, init_from: str | None = None,
     # Fresh buffers: the train step donates the state.
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
     state = FinetuneState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          batch_stats=batch_stats)
+                          batch_stats=batch_stats,
+                          rng=jax.random.PRNGKey(config.seed) if is_ctc else None)
+    if is_ctc:  # decoding needs the vocabulary and the references
+        predict_step = CTCPredict(predict_step, data.vocab, data.references(),
+                                  config.eval.num_examples)
     return Run(config, bconfig, data, model, state, train_step, predict_step, steps, init_from)
 
 
@@ -110,9 +121,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with errors.undo_additions(workdir):
         run = prepare(config, init_from, pretrained=pretrained, workdir=workdir)
         data, steps, state = run.data, run.num_steps, run.state
-        eval_batches = labeled.eval_arrays(data, data.test, config.data.eval_batch_size)
-        batches = iter(labeled.train_dataset(data, config.data.batch_size, config.seed,
-                                             num_threads=config.data.num_threads))
+        if config.task == "ctc":  # length-bucketed transcribed speech
+            eval_batches = data.eval_batches(config.data.eval_batch_size)
+            batches = data.train_batches(config.data.batch_size, config.seed)
+        else:
+            eval_batches = labeled.eval_arrays(data, data.test, config.data.eval_batch_size)
+            batches = iter(labeled.train_dataset(data, config.data.batch_size, config.seed,
+                                                 num_threads=config.data.num_threads))
         batches = itertools.chain([next(batches)], batches)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -155,12 +170,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "num_labels": int(len(data.train)), "num_train_pool": int(len(data.train_pool)),
         "num_test": int(len(data.test)), "split_seed": int(config.data.split_seed),
         "class_names": data.class_names,  # label id i is class_names[i]
-        "test_held_out_of_pretraining": (held_out_of_pretraining(config, run.backbone_config)
+        "test_held_out_of_pretraining": (held_out_of_pretraining(config, run.backbone_config, data)
                                          if init_from else None),
         "num_steps": steps, "metrics": final, "headline": HEADLINE[config.task],
         "history": history, "train_seconds": train_time,
         "wall_seconds": time.perf_counter() - t0,
     }
+    if config.task == "ctc":
+        results.update(_ctc_results(data, run.predict_step))
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot(workdir, results)
@@ -184,6 +201,17 @@ def _prepare_backbone(config, bconfig, init_from, workdir):
             hint="pass --config.backbone=<a pretraining work dir> (its architecture and "
                  "tokenizer, fresh weights), or --init_from=<that work dir> for its weights "
                  "too") from e
+
+
+def _ctc_results(data, predict: CTCPredict) -> dict:
+    """The transcribed amounts and the decoded test examples of a CTC run."""
+    rate = data.sample_rate
+    return {"train_minutes": data.train_set.minutes(data.train, rate),
+            "train_pool_minutes": data.train_set.minutes(None, rate),
+            "test_minutes": data.test_set.minutes(None, rate),
+            "test_speakers": sorted(set(data.test_set.speakers)),
+            "train_speakers": sorted({data.train_set.speakers[i] for i in data.train}),
+            "vocab": list(data.vocab.tokens), "examples": predict.last_examples}
 
 
 def _write(writer, step, device_metrics):

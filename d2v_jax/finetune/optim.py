@@ -1,4 +1,6 @@
-"""The fine-tune optimizer: AdamW with layer-wise lr decay, and its schedule."""
+"""The fine-tune optimizer: AdamW with layer-wise lr decay, and its schedule;
+for speech recognition also wav2vec 2.0's frozen conv feature extractor and
+the encoder frozen for the first `optim.freeze_finetune_updates` updates."""
 
 from __future__ import annotations
 
@@ -57,8 +59,51 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def freeze_masks(params: Any, conv_frozen: bool) -> tuple[Any, Any]:
+    """(never, until): bool trees. `never` marks the conv feature extractor's
+    convolutions and their norms when `conv_frozen` (wav2vec 2.0 fine-tuning:
+    feature_grad_mult 0; the feature LayerNorm and projection after them
+    train); `until` marks the rest of the encoder (`backbone`), which trains
+    only after `optim.freeze_finetune_updates` updates."""
+
+    def never(path, leaf):
+        keys = _keys(path)
+        return bool(conv_frozen and keys[0] == "backbone" and "frontend" in keys
+                    and any(k.startswith("conv_") for k in keys))
+
+    never_tree = jax.tree_util.tree_map_with_path(never, params)
+    until_tree = jax.tree_util.tree_map_with_path(lambda p, _: _keys(p)[0] == "backbone", params)
+    return never_tree, until_tree
+
+
+def hold(never: Any, until: Any, num_updates: int) -> optax.GradientTransformation:
+    """Zeroes the leaves marked `never` always and those marked `until` for the
+    first `num_updates` calls. Placed before Adam (its moments of a held
+    parameter stay 0, as fairseq's Adam skips parameters without a gradient)
+    and after it (no weight decay moves a held parameter)."""
+
+    def init(params):
+        del params
+        return {"count": jnp.zeros((), jnp.int32)}
+
+    def update(updates, state, params=None):
+        del params
+        on = state["count"] >= num_updates
+        scale = lambda u, n, t: u * jnp.where(n, 0.0, jnp.where(t, on, True)).astype(u.dtype)
+        return (jax.tree.map(scale, updates, never, until),
+                {"count": state["count"] + 1})
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_schedule(config: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+    """`optim.schedule`: cosine or constant after a linear warm-up of
+    `warmup_steps`, or fairseq's tri_stage (`phase_ratio`, `init_lr_scale`,
+    `final_lr_scale` of the fine-tune's steps; d2v_jax.optim.tri_stage_schedule)."""
     o = config.optim
+    if o.schedule == "tri_stage":
+        return optim.tri_stage_schedule(o.lr, steps, tuple(o.phase_ratio), o.init_lr_scale,
+                                        o.final_lr_scale)
     warmup = min(o.warmup_steps, max(steps - 1, 0))
     if o.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(steps, warmup + 1),
@@ -74,6 +119,11 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, depth: int, s
     o = config.optim
     schedule = make_schedule(config, steps)
     parts = []
+    frozen = None
+    conv_frozen = "encoder" in config and config.encoder.feature_grad_mult == 0
+    if conv_frozen or o.get("freeze_finetune_updates", 0) > 0:
+        frozen = (*freeze_masks(params, conv_frozen), int(o.get("freeze_finetune_updates", 0)))
+        parts.append(hold(*frozen))
     if o.clip_norm and o.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(o.clip_norm))
     parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
@@ -81,6 +131,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, depth: int, s
     if o.layer_decay < 1:
         parts.append(scale_by_tree(layer_scales(params, depth, o.layer_decay,
                                                 tuple(o.layer_decay_top))))
+    if frozen is not None:
+        parts.append(hold(*frozen))
     tx = optax.chain(*parts)
     if config.mode == "linear_probe":
         labels = {k: ("frozen" if k == "backbone" else "train") for k in params}

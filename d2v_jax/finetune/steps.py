@@ -1,7 +1,10 @@
-"""The train state, loss, jitted train / predict steps, evaluation and metrics."""
+"""The train state, loss, jitted train / predict steps, evaluation and metrics
+(classification, regression, and CTC speech recognition: `make_ctc_steps`,
+`evaluate_ctc`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -11,6 +14,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from d2v_jax.finetune import ctc
+
 
 @flax.struct.dataclass
 class FinetuneState:
@@ -18,6 +23,7 @@ class FinetuneState:
     params: Any
     opt_state: Any
     batch_stats: Any  # the head's BatchNorm statistics ({} without one)
+    rng: Any = None  # CTC: the key of the fine-tuning masks and dropout (folded with step)
 
 
 def compute_loss(config: ml_collections.ConfigDict, outputs: jax.Array, labels: jax.Array,
@@ -33,6 +39,8 @@ def compute_loss(config: ml_collections.ConfigDict, outputs: jax.Array, labels: 
 
 def make_steps(config, model, tx, schedule, target_stats):
     """(train_step, predict_step), jitted; the train state is donated."""
+    if config.task == "ctc":
+        return make_ctc_steps(config, model, tx, schedule)
 
     def train_step(state: FinetuneState, batch):
         def loss_fn(params):
@@ -84,7 +92,90 @@ def regression_metrics(preds: np.ndarray, targets: np.ndarray) -> dict[str, floa
     return {"rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err)))}
 
 
+CTC_INPUTS = ("audio", "padding_mask")
+
+
+def make_ctc_steps(config, model, tx, schedule):
+    """(train_step, predict_step) of CTC fine-tuning, jitted; the state is
+    donated. Training draws the fine-tuning masks and dropout from
+    fold_in(state.rng, step); the loss is `ctc.ctc_loss` with the frame padding
+    from the conv arithmetic and the label padding. predict_step returns the
+    greedy ids per frame [B, T] and the per-utterance CTC loss [B]."""
+    blank, l = config.loss.blank, config.loss
+
+    def frame_paddings(logits, pad):
+        if pad is None:
+            return jnp.zeros(logits.shape[:2], jnp.float32)
+        return pad.astype(jnp.float32)
+
+    def train_step(state: FinetuneState, batch):
+        k_mask, k_drop = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        inputs = {k: batch[k] for k in CTC_INPUTS if k in batch}
+
+        def loss_fn(params):
+            logits, pad = model.apply({"params": params}, inputs, train=True,
+                                      rngs={"mask": k_mask, "dropout": k_drop})
+            return ctc.ctc_loss(logits, frame_paddings(logits, pad), batch["labels"],
+                                batch["label_paddings"], blank=blank, weights=batch["valid"],
+                                reduction=l.ctc_reduction, zero_infinity=l.zero_infinity)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def predict_step(params, batch_stats, batch):
+        del batch_stats
+        inputs = {k: batch[k] for k in CTC_INPUTS if k in batch}
+        logits, pad = model.apply({"params": params}, inputs)
+        lp = frame_paddings(logits, pad)
+        loss = optax.ctc_loss(logits, lp, batch["labels"], batch["label_paddings"], blank_id=blank)
+        return ctc.greedy_ids(logits, lp, blank), loss
+
+    return jax.jit(train_step, donate_argnums=(0,)), jax.jit(predict_step)
+
+
+@dataclasses.dataclass
+class CTCPredict:
+    """A run's CTC predict step with what evaluation needs to decode: the
+    vocabulary, the test references, and the decoded examples of the last
+    evaluation (the first `num_examples` test utterances)."""
+
+    step: Any
+    vocab: ctc.Vocab
+    references: list[str]
+    num_examples: int = 8
+    last_examples: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, params, batch_stats, batch):
+        return self.step(params, batch_stats, batch)
+
+
+def evaluate_ctc(predict: CTCPredict, state: FinetuneState, batches) -> dict[str, float]:
+    """Greedy-decodes every test utterance: corpus WER and CER, the mean CTC
+    loss of the utterances whose labels fit their frames; sets
+    `predict.last_examples`."""
+    hyps, losses = {}, []
+    for b in batches:
+        ids, loss = predict(state.params, state.batch_stats,
+                            {k: b[k] for k in (*CTC_INPUTS, "labels", "label_paddings")})
+        ids, loss = np.asarray(ids), np.asarray(loss)
+        for r in np.flatnonzero(b["valid"] > 0):
+            hyps[int(b["index"][r])] = predict.vocab.decode(ctc.collapse(ids[r], predict.vocab.blank))
+            if loss[r] < 1e4:  # optax's stand-in for an impossible alignment is ~1e5
+                losses.append(float(loss[r]))
+    order = sorted(hyps)
+    refs, hs = [predict.references[i] for i in order], [hyps[i] for i in order]
+    predict.last_examples = [{"index": i, "reference": r, "hypothesis": h}
+                             for i, r, h in zip(order[:predict.num_examples], refs, hs)]
+    return {"wer": ctc.wer(refs, hs), "cer": ctc.cer(refs, hs),
+            "loss": float(np.mean(losses)) if losses else float("nan")}
+
+
 def evaluate(predict_step, state: FinetuneState, batches, task: str) -> dict[str, float]:
+    if task == "ctc":
+        return evaluate_ctc(predict_step, state, batches)
     outs, labels = [], []
     for b in batches:
         out = np.asarray(predict_step(state.params, state.batch_stats,

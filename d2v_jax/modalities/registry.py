@@ -55,6 +55,9 @@ class Modality:
       eval_data(config, limit) -> (inputs, labels) for `d2v_jax.load_eval_data`.
       hf / fairseq: module paths of the checkpoint mappings (they import torch
         lazily, so they are loaded only by `d2v_jax.convert`).
+      asr: module path of the CTC speech-recognition hooks of `d2v_jax.finetune`
+        (`asr_data`, `encode`, `mask_embedding`, `held_out_of_pretraining`; see
+        modalities/audio/asr.py).
     """
 
     name: str
@@ -71,6 +74,7 @@ class Modality:
     eval_data: Callable[[Config, int | None], tuple] | None = None
     hf: str | None = None
     fairseq: str | None = None
+    asr: str | None = None
 
     def __post_init__(self):
         if self.prepare_backbone is None:

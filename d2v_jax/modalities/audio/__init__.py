@@ -19,4 +19,5 @@ MODALITY = register(Modality(
     labeled_parts=labeled.labeled_parts,
     hf="d2v_jax.modalities.audio.hf",
     fairseq="d2v_jax.modalities.audio.fairseq",
+    asr="d2v_jax.modalities.audio.asr",
 ))
