@@ -199,3 +199,17 @@ def test_token_budget_rows_per_bucket_match_fairseq_max_tokens():
     with pytest.raises(ValueError, match="data.max_tokens=1000000 holds fewer than"):
         A.BatchPlan(load_config("experiments/audio.py:base_v2", {"data.max_tokens": 1_000_000}),
                     lengths)
+
+
+def test_v1_same_count_trims_per_official_gpu_batch():
+    # audio base_v1: fairseq trims span masks to the smallest count of each GPU's
+    # batch (require_same_masks), not of the global one: 16 groups of rows / 16.
+    config = load_config("experiments/audio.py:base_v1", {"data.buckets": (320_000,)})
+    lengths = np.random.default_rng(1).integers(320_000, 400_000, 400)
+    plan = A.BatchPlan(config, lengths)
+    b = plan.batch(0)
+    rows = len(b["index"])
+    assert rows == 16 * (3_800_000 // 320_000) == 176
+    counts = b["mask"][:, 0].sum(-1).reshape(16, rows // 16)
+    assert (counts == counts[:, :1]).all()  # one count per GPU's rows
+    assert len(np.unique(counts[:, 0])) > 1  # ... not one for the whole batch

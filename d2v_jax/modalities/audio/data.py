@@ -360,8 +360,14 @@ class BatchPlan:
                 config_frame_count(self.config, crop), self.masking_cfg))
         masks = np.stack(masks)  # [B, M, T]
         if self.masking_cfg["kind"] == "span" and self.masking_cfg.get("same_count", True):
+            # fairseq trims to the smallest count of each GPU's batch: with a token
+            # budget the rows of one official GPU are rows / batch_size (the GPU
+            # count), else the whole batch is one group.
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(k), BATCH_STREAM]))
-            masks = masking.same_count(rng, masks.reshape(-1, frames)).reshape(masks.shape)
+            group = len(idx) // self.batch_size if self.max_tokens > 0 else len(idx)
+            masks = np.concatenate([
+                masking.same_count(rng, g.reshape(-1, frames)).reshape(g.shape)
+                for g in np.split(masks, len(idx) // group)])
         return {"index": idx, "start": starts, "crop": crops, "size": size, "mask": masks}
 
 
