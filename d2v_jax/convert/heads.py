@@ -3,8 +3,9 @@
 A head is a params dict plus its task name; `apply_head(task, head, hidden)`
 runs it on our encoder's last hidden state `encode(batch)`:
 
-  ctc             per-frame Linear: `w2v_encoder.proj` (fairseq Wav2VecCtc),
-                  `lm_head` (HF Data2VecAudioForCTC) -> logits [B, T, V].
+  ctc             per-frame Linear `head`: `w2v_encoder.proj` (fairseq
+                  Wav2VecCtc), `lm_head` (HF Data2VecAudioForCTC) -> logits
+                  [B, T, V].
   classification  RoBERTa's head on the first token: dense -> tanh -> out_proj
                   (fairseq `classification_heads.<name>`, HF
                   Data2VecTextForSequenceClassification `classifier`) -> [B, C].
@@ -41,7 +42,7 @@ def apply_head(task: str, head: Mapping[str, Any], hidden: Any, eps: float = 1e-
     """Task logits from the encoder's last hidden state [B, T, D]."""
     x = jnp.asarray(hidden, jnp.float32)
     if task == "ctc":
-        out = _dense(head["proj"], x)
+        out = _dense(head["head"], x)
     elif task == "classification":
         out = _dense(head["out_proj"], jnp.tanh(_dense(head["dense"], x[:, 0])))
     elif task == "image_classification":

@@ -58,7 +58,7 @@ def from_fairseq(checkpoint: Mapping[str, Any], num_heads: int | None = None
         inner, outer = split_wrapper(checkpoint, CTC, ("model", "w2v_args", "model"))
         config, params, _ = _from_multi(inner, num_heads, finetuned=True)
         r = StateReader(outer, "fairseq state dict (Wav2VecCtc)")
-        head = {"proj": r.linear("w2v_encoder.proj")}
+        head = {"head": r.linear("w2v_encoder.proj")}
         r.finish()
         return FairseqConversion(config, params, None, head=head, task="ctc")
     return _from_v1(checkpoint, num_heads)
@@ -282,7 +282,7 @@ def _from_v1(checkpoint, num_heads) -> FairseqConversion:
         params["head"] = r.linear(p + "final_proj")
     head = None
     if ctc:
-        head = {"proj": r.linear("w2v_encoder.proj")}
+        head = {"head": r.linear("w2v_encoder.proj")}
     r.finish()
     expected = expected_params(config)
     check_tree(params, {k: expected[k] for k in params}, "from_fairseq params")

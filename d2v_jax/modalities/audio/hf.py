@@ -103,10 +103,10 @@ def check_export(config) -> None:
 
 
 def head_from_hf(r: StateReader, hf) -> tuple[str | None, Any]:
-    """Data2VecAudioForCTC's `lm_head` -> ("ctc", {"proj": Dense})."""
+    """Data2VecAudioForCTC's `lm_head` -> ("ctc", {"head": Dense})."""
     if "lm_head.weight" not in r:
         return None, None
-    return "ctc", {"proj": r.linear("lm_head")}
+    return "ctc", {"head": r.linear("lm_head")}
 
 
 def to_hf(config, params, head=None, task=None):
@@ -158,7 +158,7 @@ def to_hf(config, params, head=None, task=None):
         sd["masked_spec_embed"] = np.asarray(params["mask_emb"]["embedding"])
     if head is None:
         return Data2VecAudioModel(hf_config), sd
-    proj = linear_out(head["proj"])
+    proj = linear_out(head["head"])
     hf_config.vocab_size = int(proj["weight"].shape[0])
     sd = {PREFIX + k: v for k, v in sd.items()}
     sd.update({"lm_head." + k: v for k, v in proj.items()})
