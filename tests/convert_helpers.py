@@ -318,3 +318,39 @@ def finetuned_v2(ckpt, prefix, cfg_key, head):
           if k != "_ema" and ".decoder." not in k}
     sd.update(head)
     return {"model": sd, "cfg": {"model": {cfg_key: ckpt["cfg"]}}}
+
+
+def beit_state(finetuned=False, seed=0, classes=5):
+    """data2vec 1.0 vision in the BEiT code's layout (facebookresearch/data2vec_vision):
+    pretraining = modeling_cyclical (shared rel_pos_bias, mask_token, norm, lm_head);
+    fine-tuned = modeling_finetune (per-block tables, mean pooling: fc_norm, head)."""
+    torch.manual_seed(seed)
+    size = (2 * SIDE - 1) ** 2 + 3
+    sd = {"cls_token": rand(1, 1, DIM), "patch_embed.proj.weight": rand(DIM, CH, PATCH, PATCH),
+          "patch_embed.proj.bias": rand(DIM)}
+    if not finetuned:
+        sd["mask_token"] = rand(1, 1, DIM)
+        sd["rel_pos_bias.relative_position_bias_table"] = rand(size, HEADS, scale=1.0)
+        sd["rel_pos_bias.relative_position_index"] = torch.zeros(SIDE * SIDE + 1, SIDE * SIDE + 1,
+                                                                 dtype=torch.long)
+    for i in range(DEPTH):
+        p = f"blocks.{i}."
+        put_norm(sd, p + "norm1", DIM)
+        put_norm(sd, p + "norm2", DIM)
+        sd[p + "attn.qkv.weight"] = rand(3 * DIM, DIM)
+        sd[p + "attn.q_bias"], sd[p + "attn.v_bias"] = rand(DIM), rand(DIM)
+        put_linear(sd, p + "attn.proj", DIM, DIM)
+        put_linear(sd, p + "mlp.fc1", 4 * DIM, DIM)
+        put_linear(sd, p + "mlp.fc2", DIM, 4 * DIM)
+        sd[p + "gamma_1"], sd[p + "gamma_2"] = 0.1 + rand(DIM), 0.1 + rand(DIM)
+        if finetuned:
+            sd[p + "attn.relative_position_bias_table"] = rand(size, HEADS, scale=1.0)
+            sd[p + "attn.relative_position_index"] = torch.zeros(SIDE * SIDE + 1,
+                                                                 SIDE * SIDE + 1, dtype=torch.long)
+    if finetuned:
+        put_norm(sd, "fc_norm", DIM)
+        put_linear(sd, "head", classes, DIM)
+    else:
+        put_norm(sd, "norm", DIM)
+        put_linear(sd, "lm_head", DIM, DIM)
+    return sd

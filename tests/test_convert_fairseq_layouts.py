@@ -28,7 +28,7 @@ from d2v_jax.convert.heads import apply_head
 from d2v_jax.models.decoder import decoder_from_config
 from d2v_jax.train_state import teacher_params
 
-from convert_helpers import (A, CONV, DEC_K, DEC_LAYERS, DEPTH, DIM, HEADS, PAD, POS_DEPTH,
+from convert_helpers import (A, CH, PATCH, SIDE, beit_state, CONV, DEC_K, DEC_LAYERS, DEPTH, DIM, HEADS, PAD, POS_DEPTH,
                              POS_G, POS_K, SV1, T, VOCAB, audio_ctc_checkpoint, finetuned_v2,
                              audio_v1_checkpoint, audio_v2_checkpoint, text_cls_checkpoint,
                              text_v1_checkpoint, text_v2_checkpoint)
@@ -385,3 +385,88 @@ def test_unknown_and_unmappable_layouts_name_their_keys():
         from_fairseq({"model": {"decoder.embed_tokens.weight": torch.zeros(3, 2)}})
     with pytest.raises(ConversionError, match="attention_heads"):
         from_fairseq(text_v1_checkpoint()["model"])
+
+
+# ----------------------------------------------------------------------------- vision 1.0 (BEiT code)
+def beit_index(side):
+    """BEiT's relative_position_index (modeling_finetune.RelativePositionBias)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"))
+    flat = coords.flatten(1)
+    rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += side - 1
+    rel[:, :, 1] += side - 1
+    rel[:, :, 0] *= 2 * side - 1
+    n = (2 * side - 1) ** 2 + 3
+    index = torch.zeros((side * side + 1,) * 2, dtype=torch.long)
+    index[1:, 1:] = rel.sum(-1)
+    index[0, 0:], index[0:, 0], index[0, 0] = n - 3, n - 2, n - 1
+    return index
+
+
+def beit_reference(sd, image):
+    """BEiT VisionTransformer.forward_features (pre-LN, layer scale, q/v biases,
+    relative position bias shared or per block), then norm, or mean pooling ->
+    fc_norm -> head."""
+    x = F.conv2d(image, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"],
+                 stride=PATCH).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["cls_token"].expand(x.shape[0], -1, -1), x], 1)
+    b, t, _ = x.shape
+    idx = beit_index(SIDE).view(-1)
+    bias_of = lambda table: table[idx].view(t, t, -1).permute(2, 0, 1)[None]
+    shared = sd.get("rel_pos_bias.relative_position_bias_table")
+    for i in range(DEPTH):
+        g = lambda n: sd[f"blocks.{i}.{n}"]
+        h = F.layer_norm(x, (DIM,), g("norm1.weight"), g("norm1.bias"), 1e-6)
+        qkv = F.linear(h, g("attn.qkv.weight"),
+                       torch.cat([g("attn.q_bias"), torch.zeros(DIM), g("attn.v_bias")]))
+        q, k, v = qkv.reshape(b, t, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+        att = (q * (DIM // HEADS) ** -0.5) @ k.transpose(-2, -1)
+        att = att + bias_of(shared if shared is not None else g("attn.relative_position_bias_table"))
+        a = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, DIM)
+        x = x + g("gamma_1") * F.linear(a, g("attn.proj.weight"), g("attn.proj.bias"))
+        h = F.layer_norm(x, (DIM,), g("norm2.weight"), g("norm2.bias"), 1e-6)
+        h = F.linear(F.gelu(F.linear(h, g("mlp.fc1.weight"), g("mlp.fc1.bias"))),
+                     g("mlp.fc2.weight"), g("mlp.fc2.bias"))
+        x = x + g("gamma_2") * h
+    if "norm.weight" in sd:
+        return F.layer_norm(x, (DIM,), sd["norm.weight"], sd["norm.bias"], 1e-6), None
+    f = F.layer_norm(x[:, 1:].mean(1), (DIM,), sd["fc_norm.weight"], sd["fc_norm.bias"], 1e-6)
+    return x, F.linear(f, sd["head.weight"], sd["head.bias"])
+
+
+@pytest.mark.slow  # compiles our encoder twice (~5 s each on 2 shared cores)
+def test_vision_v1_beit_code_pretrained_and_finetuned_match():
+    sd = beit_state()
+    ema = beit_state(seed=1)
+    config, params, ema_params = from_fairseq({"model": sd, "model_ema": ema, "args": None})
+    m = config.model
+    assert (m.rel_pos_bias, m.final_norm, m.num_heads, m.image_size) == ("shared", True, HEADS, 16)
+    image = torch.randn(2, CH, PATCH * SIDE, PATCH * SIDE)
+    batch = {"image": image.permute(0, 2, 3, 1).numpy()}
+    with torch.no_grad():
+        ref, _ = beit_reference(sd, image)
+        # The teacher's final `norm` is not an EMA parameter of ours: the teacher
+        # regresses block outputs; `encode` of the teacher uses the student's.
+        ref_t, _ = beit_reference({**ema, "norm.weight": sd["norm.weight"],
+                                   "norm.bias": sd["norm.bias"]}, image)
+    np.testing.assert_allclose(encode_v1(config, params, batch), ref.numpy(), atol=ATOL)
+    np.testing.assert_allclose(encode_v1(config, {**params, **ema_params}, batch), ref_t.numpy(),
+                               atol=ATOL)
+    np.testing.assert_array_equal(params["head"]["kernel"], sd["lm_head.weight"].numpy().T)
+    ft = beit_state(finetuned=True)
+    out = from_fairseq({"model": ft})
+    assert (out.config.model.rel_pos_bias, out.config.model.final_norm, out.task) == (
+        "per_block", False, "image_classification")
+    with torch.no_grad():
+        ref, logits = beit_reference(ft, image)
+    hidden = encode_v1(out.config, out.params, batch)
+    np.testing.assert_allclose(hidden, ref.numpy(), atol=ATOL)
+    np.testing.assert_allclose(apply_head(out.task, out.head, hidden, 1e-6), logits.numpy(),
+                               atol=ATOL)
+
+
+def encode_v1(config, params, batch):
+    """Our image `encode` (reads frontend, encoder and final_norm)."""
+    used = {k: params[k] for k in ("frontend", "encoder", "final_norm") if k in params}
+    model = modalities.build_model(config)
+    return np.asarray(jax.jit(lambda p: model.apply({"params": p}, batch, method="encode"))(used))

@@ -19,21 +19,26 @@ import ml_collections
 import numpy as np
 
 from d2v_jax.convert.common import (ConversionError, StateReader, base_config, check_tree,
-                                    expected_params)
+                                    expected_params, stack)
 from d2v_jax.convert.fairseq_common import (ALT_BLOCK, FairseqConversion, apply_training_cfg,
-                                            block_prefixes, blocks, cfg_get, heads_from,
-                                            mlp_ratio, num_blocks, split_ema)
+                                            block_prefixes, blocks, cfg_get, drop_buffers,
+                                            heads_from, mlp_ratio, num_blocks, read, split_ema)
 from d2v_jax.models.layers import sincos_2d
 from d2v_jax.train_state import ema_keys
 
 IMAGE = "modality_encoders.IMAGE."
 PRENET = IMAGE + "context_encoder.blocks."  # prenet_depth blocks before the main ones
-KEY_PREFIX = IMAGE  # `d2v_jax.convert.from_fairseq` picks this mapping by it
+KEY_PREFIX = f"{IMAGE} | patch_embed.proj.weight + cls_token (BEiT code)"  # what from_fairseq matches
 
 
 def matches(state: Mapping[str, Any]) -> bool:
-    """Whether `state` is a data2vec_multi checkpoint with an image encoder."""
-    return any(k.startswith(IMAGE) for k in state)
+    """A data2vec_multi checkpoint with an image encoder, or a data2vec 1.0
+    vision checkpoint of the BEiT code (github.com/facebookresearch/data2vec_vision)."""
+    return any(k.startswith(IMAGE) for k in state) or _is_beit(state)
+
+
+def _is_beit(state: Mapping[str, Any]) -> bool:
+    return "patch_embed.proj.weight" in state and "cls_token" in state
 
 
 def image_config(state: Mapping[str, Any], num_heads: int | None = None,
@@ -131,6 +136,8 @@ def from_fairseq(checkpoint: Mapping[str, Any], num_heads: int | None = None
     embedding (fairseq `ema_local_encoder=False`: it used the student's) gets
     the student's.
     """
+    if _is_beit(checkpoint["model"] if "model" in checkpoint else checkpoint):
+        return from_beit(checkpoint, num_heads)
     cfg, state, ema = split_ema(checkpoint)
     config = image_config(state, num_heads, cfg)
     m, d = config.model, config.decoder
@@ -168,3 +175,135 @@ def from_fairseq(checkpoint: Mapping[str, Any], num_heads: int | None = None
     expected = expected_params(config)
     check_tree(ema_params, {k: expected[k] for k in ema_keys(config)}, "from_fairseq ema_params")
     return FairseqConversion(config, params, ema_params)
+
+
+# ----------------------------------------------------------------------------- 1.0 (BEiT code)
+# data2vec 1.0 vision was released from the BEiT code base (github.com/
+# facebookresearch/data2vec_vision, beit/modeling_cyclical.py for pretraining,
+# modeling_finetune.py for fine-tuning): {"model": ..., "model_ema": ..., "args": ...}.
+# fairseq's examples/data2vec/models/data2vec_vision.py is an unfinished port
+# (debug prints, `assert 1==2` in its per-block bias) that no release uses.
+BEIT_BLOCK = (
+    (("attn", "proj"), "attn.proj", "linear"),
+    (("mlp", "fc1"), "mlp.fc1", "linear"),
+    (("mlp", "fc2"), "mlp.fc2", "linear"),
+    (("norm1",), "norm1", "norm"),
+    (("norm2",), "norm2", "norm"),
+)
+BEIT_IGNORE = ("relative_position_index",)  # buffers recomputed here
+
+
+def _beit_block(r: StateReader, p: str, dim: int, scale: bool) -> dict[str, Any]:
+    """BEiT Attention: qkv Linear without bias, q_bias and v_bias (k bias 0)."""
+    out = read(r, p, BEIT_BLOCK)
+    bias = (np.concatenate([r.get(p + "attn.q_bias", (dim,)), np.zeros(dim, np.float32),
+                            r.get(p + "attn.v_bias", (dim,))])
+            if p + "attn.q_bias" in r else np.zeros(3 * dim, np.float32))
+    out["attn"]["qkv"] = {"kernel": r.get(p + "attn.qkv.weight", (3 * dim, dim)).T, "bias": bias}
+    if scale:
+        out["gamma_1"], out["gamma_2"] = r.get(p + "gamma_1", (dim,)), r.get(p + "gamma_2", (dim,))
+    return out
+
+
+def beit_config(state: Mapping[str, Any], args: Any, num_heads: int | None):
+    """Our v1 image config from a BEiT-code state dict (and its saved `args`)."""
+    where = "data2vec_vision (BEiT) state dict"
+    if "pos_embed" in state:
+        raise ConversionError(f"{where}: 'pos_embed' (learned absolute positions) has no "
+                              "counterpart in our 1.0 ViT (relative position bias only)")
+    dim, channels, patch, _ = tuple(state["patch_embed.proj.weight"].shape)
+    depth = num_blocks(state, "blocks.")
+    shared = "rel_pos_bias.relative_position_bias_table" in state
+    per_block = "blocks.0.attn.relative_position_bias_table" in state
+    if shared and per_block:
+        raise ConversionError(f"{where}: both a shared and per-block relative position tables")
+    table = (state.get("rel_pos_bias.relative_position_bias_table") if shared else
+             state.get("blocks.0.attn.relative_position_bias_table"))
+    if table is not None:
+        size, heads = tuple(table.shape)
+        side = int(round((((size - 3) ** 0.5) + 1) / 2))
+        if (2 * side - 1) ** 2 + 3 != size:
+            raise ConversionError(f"{where}: a relative position table of {size} rows is not "
+                                  "a square grid's (2h-1)^2 + 3")
+    else:
+        heads, side = None, int(cfg_get(args, "input_size", default=224)) // patch
+    if num_heads is not None and heads is not None and num_heads != heads:
+        raise ConversionError(f"{where}: num_heads={num_heads} but the relative position "
+                              f"table has {heads} heads")
+    heads = heads or num_heads
+    if heads is None:
+        raise ConversionError(f"{where}: no relative position table holds the head count; "
+                              "pass num_heads=")
+    scale = "blocks.0.gamma_1" in state
+    config = base_config("image", "base_v1")
+    with config.unlocked():
+        m = config.model
+        m.image_size, m.patch_size, m.channels = side * patch, patch, channels
+        m.dim, m.depth, m.num_heads = dim, depth, heads
+        m.mlp_ratio = mlp_ratio(tuple(state["blocks.0.mlp.fc1.weight"].shape)[0], dim)
+        m.layer_scale_init = float(cfg_get(args, "layer_scale_init_value", default=0.1)
+                                   ) if scale else 0.0
+        m.rel_pos_bias = "shared" if shared else "per_block" if per_block else "none"
+        m.final_norm = "norm.weight" in state
+        m.norm_eps, m.drop_path = 1e-6, 0.0
+        depth_k = cfg_get(args, "average_top_k_layers")
+        if depth_k is not None:
+            config.target.top_k = int(depth_k)
+        config.target.top_k = min(config.target.top_k, depth)
+    return config
+
+
+def _beit_params(r: StateReader, config) -> dict[str, Any]:
+    m = config.model
+    w = r.get("patch_embed.proj.weight")
+    front = {"cls_token": r.get("cls_token", (1, 1, m.dim)).reshape(m.dim),
+             "patch_embed": {"kernel": w.transpose(2, 3, 1, 0),
+                             "bias": r.get("patch_embed.proj.bias")},
+             # The fine-tuned model has none; our 1.0 student needs one (BEiT inits it at 0).
+             "mask_token": (r.get("mask_token", (1, 1, m.dim)).reshape(m.dim)
+                            if "mask_token" in r else np.zeros(m.dim, np.float32))}
+    if m.rel_pos_bias == "shared":
+        front["rel_pos_bias"] = {"relative_position_bias_table": r.get(
+            "rel_pos_bias.relative_position_bias_table")}
+    elif m.rel_pos_bias == "per_block":
+        front["rel_pos_bias"] = {"relative_position_bias_table": np.stack([r.get(
+            f"blocks.{i}.attn.relative_position_bias_table") for i in range(m.depth)])}
+    scale = m.layer_scale_init > 0
+    params = {"frontend": front, "encoder": {"blocks": stack(
+        [_beit_block(r, f"blocks.{i}.", m.dim, scale) for i in range(m.depth)])}}
+    if m.final_norm:
+        params["final_norm"] = r.norm("norm")
+    return params
+
+
+def from_beit(checkpoint: Mapping[str, Any], num_heads: int | None = None) -> FairseqConversion:
+    """A data2vec 1.0 vision checkpoint of the BEiT code -> (config, params,
+    ema_params); `model_ema` is the teacher; a fine-tuned model's `head` (and
+    `fc_norm`, mean pooling) is returned as `.head`, task "image_classification"."""
+    state = drop_buffers(checkpoint["model"] if "model" in checkpoint else checkpoint)
+    ema = checkpoint.get("model_ema") if "model" in checkpoint else None
+    args = checkpoint.get("args") if "model" in checkpoint else None
+    config = beit_config(state, args, num_heads)
+    r = StateReader(state, "data2vec_vision (BEiT) state dict", ignore=BEIT_IGNORE)
+    params = _beit_params(r, config)
+    if "lm_head.weight" in r:  # the pretraining regression head, Linear(D, D)
+        params["head"] = r.linear("lm_head")
+    head = None
+    if "head.weight" in r:  # fine-tuned classifier
+        head = {"head": r.linear("head")}
+        if "fc_norm.weight" in r:
+            head["fc_norm"] = r.norm("fc_norm")
+    r.finish()
+    expected = expected_params(config)
+    check_tree(params, {k: expected[k] for k in params}, "from_fairseq params (BEiT)")
+    ema_params = None
+    if ema is not None:
+        er = StateReader(drop_buffers(ema), "data2vec_vision (BEiT) 'model_ema'",
+                         ignore=BEIT_IGNORE + ("lm_head.",))
+        teacher = _beit_params(er, config)
+        er.finish()
+        ema_params = {k: teacher[k] for k in ema_keys(config)}
+        check_tree(ema_params, {k: expected[k] for k in ema_keys(config)},
+                   "from_fairseq ema_params (BEiT)")
+    return FairseqConversion(config, params, ema_params, head=head,
+                             task="image_classification" if head is not None else None)
