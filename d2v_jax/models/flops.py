@@ -86,7 +86,9 @@ def encoder(rows: float, seq: int, dim: int, depth: int, mlp_hidden: int) -> flo
 def decoder(rows: float, positions: int, kernel_elems: int, in_dim: int, dec: Any,
             out_dim: int) -> tuple[float, float]:
     """(model, executed) forward FLOPs of the 2.0 conv decoder over a grid of
-    `positions` (SPEC 6): `dec.layers` grouped convs, then Linear(dec.dim, out_dim)."""
+    `positions` (SPEC 6): `dec.layers` grouped convs, then the projection:
+    Linear(dec.dim, out_dim), or with `dec.projection_layers` = n > 1 (text 2.0)
+    n Linear layers, the first widening by `dec.projection_ratio`."""
     model = executed = 0.0
     c_in = in_dim
     inflate = dec.groups if dec.conv_impl == "dense" else 1
@@ -94,7 +96,11 @@ def decoder(rows: float, positions: int, kernel_elems: int, in_dim: int, dec: An
         f = conv(rows * positions, kernel_elems, c_in, dec.dim, dec.groups)
         model, executed = model + f, executed + f * inflate
         c_in = dec.dim
-    proj = linear(rows * positions, dec.dim, out_dim)
+    proj, width = 0.0, dec.dim
+    for i in range(dec.get("projection_layers", 1) - 1):
+        nxt = int(width * dec.get("projection_ratio", 2.0)) if i == 0 else width
+        proj, width = proj + linear(rows * positions, width, nxt), nxt
+    proj += linear(rows * positions, width, out_dim)
     return model + proj, executed + proj
 
 
