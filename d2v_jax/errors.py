@@ -102,6 +102,22 @@ def config_errors():
         raise ConfigError(one_line(str(e))) from e
 
 
+def check_workdir(path: str) -> None:
+    """A work dir must be a folder or not exist yet (checked before a run writes)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--workdir {path!r} is a file, not a folder",
+                        hint="pass a folder (a new one is created)")
+
+
+def make_workdir(path: str) -> None:
+    """os.makedirs(path, exist_ok=True), an OSError (permissions, a full disk)
+    as a one-line UserError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --workdir {path!r}: {e.strerror or e}") from e
+
+
 class undo_additions:
     """On an exception inside: removes what was added under `workdir` (and
     `workdir` itself if it did not exist), so that a refused run leaves it as
@@ -316,7 +332,9 @@ def _load_config_arg(argv: Sequence[str], name: str):
     for i, a in enumerate(argv):
         m = re.match(rf"^--?{re.escape(name)}(?:=(.*))?$", a)
         if m:
-            spec = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else None)
+            spec = m.group(1)
+            if spec is None and i + 1 < len(argv):  # `--config file.py` (two arguments)
+                spec = argv[i + 1]
             if spec is None:
                 return None
             try:

@@ -167,6 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     holds checkpoints. Raises Preempted after a SIGTERM save."""
     t0 = time.perf_counter()
     validate(config)
+    errors.check_workdir(workdir)
     entry = modalities.get(config)
     # Checks before writes: a refused run leaves the work dir as it was.
     with errors.undo_additions(workdir, primary=jax.process_index() == 0):
@@ -183,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             config, process_index=jax.process_index(), process_count=jax.process_count()))
         _check_first_batch(iterator)
         _check_checkpoints(config, workdir, init_from, model, tx, plan)
-    os.makedirs(workdir, exist_ok=True)
+    errors.make_workdir(workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

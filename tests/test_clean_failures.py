@@ -150,6 +150,7 @@ CASES = [
                                            f"--workdir={w['run']}"], "'experiments/imgae.py' does not exist", None),
     ("missing --workdir", lambda w: ["train", f"--config={IMAGE}:tiny_v2"], "--workdir", "--help"),
     ("unknown flag", lambda w: _image(w) + ["--wokdir=x"], "Unknown command line flag 'wokdir'", None),
+    ("work dir is a file", lambda w: _image(w, workdir=w["tsv"]), "is a file, not a folder", None),
     ("image: truncated PNG", lambda w: _image(w, **{"data.path": w["truncated"]}),
      "cannot decode image file", None),
     ("image: text file named .jpg", lambda w: _image(w, **{"data.path": w["fake_jpg"]}),

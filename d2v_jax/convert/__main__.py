@@ -70,7 +70,8 @@ def _fairseq_to_jax(args) -> str:
     try:
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=not args.trust_pickle)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
         hint = ("fairseq checkpoints pickle their cfg: pass --trust_pickle (only for files you "
                 "trust)" if "Weights only load failed" in str(e) and not args.trust_pickle else
                 "expected a fairseq data2vec checkpoint (.pt) written by torch.save")

@@ -118,6 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # example and the first training batch are read before the work dir is
     # touched; a refused run leaves it as it was (a scratch text backbone's
     # newly trained tokenizer is removed again).
+    errors.check_workdir(workdir)
     with errors.undo_additions(workdir):
         run = prepare(config, init_from, pretrained=pretrained, workdir=workdir)
         data, steps, state = run.data, run.num_steps, run.state
@@ -129,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             batches = iter(labeled.train_dataset(data, config.data.batch_size, config.seed,
                                                  num_threads=config.data.num_threads))
         batches = itertools.chain([next(batches)], batches)
-    os.makedirs(workdir, exist_ok=True)
+    errors.make_workdir(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     n = jax.device_count()
