@@ -165,32 +165,31 @@ def test_a_tiny_sentence_set_holds_test_voices_and_sentences_out(tmp_path):
 
 @pytest.mark.slow
 def test_ctc_loss_of_a_padded_batch_equals_each_utterance_alone(tmp_path):
-    """Padding masks all the way through: frames, encoder and CTC loss."""
+    """Padding masks all the way through: frames, encoder and CTC loss. Row 0
+    (clip b, 2,500 samples) is padded to 6,000 next to clip c (6,000)."""
     from d2v_jax.finetune.model import CTCModel
 
     bconfig = helpers.tiny_config("audio", "tiny_v2")
-    data = _asr_data(tmp_path, buckets=(6400,))
-    batch = data.eval_batches(4)[0]
-    model = CTCModel(bconfig, len(data.vocab), mask_prob=0.0)
+    vocab = letters.Vocab()
+    t = transcripts.read_transcripts(_write_folder(tmp_path / "clips"), RATE, vocab)
+    data = transcripts.ASRData(t, t, vocab, np.arange(4), sample_rate=RATE, normalize=True,
+                               buckets=(6000,))
+    batch = data._batch(1, [1, 2], 6000, [1, 1])
+    model = CTCModel(bconfig, len(vocab), mask_prob=0.0)
     inputs = {k: batch[k] for k in ("audio", "padding_mask")}
     params = model.init(jax.random.PRNGKey(0), inputs)
-    loss = jax.jit(lambda p, x, y, yp: ctc.ctc_loss(*_logits(model, p, x), y, yp,
-                                                    reduction="token"))
-    got = [float(loss(params, {k: v[r:r + 1] for k, v in inputs.items()},
-                      batch["labels"][r:r + 1], batch["label_paddings"][r:r + 1]))
-           for r in range(4)]
-    for r, i in enumerate(batch["index"]):
-        n = LENGTHS[list(TEXTS)[i]]
-        alone = {"audio": batch["audio"][r:r + 1, :n], "padding_mask": np.zeros((1, n), bool)}
-        want = float(loss(params, alone, batch["labels"][r:r + 1],
-                          batch["label_paddings"][r:r + 1]))
-        assert got[r] == pytest.approx(want, rel=1e-4)
 
+    @jax.jit
+    def per_row(p, x, y, yp):
+        logits, pad = model.apply(p, x)
+        pad = jax.numpy.zeros(logits.shape[:2]) if pad is None else pad.astype(np.float32)
+        return jax.vmap(lambda *a: ctc.ctc_loss(*(v[None] for v in a)))(logits, pad, y, yp)
 
-def _logits(model, params, inputs):
-    logits, pad = model.apply(params, inputs)
-    return logits, (np.zeros(logits.shape[:2], np.float32) if pad is None
-                    else pad.astype(np.float32))
+    got = per_row(params, inputs, batch["labels"], batch["label_paddings"])
+    alone = {"audio": batch["audio"][:1, :2500], "padding_mask": np.zeros((1, 2500), bool)}
+    want = per_row(params, alone, batch["labels"][:1], batch["label_paddings"][:1])
+    assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-4)
+    assert float(got[0]) != pytest.approx(float(got[1]), rel=1e-2)  # rows differ
 
 
 @pytest.mark.slow
@@ -198,10 +197,15 @@ def test_ctc_finetune_smoke_run_through_the_cli(tmp_path):
     train = _write_folder(tmp_path / "train")
     test = _write_folder(tmp_path / "test", {k: TEXTS[k] for k in ("spk2/c", "spk2/d")})
     work = tmp_path / "run"
+    # A scratch backbone from an experiment file: tests/helpers.py's tiny speech model.
+    backbone = tmp_path / "tiny_audio.py"
+    backbone.write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(helpers.__file__)!r})\n"
+                        "import helpers\n\ndef get_config(arg=None):\n"
+                        "    return helpers.tiny_config('audio', 'tiny_v2')\n")
     overrides = {"data.path": train, "data.test_path": test, "train.num_steps": 4,
                  "train.eval_every": 2, "data.batch_size": 2, "data.eval_batch_size": 2,
-                 "data.buckets": "(3200,6400)", "optim.freeze_finetune_updates": 2,
-                 "backbone": "experiments/audio.py:tiny_v2", "encoder.layerdrop": 0.5}
+                 "data.buckets": "(6400,)", "optim.freeze_finetune_updates": 2,
+                 "backbone": f"{backbone}:tiny", "encoder.layerdrop": 0.5}
     argv = ["finetune", "--config=experiments/finetune.py:asr_folder", f"--workdir={work}"]
     argv += [f"--config.{k}={v}" for k, v in overrides.items()]
     assert finetune_main(argv) == 0
