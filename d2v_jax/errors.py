@@ -189,8 +189,9 @@ def missing_key_error(config: Any, key: str) -> ConfigKeyError | None:
             close = nearest(key, config_keys(config))
             where = ".".join(parts[:i])
             fields = sorted(node.keys()) if hasattr(node, "keys") else []
+            kind = f" of this {config['modality']} config" if "modality" in config.keys() else ""
             hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close else
-                    f"fields under {where or 'config'}: {', '.join(fields)}")
+                    f"the fields under {where or 'config'}{kind}: {', '.join(fields)}")
             return ConfigKeyError(f"config has no field {key!r}", hint=hint)
         node = node[name]
     return None

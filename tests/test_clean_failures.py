@@ -176,7 +176,7 @@ CASES = [
                                                       "data.on_invalid": "error"}), "CC$$O", None),
     ("audio: .wav that is not audio", lambda w: _audio(w), "broken.wav", None),
     ("audio: holdout_fraction (no such field)", lambda w: _audio(w, **{"data.holdout_fraction": 0.2}),
-     "config has no field 'data.holdout_fraction'", None),
+     "config has no field 'data.holdout_fraction'", "the fields under data of this audio config: "),
     ("finetune: text scratch without --config.backbone", lambda w: [
         "finetune", f"--config={FINETUNE}:text_tsv", f"--workdir={w['run']}",
         f"--config.data.path={w['tsv']}"], "backbone config names no corpus", "--config.backbone"),
