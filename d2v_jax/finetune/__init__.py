@@ -17,8 +17,13 @@ Modes (`config.mode`):
   the front-end layer_decay^(L + 1), the head 1 (BEiT / data2vec recipe). The
   scale is applied per slice of the scanned `blocks` axis.
 
-Heads: classification (cross-entropy; accuracy and macro-F1) or regression
-(squared error on standardized targets; RMSE and MAE in the target's units).
+Heads: classification (cross-entropy; accuracy and macro-F1), regression
+(squared error on standardized targets; RMSE and MAE in the target's units), or
+`task='ctc'`: speech recognition, a linear CTC head on every frame over a
+letter vocabulary (`|` = word boundary), greedy decoding, WER and CER, the
+wav2vec 2.0 / data2vec fine-tuning recipe (frozen conv extractor, encoder
+frozen for `optim.freeze_finetune_updates`, time / channel masks, layer-drop,
+tri-stage lr); results.json also holds decoded test examples (`ctc`).
 Test metrics are on the split fixed by `data.split_seed`, at the last step (no
 model selection on the test set). Writes `workdir/results.json`,
 `workdir/metrics.jsonl` and `workdir/finetune.png`.
@@ -33,13 +38,15 @@ from d2v_jax.finetune.backbone import (backbone_config_for, held_out_of_pretrain
                                        load_pretrained, make_labeled_data, prepare_backbone)
 from d2v_jax.finetune.config import HEAD_NORMS, INIT_PARAMS, MODES, POOLS, num_steps, validate
 from d2v_jax.finetune.loop import HEADLINE, Run, plot, prepare, train_and_evaluate
-from d2v_jax.finetune.model import FinetuneModel, build_model, load_backbone_into
+from d2v_jax.finetune.model import CTCModel, FinetuneModel, build_model, load_backbone_into
 from d2v_jax.finetune.optim import layer_scales, make_optimizer, make_schedule, scale_by_tree
-from d2v_jax.finetune.steps import (FinetuneState, classification_metrics, compute_loss, evaluate,
-                                    macro_f1, make_steps, regression_metrics)
+from d2v_jax.finetune.steps import (CTCPredict, FinetuneState, classification_metrics,
+                                    compute_loss, evaluate, evaluate_ctc, macro_f1,
+                                    make_ctc_steps, make_steps, regression_metrics)
 
 __all__ = [
-    "HEADLINE", "HEAD_NORMS", "INIT_PARAMS", "MODES", "POOLS", "FinetuneModel", "FinetuneState",
+    "HEADLINE", "HEAD_NORMS", "INIT_PARAMS", "MODES", "POOLS", "CTCModel", "CTCPredict",
+    "FinetuneModel", "FinetuneState", "evaluate_ctc", "make_ctc_steps",
     "Run", "backbone_config_for", "build_model", "classification_metrics", "compute_loss",
     "evaluate", "held_out_of_pretraining", "layer_scales", "load_backbone_into",
     "load_pretrained", "macro_f1", "make_labeled_data", "make_optimizer", "make_schedule",

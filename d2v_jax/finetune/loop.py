@@ -26,7 +26,7 @@ from d2v_jax.finetune.backbone import (backbone_config_for, held_out_of_pretrain
 from d2v_jax.finetune.config import num_steps, validate
 from d2v_jax.finetune.model import FinetuneModel, build_model, load_backbone_into
 from d2v_jax.finetune.optim import make_optimizer
-from d2v_jax.finetune.steps import CTC_INPUTS, CTCPredict, FinetuneState, evaluate, make_steps
+from d2v_jax.finetune.steps import CTCPredict, FinetuneState, ctc_inputs, evaluate, make_steps
 
 HEADLINE = {"classification": "accuracy", "regression": "rmse", "ctc": "cer"}
 
@@ -80,7 +80,7 @@ def prepare(config: ml_collections.ConfigDict, init_from: str | None = None,
 
     model = build_model(config, bconfig, num_outputs)
     if is_ctc:
-        sample = {k: v[:1] for k, v in data.eval_batches(1)[0].items() if k in CTC_INPUTS}
+        sample = ctc_inputs(data.eval_batches(1)[0])
     else:
         sample = labeled.eval_arrays(data, data.test[:1], 1)[0]
         sample.pop("valid")

@@ -92,7 +92,13 @@ def regression_metrics(preds: np.ndarray, targets: np.ndarray) -> dict[str, floa
     return {"rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err)))}
 
 
-CTC_INPUTS = ("audio", "padding_mask")
+# Batch keys that are targets or bookkeeping, not model inputs (the inputs are
+# the modality's: waveform and padding mask for speech).
+CTC_TARGETS = ("labels", "label_paddings", "valid", "index")
+
+
+def ctc_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in CTC_TARGETS}
 
 
 def make_ctc_steps(config, model, tx, schedule):
@@ -110,7 +116,7 @@ def make_ctc_steps(config, model, tx, schedule):
 
     def train_step(state: FinetuneState, batch):
         k_mask, k_drop = jax.random.split(jax.random.fold_in(state.rng, state.step))
-        inputs = {k: batch[k] for k in CTC_INPUTS if k in batch}
+        inputs = ctc_inputs(batch)
 
         def loss_fn(params):
             logits, pad = model.apply({"params": params}, inputs, train=True,
@@ -127,7 +133,7 @@ def make_ctc_steps(config, model, tx, schedule):
 
     def predict_step(params, batch_stats, batch):
         del batch_stats
-        inputs = {k: batch[k] for k in CTC_INPUTS if k in batch}
+        inputs = ctc_inputs(batch)
         logits, pad = model.apply({"params": params}, inputs)
         lp = frame_paddings(logits, pad)
         loss = optax.ctc_loss(logits, lp, batch["labels"], batch["label_paddings"], blank_id=blank)
@@ -159,7 +165,7 @@ def evaluate_ctc(predict: CTCPredict, state: FinetuneState, batches) -> dict[str
     hyps, losses = {}, []
     for b in batches:
         ids, loss = predict(state.params, state.batch_stats,
-                            {k: b[k] for k in (*CTC_INPUTS, "labels", "label_paddings")})
+                            {k: v for k, v in b.items() if k not in ("valid", "index")})
         ids, loss = np.asarray(ids), np.asarray(loss)
         for r in np.flatnonzero(b["valid"] > 0):
             hyps[int(b["index"][r])] = predict.vocab.decode(ctc.collapse(ids[r], predict.vocab.blank))
