@@ -7,9 +7,26 @@ notebook, and the longest in-process runs) are left out by
 `python -m pytest -m "not slow" -q -n 2 tests`; the full suite runs them all.
 """
 
-import pytest
+import os
+import tempfile
 
-import helpers
+# A persistent XLA compilation cache shared by the tests of one pytest worker and
+# the CLI subprocesses they start: many tests compile the same tiny train step,
+# and a cache hit skips XLA's compile (tracing still runs, so a test still checks
+# its own program). Keys hold the whole HLO, the compile options and the jax
+# version, so an entry never stands for other code. One folder per xdist worker
+# (no two processes write one folder at once); it is kept between runs, which
+# makes the developer loop faster. D2V_TEST_XLA_CACHE=off turns it off (it must
+# be set before jax is imported, hence here, above `import helpers`).
+if os.environ.get("D2V_TEST_XLA_CACHE", "on") != "off":
+    _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"d2v_jax-test-xla-cache-{os.getuid()}", _worker))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import pytest  # noqa: E402
+
+import helpers  # noqa: E402
 
 
 @pytest.fixture
