@@ -168,6 +168,16 @@ class CliRun(tuple):
         return self[1]
 
 
+def xla_env(devices: int | None = None, **extra) -> dict:
+    """os.environ for a subprocess on the CPU platform: the suite's XLA_FLAGS
+    (tests/conftest.py) kept, `devices` fake host devices when given."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), **extra)
+
+
 def run_cli(module: str, *args, env=None, timeout=300) -> CliRun:
     """Runs `python -m d2v_jax.<module> args...` in a subprocess from the
     repository root; returns (returncode, stdout + stderr)."""

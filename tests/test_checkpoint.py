@@ -14,7 +14,7 @@ import pytest
 
 from d2v_jax import checkpoint, modalities, optim, train
 
-from helpers import IMAGE, ROOT, image_folder_run, make_image_folder, tiny_config
+from helpers import IMAGE, ROOT, image_folder_run, make_image_folder, tiny_config, xla_env
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,7 @@ print("RESULT", json.dumps(out))
 
 
 def _reshard(tmp_path, mode, src, dst, devices, overrides):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = xla_env(devices)
     proc = subprocess.run(
         [sys.executable, "-c", _RESHARD, mode, str(tmp_path / src), str(tmp_path / dst),
          f"{IMAGE}:tiny_v2", json.dumps(overrides)],

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT, TINY_IMAGE
+from helpers import ROOT, TINY_IMAGE, xla_env
 from helpers import init_state as _init_state
 
 # A tiny 2.0 model (decoder, CLS loss, 2 clones). Constant lr 0.1 from step 0 and
@@ -142,8 +142,7 @@ def _worker() -> dict:
 
 @pytest.fixture(scope="module")
 def eight_device_report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = xla_env(8)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

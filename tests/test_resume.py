@@ -18,17 +18,15 @@ import pytest
 
 from d2v_jax.train import PREEMPTED_EXIT_CODE
 
-from helpers import IMAGE, ROOT, cli_args, image_folder_run, make_image_folder
+from helpers import IMAGE, ROOT, cli_args, image_folder_run, make_image_folder, xla_env
 
 NUM_STEPS, EVERY = 60, 10
 
 
 def env_with_cache(cache_dir):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    return env
+    return xla_env(None, JAX_COMPILATION_CACHE_DIR=cache_dir,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 
 def start(workdir, overrides, env):
