@@ -217,9 +217,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Metrics of a logged step are fetched after the next step is dispatched, so
     # the host never waits on the device in the hot path. samples/s is measured
     # between two such fetches (each waits for its step to finish), which
-    # excludes the first step's compilation.
-    pending = None  # (step, device metrics) waiting to be fetched
-    clock = {"step": None, "time": None}
+    # excludes the first step's compilation. Samples are counted from the batch
+    # shapes on the host (a token-budget batcher gives each bucket its own rows).
+    pending = None  # (step, samples seen, device metrics) waiting to be fetched
+    clock = {"step": None, "time": None, "samples": 0}
+    seen = 0  # samples fed to the steps so far in this run
     last = {}  # the scalars logged last
 
     def flush():
@@ -232,13 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     try:
         for step in range(start, num_steps):
             batch, batch_state = next(batches)
+            seen += jax.tree.leaves(batch)[0].shape[0]
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = step_fn(state, batch, step_rng)
             data_iter.consumed = batch_state
             done = step + 1
             if clock["step"] is None:  # the first step carries compilation
                 jax.block_until_ready(state.step)
-                clock.update(step=done, time=time.perf_counter())
+                clock.update(step=done, time=time.perf_counter(), samples=seen)
                 logging.info("first step (incl. compilation) done")
             finite.add(done, step_metrics)
             if pending is not None:
@@ -246,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 last.update(_log(config, writer, bar, clock, finite.skipped, *pending))
                 pending = None
             if done % log_every == 0 or done == num_steps:
-                pending = (done, step_metrics)
+                pending = (done, seen, step_metrics)
             preempted = watcher.requested(done, manager)
             if (every and done % every == 0) or done == num_steps or preempted:
                 flush()  # never checkpoint a state that has not passed the guards
@@ -312,14 +315,14 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _log(config, writer, bar, clock, skipped, step, device_metrics) -> dict[str, float]:
+def _log(config, writer, bar, clock, skipped, step, seen, device_metrics) -> dict[str, float]:
     """Writes one logged step's scalars (and returns them); the collapse guard."""
     scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     scalars.pop("finite", None)
     now = time.perf_counter()
     steps = step - clock["step"]
-    scalars["samples_per_sec"] = config.data.batch_size * steps / (now - clock["time"]) if steps > 0 else 0.0
-    clock.update(step=step, time=now)
+    scalars["samples_per_sec"] = (seen - clock["samples"]) / (now - clock["time"]) if steps > 0 else 0.0
+    clock.update(step=step, time=now, samples=seen)
     if nonfinite_mode(config) == "skip":
         scalars["skipped_updates"] = float(skipped)
     writer.write(step, scalars)

@@ -117,10 +117,10 @@ def test_collapse_guard_warns_or_stops():
 def test_collapse_stop_raises_from_the_logging_path(tmp_path):
     config = load_config(f"{IMAGE}:tiny_v2", {"collapse.action": "stop", "collapse.after_step": 0})
     writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
-    clock = {"step": 0, "time": 0.0}
+    clock = {"step": 0, "time": 0.0, "samples": 0}
     scalars = {"loss": 1.0, "target_var": 0.01, "pred_var": 0.5, "finite": True}
     with pytest.raises(train.CollapseError, match=r"step 7: target_var 0.0100 < 0.1"):
-        train._log(config, writer, train._progress(0, 10), clock, 0, 7, scalars)
+        train._log(config, writer, train._progress(0, 10), clock, 0, 7, 14, scalars)
     writer.close()
     # The step's metrics are written before it stops, for the post-mortem.
     assert metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))[0]["target_var"] == pytest.approx(0.01)

@@ -2,12 +2,13 @@
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from d2v_jax import metrics
+from d2v_jax import metrics, train
 from d2v_jax.config import load_config, validate
 from d2v_jax.train import train_and_evaluate
 
@@ -79,3 +80,19 @@ def test_cli_rejects_unknown_field(tmp_path, cli):
               "--config.model.dimm=8", timeout=120)
     assert run.returncode != 0
     assert "dimm" in run.stderr
+
+
+def test_samples_per_sec_counts_the_rows_each_step_was_fed(tmp_path):
+    """A token-budget batcher (audio data.max_tokens) feeds each length bucket
+    its own number of rows: samples/s is the rows seen between two logged steps
+    over their time, not data.batch_size x steps."""
+    config = _config(10)
+    writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+    now = time.perf_counter()
+    clock = {"step": 2, "time": now - 2.0, "samples": 30}
+    scalars = {"loss": 1.0, "target_var": 1.0, "pred_var": 1.0, "finite": True}
+    # steps 3 and 4 were fed 64 + 40 rows (data.batch_size is 2 here)
+    out = train._log(config, writer, train._progress(0, 10), clock, 0, 4, 134, scalars)
+    writer.close()
+    assert out["samples_per_sec"] == pytest.approx(104 / 2.0, rel=0.05)
+    assert clock == {"step": 4, "time": pytest.approx(now, abs=1.0), "samples": 134}
