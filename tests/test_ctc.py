@@ -65,7 +65,7 @@ def test_ctc_zero_infinity_drops_rows_that_cannot_align():
     pad = jnp.array([[0, 0, 0], [0, 0, 1]], jnp.float32)  # 3 and 2 real frames
     labels = jnp.array([[1, 1], [1, 2]], jnp.int32)  # [1, 1] needs 3, [1, 2] needs 2 frames
     lab_pad = jnp.zeros((2, 2))
-    np.testing.assert_array_equal(ctc.min_frames(labels, lab_pad), [3, 2])
+    np.testing.assert_array_equal(jax.jit(ctc.min_frames)(labels, lab_pad), [3, 2])
     tight = jnp.array([[0, 0, 1], [0, 1, 1]], jnp.float32)  # 2 and 1 frames: neither fits
     assert float(_loss(logits, tight, labels, lab_pad, weights=jnp.ones(2))) == 0.0
     # Uniform logits over 3 units and 3 frames: [1, 1] has exactly one path (1 0 1).
@@ -158,7 +158,7 @@ def test_frame_lengths_of_padded_input_match_the_conv_front_end():
     total = 400
     wav = np.random.default_rng(0).normal(size=(len(lengths), total)).astype(np.float32)
     padded = wav * (np.arange(total)[None] < np.array(lengths)[:, None])
-    params = fe.init(jax.random.PRNGKey(0), wav[:1])
+    params = jax.jit(fe.init)(jax.random.PRNGKey(0), wav[:1])
     apply = jax.jit(fe.apply)  # one compile per input length
     full = np.asarray(apply(params, padded))
     unpadded = np.asarray(apply(params, wav))

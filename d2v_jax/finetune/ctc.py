@@ -50,6 +50,8 @@ def ctc_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array,
     whose labels cannot fit their frames (torch / fairseq `zero_infinity`).
     `weights` [B] (0 = a filler row) scales each row.
     """
+    if reduction not in ("sentence", "token"):
+        raise ValueError(f"loss.ctc_reduction={reduction!r}; expected 'sentence' or 'token'")
     per_row = optax.ctc_loss(logits.astype(jnp.float32), logit_paddings.astype(jnp.float32),
                              labels, label_paddings.astype(jnp.float32), blank_id=blank)
     w = jnp.ones(per_row.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
@@ -59,10 +61,8 @@ def ctc_loss(logits: jax.Array, logit_paddings: jax.Array, labels: jax.Array,
     total = jnp.sum(jnp.where(w > 0, per_row, 0.0) * w)
     if reduction == "sentence":
         return total / jnp.maximum(jnp.sum(w), 1.0)
-    if reduction == "token":
-        tokens = jnp.sum((label_paddings < 0.5) * w[:, None])
-        return total / jnp.maximum(tokens, 1.0)
-    raise ValueError(f"loss.ctc_reduction={reduction!r}; expected 'sentence' or 'token'")
+    tokens = jnp.sum((label_paddings < 0.5) * w[:, None])
+    return total / jnp.maximum(tokens, 1.0)
 
 
 # --- decoding and error rates ---------------------------------------------------
