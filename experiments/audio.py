@@ -93,7 +93,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   # Init: fairseq init_bert_params, Linear ~ N(0, 0.02) untruncated (the conv
   # positional encoder and the feature projection keep PyTorch's default).
   m.init_std = 0.02
-  m.init_truncation = None  # in std; None = untruncated
+  m.init_truncation = config_dict.placeholder(float)  # in std; None = untruncated
   m.init_depth_rescale = False
   m.remat = "none"  # none | block | full
   m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn

@@ -93,7 +93,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   # +-1 std, and attn.proj / mlp.fc2 of block l divided by sqrt(2 l)
   # (fix_init_weight); 2.0 fairseq init_bert_params: N(0, 0.02) untruncated.
   m.init_std = 0.02
-  m.init_truncation = 1.0 if v1 else None  # in std; None = untruncated
+  m.init_truncation = 1.0 if v1 else config_dict.placeholder(float)  # in std; None = untruncated
   m.init_depth_rescale = v1
   # CLS (and 1.0 mask) token ~ N(0, std^2): BEiT 0.02 (truncated as above);
   # 2.0 N(0, 1) (fairseq init_extra_token_zero: false).

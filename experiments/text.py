@@ -85,7 +85,7 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   m.drop_path = 0.0
   # Init: fairseq init_bert_params, Linear and Embedding ~ N(0, 0.02) untruncated.
   m.init_std = 0.02
-  m.init_truncation = None  # in std; None = untruncated
+  m.init_truncation = config_dict.placeholder(float)  # in std; None = untruncated
   m.init_depth_rescale = False
   m.remat = "none"  # none | block | full
   m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
