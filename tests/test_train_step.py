@@ -29,7 +29,7 @@ def setup(arg, batch_size=2, **overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2", "digits_v1", "digits_v2"])
+@pytest.mark.parametrize("arg", ["tiny_v1", "tiny_v2"])  # the digits configs differ in sizes only
 def test_teacher_gets_no_gradient(arg):
     config, model, state, batch = setup(arg)
 
