@@ -52,7 +52,7 @@ import d2v_jax
 from d2v_jax import errors, flops, modalities, parallel
 from d2v_jax.models import layers
 from d2v_jax.config import set_field, validate
-from d2v_jax.train_step import make_train_step, make_train_step_fn
+from d2v_jax.train_step import make_train_step
 
 # device_kind substring (lower case) -> peak dense bf16 FLOP/s per device.
 PEAK_FLOPS = (

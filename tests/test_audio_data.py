@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from d2v_jax.modalities.audio import masking
 from d2v_jax.config import load_config
 from d2v_jax.modalities.audio import data as A
 from d2v_jax.modalities.audio.model import config_frame_count

@@ -29,7 +29,7 @@ from d2v_jax.models.decoder import decoder_from_config
 from d2v_jax.train_state import teacher_params
 
 from convert_helpers import (A, CH, PATCH, SIDE, beit_state, CONV, DEC_K, DEC_LAYERS, DEPTH, DIM, HEADS, PAD, POS_DEPTH,
-                             POS_G, POS_K, SV1, T, VOCAB, audio_ctc_checkpoint, finetuned_v2,
+                             POS_G, SV1, T, VOCAB, audio_ctc_checkpoint, finetuned_v2,
                              audio_v1_checkpoint, audio_v2_checkpoint, text_cls_checkpoint,
                              text_v1_checkpoint, text_v2_checkpoint)
 

@@ -8,7 +8,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from sklearn.metrics import f1_score, mean_absolute_error, mean_squared_error
 

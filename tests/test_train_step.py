@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d2v_jax import losses, modalities, optim
+from d2v_jax import modalities, optim
 from d2v_jax.config import load_config
 from d2v_jax.train_state import teacher_params
 from d2v_jax.train_step import compute_targets, make_train_step, make_train_step_fn, student_loss

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import ml_collections
 import numpy as np
 
 from d2v_jax.convert.common import (ConversionError, StateReader, base_config, check_tree,
