@@ -127,17 +127,8 @@ def ensure_sentence_set(cache_dir: str = "") -> str:
     ~/.cache/d2v_jax), built on first use; a concurrent builder's set is used."""
     root = os.path.join(cache_dir or speech_set.default_cache_dir(),
                         f"espeak_sentences_v{VERSION}")
-    if os.path.isfile(os.path.join(root, "test.tsv")):
-        return root
-    from absl import logging
-
-    logging.info("building the espeak-ng sentence set into %s (first use, ~1-2 min)", root)
-    try:
-        build_sentence_set(root)
-    except OSError:
-        if not os.path.isfile(os.path.join(root, "test.tsv")):
-            raise
-    return root
+    return speech_set.ensure_built(root, "test.tsv", build_sentence_set,
+                                   "the espeak-ng sentence set (~1-2 min)")
 
 
 def main() -> None:

@@ -142,15 +142,22 @@ def ensure_espeak_set(cache_dir: str = "") -> str:
     ~/.cache/d2v_jax), built on first use. Safe against concurrent builders: the
     loser of the final rename uses the winner's set."""
     root = os.path.join(cache_dir or default_cache_dir(), f"espeak_words_v{VERSION}")
-    if os.path.isfile(os.path.join(root, "train.tsv")):
+    return ensure_built(root, "train.tsv", build_espeak_set, "the espeak-ng speech set (~30 s)")
+
+
+def ensure_built(root: str, marker: str, build, what: str) -> str:
+    """`root`, built by `build(root)` unless its `marker` file exists. A builder
+    writes elsewhere and renames into place, so the loser of a concurrent build's
+    final rename (an OSError) uses the winner's set."""
+    if os.path.isfile(os.path.join(root, marker)):
         return root
     from absl import logging
 
-    logging.info("building the espeak-ng speech set into %s (first use, ~30 s)", root)
+    logging.info("building %s into %s (first use)", what, root)
     try:
-        build_espeak_set(root)
+        build(root)
     except OSError:
-        if not os.path.isfile(os.path.join(root, "train.tsv")):
+        if not os.path.isfile(os.path.join(root, marker)):
             raise
     return root
 
