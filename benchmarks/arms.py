@@ -1,4 +1,5 @@
-"""The arms of the label-efficiency benchmark (benchmarks/label_efficiency.py).
+"""The arms of the label-efficiency benchmarks (benchmarks/label_efficiency.py,
+benchmarks/asr_efficiency.py) and the grid of fine-tuning runs they share.
 
 A plain module with no absl flags, so that tests can import it next to
 `d2v_jax.train` (whose flags a flag-defining benchmark script would clash with).
@@ -6,7 +7,12 @@ A plain module with no absl flags, so that tests can import it next to
 
 from __future__ import annotations
 
-from d2v_jax.config import parse_overrides
+import json
+import os
+from typing import Callable
+
+from d2v_jax import finetune
+from d2v_jax.config import load_config, parse_overrides
 
 
 def label_efficiency_arms(init_from: str, both: str, pretrained: str, scratch: str) -> dict:
@@ -16,3 +22,40 @@ def label_efficiency_arms(init_from: str, both: str, pretrained: str, scratch: s
     common = parse_overrides(both)
     return {"pretrained": {**common, **parse_overrides(pretrained)},
             "scratch": {"backbone": init_from, **common, **parse_overrides(scratch)}}
+
+
+def finished_run(rundir: str, config) -> dict | None:
+    """The results of a finished run in `rundir` made with exactly `config`
+    (a rerun with more points or seeds only trains what is missing)."""
+    try:
+        with open(os.path.join(rundir, "config.json")) as f:
+            same = json.load(f) == json.loads(config.to_json_best_effort())
+        with open(os.path.join(rundir, "results.json")) as f:
+            return json.load(f) if same else None
+    except (OSError, ValueError):
+        return None
+
+
+def run_grid(arms: dict, finetune_config: str, field: str, points, seeds, workdir: str,
+             init_from: str, pretrained, report: Callable[[str, float, int, dict], None],
+             tag: str) -> list[dict]:
+    """Fine-tunes every arm at every value of config `field` (a label fraction,
+    minutes of transcribed audio) and seed into `<workdir>/runs/<arm>_<tag><point>_s<seed>`,
+    reusing finished runs; `report(arm, point, seed, results)` after each.
+    Returns the runs' results, each with its `arm`."""
+    runs = []
+    for point in points:
+        for seed in seeds:
+            for arm, overrides in arms.items():
+                config = load_config(finetune_config, {**overrides, "seed": seed, field: point})
+                rundir = os.path.join(workdir, "runs", f"{arm}_{tag}{point:g}_s{seed}")
+                res = finished_run(rundir, config)
+                if res is None:
+                    mine = arm == "pretrained"
+                    _, res = finetune.train_and_evaluate(
+                        config, rundir, init_from if mine else None,
+                        pretrained=pretrained if mine else None)
+                res["arm"] = arm
+                report(arm, point, seed, res)
+                runs.append(res)
+    return runs

@@ -28,9 +28,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from arms import label_efficiency_arms  # noqa: E402
+from arms import label_efficiency_arms, run_grid  # noqa: E402
 from d2v_jax import checkpoint, finetune  # noqa: E402
-from d2v_jax.config import load_config, parse_overrides  # noqa: E402
+from d2v_jax.config import load_config  # noqa: E402
 from d2v_jax.modalities.audio import sentence_set  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
@@ -52,16 +52,6 @@ def _uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return "uptime unavailable"
-
-
-def _finished(rundir: str, config) -> dict | None:
-    try:
-        with open(os.path.join(rundir, "config.json")) as f:
-            same = json.load(f) == json.loads(config.to_json_best_effort())
-        with open(os.path.join(rundir, "results.json")) as f:
-            return json.load(f) if same else None
-    except (OSError, ValueError):
-        return None
 
 
 def table(runs: list[dict], minutes: list[float], meta: dict) -> str:
@@ -117,22 +107,15 @@ def main(argv):
                                  _SCRATCH_OVERRIDES.value)
     base = load_config(_FINETUNE.value, arms["pretrained"])
     pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
-    runs, t_ft = [], time.perf_counter()
-    for m in minutes:
-        for seed in seeds:
-            for arm, overrides in arms.items():
-                config = load_config(_FINETUNE.value, {**overrides, "seed": seed,
-                                                       "data.train_minutes": m})
-                rundir = os.path.join(workdir, "runs", f"{arm}_m{m:g}_s{seed}")
-                res = _finished(rundir, config)
-                if res is None:
-                    _, res = finetune.train_and_evaluate(
-                        config, rundir, init_from if arm == "pretrained" else None,
-                        pretrained=pretrained if arm == "pretrained" else None)
-                res.update(arm=arm, minutes_asked=m)
-                runs.append(res)
-                print(f"{arm} {m:g} min seed {seed}: CER {res['metrics']['cer']:.3f} WER "
-                      f"{res['metrics']['wer']:.3f} ({res['wall_seconds']:.0f} s)", flush=True)
+    t_ft = time.perf_counter()
+
+    def report(arm, m, seed, res):
+        res["minutes_asked"] = m
+        print(f"{arm} {m:g} min seed {seed}: CER {res['metrics']['cer']:.3f} WER "
+              f"{res['metrics']['wer']:.3f} ({res['wall_seconds']:.0f} s)", flush=True)
+
+    runs = run_grid(arms, _FINETUNE.value, "data.train_minutes", minutes, seeds, workdir,
+                    init_from, pretrained, report, tag="m")
     meta = {"seeds": seeds, "num_test": runs[0]["num_test"],
             "test_speakers": runs[0]["test_speakers"], "pretrain_seconds": pretrain_seconds,
             "finetune_seconds": time.perf_counter() - t_ft,

@@ -33,7 +33,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, _ROOT)
 
-from arms import label_efficiency_arms  # noqa: E402  (benchmarks/arms.py, next to this script)
+from arms import label_efficiency_arms, run_grid  # noqa: E402  (benchmarks/arms.py, next to this script)
 from d2v_jax import checkpoint, errors, finetune  # noqa: E402
 from d2v_jax.config import load_config, parse_overrides  # noqa: E402
 
@@ -51,18 +51,6 @@ _SCRATCH_OVERRIDES = flags.DEFINE_string(
     "scratch_overrides", "optim.layer_decay=1.0",
     "key=value,... for the scratch arm (layer decay means nothing for random weights).")
 _TITLE = flags.DEFINE_string("title", None, "Plot/table title (default: the fine-tune experiment).")
-
-
-def finished_run(rundir: str, config) -> dict | None:
-    """The results of a finished run in `rundir` made with exactly `config`
-    (a rerun with more fractions or seeds only trains what is missing)."""
-    try:
-        with open(os.path.join(rundir, "config.json")) as f:
-            same = json.load(f) == json.loads(config.to_json_best_effort())
-        with open(os.path.join(rundir, "results.json")) as f:
-            return json.load(f) if same else None
-    except (OSError, ValueError):
-        return None
 
 
 def machine_load() -> str:
@@ -171,23 +159,14 @@ def main(argv):
                                  _SCRATCH_OVERRIDES.value)
     base = load_config(_FINETUNE.value, arms["pretrained"])
     pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
-    runs = []
     t_ft = time.perf_counter()
-    for f in fractions:
-        for seed in seeds:
-            for arm, overrides in arms.items():
-                config = load_config(_FINETUNE.value, {**overrides, "seed": seed,
-                                                       "data.label_fraction": f})
-                rundir = os.path.join(workdir, "runs", f"{arm}_f{f:g}_s{seed}")
-                res = finished_run(rundir, config)
-                if res is None:
-                    _, res = finetune.train_and_evaluate(
-                        config, rundir, init_from if arm == "pretrained" else None,
-                        pretrained=pretrained if arm == "pretrained" else None)
-                res["arm"] = arm
-                runs.append(res)
-                logging.info("%s f=%g seed=%d: %s (%.0f s)", arm, f, seed,
-                             json.dumps(res["metrics"]), res["wall_seconds"])
+
+    def report(arm, f, seed, res):
+        logging.info("%s f=%g seed=%d: %s (%.0f s)", arm, f, seed, json.dumps(res["metrics"]),
+                     res["wall_seconds"])
+
+    runs = run_grid(arms, _FINETUNE.value, "data.label_fraction", fractions, seeds, workdir,
+                    init_from, pretrained, report, tag="f")
     finetune_seconds = time.perf_counter() - t_ft
 
     headline = runs[0]["headline"]

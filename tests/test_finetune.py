@@ -16,7 +16,7 @@ from d2v_jax.api import save_checkpoint
 from d2v_jax.config import load_config, parse_overrides
 from d2v_jax.data import splits as labeled
 
-from helpers import IMAGE, ROOT, TINY_IMAGE, init_state
+from helpers import FINETUNE, IMAGE, ROOT, TINY_IMAGE, init_state
 from helpers import finetune_config as _ft_config
 from helpers import flat as _flat
 
@@ -252,3 +252,40 @@ def test_label_efficiency_scratch_arm_builds_the_pretraining_runs_architecture()
     assert arms["scratch"]["backbone"] == "experiments/image.py:tiny_v2"
     with pytest.raises(ValueError, match="'seed' is not key=value"):
         parse_overrides("seed")
+
+
+def test_benchmark_grid_names_runs_and_reuses_finished_ones(tmp_path, monkeypatch):
+    """benchmarks/arms.run_grid: one run per (point, seed, arm) under
+    runs/<arm>_<tag><point>_s<seed>; a run whose config.json equals its config and
+    that has results.json is reused, not trained again."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_arms",
+                                                  os.path.join(ROOT, "benchmarks", "arms.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    trained = []
+
+    def fake_train(config, rundir, init_from, pretrained=None):
+        trained.append((os.path.basename(rundir), init_from, pretrained))
+        os.makedirs(rundir)
+        with open(os.path.join(rundir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort())
+        res = {"metrics": {"accuracy": config.data.label_fraction}, "seed": config.seed}
+        with open(os.path.join(rundir, "results.json"), "w") as f:
+            json.dump(res, f)
+        return None, res
+
+    monkeypatch.setattr(bench.finetune, "train_and_evaluate", fake_train)
+    arms = {"pretrained": {}, "scratch": {"backbone": "experiments/image.py:tiny_v2"}}
+    seen = []
+    args = (arms, f"{FINETUNE}:mnist_5k", "data.label_fraction", [0.05, 0.1], [0, 1],
+            str(tmp_path), "/runs/pre", "WEIGHTS")
+    runs = bench.run_grid(*args, lambda *a: seen.append(a[:3]), tag="f")
+    assert [r[0] for r in trained] == [f"{a}_f{f:g}_s{s}" for f in (0.05, 0.1) for s in (0, 1)
+                                       for a in ("pretrained", "scratch")]
+    assert {r[1:] for r in trained if r[0].startswith("pretrained")} == {("/runs/pre", "WEIGHTS")}
+    assert {r[1:] for r in trained if r[0].startswith("scratch")} == {(None, None)}
+    assert [(r["arm"], r["metrics"]["accuracy"], r["seed"]) for r in runs] == seen
+    trained.clear()
+    again = bench.run_grid(*args, lambda *a: None, tag="f")
+    assert trained == [] and again == runs  # all reused
