@@ -16,7 +16,7 @@ import ml_collections
 
 from d2v_jax import modalities
 from d2v_jax.errors import ConfigError, ConfigFileError, check_field, missing_key_error
-from d2v_jax.models.layers import DTYPES, REMAT_POLICIES
+from d2v_jax.models.layers import DTYPE_NAMES, REMAT_POLICIES
 
 _NORMS = ("instance", "layer", "batch", "none")
 _FINAL_NORMS = ("instance", "layer", "none")
@@ -96,8 +96,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"{config.collapse.max_target_pos_share} is not in (0, 1]")
     check_field(config.collapse.action in ("warn", "stop"), "collapse.action",
                 f"{config.collapse.action!r} is not 'warn' or 'stop'")
-    check_field(m.get("dtype", "float32") in DTYPES, "model.dtype",
-                f"{m.get('dtype')!r} not in {sorted(DTYPES)}")
+    check_field(m.get("dtype", "float32") in DTYPE_NAMES, "model.dtype",
+                f"{m.get('dtype')!r} not in {list(DTYPE_NAMES)}")
     check_field(m.get("remat", "none") in REMAT_POLICIES, "model.remat",
                 f"{m.get('remat')!r} not in {sorted(REMAT_POLICIES)}")
     r = config.train

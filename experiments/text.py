@@ -89,7 +89,10 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   m.init_depth_rescale = False
   m.remat = "none"  # none | block | full
   m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
-  m.dtype = "float32"  # compute dtype (float32 | bfloat16); params and EMA stay float32
+  # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16;
+  # params, EMA, optimizer state and the loss stay float32. The tiny CPU recipes
+  # pin float32 so their measured runs are the same on any machine.
+  m.dtype = "float32" if tiny else "auto"
 
   # --- 2.0 conv decoder (SPEC 6): 1-D over the sequence -------------------------
   c.decoder = d = ml_collections.ConfigDict()

@@ -45,8 +45,9 @@ ENGINE = "beit/engine_for_cyclical.py"
 FAIRSEQ_ADAM = "fairseq/optim/adam.py (adam_eps default)"
 COSINE = "fairseq/optim/lr_scheduler/cosine_lr_scheduler.py (min_lr default 0)"
 
-FP16_REASON = ("compute dtype is a hardware choice: float32 runs everywhere (CPU tests); "
-               "set model.dtype=bfloat16 on GPU/TPU, params and EMA stay float32 either way")
+FP16_REASON = ("model.dtype=auto: bfloat16 compute on GPU/TPU (f32's exponent range, so no "
+               "loss scaler as fp16 needs), float32 on CPU; params, EMA, optimizer state and "
+               "the loss stay float32 either way (the tiny CPU recipes pin float32)")
 PAD_REASON = ("fairseq crops every utterance of a batch to the shortest one (no padding); we "
               "pad to a length bucket with a padding mask so fewer samples are thrown away "
               "and shapes stay static; data.pad=False crops as fairseq")

@@ -21,11 +21,30 @@ Dtype = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+# `model.dtype` names: a concrete dtype, or "auto" (resolved per backend).
+DTYPE_NAMES = tuple(sorted(DTYPES)) + ("auto",)
+# "auto": bfloat16 where the matmul units run it natively (GPU tensor cores, TPU
+# MXU), float32 on CPU, where bf16 is emulated and slower. Params, EMA, optimizer
+# state and the loss are float32 whatever the compute dtype.
+AUTO_DTYPE = {"cpu": "float32", "gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16",
+              "tpu": "bfloat16"}
+
+
+def resolve_dtype(name: str, backend: str | None = None) -> str:
+    """`model.dtype` -> a concrete dtype name. "auto" reads `backend` (default:
+    `jax.default_backend()`, at the time the model is built/traced); an unknown
+    backend resolves to float32 (the dtype that runs everywhere)."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"model.dtype={name!r}; expected one of {list(DTYPE_NAMES)}")
+    if name != "auto":
+        return name
+    return AUTO_DTYPE.get(backend or jax.default_backend(), "float32")
+
+
 def dtype_of(name: str) -> Dtype:
-    """`model.dtype` (a name) -> the jnp compute dtype."""
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    """`model.dtype` (a name, or "auto") -> the jnp compute dtype. Every model
+    reads its compute dtype through here, so "auto" is resolved in one place."""
+    return DTYPES[resolve_dtype(name)]
 
 
 def normal_init(std: float, truncation: float | None = None) -> Callable:

@@ -1,0 +1,138 @@
+"""Accelerator-performance properties checked on CPU (issue 19, docs/performance.md
+"Checked on CPU"): the compute dtype "auto", the bf16 step's matmuls, the
+token selection's scatter/gather and its backward, and no DropPath op at rate 0.
+
+Each test lowers (never compiles) the tiny step: StableHLO / jaxpr text is what
+the accelerator would get, and lowering takes about a second.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d2v_jax import modalities
+from d2v_jax.config import load_config, validate
+from d2v_jax.models.layers import DTYPE_NAMES, dtype_of, resolve_dtype
+from d2v_jax.train_state import create_train_state
+from d2v_jax.train_step import make_train_step_fn
+
+from helpers import AUDIO, IMAGE, TEXT, tiny_config
+
+
+# ----------------------------------------------------------------------------- model.dtype
+
+
+def test_auto_dtype_resolves_per_backend():
+    """"auto": bf16 where matmul units run it natively, f32 on CPU and on anything
+    unknown; explicit names pass through; a bad name is an error naming the field."""
+    assert resolve_dtype("auto", "cpu") == "float32"
+    for backend in ("gpu", "cuda", "rocm", "tpu"):
+        assert resolve_dtype("auto", backend) == "bfloat16", backend
+    assert resolve_dtype("auto", "some_new_backend") == "float32"
+    for name in ("float32", "bfloat16", "float16"):
+        assert resolve_dtype(name, "cpu") == name and resolve_dtype(name, "gpu") == name
+    assert dtype_of("auto") == jnp.float32  # this test runs on CPU
+    with pytest.raises(ValueError, match="model.dtype='bf16'"):
+        resolve_dtype("bf16")
+    config = tiny_config("image")
+    config.model.dtype = "bf16"
+    with pytest.raises(ValueError, match="model.dtype"):
+        validate(config)
+    assert "auto" in DTYPE_NAMES
+
+
+def test_base_experiments_default_to_auto_and_tiny_pin_float32():
+    for path, args in ((IMAGE, ("base_v1", "base_v2", "large_v2")), (AUDIO, ("base_v1", "base_v2")),
+                       (TEXT, ("base_v1", "base_v2"))):
+        for arg in args:
+            assert load_config(f"{path}:{arg}").model.dtype == "auto", (path, arg)
+        assert load_config(f"{path}:tiny_v2").model.dtype == "float32", path
+
+
+def test_auto_is_resolved_when_the_model_is_built(monkeypatch):
+    """The same config computes in bf16 when the backend says GPU, in f32 on CPU;
+    the params stay f32 either way."""
+    config = tiny_config("image", **{"model.dtype": "auto"})
+    batch = modalities.dummy_batch(config, 2)
+    rngs = {"dropout": jax.random.key(0), "noise": jax.random.key(0)}
+
+    def shapes():
+        model = modalities.build_model(config)
+        params = jax.eval_shape(lambda: model.init(
+            {"params": jax.random.key(0), **rngs}, batch, method="student"))["params"]
+        out = jax.eval_shape(lambda p: model.apply({"params": p}, batch, method="student",
+                                                   rngs=rngs), params)
+        return params, out["pred"].dtype
+
+    params, pred_dtype = shapes()
+    assert pred_dtype == jnp.float32
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    params, pred_dtype = shapes()
+    assert pred_dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+# The f32 matmuls (dot_general / convolution with an f32 operand) a bf16 step may
+# keep, by the op's source name in the lowered HLO, with the reason. Norm
+# statistics, the loss, the targets' instance/layer norms and the EMA have no
+# matmul at all (reductions and elementwise ops, f32 by design), so they need no
+# entry; the test checks that nothing else shows up.
+F32_MATMUL_ALLOWED = {
+    # jax.nn.dot_product_attention's XLA path computes the logits q.k^T with
+    # preferred_element_type=float32 (bf16 operands, f32 accumulate); the backward
+    # of that einsum takes the f32 logits' cotangent against bf16 q / k (dq, dk).
+    # This is jax's library code; the fused cuDNN kernel (attention_impl=cudnn)
+    # replaces the whole path on GPU.
+    "attn/vmap(BTNH,BSNH->BNTS)/dot_general":
+        "XLA attention backward: f32 logit cotangent x bf16 q/k (jax.nn.dot_product_attention)",
+}
+
+_MATMUL = re.compile(r"stablehlo\.(dot_general|convolution)\b.*?: \((tensor<[^>]*>), "
+                     r"(tensor<[^>]*>)\) -> (tensor<[^>]*>)")
+
+
+def _matmuls(hlo: str) -> list[tuple[str, str, str, str]]:
+    """(operand, operand, result, source name) of every dot_general / convolution."""
+    locs = dict(re.findall(r"^(#loc\d+) = (.*)$", hlo, re.M))
+    out = []
+    for line in hlo.splitlines():
+        m = _MATMUL.search(line)
+        if not m:
+            continue
+        where = re.search(r"loc\((.*)\)\s*$", line)
+        name = where.group(1) if where else ""
+        for ref in re.findall(r"#loc\d+", name):  # resolve aliases one level deep
+            name += " " + locs.get(ref, "")
+        out.append((m.group(2), m.group(3), m.group(4), name))
+    return out
+
+
+def _lowered_step(modality: str, arg: str, batch_size: int = 2, **overrides) -> str:
+    config = tiny_config(modality, arg, **overrides)
+    if modality == "text" and config.model.get("vocab_size") is None:
+        config.model.vocab_size = 300  # set by the tokenizer in a real run
+    state = jax.eval_shape(lambda r: create_train_state(config, r), jax.random.key(0))
+    batch = modalities.dummy_batch(config, batch_size)
+    step = jax.jit(make_train_step_fn(config))
+    return step.lower(state, batch, jax.random.key(1)).as_text(debug_info=True)
+
+
+@pytest.mark.parametrize("modality,arg,overrides", [
+    ("image", "tiny_v1", {}),
+    # the xla grouped conv is the base configs' decoder (the tiny ones use the dense form)
+    ("image", "tiny_v2", {"decoder.conv_impl": "xla"}),
+    pytest.param("audio", "tiny_v2", {}, marks=pytest.mark.slow),  # ~3.5 s to lower
+    ("text", "tiny_v2", {}),
+])
+def test_bf16_step_has_no_f32_matmul_outside_the_allow_list(modality, arg, overrides):
+    hlo = _lowered_step(modality, arg, **{"model.dtype": "bfloat16", **overrides})
+    mm = _matmuls(hlo)
+    bf16 = [m for m in mm if "bf16" in m[0] and "bf16" in m[1]]
+    f32 = [m for m in mm if "xf32>" in m[0] or "xf32>" in m[1]]
+    # forward + backward of every dense layer: the detector sees the step's matmuls
+    assert len(bf16) >= 12, (len(bf16), len(mm))
+    stray = [m for m in f32 if not any(k in m[3] for k in F32_MATMUL_ALLOWED)]
+    assert not stray, "f32 matmuls outside the allow-list:\n" + "\n".join(map(str, stray))
