@@ -9,6 +9,7 @@ the accelerator would get, and lowering takes about a second.
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,3 +137,89 @@ def test_bf16_step_has_no_f32_matmul_outside_the_allow_list(modality, arg, overr
     assert len(bf16) >= 12, (len(bf16), len(mm))
     stray = [m for m in f32 if not any(k in m[3] for k in F32_MATMUL_ALLOWED)]
     assert not stray, "f32 matmuls outside the allow-list:\n" + "\n".join(map(str, stray))
+
+
+# ----------------------------------------------------------------------------- token selection
+
+
+def _np_reference(order, num_keep):
+    """numpy, from SPEC 6: a row's encoder sees its num_keep positions of smallest
+    key (ties by position), the decoder the full grid."""
+    keep, removed = [], []
+    for row in order:
+        ranked = sorted(range(len(row)), key=lambda i: (row[i], i))
+        keep.append(sorted(ranked[:num_keep]))
+        removed.append(sorted(ranked[num_keep:]))
+    return np.array(keep), np.array(removed)
+
+
+@pytest.mark.parametrize("keys", ["bool", "int"])
+def test_token_selection_matches_a_numpy_reference(keys):
+    from d2v_jax.models import visible
+
+    rng = np.random.default_rng(0)
+    b, m, t, d, k = 3, 2, 10, 4, 6
+    if keys == "bool":  # image / audio: True = removed; every row removes t - k
+        order = np.stack([rng.permutation(np.arange(t) >= k) for _ in range(b * m)])
+    else:  # text: 0 visible, 1 padding (right), 2 masked
+        order = np.zeros((b * m, t), np.int32)
+        for r in range(b * m):
+            n = t - (r % 3)  # real tokens, then padding
+            order[r, n:] = 1
+            order[r, rng.choice(n, 3, replace=False)] = 2
+    keep_ref, removed_ref = _np_reference(order.tolist(), k)
+    keep, removed = visible.split_indices(jnp.asarray(order), k)
+    np.testing.assert_array_equal(keep, keep_ref)
+    np.testing.assert_array_equal(removed, removed_ref)
+
+    x = rng.normal(size=(b, t, d)).astype(np.float32)
+    x_rep = np.repeat(x, m, axis=0)  # the former repeat-then-gather
+    want = np.stack([x_rep[r, keep_ref[r]] for r in range(b * m)])
+    np.testing.assert_array_equal(visible.gather(jnp.asarray(x), keep, clones=m), want)
+    np.testing.assert_array_equal(visible.gather(jnp.asarray(x_rep), keep), want)
+
+    h = rng.normal(size=(b * m, k, d)).astype(np.float32)
+    std, key = 0.5, jax.random.key(3)
+    full = np.asarray(visible.scatter_with_noise(jnp.asarray(h), keep, removed, std, key))
+    noise = np.asarray(std * jax.random.normal(key, (b * m, t - k, d)))  # drawn removed-only
+    want = np.zeros((b * m, t, d), np.float32)
+    for r in range(b * m):
+        want[r, keep_ref[r]] = h[r]
+        want[r, removed_ref[r]] = noise[r]
+    np.testing.assert_allclose(full, want, rtol=0, atol=1e-7)
+
+
+def _scatters(jaxpr) -> list[tuple[str, tuple]]:
+    """(primitive, output shape) of every scatter* in a jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("scatter"):
+            found.append((eqn.primitive.name, tuple(eqn.outvars[0].aval.shape)))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _scatters(sub)
+    return found
+
+
+def test_token_selection_backward_has_no_full_size_scatter():
+    """The student's gradient (image 2.0, 4 clones): the cloned [B*M, N, D] grid
+    is scattered into only by the forward's two decoder-input writes (noise at
+    the removed positions, encoder outputs at the kept ones). The backward adds
+    none: with unique indices the gradient w.r.t. the encoder output is a gather
+    (no id-scatter to resolve collisions), and the visible patches are gathered
+    from the un-cloned patches, whose gradient scatter-adds into [B, N, D]."""
+    b, m = 2, 4
+    config = tiny_config("image", **{"masking.num_clones": m})
+    model = modalities.build_model(config)
+    batch = modalities.dummy_batch(config, b)
+    rngs = {"dropout": jax.random.key(0), "noise": jax.random.key(0)}
+    params = jax.eval_shape(lambda: model.init(
+        {"params": jax.random.key(0), **rngs}, batch, method="student"))["params"]
+
+    def loss(p):
+        return jnp.sum(model.apply({"params": p}, batch, method="student", rngs=rngs)["pred"])
+
+    found = _scatters(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)  # traced, not run
+    grid, d = batch["mask"].shape[-1], config.model.dim
+    full = [(name, s) for name, s in found if s[:2] == (b * m, grid)]
+    assert full == [("scatter", (b * m, grid, d))] * 2, found
+    assert ("scatter-add", (b, grid, d)) in found, found  # the un-cloned gather's gradient

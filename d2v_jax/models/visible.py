@@ -13,27 +13,59 @@ import jax
 import jax.numpy as jnp
 
 
-def keep_indices(order: jax.Array, num_keep: int) -> jax.Array:
-    """[R, T] sort keys (False / 0 = visible first) -> [R, num_keep] int indices
-    of the positions the encoder sees, in increasing position order.
+def split_indices(order: jax.Array, num_keep: int) -> tuple[jax.Array, jax.Array]:
+    """[R, T] sort keys (False / 0 = visible first) -> (keep [R, num_keep],
+    removed [R, T - num_keep]): int positions, each sorted in increasing order.
 
     A stable argsort keeps equal keys in position order, so with a bool mask
     (True = removed) the visible positions come first, left to right; larger
-    integer keys (e.g. 1 = padding, 2 = masked) go after smaller ones.
+    integer keys (e.g. 1 = padding, 2 = masked) go after smaller ones. Both
+    halves are then sorted by position (a no-op for `keep` with a bool mask or
+    right padding), so the scatters below may promise sorted, unique indices.
     """
-    return jnp.argsort(order, axis=1, stable=True)[:, :num_keep]
+    perm = jnp.argsort(order, axis=1, stable=True)
+    return jnp.sort(perm[:, :num_keep], axis=1), jnp.sort(perm[:, num_keep:], axis=1)
 
 
-def gather(x: jax.Array, keep: jax.Array) -> jax.Array:
-    """x [R, T, ...] at `keep` [R, K] -> [R, K, ...]."""
-    return jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
+def keep_indices(order: jax.Array, num_keep: int) -> jax.Array:
+    """[R, T] sort keys -> [R, num_keep] kept positions, increasing (`split_indices`)."""
+    return split_indices(order, num_keep)[0]
 
 
-def scatter_with_noise(h: jax.Array, keep: jax.Array, length: int, std: float,
+def gather(x: jax.Array, keep: jax.Array, clones: int = 1) -> jax.Array:
+    """x [R / clones, T, ...] at `keep` [R, K] -> [R, K, ...]; row r of `keep`
+    reads row r // clones of `x`.
+
+    `clones` > 1 gathers straight from the un-cloned input: the same values as
+    gathering from `jnp.repeat(x, clones, axis=0)`, without materializing the
+    clones, and the backward scatter-adds into x's [R / clones, T, ...] rather
+    than a [R, T, ...] buffer.
+    """
+    rows = (jnp.arange(keep.shape[0]) // clones)[:, None]
+    if x.shape[0] * clones != keep.shape[0]:
+        raise ValueError(f"visible.gather: x has {x.shape[0]} rows x {clones} clones but keep "
+                         f"has {keep.shape[0]} rows")
+    # Indices come from an argsort of length T: always in bounds, so no clamping.
+    return x.at[rows, keep].get(mode="promise_in_bounds", indices_are_sorted=clones == 1)
+
+
+def scatter_with_noise(h: jax.Array, keep: jax.Array, removed: jax.Array, std: float,
                        rng: jax.Array) -> jax.Array:
-    """The decoder's input [R, length, D]: `h` [R, K, D] back at the positions
-    `keep` [R, K], every other position drawn from N(0, std^2) (fairseq's
-    `mask_noise_std`)."""
-    rows = h.shape[0]
-    full = std * jax.random.normal(rng, (rows, length, h.shape[-1]), h.dtype)
-    return full.at[jnp.arange(rows)[:, None], keep].set(h)
+    """The decoder's input [R, T, D] (T = K + T - K): `h` [R, K, D] back at the
+    positions `keep` [R, K], the positions `removed` [R, T - K] filled with
+    N(0, std^2) (fairseq's `mask_noise_std`).
+
+    Noise is drawn for the removed positions only (the kept ones would be
+    overwritten). Both index sets are unique and sorted per row
+    (`split_indices`), which the scatters promise: with unique indices the
+    gradient w.r.t. `h` is a plain gather, not the id-scatter JAX builds to
+    resolve colliding updates.
+    """
+    rows = jnp.arange(h.shape[0])[:, None]
+    length = keep.shape[1] + removed.shape[1]
+    noise = std * jax.random.normal(rng, removed.shape + h.shape[-1:], h.dtype)
+    full = jnp.zeros((h.shape[0], length, h.shape[-1]), h.dtype)
+    full = full.at[rows, removed].set(noise, unique_indices=True, indices_are_sorted=True,
+                                      mode="promise_in_bounds")
+    return full.at[rows, keep].set(h, unique_indices=True, indices_are_sorted=True,
+                                   mode="promise_in_bounds")

@@ -53,11 +53,12 @@ class SensorData2Vec(nn.Module):
     def student(self, batch, *, deterministic: bool = False):
         mask = batch["mask"]
         b, m, t = mask.shape
-        x = jnp.repeat(self.frontend(batch["signal"]), m, axis=0)
+        x = self.frontend(batch["signal"])
         mask = mask.reshape(b * m, t)
-        keep = visible.keep_indices(mask, self.num_keep)
-        h, _ = self.encoder(visible.gather(x, keep), deterministic=deterministic)
-        full = visible.scatter_with_noise(h, keep, t, self.mask_noise_std, self.make_rng("noise"))
+        keep, removed = visible.split_indices(mask, self.num_keep)
+        h, _ = self.encoder(visible.gather(x, keep, clones=m), deterministic=deterministic)
+        full = visible.scatter_with_noise(h, keep, removed, self.mask_noise_std,
+                                          self.make_rng("noise"))
         return {"pred": self.decoder(full), "loss_mask": mask, "cls": None}
 
 

@@ -327,13 +327,14 @@ class AudioData2Vec(nn.Module):
             remove = mask | (pad & (rank < extra))
         # fairseq encoder_zero_mask: the positional conv sees masked frames as 0.
         x_pos = self.context.positions(jnp.where(remove[..., None], 0, x), pad)
-        keep = visible.keep_indices(remove, num_keep)
+        keep, removed = visible.split_indices(remove, num_keep)
         seen = self.context.norm(visible.gather(x + x_pos, keep), deterministic)
         kpm = None if pad is None else visible.gather(pad, keep)
         h, _ = self.encoder(seen, self.context.bias(keep), kpm, deterministic=deterministic)
         h = self.decoder_dropout(h, deterministic=deterministic)
         # Decoder input: encoder outputs back in place, removed frames ~ N(0, std).
-        full = visible.scatter_with_noise(h, keep, t, self.mask_noise_std, self.make_rng("noise"))
+        full = visible.scatter_with_noise(h, keep, removed, self.mask_noise_std,
+                                          self.make_rng("noise"))
         if pad is not None:
             full = jnp.where(pad[..., None], 0, full)
         return self.decoder(full)

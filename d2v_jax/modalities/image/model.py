@@ -211,18 +211,17 @@ class ImageData2Vec(nn.Module):
 
     def _student_v2(self, image, mask, deterministic):
         b, m, n = mask.shape
-        x = self.frontend.patches(image)  # once per image, then cloned
-        x = jnp.repeat(x, m, axis=0)
+        x = self.frontend.patches(image)  # once per image; clones gathered from it
         mask = mask.reshape(b * m, n)
         # Every row has the same masked count (inverse block masking adjusts it
         # exactly), so the visible set has the static size num_keep.
-        keep = visible.keep_indices(mask, self.num_keep)
-        h, _ = self._encode(self.frontend.with_cls(visible.gather(x, keep)),
+        keep, removed = visible.split_indices(mask, self.num_keep)
+        h, _ = self._encode(self.frontend.with_cls(visible.gather(x, keep, clones=m)),
                             deterministic=deterministic)
         # Decoder input: visible outputs (after the decoder's input dropout) back
         # in place, masked slots ~ N(0, std) (fairseq decoder_input).
         h = self.decoder_dropout(h, deterministic=deterministic)
-        full = visible.scatter_with_noise(h[:, 1:], keep, n, self.mask_noise_std,
+        full = visible.scatter_with_noise(h[:, 1:], keep, removed, self.mask_noise_std,
                                           self.make_rng("noise"))
         return {"pred": self.decoder(full), "cls": h[:, 0]}
 

@@ -141,20 +141,21 @@ class TextData2Vec(nn.Module):
         return {"pred": pred, "cls": None, "loss_mask": mask.reshape(b * m, t)}
 
     def _student_v2(self, tokens, padding, mask, clones, deterministic):
-        bm, t = mask.shape
         x = self.frontend(tokens, deterministic=deterministic)  # once per sequence
-        x = jnp.repeat(x, clones, axis=0)
         # Visible real tokens first, then padding, then masked tokens (stable, so in
         # order). A row with n real tokens has n - int(p n) visible ones, never more
         # than num_keep; the padding positions that fill the rest stay padding.
-        keep = visible.keep_indices(jnp.where(mask, 2, jnp.where(padding, 1, 0)), self.num_keep)
-        h, _ = self.encoder(visible.gather(x, keep), None, visible.gather(padding, keep),
+        keep, removed = visible.split_indices(jnp.where(mask, 2, jnp.where(padding, 1, 0)),
+                                              self.num_keep)
+        h, _ = self.encoder(visible.gather(x, keep, clones=clones), None,
+                            visible.gather(padding, keep),
                             deterministic=deterministic)
         # Decoder input: visible outputs (after the decoder's input dropout) back
         # in place, masked slots ~ N(0, std), padding 0 (the convolution must not
         # read the pad tokens' states).
         h = self.decoder_dropout(h, deterministic=deterministic)
-        full = visible.scatter_with_noise(h, keep, t, self.mask_noise_std, self.make_rng("noise"))
+        full = visible.scatter_with_noise(h, keep, removed, self.mask_noise_std,
+                                          self.make_rng("noise"))
         full = jnp.where(padding[..., None], 0, full)
         return self.decoder(full)
 
