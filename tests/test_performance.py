@@ -223,3 +223,38 @@ def test_token_selection_backward_has_no_full_size_scatter():
     full = [(name, s) for name, s in found if s[:2] == (b * m, grid)]
     assert full == [("scatter", (b * m, grid, d))] * 2, found
     assert ("scatter-add", (b, grid, d)) in found, found  # the un-cloned gather's gradient
+
+
+# ----------------------------------------------------------------------------- DropPath at rate 0
+
+
+def _primitives(jaxpr, counts):
+    for eqn in jaxpr.eqns:
+        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _primitives(sub, counts)
+    return counts
+
+
+@pytest.mark.parametrize("arg,other_draws", [
+    ("tiny_v1", 0),
+    ("tiny_v2", 1),  # the decoder's N(0, std) input noise at the removed positions
+])
+def test_no_drop_path_draw_at_rate_0(arg, other_draws):
+    """The student's training forward draws random bits only for what needs them:
+    none for DropPath at model.drop_path = 0 (the 2.0 recipes); at a rate > 0,
+    two (one per residual branch of the scanned block)."""
+    def random_bits(drop_path):
+        config = tiny_config("image", arg, **{"model.drop_path": drop_path})
+        model = modalities.build_model(config)
+        batch = modalities.dummy_batch(config, 2)
+        rngs = {"dropout": jax.random.key(0), "noise": jax.random.key(0)}
+        params = jax.eval_shape(lambda: model.init(
+            {"params": jax.random.key(0), **rngs}, batch, method="student"))["params"]
+        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, batch, method="student",
+                                                     rngs=rngs))(params).jaxpr
+        counts = _primitives(jaxpr, {})
+        return counts.get("random_bits", 0) + counts.get("threefry2x32", 0)
+
+    assert random_bits(0.0) == other_draws
+    assert random_bits(0.1) == other_draws + 2  # two residual branches per block

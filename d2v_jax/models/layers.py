@@ -120,7 +120,9 @@ class DropPath(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, rate: jax.Array, deterministic: bool) -> jax.Array:
-        if deterministic:
+        # A static rate of 0 draws nothing (a traced rate cannot be tested here:
+        # `Block.use_drop_path` skips the module when the encoder's max rate is 0).
+        if deterministic or (isinstance(rate, (int, float)) and rate == 0):
             return x
         # `rate` may be traced (it is scanned per block), so no Python branch on it.
         keep = 1.0 - rate
@@ -239,6 +241,10 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     init_std: float = 0.02
     init_truncation: float | None = None
+    # Static: False when every block's DropPath rate is 0 (model.drop_path = 0),
+    # so the step draws no per-sample bernoulli at all. The per-block rate itself
+    # is traced (scanned), so it cannot decide this.
+    use_drop_path: bool = True
 
     @nn.compact
     def __call__(self, x, drop_path_rate=0.0, init_scale=1.0, bias=None, key_padding_mask=None):
@@ -251,7 +257,11 @@ class Block(nn.Module):
         norm1 = layer_norm(self.norm_eps, self.dtype, "norm1")
         norm2 = layer_norm(self.norm_eps, self.dtype, "norm2")
         residual_dropout = nn.Dropout(self.dropout)
-        drop_path = DropPath()
+        if self.use_drop_path:
+            drop_path = DropPath()
+        else:
+            def drop_path(h, rate, deterministic):
+                return h
         x_in = x
 
         def scale(name, h):
@@ -347,7 +357,7 @@ class Encoder(nn.Module):
             activation_dropout=self.activation_dropout, layerdrop=self.layerdrop,
             attention_impl=self.attention_impl, deterministic=deterministic,
             dtype=self.dtype, init_std=self.init_std, init_truncation=self.init_truncation,
-            name="blocks")
+            use_drop_path=self.drop_path > 0, name="blocks")
         # Linearly increasing stochastic depth, as BEiT / data2vec.
         rates = jnp.linspace(0.0, self.drop_path, self.depth, dtype=jnp.float32)
         layer = jnp.arange(1, self.depth + 1, dtype=jnp.float32)
