@@ -147,16 +147,19 @@ def restore_or_init(config: ml_collections.ConfigDict, manager, model, tx, rng: 
 
 # --- the guarded step ---------------------------------------------------------------
 def make_step(config: ml_collections.ConfigDict, model, tx, schedule: optax.Schedule,
-              plan: parallel.ParallelPlan | None = None) -> Callable:
+              plan: parallel.ParallelPlan | None = None, with_stats: bool = True) -> Callable:
     """The jitted, guarded train step with the state donated: compiled by the
     run's ParallelPlan (jit over the mesh with the rules' shardings, or pmap /
-    shard_map), or a plain jit on the default device when there is no plan."""
+    shard_map), or a plain jit on the default device when there is no plan.
+    `with_stats`: the logging-step variant (`make_train_step_fn`)."""
     guard = lambda step: guard_nonfinite(step, nonfinite_mode(config))  # noqa: E731
     if plan is None:
-        step = make_train_step_fn(config, model=model, tx=tx, schedule=schedule)
+        step = make_train_step_fn(config, model=model, tx=tx, schedule=schedule,
+                                  with_stats=with_stats)
         return jax.jit(guard(step), donate_argnums=(0,))
     step = make_train_step_fn(config, model=model, tx=tx, schedule=schedule,
-                              axis_name=plan.axis_name, batch_sharding=plan.step_batch_sharding)
+                              axis_name=plan.axis_name, batch_sharding=plan.step_batch_sharding,
+                              with_stats=with_stats)
     return plan.compile(guard(step))
 
 
@@ -206,9 +209,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     _trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     batches = device_prefetch(iterator, config.data.prefetch, plan.batch_sharding)
-    step_fn = make_step(config, model, tx, schedule, plan)
-    writer = metrics.MetricWriter(workdir)
     log_every = max(config.train.log_every, 1)
+    # Two compiled variants: the statistics (variances, position share, norms)
+    # only on logging steps; one variant when every step is logged.
+    step_fns = {True: make_step(config, model, tx, schedule, plan, with_stats=True)}
+    step_fns[False] = (make_step(config, model, tx, schedule, plan, with_stats=False)
+                       if log_every > 1 else step_fns[True])
+    writer = metrics.MetricWriter(workdir)
     every = config.train.checkpoint_every
     bar = _progress(start, num_steps)
     finite = FiniteChecks(nonfinite_mode(config), manager)
@@ -223,6 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     clock = {"step": None, "time": None, "samples": 0}
     seen = 0  # samples fed to the steps so far in this run
     last = {}  # the scalars logged last
+    warmed = set() if log_every > 1 else {False}  # step variants called once (compiled)
 
     def flush():
         nonlocal pending
@@ -235,10 +243,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for step in range(start, num_steps):
             batch, batch_state = next(batches)
             seen += jax.tree.leaves(batch)[0].shape[0]
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, step_metrics = step_fn(state, batch, step_rng)
-            data_iter.consumed = batch_state
             done = step + 1
+            logged = done % log_every == 0 or done == num_steps
+            # The other variant's first call (mid-run) compiles: that step's time
+            # and samples are left out of samples/s (one host sync per run).
+            compiles = logged not in warmed and clock["step"] is not None
+            if compiles:
+                jax.block_until_ready(state.step)  # the steps before it count
+                t_call = time.perf_counter()
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, step_metrics = step_fns[logged](state, batch, step_rng)
+            warmed.add(logged)
+            data_iter.consumed = batch_state
+            if compiles:
+                jax.block_until_ready(state.step)
+                clock["time"] += time.perf_counter() - t_call
+                clock["samples"] += jax.tree.leaves(batch)[0].shape[0]
             if clock["step"] is None:  # the first step carries compilation
                 jax.block_until_ready(state.step)
                 clock.update(step=done, time=time.perf_counter(), samples=seen)
@@ -248,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 finite.check(keep_last=1)
                 last.update(_log(config, writer, bar, clock, finite.skipped, *pending))
                 pending = None
-            if done % log_every == 0 or done == num_steps:
+            if logged:
                 pending = (done, seen, step_metrics)
             preempted = watcher.requested(done, manager)
             if (every and done % every == 0) or done == num_steps or preempted:

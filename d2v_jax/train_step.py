@@ -59,8 +59,8 @@ def loss_normalizers(batch: Batch, axis_name: str | None = None) -> dict[str, ja
 
 def student_loss(model: nn.Module, params: Any, batch: Batch, y: jax.Array,
                  config: ml_collections.ConfigDict, rng: jax.Array, *,
-                 norm: dict[str, jax.Array] | None = None, axis_name: str | None = None
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 norm: dict[str, jax.Array] | None = None, axis_name: str | None = None,
+                 with_stats: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The data2vec objective for one batch given the teacher's targets `y`.
 
     The value is this batch's *share* of the loss of the global batch: masked
@@ -69,6 +69,8 @@ def student_loss(model: nn.Module, params: Any, batch: Batch, y: jax.Array,
     `loss_normalizers`, for micro-batches), else the model's loss mask, `psum`-ed
     over `axis_name` when given (with neither: the plain masked mean). With
     `axis_name` the variance metrics are those of the global batch too.
+    `with_stats=False` leaves out the statistics (pred/target variance, masked
+    fraction): passes over [B*M, N, D] that only logging steps read.
     """
     d_rng, n_rng = jax.random.split(rng)
     out = model.apply({"params": params}, batch, method="student",
@@ -96,10 +98,11 @@ def student_loss(model: nn.Module, params: Any, batch: Batch, y: jax.Array,
                                    ref_rows=lc.get("cls_ref_rows"), beta=lc.beta, scale=lc.scale)
         loss = loss + cls_loss
         aux["cls_loss"] = cls_loss
-    aux["pred_var"] = losses.compute_var(pred, loss_mask, axis_name=axis_name)
-    aux["target_var"] = losses.compute_var(y_rep, loss_mask, axis_name=axis_name)
-    frac = jnp.mean(loss_mask.astype(jnp.float32))
-    aux["masked_frac"] = frac if axis_name is None else jax.lax.pmean(frac, axis_name)
+    if with_stats:
+        aux["pred_var"] = losses.compute_var(pred, loss_mask, axis_name=axis_name)
+        aux["target_var"] = losses.compute_var(y_rep, loss_mask, axis_name=axis_name)
+        frac = jnp.mean(loss_mask.astype(jnp.float32))
+        aux["masked_frac"] = frac if axis_name is None else jax.lax.pmean(frac, axis_name)
     return loss, aux
 
 
@@ -141,7 +144,8 @@ def split_micro_batches(batch: Batch, k: int) -> Batch:
 
 def compute_grads(model: nn.Module, params: Any, ema_params: Any, batch: Batch, rng: jax.Array,
                   config: ml_collections.ConfigDict, *, accum_steps: int = 1,
-                  axis_name: str | None = None, batch_sharding: Any = None):
+                  axis_name: str | None = None, batch_sharding: Any = None,
+                  with_stats: bool = True):
     """(loss, aux, grads) of the global-batch loss (SPEC 3).
 
     With `accum_steps` = k > 1 the teacher and student run on k micro-batches in
@@ -158,10 +162,12 @@ def compute_grads(model: nn.Module, params: Any, ema_params: Any, batch: Batch, 
             mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
         y, padding_mask = compute_targets(model, tparams, mb, config)
         grad_fn = jax.value_and_grad(
-            lambda p: student_loss(model, p, mb, y, config, r, norm=norm, axis_name=axis_name),
+            lambda p: student_loss(model, p, mb, y, config, r, norm=norm, axis_name=axis_name,
+                                   with_stats=with_stats),
             has_aux=True)
         (loss, aux), grads = grad_fn(params)
-        aux["target_pos_share"] = losses.position_share(y, padding_mask, axis_name=axis_name)
+        if with_stats:
+            aux["target_pos_share"] = losses.position_share(y, padding_mask, axis_name=axis_name)
         return loss, aux, grads
 
     if accum_steps == 1:
@@ -192,8 +198,14 @@ def compute_grads(model: nn.Module, params: Any, ema_params: Any, batch: Batch, 
 def make_train_step_fn(config: ml_collections.ConfigDict, *, model: nn.Module | None = None,
                        tx: optax.GradientTransformation | None = None,
                        schedule: optax.Schedule | None = None, axis_name: str | None = None,
-                       batch_sharding: Any = None) -> StepFn:
+                       batch_sharding: Any = None, with_stats: bool = True) -> StepFn:
     """The pure, un-jitted step. `rng` is a base key; the step folds in its count.
+
+    `with_stats` (static): True adds the statistics a logged step writes
+    (variances, target_pos_share, masked_frac, update and param norms); False
+    keeps only what every step needs (loss, the loss shares, grad_norm for the
+    non-finite guard, lr, tau). The train loop compiles both and runs the
+    statistics variant on logging steps only.
 
     `axis_name`: run under pmap/shard_map with the batch split over that axis
     (see `parallel.py`); the update is the global one on every device.
@@ -211,7 +223,7 @@ def make_train_step_fn(config: ml_collections.ConfigDict, *, model: nn.Module | 
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         loss, aux, grads = compute_grads(model, state.params, state.ema_params, batch, rng, config,
                                          accum_steps=accum_steps, axis_name=axis_name,
-                                         batch_sharding=batch_sharding)
+                                         batch_sharding=batch_sharding, with_stats=with_stats)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -221,8 +233,10 @@ def make_train_step_fn(config: ml_collections.ConfigDict, *, model: nn.Module | 
         ema_params = ema.update(state.ema_params, ema_subtree(params, config), tau)
 
         metrics = dict(aux, loss=loss, lr=schedule(state.step), tau=tau,
-                       grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
-                       param_norm=optax.tree.norm(params))
+                       grad_norm=optax.tree.norm(grads))
+        if with_stats:
+            metrics.update(update_norm=optax.tree.norm(updates),
+                           param_norm=optax.tree.norm(params))
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                                   opt_state=opt_state)
         return new_state, metrics

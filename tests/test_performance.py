@@ -258,3 +258,79 @@ def test_no_drop_path_draw_at_rate_0(arg, other_draws):
 
     assert random_bits(0.0) == other_draws
     assert random_bits(0.1) == other_draws + 2  # two residual branches per block
+
+
+# ----------------------------------------------------------------------------- statistics on logging steps only
+
+STATS = {"pred_var", "target_var", "masked_frac", "target_pos_share", "update_norm", "param_norm"}
+
+
+def _step_and_inputs(**overrides):
+    config = tiny_config("image", **overrides)
+    state = jax.eval_shape(lambda r: create_train_state(config, r), jax.random.key(0))
+    batch = modalities.dummy_batch(config, 2)
+    return config, state, batch
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_step_without_stats_leaves_out_only_the_statistics(accum):
+    """with_stats=False (the non-logging steps): the same state update and the
+    metrics every step needs (loss, grad_norm for the non-finite guard), none of
+    the statistics. Traced, not compiled."""
+    config, state, batch = _step_and_inputs(**{"optim.accum_steps": accum})
+    out = {w: jax.eval_shape(make_train_step_fn(config, with_stats=w), state, batch,
+                             jax.random.key(1)) for w in (True, False)}
+    assert set(out[True][1]) - set(out[False][1]) == STATS
+    assert {"loss", "grad_norm", "lr", "tau", "reg_loss"} <= set(out[False][1])
+    assert jax.tree.structure(out[True][0]) == jax.tree.structure(out[False][0])
+
+
+@pytest.mark.slow  # two step compilations
+def test_step_without_stats_updates_the_state_identically():
+    from helpers import init_state
+
+    config, _, batch = _step_and_inputs()
+    state = init_state(config, jax.random.key(0))
+    steps = {w: jax.jit(make_train_step_fn(config, with_stats=w)) for w in (True, False)}
+    # fewer reductions lowered: the statistics' passes are gone
+    reduces = {w: f.lower(state, batch, jax.random.key(1)).as_text().count("stablehlo.reduce")
+               for w, f in steps.items()}
+    assert reduces[False] < reduces[True], reduces
+    outs = {w: f(state, batch, jax.random.key(1)) for w, f in steps.items()}
+    for a, b in zip(jax.tree.leaves(outs[True][0]), jax.tree.leaves(outs[False][0])):
+        np.testing.assert_array_equal(a, b)
+    for k in outs[False][1]:
+        np.testing.assert_array_equal(outs[True][1][k], outs[False][1][k])
+
+
+@pytest.mark.slow  # a 5-step train run (two step compilations)
+def test_loop_runs_the_stats_variant_on_logging_steps_only(tmp_path, monkeypatch):
+    """log_every=2 over 5 steps: steps 2, 4 and the last (5) run the statistics
+    variant, 1 and 3 the other; each variant compiles once, and the logged rows
+    carry the statistics."""
+    from d2v_jax import metrics, train
+
+    made, calls = {}, []
+
+    def make_step(*args, with_stats=True, **kwargs):
+        fn = real(*args, with_stats=with_stats, **kwargs)
+        made[with_stats] = fn
+
+        def call(*a):
+            calls.append(with_stats)
+            return fn(*a)
+        return call
+
+    real = train.make_step
+    monkeypatch.setattr(train, "make_step", make_step)
+    config = load_config(f"{IMAGE}:tiny_v2", {
+        "model.depth": 1, "target.top_k": 1, "decoder.layers": 1, "data.batch_size": 4,
+        "masking.num_clones": 2, "train.log_every": 2, "train.checkpoint_every": 0,
+        "data.prefetch": 1, "train.num_steps": 5})
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert calls == [False, True, False, True, True]
+    assert made[True]._cache_size() == 1 and made[False]._cache_size() == 1
+    rows = metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    assert all(STATS - {"masked_frac"} <= set(r) for r in rows), rows[0].keys()
+    assert all(r["samples_per_sec"] > 0 for r in rows[1:])
