@@ -230,7 +230,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     clock = {"step": None, "time": None, "samples": 0}
     seen = 0  # samples fed to the steps so far in this run
     last = {}  # the scalars logged last
-    warmed = set() if log_every > 1 else {False}  # step variants called once (compiled)
 
     def flush():
         nonlocal pending
@@ -245,20 +244,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             seen += jax.tree.leaves(batch)[0].shape[0]
             done = step + 1
             logged = done % log_every == 0 or done == num_steps
-            # The other variant's first call (mid-run) compiles: that step's time
-            # and samples are left out of samples/s (one host sync per run).
-            compiles = logged not in warmed and clock["step"] is not None
-            if compiles:
-                jax.block_until_ready(state.step)  # the steps before it count
-                t_call = time.perf_counter()
+            if clock["step"] is None and step_fns[not logged] is not step_fns[logged]:
+                # The first step carries compilation: the other variant's too
+                # (ahead of time, where the step is a jit), so that it does not
+                # land in a later samples/s window. pmap compiles on first call.
+                other = step_fns[not logged]
+                if hasattr(other, "lower"):
+                    other.lower(state, batch, step_rng).compile()
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = step_fns[logged](state, batch, step_rng)
-            warmed.add(logged)
             data_iter.consumed = batch_state
-            if compiles:
-                jax.block_until_ready(state.step)
-                clock["time"] += time.perf_counter() - t_call
-                clock["samples"] += jax.tree.leaves(batch)[0].shape[0]
             if clock["step"] is None:  # the first step carries compilation
                 jax.block_until_ready(state.step)
                 clock.update(step=done, time=time.perf_counter(), samples=seen)
