@@ -13,15 +13,13 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import AUDIO, IMAGE, TEXT, tiny_config
 
 from d2v_jax import modalities
 from d2v_jax.config import load_config, validate
 from d2v_jax.models.layers import DTYPE_NAMES, dtype_of, resolve_dtype
 from d2v_jax.train_state import create_train_state
 from d2v_jax.train_step import make_train_step_fn
-
-from helpers import AUDIO, IMAGE, TEXT, tiny_config
-
 
 # ----------------------------------------------------------------------------- model.dtype
 
@@ -97,7 +95,7 @@ _MATMUL = re.compile(r"stablehlo\.(dot_general|convolution)\b.*?: \((tensor<[^>]
 
 def _matmuls(hlo: str) -> list[tuple[str, str, str, str]]:
     """(operand, operand, result, source name) of every dot_general / convolution."""
-    locs = dict(re.findall(r"^(#loc\d+) = (.*)$", hlo, re.M))
+    locs = dict(re.findall(r"^(#loc\d+) = (.*)$", hlo, re.MULTILINE))
     out = []
     for line in hlo.splitlines():
         m = _MATMUL.search(line)
