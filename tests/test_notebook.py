@@ -19,7 +19,7 @@ def test_quickstart_notebook_executes(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1
-    params[0].source = (f"NUM_STEPS = 40\nLABEL_FRACTION = 0.05\nNUM_EMBED = 1000\n"
+    params[0].source = (f"NUM_STEPS = 20\nLABEL_FRACTION = 0.05\nNUM_EMBED = 1000\n"
                         f"WORKDIR = {str(tmp_path / 'run')!r}\nSEED = 0")
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
@@ -30,7 +30,7 @@ def test_quickstart_notebook_executes(tmp_path):
     assert len(images) == 2  # the loss plot and the two PCA panels
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     results = json.loads(re.search(r"RESULTS (\{.*\})", text).group(1))
-    assert results["num_steps"] == 40
+    assert results["num_steps"] == 20
     assert results["loss_last"] < results["loss_first"]
     # A stratified 5% of the 800 training images of the first 1000 digits.
     from d2v_jax.modalities.image.sources import Mnist5kSource
