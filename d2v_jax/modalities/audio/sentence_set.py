@@ -29,8 +29,6 @@ import argparse
 import concurrent.futures
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 
@@ -89,10 +87,7 @@ def build_sentence_set(out: str, *, sentences=None, train_voices=TRAIN_VOICES,
         raise FileExistsError(f"build_sentence_set: {out!r} already exists")
     speech_set._espeak()
     sentences = packaged_sentences() if sentences is None else list(sentences)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".building_", dir=parent)
-    try:
+    with speech_set.staged_folder(out, VERSION) as tmp:
         jobs, used = _jobs(sentences, tuple(train_voices), tuple(test_voices), num_train,
                            num_test, seed)
         clips = os.path.join(tmp, "clips")
@@ -113,12 +108,6 @@ def build_sentence_set(out: str, *, sentences=None, train_voices=TRAIN_VOICES,
                     wrd.write(letters.normalize_words(text) + "\n")
         with open(os.path.join(tmp, "sentences.txt"), "w") as f:
             f.write("\n".join(used) + "\n")
-        with open(os.path.join(tmp, "VERSION"), "w") as f:
-            f.write(f"{VERSION}\n")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

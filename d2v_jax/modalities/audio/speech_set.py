@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import subprocess
@@ -101,10 +102,7 @@ def build_espeak_set(out: str, *, words=WORDS, voices=VOICES, speeds=SPEEDS, pit
     if os.path.exists(out):
         raise FileExistsError(f"build_espeak_set: {out!r} already exists")
     _espeak()
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".building_", dir=parent)
-    try:
+    with staged_folder(out, VERSION) as tmp:
         jobs = _jobs(tuple(words), tuple(voices), tuple(speeds), tuple(pitches), num_phrases, seed)
         for rel, *_ in jobs:
             os.makedirs(os.path.join(tmp, os.path.dirname(rel)), exist_ok=True)
@@ -124,12 +122,6 @@ def build_espeak_set(out: str, *, words=WORDS, voices=VOICES, speeds=SPEEDS, pit
                 (va if is_valid else tr).write(f"{rel}\t{n}\n")
         with open(os.path.join(tmp, "labels.txt"), "w") as f:
             f.write("\n".join(words) + "\n")
-        with open(os.path.join(tmp, "VERSION"), "w") as f:
-            f.write(f"{VERSION}\n")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -143,6 +135,24 @@ def ensure_espeak_set(cache_dir: str = "") -> str:
     loser of the final rename uses the winner's set."""
     root = os.path.join(cache_dir or default_cache_dir(), f"espeak_words_v{VERSION}")
     return ensure_built(root, "train.tsv", build_espeak_set, "the espeak-ng speech set (~30 s)")
+
+
+@contextlib.contextmanager
+def staged_folder(out: str, version: int):
+    """A temporary folder beside `out` to build a set in: on success it gets a
+    VERSION file and is renamed to `out`; on failure it is removed. A half-built
+    set never sits at `out`, and a concurrent builder's rename fails (OSError)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".building_", dir=parent)
+    try:
+        yield tmp
+        with open(os.path.join(tmp, "VERSION"), "w") as f:
+            f.write(f"{version}\n")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def ensure_built(root: str, marker: str, build, what: str) -> str:
