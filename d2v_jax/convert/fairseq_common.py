@@ -282,6 +282,20 @@ def odd_kernel(k: int, field: str) -> None:
                               "differently from ours (fairseq SamePad); only odd ones map")
 
 
+def encoder_only_ema(state: Mapping[str, Any], ema: Mapping[str, Any], er: StateReader,
+                     dim: int, prenet: str | None = None) -> dict[str, Any] | None:
+    """The teacher's blocks when the checkpoint was saved with `ema_encoder_only`
+    (its '_ema' holds just the main blocks, `0.attn.qkv.weight`, ...); None for a
+    full-model '_ema'. With `prenet` (the modality's prenet block prefix), prenet
+    blocks beside an encoder-only '_ema' are an error: the teacher's are not stored."""
+    if "0.attn.qkv.weight" not in ema:
+        return None
+    if prenet is not None and block_prefixes(state, prenet):
+        raise ConversionError("fairseq state dict: an encoder-only '_ema' beside prenet "
+                              "blocks: the teacher's prenet is not stored")
+    return blocks(er, block_prefixes(ema, ""), ALT_BLOCK, dim)
+
+
 def ema_subset(config: ml_collections.ConfigDict, teacher: Mapping[str, Any],
                expected: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
     """The teacher's EMA parameters (`train_state.ema_subtree`: the teacher

@@ -28,7 +28,8 @@ from d2v_jax.convert.common import (ConversionError, StateReader, base_config, c
                                     expected_params)
 from d2v_jax.convert.fairseq_common import (ALT_BLOCK, SEPARATE_QKV_BLOCK, FairseqConversion,
                                             apply_training_cfg, block_prefixes, blocks, cfg_get,
-                                            conv_extractor, ema_subset, extractor_config,
+                                            conv_extractor, ema_subset, encoder_only_ema,
+                                            extractor_config,
                                             heads_from, mlp_ratio, num_blocks, odd_kernel, read,
                                             split_ema, split_wrapper)
 
@@ -174,12 +175,9 @@ def _from_multi(checkpoint, num_heads, finetuned: bool = False) -> FairseqConver
     if ema is None:
         raise ConversionError("fairseq state dict has no '_ema' (teacher); save it with the EMA")
     er = StateReader(ema, "fairseq state dict '_ema'")
-    if "0.attn.qkv.weight" in ema:  # ema_encoder_only: just the main blocks
-        if block_prefixes(state, PRENET):
-            raise ConversionError("fairseq state dict: an encoder-only '_ema' beside prenet "
-                                  "blocks: the teacher's prenet is not stored")
-        teacher = {"context": params["context"],
-                   "encoder": blocks(er, block_prefixes(ema, ""), ALT_BLOCK, m.dim)}
+    main = encoder_only_ema(state, ema, er, m.dim, PRENET)
+    if main is not None:
+        teacher = {"context": params["context"], "encoder": main}
     else:
         teacher = {"context": _context(er, config),
                    "encoder": blocks(er, block_prefixes(ema, PRENET, "blocks."),

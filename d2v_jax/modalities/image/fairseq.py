@@ -22,7 +22,7 @@ from d2v_jax.convert.common import (ConversionError, StateReader, base_config, c
                                     expected_params, stack)
 from d2v_jax.convert.fairseq_common import (ALT_BLOCK, FairseqConversion, apply_training_cfg,
                                             block_prefixes, blocks, cfg_get, drop_buffers,
-                                            heads_from, mlp_ratio, num_blocks, read, split_ema)
+                                            encoder_only_ema, heads_from, mlp_ratio, num_blocks, read, split_ema)
 from d2v_jax.models.layers import sincos_2d
 from d2v_jax.train_state import ema_keys
 
@@ -158,12 +158,9 @@ def from_fairseq(checkpoint: Mapping[str, Any], num_heads: int | None = None
     if ema is None:
         raise ConversionError("fairseq state dict has no '_ema' (teacher); save it with the EMA")
     er = StateReader(ema, "fairseq state dict '_ema'")
-    if "0.attn.qkv.weight" in ema:  # ema_encoder_only: the teacher is just the main blocks
-        if block_prefixes(state, PRENET):
-            raise ConversionError("fairseq state dict: an encoder-only '_ema' beside prenet "
-                                  "blocks: the teacher's prenet is not stored")
-        ema_params = {"frontend": params["frontend"],
-                      "encoder": blocks(er, block_prefixes(ema, ""), ALT_BLOCK, m.dim)}
+    main = encoder_only_ema(state, ema, er, m.dim, PRENET)
+    if main is not None:
+        ema_params = {"frontend": params["frontend"], "encoder": main}
     else:
         local = f"{IMAGE}local_encoder.proj.weight" in ema
         front = _frontend(er, IMAGE, config, local=local)

@@ -31,7 +31,8 @@ from d2v_jax.convert.common import (ConversionError, StateReader, base_config, c
                                     expected_params)
 from d2v_jax.convert.fairseq_common import (ALT_BLOCK, SEPARATE_QKV_BLOCK, FairseqConversion,
                                             apply_training_cfg, block_prefixes, blocks, cfg_get,
-                                            classification_head, ema_subset, heads_from,
+                                            classification_head, ema_subset, encoder_only_ema,
+                                            heads_from,
                                             mlp_ratio, num_blocks, odd_kernel, read, split_ema,
                                             split_wrapper)
 
@@ -182,8 +183,9 @@ def _from_multi(checkpoint, num_heads, finetuned: bool = False) -> FairseqConver
     ema_params = None
     if ema is not None:
         er = StateReader(ema, "fairseq state dict '_ema'")
-        if "0.attn.qkv.weight" in ema:  # ema_encoder_only (the released recipe)
-            teacher = {"encoder": blocks(er, block_prefixes(ema, ""), ALT_BLOCK, dim)}
+        main = encoder_only_ema(state, ema, er, dim)  # the released recipe
+        if main is not None:
+            teacher = {"encoder": main}
         else:
             teacher = {"encoder": blocks(er, block_prefixes(ema, "blocks."), ALT_BLOCK, dim)}
             if p + "embed_tokens.weight" in ema:  # the teacher's own embeddings
