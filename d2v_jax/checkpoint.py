@@ -29,10 +29,11 @@ the metadata alone, so a run can refuse before it writes anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import grain
 import jax
@@ -321,21 +322,32 @@ def check_init_from(path: str, abstract: dict[str, Any], step: int | None = None
     `step`) has the subtrees of `abstract` ({"params": ..., "ema_params": ...})
     in the shapes given; returns the step. Raises CheckpointNotFoundError or
     IncompatibleCheckpointError; reads no arrays, writes nothing."""
-    directory = resolve_dir(path)
-    manager = make_manager("", directory=directory, read_only=True)
-    try:
-        step = _finalized_step(manager, step, directory)
-        where = _step_dir(manager, step)
-        saved = _state_metadata(manager, step)
+    with _read_only_step(path, step) as (manager, step):
+        where, saved = _step_dir(manager, step), _state_metadata(manager, step)
         for name, want in abstract.items():
-            if name not in saved:
-                raise IncompatibleCheckpointError(f"checkpoint {where} has no {name!r} subtree")
-            check_compatible(saved[name], want, where, hint=(
+            check_compatible(_subtree(saved, name, where), want, where, hint=(
                 f"--init_from={path} holds another model; pass a config of its size "
                 f"(its config: {os.path.join(where, CONFIG)})"))
         return step
+
+
+@contextlib.contextmanager
+def _read_only_step(path: str, step: int | None):
+    """(read-only manager, step) of `path`'s checkpoints (a work dir or its
+    checkpoints/ dir) at `step`, the newest finalized one when None; the
+    manager is closed on exit."""
+    directory = resolve_dir(path)
+    manager = make_manager("", directory=directory, read_only=True)
+    try:
+        yield manager, _finalized_step(manager, step, directory)
     finally:
         manager.close()
+
+
+def _subtree(saved: Mapping[str, Any], name: str, where: str) -> Any:
+    if name not in saved:
+        raise IncompatibleCheckpointError(f"checkpoint {where} has no {name!r} subtree")
+    return saved[name]
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:
@@ -382,18 +394,12 @@ def restore_params(path: str, step: int | None = None, *, abstract_params: Any =
     "ema_params")` the first element is a dict of both (and `abstract_params`,
     if given, a dict keyed the same way).
     """
-    directory = resolve_dir(path)
-    manager = make_manager("", directory=directory, read_only=True)
-    try:
-        step = _finalized_step(manager, step, directory)
-        where = _step_dir(manager, step)
-        saved = _state_metadata(manager, step)
+    with _read_only_step(path, step) as (manager, step):
+        where, saved = _step_dir(manager, step), _state_metadata(manager, step)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = {}
         for name in subtrees:
-            if name not in saved:
-                raise IncompatibleCheckpointError(f"checkpoint {where} has no {name!r} subtree")
-            meta = saved[name]
+            meta = _subtree(saved, name, where)
             want = abstract_params if len(subtrees) == 1 else (abstract_params or {}).get(name)
             if want is not None:
                 check_compatible(meta, want, where)
@@ -408,8 +414,6 @@ def restore_params(path: str, step: int | None = None, *, abstract_params: Any =
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                 partial_restore=True))
         config = saved_config(manager, step)
-    finally:
-        manager.close()
     params = restored[subtrees[0]] if len(subtrees) == 1 else dict(restored)
     return params, config
 
@@ -418,13 +422,8 @@ def restore_config(path: str, step: int | None = None) -> ml_collections.ConfigD
     """The config a run saved with its checkpoint (`step`: default the newest),
     without reading any arrays: e.g. to build a pretraining run's architecture
     with fresh weights."""
-    directory = resolve_dir(path)
-    manager = make_manager("", directory=directory, read_only=True)
-    try:
-        step = _finalized_step(manager, step, directory)
+    with _read_only_step(path, step) as (manager, step):
         return saved_config(manager, step)
-    finally:
-        manager.close()
 
 
 def abstract_like(state: Any) -> Any:
