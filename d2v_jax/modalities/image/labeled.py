@@ -15,7 +15,8 @@ from d2v_jax.errors import ConfigError
 
 
 class ImageFinetuneTransform:
-    """(element, epoch) -> {"image": f32 [S,S,C], "label"}: seeded crop augmentation.
+    """(element, epoch) -> {"image": uint8 [S,S,C], "label"}: seeded crop augmentation
+    (normalized on device by the backbone, `model.normalize_pixels`).
 
     mnist_5k digits are first padded onto the S x S canvas (as in pretraining);
     `data.crop_scale` / `crop_ratio` set the random-resized crop, `data.flip`
@@ -33,7 +34,12 @@ class ImageFinetuneTransform:
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"config.data.crop_scale={d.crop_scale} must satisfy 0 < lo <= hi <= 1")
         self.flip = bool(d.flip)
-        self.eval = image_ops.EvalTransform(view)
+        # data.eval_crop_ratio: 0.875 = ImageNet's resize + centre crop, 1.0 = the whole image.
+        ratio = float(d.get("eval_crop_ratio", 0.875))
+        if not 0 < ratio <= 1:
+            raise ConfigError(f"config.data.eval_crop_ratio={ratio} is not in (0, 1] (1.0 = the "
+                              "whole image resized to the model's size, no crop)")
+        self.eval = image_ops.EvalTransform(view, crop_fraction=ratio)
 
     def __call__(self, element: dict[str, Any], epoch: int) -> dict[str, Any]:
         if not self.augment:

@@ -42,8 +42,23 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[
     num_masked = n - masking.num_keep(config) if config.version == "v2" else n // 2
     mask = np.zeros((batch_size, config.masking.num_clones, n), bool)
     mask[..., :num_masked] = True
-    return {"image": np.zeros((batch_size, m.image_size, m.image_size, m.channels), np.float32),
+    # uint8 pixels, as the pipeline emits them (normalized on device, `normalize_pixels`).
+    return {"image": np.zeros((batch_size, m.image_size, m.image_size, m.channels), np.uint8),
             "mask": mask}
+
+
+def normalize_pixels(image: jax.Array, mean, std) -> jax.Array:
+    """uint8 [..., C] pixels -> float32 (x / 255 - mean) / std per channel, the
+    first op of every entry point, inside the jitted step: the host pipeline
+    ships uint8 (4x fewer bytes than float32 to the device) and the formula is
+    the host `transforms.normalize`'s. A float input is taken as already
+    normalized (HF `pixel_values`, arrays a user normalized) and passed on
+    unchanged; the choice is by dtype, static under jit."""
+    if image.dtype != jnp.uint8:
+        return image
+    mean = jnp.asarray(mean, jnp.float32).reshape(-1)
+    std = jnp.asarray(std, jnp.float32).reshape(-1)
+    return (image.astype(jnp.float32) * jnp.float32(1 / 255) - mean) / std
 
 
 # The patch projection's init decides how loud content is next to the fixed
@@ -87,6 +102,9 @@ class ImageFrontEnd(nn.Module):
     # CLS and mask token ~ N(0, token_init_std^2), truncated as the Linear layers:
     # 2.0 N(0, 1) (fairseq init_extra_token_zero=False); BEiT trunc_normal_(0.02).
     token_init_std: float = 0.02
+    # config.data.mean / std: how uint8 pixels are normalized on device.
+    pixel_mean: tuple[float, ...] = (0.0,)
+    pixel_std: tuple[float, ...] = (1.0,)
 
     def setup(self):
         dtype = dtype_of(self.dtype)
@@ -111,8 +129,9 @@ class ImageFrontEnd(nn.Module):
             self.emb_norm = layer_norm(self.norm_eps, dtype, "emb_norm")
 
     def patches(self, image: jax.Array) -> jax.Array:
-        """[B,H,W,C] -> [B,N,D] patch embeddings (with fixed positions for 2.0)."""
-        x = self.patch_embed(image)
+        """[B,H,W,C] (uint8 pixels or normalized floats) -> [B,N,D] patch
+        embeddings (with fixed positions for 2.0)."""
+        x = self.patch_embed(normalize_pixels(image, self.pixel_mean, self.pixel_std))
         b = x.shape[0]
         x = x.reshape(b, -1, x.shape[-1])
         if self.abs_pos == "sincos":
@@ -236,7 +255,9 @@ def build(config: ml_collections.ConfigDict) -> ImageData2Vec:
         layer_norm_first=m.layer_norm_first, norm_eps=m.norm_eps,
         patch_embed_init=m.patch_embed_init, mask_token=config.version == "v1", dtype=m.dtype,
         init_std=m.get("init_std", 0.02), init_truncation=m.get("init_truncation", None),
-        token_init_std=m.get("token_init_std", 0.02), depth=m.depth)
+        token_init_std=m.get("token_init_std", 0.02), depth=m.depth,
+        pixel_mean=tuple(float(v) for v in config.data.mean),
+        pixel_std=tuple(float(v) for v in config.data.std))
     encoder = encoder_from_config(m, layer_norm_first=m.layer_norm_first,
                                   layer_scale_init=m.layer_scale_init, dtype=dtype_of(m.dtype),
                                   bias_per_layer=m.rel_pos_bias == "per_block")

@@ -1,7 +1,8 @@
 """Image transforms (numpy + PIL), the per-example pretraining transform and
 the pretraining pipeline's parts.
 
-Small named functions, each uint8 [H, W, C] in and out except `normalize`,
+Small named functions, each uint8 [H, W, C] in and out except `normalize`
+(the numpy reference of the on-device `model.normalize_pixels`),
 composed by `PretrainTransform` (augmentation + masks) and `EvalTransform`
 (deterministic). All randomness comes from numpy Generators seeded by
 (config.seed, epoch, example index, stream), never from global state, so a
@@ -155,9 +156,15 @@ def resize_center_crop(
     crop_fraction: float = 0.875,
     interpolation: str = DEFAULT_INTERPOLATION,
 ) -> np.ndarray:
-    """Eval resize: shorter side to size / crop_fraction, then a centered size x size crop."""
+    """Eval resize: shorter side to size / crop_fraction, then a centered size x size crop.
+    crop_fraction 1.0: the whole image resized to size x size (no border cut; a
+    non-square image is squeezed rather than cropped)."""
     image = _check_image(image, "resize_center_crop")
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"resize_center_crop: crop_fraction={crop_fraction} is not in (0, 1]")
     height, width, channels = image.shape
+    if crop_fraction == 1:
+        return _from_pil(_to_pil(image).resize((size, size), _resample(interpolation)), channels)
     factor = size / crop_fraction / min(height, width)
     new_h = max(size, int(round(height * factor)))
     new_w = max(size, int(round(width * factor)))
@@ -212,11 +219,15 @@ def _check_element(element: dict[str, Any], channels: int) -> np.ndarray:
 
 
 class PretrainTransform:
-    """(element, epoch) -> {"image": f32 [S,S,C], "mask": bool [M,N], "label": i32, "index": i32}.
+    """(element, epoch) -> {"image": uint8 [S,S,C], "mask": bool [M,N], "label": i32, "index": i32}.
 
     element is a source record {"image": uint8 [H,W,C], "label", "index"}.
-    mnist_5k: resize_pad to S -> random_resized_crop -> flip? -> normalize;
-    image_folder: color_jitter? -> random_resized_crop to S -> flip? -> normalize.
+    mnist_5k: resize_pad to S -> random_resized_crop -> flip?;
+    image_folder: color_jitter? -> random_resized_crop to S -> flip?.
+    Every step stays uint8 (PIL works on uint8, as torchvision's PIL path
+    does, so ColorJitter rounds exactly as there); `config.data.mean/std`
+    are applied on device, as the model's first op (`model.normalize_pixels`,
+    the formula of `normalize` here).
     """
 
     def __init__(self, config: ml_collections.ConfigDict) -> None:
@@ -265,7 +276,8 @@ class PretrainTransform:
                 f"masking.image_masks returned {mask.dtype} {mask.shape}; expected bool "
                 f"[config.masking.num_clones={self.num_clones}, {self.num_patches} patches]")
         return {
-            "image": normalize(image, self.mean, self.std),
+            # uint8: normalized on device (model.normalize_pixels), 1/4 of float32's bytes.
+            "image": np.ascontiguousarray(image),
             "mask": mask,
             "label": np.int32(element["label"]),
             "index": np.int32(index),
@@ -273,10 +285,10 @@ class PretrainTransform:
 
 
 class EvalTransform:
-    """element -> {"image": f32 [S,S,C], "label": i32, "index": i32}; no randomness, no mask.
+    """element -> {"image": uint8 [S,S,C], "label": i32, "index": i32}; no randomness, no mask.
 
     mnist_5k: resize_pad to S; image_folder: resize shorter side to S / 0.875 and
-    center-crop S (the usual ImageNet eval). Then normalize.
+    center-crop S (the usual ImageNet eval). Normalized on device, as in pretraining.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, crop_fraction: float = 0.875) -> None:
@@ -294,7 +306,7 @@ class EvalTransform:
         else:
             image = resize_center_crop(image, self.size, self.crop_fraction)
         return {
-            "image": normalize(image, self.mean, self.std),
+            "image": np.ascontiguousarray(image),  # uint8; normalized on device
             "label": np.int32(element["label"]),
             "index": np.int32(element["index"]),
         }
@@ -312,8 +324,9 @@ def pretrain_parts(config: ml_collections.ConfigDict, source=None):
 
 def eval_data(config: ml_collections.ConfigDict, limit: int | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
-    """(images [n,S,S,C] float32, labels [n]) of the config's source in order,
-    through `EvalTransform` (no crops, no masks)."""
+    """(images [n,S,S,C] uint8, labels [n]) of the config's source in order,
+    through `EvalTransform` (no crops, no masks); the model normalizes uint8
+    pixels with `config.data.mean/std` on device."""
     source = make_source(config)
     transform = EvalTransform(config)
     n = len(source) if limit is None else min(int(limit), len(source))
