@@ -16,7 +16,7 @@ import ml_collections
 
 from d2v_jax import modalities
 from d2v_jax.errors import ConfigError, ConfigFileError, check_field, missing_key_error
-from d2v_jax.models.layers import DTYPE_NAMES, REMAT_POLICIES
+from d2v_jax.models.layers import ATTENTION_IMPLS, DTYPE_NAMES, REMAT_POLICIES
 
 _NORMS = ("instance", "layer", "batch", "none")
 _FINAL_NORMS = ("instance", "layer", "none")
@@ -96,10 +96,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"{config.collapse.max_target_pos_share} is not in (0, 1]")
     check_field(config.collapse.action in ("warn", "stop"), "collapse.action",
                 f"{config.collapse.action!r} is not 'warn' or 'stop'")
+    from d2v_jax import probe  # here: probe imports this module
+    probe.check(config)
     check_field(m.get("dtype", "float32") in DTYPE_NAMES, "model.dtype",
                 f"{m.get('dtype')!r} not in {list(DTYPE_NAMES)}")
     check_field(m.get("remat", "none") in REMAT_POLICIES, "model.remat",
                 f"{m.get('remat')!r} not in {sorted(REMAT_POLICIES)}")
+    check_field(m.get("attention_impl") in ATTENTION_IMPLS + (None,), "model.attention_impl",
+                f"{m.get('attention_impl')!r} not in {list(ATTENTION_IMPLS)}")
     r = config.train
     check_field(r.checkpoint_every >= 0, "train.checkpoint_every", f"{r.checkpoint_every} < 0")
     check_field(r.keep_checkpoints >= 1, "train.keep_checkpoints", f"{r.keep_checkpoints} < 1")

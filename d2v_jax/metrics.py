@@ -58,14 +58,26 @@ def plot_loss(metrics_path: str, out_path: str) -> None:
     if not rows:
         return
     steps = np.array([r["step"] for r in rows])
-    fig = Figure(figsize=(10, 3.5))
-    ax1, ax2 = fig.subplots(1, 2)
+    probed = [r for r in rows if "probe_knn" in r or "probe_linear" in r]
+    fig = Figure(figsize=(15 if probed else 10, 3.5))
+    axes = fig.subplots(1, 3 if probed else 2)
+    ax1, ax2 = axes[0], axes[1]
     ax1.plot(steps, [r["loss"] for r in rows])
     ax1.set(xlabel="step", ylabel="loss", title="data2vec loss", yscale="log")
     for key in ("target_var", "pred_var"):
         if key in rows[0]:
             ax2.plot(steps, [r[key] for r in rows], label=key)
-    ax2.set(xlabel="step", title="collapse guard (std over batch)")
+    if "target_pos_share" in rows[0]:
+        ax2.plot(steps, [r["target_pos_share"] for r in rows], label="target_pos_share", ls="--")
+    ax2.set(xlabel="step", title="collapse guard")
     ax2.legend()
+    if probed:  # a falling loss beside a flat probe is a positional collapse
+        ax3 = axes[2]
+        for key in ("probe_knn", "probe_linear"):
+            pts = [(r["step"], r[key]) for r in probed if key in r]
+            if pts:
+                ax3.plot(*zip(*pts), marker="o", label=key)
+        ax3.set(xlabel="step", title="online probe (teacher features, held-out rows)")
+        ax3.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)

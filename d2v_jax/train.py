@@ -57,7 +57,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from d2v_jax import checkpoint, errors, metrics, modalities, optim, parallel
+from d2v_jax import checkpoint, errors, metrics, modalities, optim, parallel, probe
 from d2v_jax.config import validate
 # The run guards live in d2v_jax/guards.py; their names stay importable from here.
 from d2v_jax.guards import (PREEMPTED_EXIT_CODE, CollapseError, FiniteChecks, NonFiniteError,
@@ -187,6 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             config, process_index=jax.process_index(), process_count=jax.process_count()))
         _check_first_batch(iterator)
         _check_checkpoints(config, workdir, init_from, model, tx, plan)
+        # The online probe's labeled split (read with the run's own tokenizer /
+        # preprocessing), before anything is written: a bad probe.task fails here.
+        online_probe = probe.OnlineProbe(config) if probe.enabled(config) else None
     errors.make_workdir(workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -226,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # between two such fetches (each waits for its step to finish), which
     # excludes the first step's compilation. Samples are counted from the batch
     # shapes on the host (a token-budget batcher gives each bucket its own rows).
-    pending = None  # (step, samples seen, device metrics) waiting to be fetched
+    pending = None  # (step, samples seen, device metrics, probe scalars) waiting to be fetched
     clock = {"step": None, "time": None, "samples": 0}
     seen = 0  # samples fed to the steps so far in this run
     last = {}  # the scalars logged last
@@ -243,7 +246,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             batch, batch_state = next(batches)
             seen += jax.tree.leaves(batch)[0].shape[0]
             done = step + 1
-            logged = done % log_every == 0 or done == num_steps
+            probe_due = online_probe is not None and probe.due(config, done, num_steps)
+            logged = done % log_every == 0 or done == num_steps or probe_due
             if clock["step"] is None and step_fns[not logged] is not step_fns[logged]:
                 # The first step carries compilation: the other variant's too
                 # (ahead of time, where the step is a jit), so that it does not
@@ -264,7 +268,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 last.update(_log(config, writer, bar, clock, finite.skipped, *pending))
                 pending = None
             if logged:
-                pending = (done, seen, step_metrics)
+                pending = (done, seen, step_metrics, {})
+            if probe_due:  # a host sync, outside the step; its time is not the step's
+                pending[3].update(online_probe(state.params, state.ema_params))
+                clock["time"] += pending[3]["probe_seconds"]
             preempted = watcher.requested(done, manager)
             if (every and done % every == 0) or done == num_steps or preempted:
                 flush()  # never checkpoint a state that has not passed the guards
@@ -330,8 +337,10 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _log(config, writer, bar, clock, skipped, step, seen, device_metrics) -> dict[str, float]:
-    """Writes one logged step's scalars (and returns them); the collapse guard."""
+def _log(config, writer, bar, clock, skipped, step, seen, device_metrics,
+         extra) -> dict[str, float]:
+    """Writes one logged step's scalars (and returns them); the collapse guard.
+    `extra`: host-side scalars of the same step (the online probe's)."""
     scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     scalars.pop("finite", None)
     now = time.perf_counter()
@@ -340,10 +349,13 @@ def _log(config, writer, bar, clock, skipped, step, seen, device_metrics) -> dic
     clock.update(step=step, time=now, samples=seen)
     if nonfinite_mode(config) == "skip":
         scalars["skipped_updates"] = float(skipped)
+    scalars.update(extra)
     writer.write(step, scalars)
     postfix = {"loss": f"{scalars['loss']:.4f}", "tvar": f"{scalars['target_var']:.3f}"}
     if "target_pos_share" in scalars:
         postfix["pos"] = f"{scalars['target_pos_share']:.2f}"
+    if "probe_knn" in scalars:
+        postfix["knn"] = f"{scalars['probe_knn']:.3f}"
     bar.set_postfix(**postfix, sps=f"{scalars['samples_per_sec']:.0f}")
     apply_collapse_guard(config, step, scalars)
     return scalars

@@ -96,7 +96,8 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   m.init_truncation = config_dict.placeholder(float)  # in std; None = untruncated
   m.init_depth_rescale = False
   m.remat = "none"  # none | block | full
-  m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
+  # auto: cuDNN flash attention on an NVIDIA GPU (bf16/fp16), XLA elsewhere | xla | cudnn
+  m.attention_impl = "auto"
   # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16;
   # params, EMA, optimizer state and the loss stay float32. The tiny CPU recipes
   # pin float32 so their measured runs are the same on any machine.
@@ -167,6 +168,11 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   c.data = dt = ml_collections.ConfigDict()
   dt.source = "espeak_words" if tiny else "manifest"  # espeak_words | manifest | audio_folder
   dt.path = ""  # manifest file, folder with <split>.tsv, or audio folder
+  # Files a fine-tune on the same labeled set tests on, kept out of pretraining:
+  # with the fine-tune's data.test_fraction / split_seed, its stratified test split
+  # of espeak_words (<cache>/words) or of the audio_folder class folders.
+  dt.holdout_fraction = 0.0
+  dt.holdout_seed = 0
   dt.split = "train"
   dt.cache_dir = ""  # espeak_words: "" = $D2V_JAX_CACHE or ~/.cache/d2v_jax
   dt.sample_rate = 16_000
@@ -222,5 +228,8 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   c.train = common.train(num_steps, log_every=10 if tiny else 100,
                          checkpoint_every=0 if tiny else 5000)
 
-  common.add_run_sections(c, collapse_after=50 if tiny else 5000)
+  # tiny: the online probe on espeak_words (keyword spotting over the same set).
+  common.add_run_sections(c, collapse_after=50 if tiny else 5000,
+                          probe_task=common.finetune_task("espeak_words") if tiny else "",
+                          probe_every=50 if tiny else 0)
   return c

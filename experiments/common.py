@@ -5,6 +5,8 @@ Experiment files are loaded by path (`--config experiments/image.py:tiny_v2`),
 so they import this module by putting their own folder on `sys.path`.
 """
 
+import os
+
 import ml_collections
 
 
@@ -53,8 +55,37 @@ def collapse(after_step: int) -> ml_collections.ConfigDict:
   return g
 
 
-def add_run_sections(c: ml_collections.ConfigDict, *, collapse_after: int) -> None:
-  """Adds `mesh`, `parallel` and `collapse` to experiment config `c`."""
+def probe(task: str = "", every: int = 0) -> ml_collections.ConfigDict:
+  """`config.probe`: the online representation check (d2v_jax/probe.py). Every
+  `every` steps (and at the end) kNN and ridge probes of the teacher's pooled
+  features, fitted on `num_train` rows of a fine-tuning task's training pool and
+  scored on `num_eval` rows of its test split; logged as probe_knn /
+  probe_linear (accuracy, or RMSE for regression) beside the loss. "" = off."""
+  p = ml_collections.ConfigDict()
+  p.task = task  # a fine-tuning experiment, e.g. experiments/finetune.py:stdlib_docs
+  p.overrides = ""  # dotted overrides of that experiment, "data.path=x,data.test_fraction=0.2"
+  p.every = every  # steps; 0 = off
+  p.kinds = ("knn", "linear")
+  p.params = "teacher"  # teacher (ema_params over params) | student
+  p.pool = "mean"  # mean (valid positions, CLS / <s> excluded) | cls
+  p.num_train = 500  # fitted rows, drawn once from the training pool (seed)
+  p.num_eval = 500  # scored rows: the first of the test split
+  p.k = 20  # kNN neighbours (DINO's 20)
+  p.ridge = 1e-2  # ridge penalty per fitted row, on standardized features
+  p.batch_size = 256
+  p.seed = 0
+  return p
+
+
+def finetune_task(task: str) -> str:
+  """`experiments/finetune.py:<task>` by absolute path (any working directory)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "finetune.py") + ":" + task
+
+
+def add_run_sections(c: ml_collections.ConfigDict, *, collapse_after: int,
+                     probe_task: str = "", probe_every: int = 0) -> None:
+  """Adds `mesh`, `parallel`, `collapse` and `probe` to experiment config `c`."""
   c.mesh = mesh()
   c.parallel = parallel()
   c.collapse = collapse(collapse_after)
+  c.probe = probe(probe_task, probe_every)

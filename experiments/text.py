@@ -88,7 +88,8 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   m.init_truncation = config_dict.placeholder(float)  # in std; None = untruncated
   m.init_depth_rescale = False
   m.remat = "none"  # none | block | full
-  m.attention_impl = config_dict.placeholder(str)  # None (auto) | xla | cudnn
+  # auto: cuDNN flash attention on an NVIDIA GPU (bf16/fp16), XLA elsewhere | xla | cudnn
+  m.attention_impl = "auto"
   # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16;
   # params, EMA, optimizer state and the loss stay float32. The tiny CPU recipes
   # pin float32 so their measured runs are the same on any machine.
@@ -179,8 +180,25 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   dt.path = ""  # file, glob or comma-separated list for text | smiles | fasta
   dt.doc_sep = "blank"  # text files: line (one document per line) | blank (paragraphs)
   dt.smiles_column = "smiles"
+  # Fine-tuning sets as corpora (data.source text_tsv | stdlib_docs | smiles_csv |
+  # solubility, one document per labeled row): the TSV/CSV columns, and the rows
+  # a fine-tune on the same set tests on kept out of pretraining and of the
+  # tokenizer: same fraction / seed as its data.test_fraction / split_seed.
+  dt.text_column = "text"
+  dt.label_column = "label"
+  dt.holdout_fraction = 0.0
+  dt.holdout_seed = 0
   dt.on_invalid = "skip"  # skip (and count) | error (naming the line)
   dt.validate_smiles = True  # RDKit must parse every SMILES
+  # SMILES tokens the tokenizer lacks (a reloaded tokenizer, min_frequency > 1)
+  # are listed in a warning, or stop the run (error).
+  dt.on_unknown = "warn"  # warn | error
+  # Randomized SMILES (modalities/text/smiles.py): the probability that a row is
+  # rewritten from a random start atom and traversal of its molecule, redrawn up
+  # to smiles_enumerate_tries times if longer than the row, else kept canonical.
+  # 0 = off; experiments/molecules.py turns it on. Needs packing='doc'.
+  dt.smiles_enumerate = 0.0
+  dt.smiles_enumerate_tries = 5
   dt.max_len = m.max_positions  # tokens per row, <s> and </s> included
   # 2.0: fairseq sample_break_mode none = stream; 1.0: complete_doc, documents
   # longer than a row split into rows (fairseq TokenBlockDataset).
@@ -217,7 +235,11 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   c.train = common.train(num_steps, log_every=20 if tiny else 100,
                          checkpoint_every=0 if tiny else 5000)
 
-  common.add_run_sections(c, collapse_after=100 if tiny else 5000)
+  # tiny: the online probe on stdlib_docs (docstrings by module family; no
+  # docstring is in the pretraining corpus). experiments/molecules.py swaps it.
+  common.add_run_sections(c, collapse_after=100 if tiny else 5000,
+                          probe_task=common.finetune_task("stdlib_docs") if tiny else "",
+                          probe_every=100 if tiny else 0)
   return c
 
 

@@ -20,6 +20,14 @@ Corpora (`data.source`):
   smiles       CSV/TSV files at `data.path` with a `data.smiles_column` column (other
                columns, e.g. labels, are ignored in pretraining).
   fasta        FASTA files at `data.path`.
+  text_tsv, stdlib_docs, smiles_csv, solubility
+               a fine-tuning set (experiments/finetune.py, modalities/text/labeled.py)
+               read as the fine-tune reads it, one document per labeled row: its
+               text / SMILES column (`data.text_column`, `data.smiles_column`).
+               `data.holdout_fraction` / `data.holdout_seed` then leave out exactly
+               the rows a fine-tune with the same `data.test_fraction` /
+               `data.split_seed` tests on (stratified by label for text_tsv and
+               stdlib_docs, uniform for the regression sets), tokenizer included.
 `data.path` is a file, a glob, or several of them separated by commas.
 
 Packing (`data.packing`), every row starting with <s>:
@@ -50,13 +58,18 @@ from absl import logging
 
 from d2v_jax.modalities.text import masking as text_masking
 from d2v_jax.data import files
+from d2v_jax.data.labeled import read_table
+from d2v_jax.data.pipeline import check_holdout_fraction, held_out_indices
 from d2v_jax.data.rng import MASK_STREAM, example_rng
 from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
 from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, META_FILE, NUM_SPECIAL, PAD_ID, BaseTokenizer,
                                     ProteinTokenizer, load_tokenizer, smiles_tokens,
                                     train_tokenizer)
 
-SOURCES = ("python_docs", "chembl", "proteome", "text", "smiles", "fasta")
+# The fine-tuning sets, read as pretraining corpora (one document per labeled row),
+# so that pretraining can hold a fine-tune's test rows out.
+LABELED_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility")
+SOURCES = ("python_docs", "chembl", "proteome", "text", "smiles", "fasta", *LABELED_SOURCES)
 PACKINGS = ("stream", "complete_doc", "doc")
 TOO_LONG = ("error", "skip", "split", "crop")
 CROP_STREAM = 2  # random stream for crop windows, independent of the mask draws
@@ -69,6 +82,10 @@ class Corpus:
     texts: list[str]
     origins: list[str]
     skipped: int = 0  # invalid records dropped under on_invalid='skip'
+    # Labeled sets: each document's label (class name; 0 for regression), the
+    # key of the fine-tune's test split, stratified or uniform. None = unlabeled.
+    labels: list | None = None
+    stratify: bool = True
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -236,6 +253,57 @@ def chembl_corpus(on_invalid: str, parse: bool) -> Corpus:
     return corpus
 
 
+def labeled_corpus(source: str, path: str, text_column: str, label_column: str,
+                   smiles_column: str) -> Corpus:
+    """A fine-tuning set of modalities/text/labeled.py as a corpus: the rows its
+    fine-tune reads, in the same order, each with its label."""
+    from d2v_jax.modalities.text import labeled  # it imports this module
+
+    if source == "text_tsv":
+        texts, names, origins = labeled.read_text_labels(files.paths(path, source), text_column,
+                                                         label_column)
+        return Corpus(list(texts), list(origins), labels=list(names))
+    if source == "stdlib_docs":
+        texts, names, origins = labeled.stdlib_docs()
+        return Corpus(list(texts), list(origins), labels=list(names))
+    if source == "solubility":
+        texts, _, origins = labeled.solubility_set()
+        return Corpus(list(texts), list(origins), labels=[0] * len(texts), stratify=False)
+    # smiles_csv: the rows of the fine-tune's table (read_table), every SMILES
+    # strictly valid as the fine-tune requires; the targets are not needed here.
+    texts, origins = [], []
+    for p in files.paths(path, source):
+        for origin, row in read_table(p, (smiles_column,), ("smiles_column",)):
+            smiles = row[smiles_column].strip()
+            reason = check_smiles(smiles, parse=True)
+            if reason:
+                raise DataError(f"{origin}: column {smiles_column!r}: {reason}")
+            texts.append(smiles)
+            origins.append(origin)
+    return Corpus(texts, origins, labels=[0] * len(texts), stratify=False)
+
+
+def without_held_out(config: ml_collections.ConfigDict, corpus: Corpus) -> Corpus:
+    """`corpus` less the rows a fine-tune on the same labeled set tests on
+    (`data.holdout_fraction` > 0; `data.pipeline.held_out_indices`)."""
+    fraction = check_holdout_fraction(config)
+    if fraction == 0:
+        return corpus
+    if corpus.labels is None:
+        raise ConfigError(
+            f"config.data.holdout_fraction={fraction}: data.source={config.data.source!r} is not "
+            "a labeled set, so it has no fine-tuning test split to hold out; pretrain on the "
+            f"labeled set itself (data.source in {list(LABELED_SOURCES)}, data.path = the "
+            "fine-tune's file) or set data.holdout_fraction=0")
+    ids = np.unique(np.asarray(corpus.labels), return_inverse=True)[1]  # sorted, as label_ids
+    held = held_out_indices(config, ids, corpus.stratify)
+    keep = np.setdiff1d(np.arange(len(corpus)), held)
+    logging.info("data.holdout_fraction=%s: %d of %d rows of %s held out of pretraining",
+                 fraction, len(held), len(corpus), config.data.source)
+    return Corpus([corpus.texts[i] for i in keep], [corpus.origins[i] for i in keep],
+                  corpus.skipped, [corpus.labels[i] for i in keep], corpus.stratify)
+
+
 def proteome_path() -> str:
     import pyhmmer
     return os.path.join(os.path.dirname(pyhmmer.__file__), "tests", "data", "seqs",
@@ -244,7 +312,7 @@ def proteome_path() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: str,
-                 parse: bool) -> Corpus:
+                 parse: bool, text_column: str = "text", label_column: str = "label") -> Corpus:
     if on_invalid not in ("skip", "error"):
         raise ConfigError(f"config.data.on_invalid={on_invalid!r}; expected 'skip' or 'error'")
     if source == "python_docs":
@@ -259,6 +327,8 @@ def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: 
         corpus = read_smiles_files(files.paths(path, source), column, on_invalid, parse)
     elif source == "fasta":
         corpus = read_fasta_files(files.paths(path, source), on_invalid)
+    elif source in LABELED_SOURCES:
+        corpus = labeled_corpus(source, path, text_column, label_column, column)
     else:
         raise ConfigError(f"config.data.source={source!r}; expected one of {SOURCES}")
     where = f"data.source={source!r}" + (f", data.path={path!r}" if path else "")
@@ -271,10 +341,13 @@ def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: 
 
 
 def read_corpus(config: ml_collections.ConfigDict) -> Corpus:
-    """The corpus that `config.data` names (cached: prepare and the pipeline share it)."""
+    """The corpus that `config.data` names (cached: prepare and the pipeline share
+    it), less the held-out rows of a labeled set (`data.holdout_fraction`)."""
     d = config.data
-    return _read_corpus(d.source, d.path, d.doc_sep, d.smiles_column, d.on_invalid,
-                        bool(d.validate_smiles))
+    corpus = _read_corpus(d.source, d.path, d.doc_sep, d.smiles_column, d.on_invalid,
+                          bool(d.validate_smiles), d.get("text_column", "text"),
+                          d.get("label_column", "label"))
+    return without_held_out(config, corpus)
 
 
 # ---------------------------------------------------------------------------- tokenizer
