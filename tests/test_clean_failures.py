@@ -175,11 +175,17 @@ CASES = [
     ("smiles: invalid SMILES", lambda w: _smiles(w, **{"data.path": w["bad_smiles"],
                                                       "data.on_invalid": "error"}), "CC$$O", None),
     ("audio: .wav that is not audio", lambda w: _audio(w), "broken.wav", None),
-    ("audio: holdout_fraction (no such field)", lambda w: _audio(w, **{"data.holdout_fraction": 0.2}),
-     "config has no field 'data.holdout_fraction'", "the fields under data of this audio config: "),
+    ("audio: misspelt holdout_fraction", lambda w: _audio(w, **{"data.holdout_fractoin": 0.2}),
+     "config has no field 'data.holdout_fractoin'", "'data.holdout_fraction'"),
+    ("audio: holdout_fraction of an unlabeled manifest", lambda w: _audio(
+        w, **{"data.source": "manifest", "data.path": w["root"], "data.holdout_fraction": 0.2}),
+     "config.data.holdout_fraction: 0.2 with data.source='manifest'", None),
+    ("text: holdout_fraction of an unlabeled corpus", lambda w: _text(
+        w, **{"data.path": w["corpus"], "data.holdout_fraction": 0.2}),
+     "config.data.holdout_fraction: 0.2 with data.source='text'", None),
     ("finetune: text scratch without --config.backbone", lambda w: [
         "finetune", f"--config={FINETUNE}:text_tsv", f"--workdir={w['run']}",
-        f"--config.data.path={w['tsv']}"], "backbone config names no corpus", "--config.backbone"),
+        f"--config.data.path={w['tsv']}"], "config.backbone is empty", "--config.backbone"),
     ("finetune: TSV without the label column", lambda w: [
         "finetune", f"--config={FINETUNE}:text_tsv", f"--workdir={w['run']}",
         f"--config.data.path={w['tsv']}", f"--config.backbone={TEXT}:tiny_v2"],

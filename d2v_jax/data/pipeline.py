@@ -39,6 +39,26 @@ def holdout_split(config: ml_collections.ConfigDict, source) -> tuple[np.ndarray
                       int(config.data.holdout_seed))
 
 
+def check_holdout_fraction(config: ml_collections.ConfigDict) -> float:
+    """`data.holdout_fraction` (0 when the config has none), checked to be in [0, 1)."""
+    fraction = float(config.data.get("holdout_fraction", 0.0) or 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"config.data.holdout_fraction={fraction} is not in [0, 1)")
+    return fraction
+
+
+def held_out_indices(config: ml_collections.ConfigDict, labels, stratify: bool = True
+                     ) -> np.ndarray:
+    """The indices of a labeled set (its `labels` in the fine-tune's order) that
+    pretraining leaves out: `split_test` with `data.holdout_fraction` /
+    `data.holdout_seed` in place of the fine-tune's `data.test_fraction` /
+    `data.split_seed`, stratified for classification sets, uniform for
+    regression ones, as the fine-tune splits (`data.labeled.labeled_data`)."""
+    fraction = check_holdout_fraction(config)
+    return split_test(np.asarray(labels), fraction, int(config.data.get("holdout_seed", 0)),
+                      stratify)[1]
+
+
 def local_batch_size(config: ml_collections.ConfigDict, process_count: int) -> int:
     """Per-process batch: config.data.batch_size split evenly over processes."""
     global_batch = int(config.data.batch_size)

@@ -40,9 +40,48 @@ def backbone_config_for(config: ml_collections.ConfigDict, init_from: str | None
             raise CheckpointError(f"--init_from={init_from!r} holds a {bconfig.modality!r} model; "
                                   f"config.modality is {config.modality!r}")
         return params, bconfig
+    if not config.backbone:
+        raise ConfigError(
+            f"config.backbone is empty: a scratch run of data.source={config.data.source!r} "
+            "needs the architecture to build (there is no default for your own data, so the "
+            "scratch arm cannot silently differ from the pretrained one)",
+            hint="pass --config.backbone=<a pretraining work dir> (that run's architecture "
+                 f"and tokenizer, fresh weights) or an experiment, e.g. "
+                 f"--config.backbone={_EXAMPLE_BACKBONE.get(config.modality, '')}; or "
+                 "--init_from=<a pretraining work dir> for its weights too")
     if os.path.isdir(config.backbone):  # a pretraining run: its architecture, fresh weights
-        return None, checkpoint.restore_config(config.backbone)
-    return None, load_config(config.backbone)
+        bconfig = checkpoint.restore_config(config.backbone)
+    else:
+        bconfig = load_config(config.backbone)
+        if bconfig.modality == "text" and config.data.source in OWN_CORPUS_SOURCES:
+            bconfig = _tokenize_finetune_data(config, bconfig)
+    if bconfig.modality != config.modality:
+        raise ConfigError(f"config.backbone={config.backbone!r} is a {bconfig.modality!r} model; "
+                          f"config.modality is {config.modality!r}")
+    return None, bconfig
+
+
+_EXAMPLE_BACKBONE = {"image": "experiments/image.py:tiny_v2",
+                     "audio": "experiments/audio.py:tiny_v2",
+                     "text": "experiments/text.py:tiny_v2 (SMILES: experiments/molecules.py:tiny_v2)"}
+# Your own text / SMILES: a scratch backbone from an experiment file trains its
+# tokenizer on the fine-tune's file (its corpus names none, or another one).
+OWN_CORPUS_SOURCES = ("text_tsv", "smiles_csv")
+
+
+def _tokenize_finetune_data(config: ml_collections.ConfigDict,
+                            bconfig: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`bconfig` with the fine-tune's labeled file as its corpus, the test rows
+    held out (modalities/text/data.py reads the fine-tuning sets), so a scratch
+    backbone's tokenizer is trained on the fine-tune's own training rows."""
+    bconfig = ml_collections.ConfigDict(bconfig.to_dict())
+    d, b = config.data, bconfig.data
+    b.source, b.path = d.source, d.path
+    for key in ("text_column", "label_column", "smiles_column"):
+        if key in d:
+            b[key] = d[key]
+    b.holdout_fraction, b.holdout_seed = float(d.test_fraction), int(d.split_seed)
+    return bconfig
 
 
 def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,
@@ -89,14 +128,30 @@ def make_labeled_data(config: ml_collections.ConfigDict,
 
 def held_out_of_pretraining(config: ml_collections.ConfigDict,
                             bconfig: ml_collections.ConfigDict, data=None) -> bool | None:
-    """Whether the pretraining run kept this fine-tune's test split out: same
-    source, and its `data.holdout_fraction` / `holdout_seed` equal to our
-    `data.test_fraction` / `split_seed` (data/pipeline.py `holdout_split`).
+    """Whether the pretraining run kept this fine-tune's test split out: it
+    pretrained on this very labeled set (same `data.source`, `path`, cache and
+    columns: text / SMILES pretraining reads the fine-tuning sets as corpora,
+    modalities/text/data.py) with `data.holdout_fraction` / `holdout_seed` equal
+    to our `data.test_fraction` / `split_seed` (data/pipeline.py), and our class
+    ids in the sorted order that pretraining stratifies by. False when the
+    corpus was another one (e.g. text tiny's pydoc topics, not the docstrings):
+    then nothing was held out, and nothing needed to be.
     CTC: the modality's file-by-file check of the test utterances."""
     if config.task == "ctc":
         asr = importlib.import_module(modalities.get(config).asr)
         return asr.held_out_of_pretraining(config, bconfig, data)
     d, b = config.data, bconfig.data
-    return (b.get("source") == d.source and b.get("path", "") == d.get("path", "")
+    same = (b.get("source") == d.source and b.get("path", "") == d.get("path", "")
             and float(b.get("holdout_fraction", 0.0)) == float(d.test_fraction)
             and int(b.get("holdout_seed", -1)) == int(d.split_seed))
+    # The fields that choose the rows, where both configs have them.
+    for key in ("cache_dir", "text_column", "label_column", "smiles_column"):
+        if same and key in d and key in b and d.source in _READS.get(key, (d.source,)):
+            same = b[key] == d[key]
+    classes = tuple(d.get("classes", ()) or ())
+    return bool(same and list(classes) == sorted(classes))
+
+
+# Which labeled sources each row-choosing field applies to (default: any).
+_READS = {"cache_dir": ("espeak_words",), "text_column": ("text_tsv",), "label_column": ("text_tsv",),
+          "smiles_column": ("smiles_csv",)}

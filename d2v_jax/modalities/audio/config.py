@@ -31,6 +31,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 and buckets[-1] == d.max_sample_size, "data.buckets",
                 f"{buckets} must be strictly increasing and end with data.max_sample_size="
                 f"{d.max_sample_size}")
+    holdout = d.get("holdout_fraction", 0.0)
+    check_field(0.0 <= holdout < 1.0, "data.holdout_fraction", f"{holdout} is not in [0, 1)")
+    check_field(holdout == 0 or d.source in ("espeak_words", "audio_folder"), "data.holdout_fraction",
+                f"{holdout} with data.source={d.source!r}: only a labeled set (espeak_words, or "
+                "audio_folder on the fine-tune's class folders) has a test split to hold out")
     check_field(d.on_error in ("raise", "skip"), "data.on_error", f"{d.on_error!r} is not 'raise' or 'skip'")
     check_field(k.span >= 1, "masking.span", f"{k.span} < 1")
     if config.version == "v2":

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from d2v_jax.data.pipeline import local_batch_size
+from d2v_jax.data.pipeline import check_holdout_fraction, held_out_indices, local_batch_size
 from d2v_jax.modalities.audio import masking, speech_set
 from d2v_jax.data.rng import example_rng
 from d2v_jax.modalities.audio.frames import config_frame_count
@@ -214,6 +214,56 @@ def normalize(audio: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     return (audio - audio.mean()) / np.sqrt(audio.var() + eps)
 
 
+HOLDOUT_SOURCES = ("espeak_words", "audio_folder")
+
+
+def labeled_folder(config: ml_collections.ConfigDict) -> str:
+    """The class-folder root that a fine-tune on the pretraining set reads
+    (modalities/audio/labeled.py): `<espeak set>/words`, or the audio_folder."""
+    d = config.data
+    if d.source == "espeak_words":
+        return os.path.join(d.path or speech_set.ensure_espeak_set(d.cache_dir), "words")
+    return d.path
+
+
+def held_out_files(config: ml_collections.ConfigDict) -> list[str]:
+    """Real paths of the files a fine-tune on this set tests on: its stratified
+    test split (`data.holdout_fraction` / `holdout_seed` as the fine-tune's
+    `data.test_fraction` / `split_seed`) of the class folders, read by the
+    fine-tune's own `AudioFolderSource` (same files, same order, same labels)."""
+    from d2v_jax.modalities.audio.labeled import AudioFolderSource  # it imports this module
+
+    d = config.data
+    if d.source not in HOLDOUT_SOURCES:
+        raise ConfigError(
+            f"config.data.holdout_fraction={d.holdout_fraction}: data.source={d.source!r} has no "
+            f"labeled fine-tuning set to hold out; use data.source in {list(HOLDOUT_SOURCES)} "
+            "(audio_folder: data.path = the fine-tune's <root>/<label>/ folders) or set "
+            "data.holdout_fraction=0")
+    root = labeled_folder(config)
+    labeled = AudioFolderSource(root, int(d.sample_rate))
+    held = held_out_indices(config, labeled.labels, stratify=True)
+    return [os.path.realpath(os.path.join(root, labeled.manifest.paths[i])) for i in held]
+
+
+def without_held_out(config: ml_collections.ConfigDict, manifest: Manifest) -> Manifest:
+    """`manifest` less the files a fine-tune on the same labeled set tests on
+    (`held_out_files`) when `data.holdout_fraction` > 0. espeak_words: its
+    train.tsv also holds multi-word phrases, which stay."""
+    fraction = check_holdout_fraction(config)
+    if fraction == 0:
+        return manifest
+    held = set(held_out_files(config))
+    keep = np.array([os.path.realpath(os.path.join(manifest.root, p)) not in held
+                     for p in manifest.paths])
+    logging.info("data.holdout_fraction=%s: %d of %d files of %s held out of pretraining",
+                 fraction, int((~keep).sum()), len(manifest), manifest.source)
+    if not keep.any():
+        raise DataError(f"data.holdout_fraction={fraction} leaves no pretraining file in "
+                        f"{manifest.source}")
+    return manifest.subset(keep)
+
+
 class AudioSource:
     """A manifest plus how to read it: `len`, `lengths`, `read(i) -> float32 [n]`."""
 
@@ -243,6 +293,7 @@ class AudioSource:
         else:
             raise ConfigError(f"config.data.source={d.source!r} is unknown for audio; expected "
                               "'espeak_words', 'manifest' or 'audio_folder'")
+        manifest = without_held_out(config, manifest)
         if d.check_files:
             manifest = check_files(manifest, sr, d.on_error)
         return cls(manifest, sr)
