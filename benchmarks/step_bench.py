@@ -133,9 +133,10 @@ def make_batches(config, count: int, seed: int = 0) -> list[dict[str, np.ndarray
     out = []
     for _ in range(count):
         batch = dict(modalities.dummy_batch(config, b))
-        for key in ("image", "audio"):
-            if key in batch:
-                batch[key] = rng.standard_normal(batch[key].shape).astype(np.float32)
+        if "image" in batch:  # uint8 pixels, as the pipeline ships them (normalized on device)
+            batch["image"] = rng.integers(0, 256, batch["image"].shape, dtype=np.uint8)
+        if "audio" in batch:
+            batch["audio"] = rng.standard_normal(batch["audio"].shape).astype(np.float32)
         if "tokens" in batch:
             batch["tokens"] = rng.integers(4, config.model.vocab_size, batch["tokens"].shape,
                                            dtype=np.int32)

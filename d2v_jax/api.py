@@ -64,8 +64,9 @@ def make_encoder(config: ml_collections.ConfigDict, pool: str = "none"
 
     `params` are the student's (`state.params`) or the teacher's
     (`teacher_params(...)` of the EMA subtrees); `inputs` is a batch dict as the
-    data pipeline yields it, or for images an array [B,S,S,C] normalized as the
-    pipeline does (`load_eval_data` gives such arrays). `pool`:
+    data pipeline yields it, or for images an array [B,S,S,C]: uint8 pixels
+    (normalized on device with `config.data.mean/std`, as `load_eval_data`
+    gives them) or floats already normalized. `pool`:
     "none" -> final hidden states [B,T,D]; "cls" -> the CLS position [B,D]
     (models whose sequence starts with one); "mean" -> the average over
     non-CLS, non-padded positions [B,D].
@@ -109,7 +110,7 @@ def encode(params: Any, inputs: Any, *, config: ml_collections.ConfigDict,
 def load_eval_data(config: ml_collections.ConfigDict, limit: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) of the config's labeled data, preprocessed deterministically
-    (no crops, no masks), in source order: images [n,S,S,C] float32, labels [n]."""
+    (no crops, no masks), in source order: images [n,S,S,C] uint8, labels [n]."""
     eval_data = modalities.get(config).eval_data
     if eval_data is None:
         raise NotImplementedError(f"load_eval_data: the {config.modality!r} modality has no "
