@@ -338,4 +338,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     # A user error (bad config key or value) is one `error:` line, exit 2 (d2v_jax/errors.py).
-    sys.exit(errors.run(main, debug=errors.debug_requested(sys.argv)))
+    # main returns its result dict (for callers); the exit code is 0 on success.
+    sys.exit(errors.run(lambda: main() and 0, debug=errors.debug_requested(sys.argv)))
