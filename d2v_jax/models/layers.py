@@ -7,7 +7,8 @@ inert metadata.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -131,6 +132,86 @@ class DropPath(nn.Module):
         return jnp.where(draw, x / keep, 0).astype(x.dtype)
 
 
+# `model.attention_impl`: "auto" (None in configs saved before it existed)
+# picks cuDNN's fused flash attention where it can run, XLA elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# jax's cuDNN flash-attention checks (jax/_src/cudnn/fused_attention_stablehlo.py,
+# `check_layout`, `check_is_flash_attention`): q/k/v bf16 or fp16; head dim a
+# multiple of 8 and <= 128 (256 on Hopper and later: 128 is the bound that holds
+# on every GPU); a bias must be [*, *, T, S] (no broadcast over T); the training
+# rule needs even T and S "with a bias", and jax 0.10 passes an unused bias as a
+# zero-size array, so in effect every differentiated call needs even lengths:
+# `padded_attention` pads odd lengths to this multiple.
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_HEAD_DIM_MULTIPLE = 8
+CUDNN_MAX_HEAD_DIM = 128
+CUDNN_SEQ_MULTIPLE = 2
+
+
+def _platform(backend: str | None) -> str:
+    """"cuda" for an NVIDIA GPU backend (the only one with cuDNN), else the name."""
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
+        try:
+            version = jax.devices("gpu")[0].client.platform_version.lower()
+        except RuntimeError:
+            return backend
+        return "rocm" if "rocm" in version else "cuda"
+    return backend
+
+
+def resolve_attention_impl(name: str | None, dtype, head_dim: int,
+                           backend: str | None = None) -> str:
+    """`model.attention_impl` -> "xla" | "cudnn". "auto" (or None) is cuDNN on an
+    NVIDIA GPU when the shapes and dtype pass jax's flash-attention checks
+    (bf16/fp16, head dim), else XLA; "xla" / "cudnn" are taken as given (an
+    explicit "cudnn" that cannot run fails in jax, naming the reason)."""
+    name = "auto" if name is None else name
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl={name!r}; expected one of {list(ATTENTION_IMPLS)}")
+    if name != "auto":
+        return name
+    ok = (_platform(backend) == "cuda" and jnp.dtype(dtype) in CUDNN_DTYPES
+          and head_dim % CUDNN_HEAD_DIM_MULTIPLE == 0 and head_dim <= CUDNN_MAX_HEAD_DIM)
+    return "cudnn" if ok else "xla"
+
+
+def padded_attention(q, k, v, bias, key_padding_mask, implementation: str):
+    """Self-attention [B, T, H, hd] in the form cuDNN's flash kernel accepts, for
+    every shape our models produce; the same values as the plain masked call.
+
+    - A key padding mask (True = padded) is right padding in every model (text
+      and audio pad at the end; the 2.0 students keep positions in increasing
+      order), so it goes in as `key_value_seq_lengths` (cuDNN's padding mask),
+      not as a [B, 1, 1, S] bias, which cuDNN rejects (no broadcast over T).
+    - A bias (BEiT relative position, ALiBi) is broadcast to [*, *, T, T].
+    - The training kernel needs even lengths (see CUDNN_SEQ_MULTIPLE), so q, k,
+      v (and the bias) of an odd length are zero-padded (197 -> 198 tokens,
+      a 2.0 student's 49 visible tokens -> 50); the padded keys are excluded by
+      the sequence lengths, the padded query rows sliced off (gradient 0).
+
+    `implementation="xla"` runs this same path on XLA, which is how its
+    numerics are tested on CPU.
+    """
+    b, t = q.shape[:2]
+    lengths = None
+    if key_padding_mask is not None:
+        lengths = jnp.sum(~key_padding_mask, axis=-1, dtype=jnp.int32)
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (t, t))
+    pad = (-t) % CUDNN_SEQ_MULTIPLE
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
+        if bias is not None:
+            bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad), (0, pad)))
+        if lengths is None:
+            lengths = jnp.full((b,), t, jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return out[:, :t]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
@@ -173,8 +254,12 @@ class Attention(nn.Module):
             probs = nn.Dropout(self.attn_dropout)(probs, deterministic=False)
             out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         else:
-            out = jax.nn.dot_product_attention(
-                q, k, v, bias=bias, mask=mask, implementation=self.attention_impl)
+            impl = resolve_attention_impl(self.attention_impl, q.dtype, head_dim)
+            if impl == "cudnn":
+                out = padded_attention(q, k, v, bias, key_padding_mask, "cudnn")
+            else:
+                out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                                   implementation=impl)
         out = out.reshape(b, t, self.dim)
         out = dense(self.dim, ("qkv", "embed"), self.dtype, name="proj",
                     init=scaled_init(self.init, proj_init_scale))(out)
