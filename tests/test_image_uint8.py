@@ -87,3 +87,39 @@ def test_pretrain_transform_emits_uint8_rgb(tmp_path):
     out = PretrainTransform(config)(make_source(config)[0], 0)
     assert out["image"].dtype == np.uint8 and out["image"].shape == (32, 32, 3)
     assert out["image"].flags["C_CONTIGUOUS"]
+
+
+def test_image_masks_fast_path_draws_the_reference_masks():
+    """image_masks' hoisted inverse-block loop (pipeline speed) makes the same
+    calls on the generator as one inverse_block_mask per clone: equal masks."""
+    from d2v_jax.modalities.image import masking
+
+    for seed in range(20):
+        for grid, ratio, size in (((14, 14), 0.8, 3), ((5, 7), 0.5, 2), ((4, 4), 1.0, 1)):
+            cfg = {"kind": "inverse_block", "num_clones": 4, "ratio": ratio, "block_size": size,
+                   "prob_adjust": 0.07}
+            got = masking.image_masks(np.random.default_rng(seed), grid, cfg)
+            rng = np.random.default_rng(seed)
+            want = [masking.inverse_block_mask(rng, grid, ratio, block_size=size).reshape(-1)
+                    for _ in range(4)]
+            np.testing.assert_array_equal(got, np.stack(want))
+            assert (got.sum(1) == masking.num_masked_inverse(grid, ratio)).all()
+
+
+def test_folder_source_as_pil_gives_the_same_pixels(tmp_path):
+    """The pretraining pipeline reads decoded PIL images (no full-size array
+    copy); the pixels are the array source's."""
+    from PIL import Image
+
+    from d2v_jax.modalities.image.sources import ImageFolderSource
+
+    (tmp_path / "a").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "a" / "x.jpg")
+    Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8)).save(tmp_path / "a" / "y.png")
+    arrays = ImageFolderSource(tmp_path, channels=3)
+    pils = ImageFolderSource(tmp_path, channels=3, as_pil=True)
+    for i in range(2):
+        pil = pils[i]["image"]
+        assert isinstance(pil, Image.Image) and pil.mode == "RGB"  # the gray PNG converted
+        np.testing.assert_array_equal(np.asarray(pil), arrays[i]["image"])

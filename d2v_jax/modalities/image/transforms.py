@@ -36,13 +36,25 @@ _RESAMPLE = {
 DEFAULT_INTERPOLATION = "bicubic"
 
 
-def _check_image(image: np.ndarray, where: str) -> np.ndarray:
+def _check_image(image: np.ndarray | Image.Image, where: str) -> np.ndarray | Image.Image:
+    if isinstance(image, Image.Image):  # a decoded file (ImageFolderSource(as_pil=True))
+        if image.mode not in ("L", "RGB"):
+            raise DataError(f"{where}: expected a PIL image in mode L or RGB, got {image.mode}")
+        return image
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
         raise DataError(f"{where}: expected uint8 [H, W, 1|3], got {image.dtype} {image.shape}")
     return image
 
 
-def _to_pil(image: np.ndarray) -> Image.Image:
+def _hwc(image: np.ndarray | Image.Image) -> tuple[int, int, int]:
+    if isinstance(image, Image.Image):
+        return image.height, image.width, 1 if image.mode == "L" else 3
+    return image.shape[0], image.shape[1], image.shape[2]
+
+
+def _to_pil(image: np.ndarray | Image.Image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
     # 1-channel images go through mode "L" so PIL filters them as one plane.
     return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
 
@@ -98,12 +110,13 @@ def random_resized_crop(
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     interpolation: str = DEFAULT_INTERPOLATION,
 ) -> np.ndarray:
-    """torchvision RandomResizedCrop: uint8 [H, W, C] -> uint8 [size, size, C]."""
+    """torchvision RandomResizedCrop: uint8 [H, W, C] (or a PIL image) -> uint8 [size, size, C]."""
     image = _check_image(image, "random_resized_crop")
-    top, left, h, w = crop_params(rng, image.shape[0], image.shape[1], scale, ratio)
+    height, width, channels = _hwc(image)
+    top, left, h, w = crop_params(rng, height, width, scale, ratio)
     # One PIL call crops and resizes (box=), antialiased like torchvision on PIL.
     pil = _to_pil(image).resize((size, size), _resample(interpolation), box=(left, top, left + w, top + h))
-    return _from_pil(pil, image.shape[2])
+    return _from_pil(pil, channels)
 
 
 def color_jitter(rng: np.random.Generator, image: np.ndarray, brightness: float = 0.0,
@@ -112,7 +125,9 @@ def color_jitter(rng: np.random.Generator, image: np.ndarray, brightness: float 
     (BEiT's 1.0 pretraining transform, SPEC 7): the three adjustments in a random
     order, each with a factor drawn from U[max(0, 1 - v), 1 + v] (skipped when
     v = 0), applied with PIL's ImageEnhance as torchvision does for PIL input.
-    Saturation leaves a 1-channel image as it is."""
+    Saturation leaves a 1-channel image as it is. uint8 throughout, each
+    enhancement rounding to uint8 exactly as torchvision's PIL path; a PIL
+    image in gives a PIL image out (the crop follows)."""
     image = _check_image(image, "color_jitter")
     values = (float(brightness), float(contrast), float(saturation))
     if any(v < 0 for v in values):
@@ -125,7 +140,7 @@ def color_jitter(rng: np.random.Generator, image: np.ndarray, brightness: float 
         if values[i] > 0:
             factor = rng.uniform(max(0.0, 1.0 - values[i]), 1.0 + values[i])
             pil = enhancers[i](pil).enhance(factor)
-    return _from_pil(pil, image.shape[2])
+    return pil if isinstance(image, Image.Image) else _from_pil(pil, image.shape[2])
 
 
 def maybe_flip(rng: np.random.Generator, image: np.ndarray, prob: float = 0.5) -> np.ndarray:
@@ -140,7 +155,9 @@ def resize_pad(image: np.ndarray, size: int, interpolation: str = "bilinear") ->
     digit is never cut.
     """
     image = _check_image(image, "resize_pad")
-    height, width, channels = image.shape
+    height, width, channels = _hwc(image)
+    if isinstance(image, Image.Image):
+        image = _from_pil(image, channels)
     if height > size or width > size:
         pil = _to_pil(image).resize((size, size), _resample(interpolation))
         return _from_pil(pil, channels)
@@ -162,7 +179,7 @@ def resize_center_crop(
     image = _check_image(image, "resize_center_crop")
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"resize_center_crop: crop_fraction={crop_fraction} is not in (0, 1]")
-    height, width, channels = image.shape
+    height, width, channels = _hwc(image)
     if crop_fraction == 1:
         return _from_pil(_to_pil(image).resize((size, size), _resample(interpolation)), channels)
     factor = size / crop_fraction / min(height, width)
@@ -209,8 +226,13 @@ def _check_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return size // patch, size // patch
 
 
-def _check_element(element: dict[str, Any], channels: int) -> np.ndarray:
+def _check_element(element: dict[str, Any], channels: int) -> np.ndarray | Image.Image:
     image = element["image"]
+    if isinstance(image, Image.Image):
+        if image.mode != ("L" if channels == 1 else "RGB"):
+            raise DataError(f"example {element.get('index')}: PIL image mode {image.mode} does "
+                            f"not match config.model.channels={channels}")
+        return image
     if image.ndim != 3 or image.shape[2] != channels or image.dtype != np.uint8:
         raise DataError(
             f"example {element.get('index')}: image {image.dtype} {image.shape} does not match "
@@ -315,7 +337,8 @@ class EvalTransform:
 def pretrain_parts(config: ml_collections.ConfigDict, source=None):
     """(source, PretrainTransform) for `data.pipeline.map_pretrain_dataset`;
     without the held-out split when `data.holdout_fraction` > 0."""
-    src = make_source(config) if source is None else source
+    # Decoded PIL images: cropped in PIL, only the crop becomes an array.
+    src = make_source(config, as_pil=True) if source is None else source
     if config.data.get("holdout_fraction", 0.0) > 0:
         kept, _ = holdout_split(config, src)
         src = SubsetSource(src, kept, name=f"{config.data.source} without the held-out split")
