@@ -82,11 +82,26 @@ def test_pretrain_transform_emits_uint8_rgb(tmp_path):
     Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "a" / "x.png")
     config = load_config(f"{IMAGE}:tiny_v1", {**RGB, "data.source": "image_folder",
                                               "data.path": str(tmp_path),
-                                              "data.color_jitter": (0.4, 0.4, 0.4),
+                                              "data.color_jitter": (0.4, 0.4, 0.4), "data.flip": True,
                                               "data.holdout_fraction": 0.0})
-    out = PretrainTransform(config)(make_source(config)[0], 0)
-    assert out["image"].dtype == np.uint8 and out["image"].shape == (32, 32, 3)
-    assert out["image"].flags["C_CONTIGUOUS"]
+    from d2v_jax.data.rng import AUG_STREAM, example_rng
+    from d2v_jax.modalities.image import transforms as T
+
+    t = PretrainTransform(config)
+    pil_source = make_source(config, as_pil=True)  # what the pipeline reads
+    flips = 0
+    for epoch in range(8):
+        out = t(pil_source[0], epoch)
+        assert out["image"].dtype == np.uint8 and out["image"].shape == (32, 32, 3)
+        assert out["image"].flags["C_CONTIGUOUS"]
+        # The public array functions in the recipe's order, on the decoded array.
+        rng = example_rng(config.seed, epoch, 0, AUG_STREAM)
+        image = T.color_jitter(rng, make_source(config)[0]["image"], 0.4, 0.4, 0.4)
+        crop = T.random_resized_crop(rng, image, 32, t.crop_scale, t.crop_ratio)
+        want = T.maybe_flip(rng, crop)
+        flips += want is not crop
+        np.testing.assert_array_equal(out["image"], want)
+    assert 0 < flips < 8  # both branches of the flip were compared
 
 
 def test_image_masks_fast_path_draws_the_reference_masks():

@@ -240,15 +240,20 @@ def _inverse_block_masks(rng: np.random.Generator, grid: tuple[int, int], mask_r
     keep_prob = _keep_prob(mask_ratio)
     target = int(n * keep_prob)
     num_centres = max(0, int(n * ((keep_prob + prob_adjust) / block_size**2)))
-    offsets = np.arange(block_size) - block_size // 2
+    lo = block_size // 2
+    offsets = np.arange(block_size) - lo
+    # Clamping as table look-ups (np.clip's per-call overhead is most of a clone's time):
+    # index v + lo of these is clip(v, 0, side - 1) for v in [-lo, side - 1 + block_size - lo).
+    clamp_r = np.clip(np.arange(-lo, h + block_size), 0, h - 1) * w
+    clamp_c = np.clip(np.arange(-lo, w + block_size), 0, w - 1)
     kept = np.zeros((count, n), dtype=bool)
     for i in range(count):
         row = kept[i]
         if num_centres:
             rows, cols = np.divmod(rng.integers(0, n, size=num_centres), w)
-            r = np.clip(rows[:, None] + offsets, 0, h - 1)
-            c = np.clip(cols[:, None] + offsets, 0, w - 1)
-            row[(r[:, :, None] * w + c[:, None, :]).ravel()] = True
+            r = clamp_r[rows[:, None] + (offsets + lo)]
+            c = clamp_c[cols[:, None] + (offsets + lo)]
+            row[(r[:, :, None] + c[:, None, :]).ravel()] = True
         num_kept = int(np.count_nonzero(row))
         if num_kept > target:
             row[rng.choice(np.flatnonzero(row), num_kept - target, replace=False)] = False

@@ -112,11 +112,15 @@ def random_resized_crop(
 ) -> np.ndarray:
     """torchvision RandomResizedCrop: uint8 [H, W, C] (or a PIL image) -> uint8 [size, size, C]."""
     image = _check_image(image, "random_resized_crop")
-    height, width, channels = _hwc(image)
+    return _from_pil(_crop_resize_pil(rng, image, size, scale, ratio, interpolation), _hwc(image)[2])
+
+
+def _crop_resize_pil(rng, image, size, scale, ratio, interpolation) -> Image.Image:
+    height, width, _ = _hwc(image)
     top, left, h, w = crop_params(rng, height, width, scale, ratio)
     # One PIL call crops and resizes (box=), antialiased like torchvision on PIL.
-    pil = _to_pil(image).resize((size, size), _resample(interpolation), box=(left, top, left + w, top + h))
-    return _from_pil(pil, channels)
+    return _to_pil(image).resize((size, size), _resample(interpolation),
+                                 box=(left, top, left + w, top + h))
 
 
 def color_jitter(rng: np.random.Generator, image: np.ndarray, brightness: float = 0.0,
@@ -289,9 +293,13 @@ class PretrainTransform:
             image = resize_pad(image, self.size)
         if any(self.color_jitter):  # BEiT: ColorJitter before flip and crop
             image = color_jitter(rng, image, *self.color_jitter)
-        image = random_resized_crop(rng, image, self.size, self.crop_scale, self.crop_ratio)
-        if self.flip:
-            image = maybe_flip(rng, image)
+        image = _check_image(image, "random_resized_crop")
+        pil = _crop_resize_pil(rng, image, self.size, self.crop_scale, self.crop_ratio,
+                               DEFAULT_INTERPOLATION)
+        # maybe_flip's draw, the flip done in PIL: the crop becomes an array once.
+        if self.flip and rng.uniform() < 0.5:
+            pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = _from_pil(pil, self.channels)
         mask = masking.image_masks(example_rng(self.seed, epoch, index, MASK_STREAM), self.grid, self.masking_cfg)
         if mask.shape != (self.num_clones, self.num_patches) or mask.dtype != np.bool_:
             raise ValueError(
@@ -299,7 +307,7 @@ class PretrainTransform:
                 f"[config.masking.num_clones={self.num_clones}, {self.num_patches} patches]")
         return {
             # uint8: normalized on device (model.normalize_pixels), 1/4 of float32's bytes.
-            "image": np.ascontiguousarray(image),
+            "image": image,
             "mask": mask,
             "label": np.int32(element["label"]),
             "index": np.int32(index),
