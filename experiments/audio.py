@@ -95,7 +95,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.init_truncation = config_dict.placeholder(float)  # in std; None = untruncated
   m.init_depth_rescale = False
-  m.remat = "none"  # none | block | full
+  m.remat = "none"  # none | full | save_dots (= block) | save_dots_no_batch | save_bf16_dots
   # auto: cuDNN flash attention on an NVIDIA GPU (bf16/fp16), XLA elsewhere | xla | cudnn
   m.attention_impl = "auto"
   # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16;

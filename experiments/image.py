@@ -106,7 +106,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   m.attn_dropout = (0.15 if size == "large" else 0.05) if v1 and not tiny else 0.0
   m.drop_path = (0.2 if size == "large" else 0.25) if v1 and not tiny else 0.0
   m.layerdrop = 0.0  # probability of skipping a whole block (student only)
-  m.remat = "none"  # none | block | full
+  m.remat = "none"  # none | full | save_dots (= block) | save_dots_no_batch | save_bf16_dots
   # auto: cuDNN flash attention on an NVIDIA GPU (bf16/fp16), XLA elsewhere | xla | cudnn
   m.attention_impl = "auto"
   # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16;

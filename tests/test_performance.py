@@ -334,3 +334,68 @@ def test_loop_runs_the_stats_variant_on_logging_steps_only(tmp_path, monkeypatch
     assert [r["step"] for r in rows] == [2, 4, 5]
     assert all(STATS <= set(r) for r in rows), rows[0].keys()
     assert all(r["samples_per_sec"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- remat policies
+
+# Matmuls each policy recomputes per block in the backward (a block has six:
+# qkv, the attention logits q.k^T, probs @ v, proj, fc1, fc2), in a bf16 step.
+RECOMPUTED_DOTS = {"none": 0, "save_dots": 0, "block": 0, "save_bf16_dots": 1,
+                   "save_dots_no_batch": 2, "full": 6}
+
+
+def _remat_encoder(remat: str, dtype, attn_dropout: float = 0.0):
+    """(loss(params, x, bias), encoder, param shapes, x, bias) of a 2-block scanned
+    `Encoder` at `model.remat=remat`, in training mode with drop path (and
+    `attn_dropout`: the recomputed forward must redraw the same masks) and a
+    per-head bias."""
+    from d2v_jax.models.layers import Encoder
+
+    enc = Encoder(depth=2, dim=32, num_heads=2, layer_norm_first=True, layer_scale_init=0.1,
+                  drop_path=0.1, attn_dropout=attn_dropout, remat=remat, dtype=dtype)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 17, 32)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(1, 2, 17, 17)), jnp.float32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    params = jax.eval_shape(lambda: enc.init(rngs, x, bias, deterministic=False))["params"]
+
+    def loss(p, x, bias):
+        h, layers = enc.apply({"params": p}, x, bias, deterministic=False,
+                              rngs={"dropout": jax.random.key(2)})
+        return jnp.sum(jnp.sin(h.astype(jnp.float32))) + jnp.sum(layers.astype(jnp.float32) ** 2)
+    return loss, enc, params, x, bias
+
+
+def test_remat_policies_save_and_recompute_what_they_say():
+    """bf16 step: the residuals kept for the backward shrink from none to full,
+    and the lowered gradient recomputes exactly the matmuls the policy drops
+    (save_bf16_dots: the f32 attention logits only; save_dots_no_batch: the two
+    batched attention einsums; full: all six)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    kept, dots = {}, {}
+    for remat in RECOMPUTED_DOTS:
+        loss, _, params, x, bias = _remat_encoder(remat, jnp.bfloat16)
+        kept[remat] = sum(int(np.prod(a.shape)) * a.dtype.itemsize
+                          for a, _ in saved_residuals(loss, params, x, bias))
+        dots[remat] = jax.jit(jax.grad(loss)).lower(params, x, bias).as_text().count(
+            "stablehlo.dot_general")
+    assert {k: dots[k] - dots["none"] for k in dots} == RECOMPUTED_DOTS, dots
+    assert kept["none"] > kept["save_dots"] > kept["save_bf16_dots"] > kept["full"], kept
+    assert kept["save_dots"] > kept["save_dots_no_batch"] > kept["full"], kept
+    assert kept["block"] == kept["save_dots"]
+
+
+def test_remat_policies_keep_loss_and_grads():
+    """Recomputation changes what is stored, not the numbers (float32, with
+    dropout and drop path drawn again in the recomputed forward)."""
+    loss, enc, _, x, bias = _remat_encoder("none", jnp.float32, attn_dropout=0.1)
+    params = jax.jit(lambda: enc.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                                      x, bias, deterministic=False))()["params"]
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, x, bias)
+    for remat in ("full", "save_dots", "save_dots_no_batch", "save_bf16_dots"):
+        loss, *_ = _remat_encoder(remat, jnp.float32, attn_dropout=0.1)
+        got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, x, bias)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6, err_msg=remat)
+        for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=remat)

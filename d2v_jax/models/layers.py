@@ -377,12 +377,32 @@ class Block(nn.Module):
         return x, target
 
 
+def save_low_precision_dots(prim, *avals, **params) -> bool:
+    """Remat policy: save a matmul's output only when it is bf16/fp16. In a bf16
+    step those are the dense layers' outputs (qkv, proj, fc1, fc2) and the
+    attention's probs @ v; the XLA attention's logits q.k^T, a [B, H, T, T]
+    float32 product (`preferred_element_type=float32`), are recomputed. In a
+    float32 step nothing is saved (= "full")."""
+    if prim is not jax.lax.dot_general_p:
+        return False
+    out = params.get("preferred_element_type") or jnp.result_type(*avals)
+    return jnp.dtype(out) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+# `model.remat`: what the scanned block keeps for the backward pass (jax.checkpoint
+# policies on `Block`); "none" keeps every intermediate (no remat).
 REMAT_POLICIES = {
     "none": None,
     # Save nothing inside a block: recompute it in the backward pass.
     "full": jax.checkpoint_policies.nothing_saveable,
-    # Keep the matmul outputs, recompute the cheap elementwise work.
-    "block": jax.checkpoint_policies.checkpoint_dots,
+    # Keep every matmul output, recompute the cheap elementwise work.
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "block": jax.checkpoint_policies.checkpoint_dots,  # save_dots' older name
+    # Keep the dense layers' outputs (matmuls without batch dims); recompute the
+    # attention's batched einsums (the [B, H, T, T] logits and probabilities).
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep only bf16/fp16 matmul outputs (see save_low_precision_dots).
+    "save_bf16_dots": save_low_precision_dots,
 }
 
 
