@@ -194,7 +194,8 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   # 1M samples x 8 GPUs. 0 = fixed batches of batch_size (the tiny runs).
   dt.max_tokens = 0 if tiny else (16 * 3_800_000 if v1 else 8 * 1_000_000)
   dt.batch_size = 16 if tiny else (16 if v1 else 8)
-  dt.num_workers = 0
+  # tiny: a small set, per-clip work << a worker's start-up; base: "auto" (common.num_workers)
+  dt.num_workers = common.num_workers(0 if tiny else "auto")
   dt.prefetch = 2
 
   # --- optimizer (SPEC 7) -----------------------------------------------------

@@ -10,6 +10,14 @@ import os
 import ml_collections
 
 
+def num_workers(value="auto") -> ml_collections.FieldReference:
+  """`config.data.num_workers`: grain worker processes, an int (0 = in-process)
+  or "auto" (d2v_jax.data.pipeline.resolve_num_workers: 0 on <= 2 cores, else
+  one per core but the train loop's, at most 32). A field of type object, so
+  an int can override "auto" and back."""
+  return ml_collections.FieldReference(value, field_type=object)
+
+
 def train(num_steps: int, *, log_every: int, checkpoint_every: int) -> ml_collections.ConfigDict:
   """`config.train`: length, logging and checkpoint retention of a run."""
   r = ml_collections.ConfigDict()

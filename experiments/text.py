@@ -207,7 +207,7 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   # 1.0: max_tokens 8192 per GPU x 16 GPUs = at most 256 rows of 512;
   # 2.0: batch_size 4 x 16 GPUs = 64 rows of 512.
   dt.batch_size = 32 if tiny else (256 if v1 else 64)
-  dt.num_workers = 0
+  dt.num_workers = common.num_workers(0 if tiny else "auto")  # see experiments/common.py
   dt.prefetch = 2
 
   # --- optimizer (SPEC 7) -----------------------------------------------------------

@@ -12,6 +12,7 @@ with the same examples, crops and masks.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import grain
@@ -57,6 +58,38 @@ def held_out_indices(config: ml_collections.ConfigDict, labels, stratify: bool =
     fraction = check_holdout_fraction(config)
     return split_test(np.asarray(labels), fraction, int(config.data.get("holdout_seed", 0)),
                       stratify)[1]
+
+
+# data.num_workers="auto": no worker processes on this many usable cores or fewer.
+# Measured on the 2-core development VM (docs/performance.md): a grain worker
+# takes 5-8 s to start (it imports the package and jax), and the workers then
+# compete with the train step for the same two cores.
+AUTO_WORKERS_MIN_CORES = 2
+# ... and at most this many (each holds a copy of the pipeline and its buffers).
+AUTO_WORKERS_MAX = 32
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's
+    cpuset or a Slurm allocation), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(value: Any, cores: int | None = None) -> int:
+    """`data.num_workers` as a count: an int >= 0 as is; "auto" = 0 on
+    <= AUTO_WORKERS_MIN_CORES usable cores, else one worker per core but the
+    one the train loop keeps, at most AUTO_WORKERS_MAX."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        cores = usable_cores() if cores is None else int(cores)
+        if cores <= AUTO_WORKERS_MIN_CORES:
+            return 0
+        return min(cores - 1, AUTO_WORKERS_MAX)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ConfigError(f"config.data.num_workers={value!r} must be an int >= 0 or 'auto'")
+    return int(value)
 
 
 def local_batch_size(config: ml_collections.ConfigDict, process_count: int) -> int:
@@ -116,10 +149,16 @@ def map_pretrain_dataset(
     if process_count > 1:
         ds = ds[process_index::process_count]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
-    if config.data.num_workers > 0:
+    return with_workers(it, config)
+
+
+def with_workers(it: grain.IterDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+    """`it` run by `data.num_workers` grain worker processes (resolved), or as is for 0."""
+    workers = resolve_num_workers(config.data.num_workers)
+    if workers > 0:
         # grain's workers read absl flags; outside `app.run` (notebooks, tests)
         # they are unparsed and grain would raise, so fall back to defaults.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return it

@@ -36,9 +36,10 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
-from d2v_jax.data.pipeline import check_holdout_fraction, held_out_indices, local_batch_size
+from d2v_jax.data.pipeline import (check_holdout_fraction, held_out_indices, local_batch_size,
+                                   with_workers)
 from d2v_jax.modalities.audio import masking, speech_set
 from d2v_jax.data.rng import example_rng
 from d2v_jax.modalities.audio.frames import config_frame_count
@@ -471,8 +472,4 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, *, process_index: i
     ds = ds.map_with_index(batcher)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=prefetch_buffer_size))
-    if config.data.num_workers > 0:
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(config.data.num_workers)))
-    return it
+    return with_workers(it, config)
