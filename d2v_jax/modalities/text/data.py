@@ -20,7 +20,7 @@ Corpora (`data.source`):
   smiles       CSV/TSV files at `data.path` with a `data.smiles_column` column (other
                columns, e.g. labels, are ignored in pretraining).
   fasta        FASTA files at `data.path`.
-  text_tsv, stdlib_docs, smiles_csv, solubility
+  text_tsv, stdlib_docs, smiles_csv, solubility, freesolv
                a fine-tuning set (experiments/finetune.py, modalities/text/labeled.py)
                read as the fine-tune reads it, one document per labeled row: its
                text / SMILES column (`data.text_column`, `data.smiles_column`).
@@ -61,14 +61,15 @@ from d2v_jax.data import files
 from d2v_jax.data.labeled import read_table
 from d2v_jax.data.pipeline import check_holdout_fraction, held_out_indices
 from d2v_jax.data.rng import MASK_STREAM, example_rng
+from d2v_jax.modalities.text.smiles import SmilesEnumerator
 from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
 from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, META_FILE, NUM_SPECIAL, PAD_ID, BaseTokenizer,
-                                    ProteinTokenizer, load_tokenizer, smiles_tokens,
-                                    train_tokenizer)
+                                    ProteinTokenizer, load_tokenizer, report_unknown_smiles,
+                                    smiles_tokens, train_tokenizer)
 
 # The fine-tuning sets, read as pretraining corpora (one document per labeled row),
 # so that pretraining can hold a fine-tune's test rows out.
-LABELED_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility")
+LABELED_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility", "freesolv")
 SOURCES = ("python_docs", "chembl", "proteome", "text", "smiles", "fasta", *LABELED_SOURCES)
 PACKINGS = ("stream", "complete_doc", "doc")
 TOO_LONG = ("error", "skip", "split", "crop")
@@ -266,8 +267,8 @@ def labeled_corpus(source: str, path: str, text_column: str, label_column: str,
     if source == "stdlib_docs":
         texts, names, origins = labeled.stdlib_docs()
         return Corpus(list(texts), list(origins), labels=list(names))
-    if source == "solubility":
-        texts, _, origins = labeled.solubility_set()
+    if source in labeled.PACKAGED_SMILES:  # solubility, freesolv
+        texts, _, origins = labeled.PACKAGED_SMILES[source]()
         return Corpus(list(texts), list(origins), labels=[0] * len(texts), stratify=False)
     # smiles_csv: the rows of the fine-tune's table (read_table), every SMILES
     # strictly valid as the fine-tune requires; the targets are not needed here.
@@ -465,11 +466,14 @@ def build_sequences(docs: Sequence[np.ndarray], max_len: int, packing: str, too_
 
 
 class SequenceSource:
-    """Random-access rows for grain: {"tokens": int32 [n], "index": int}."""
+    """Random-access rows for grain: {"tokens": int32 [n], "index": int}.
+    `texts`: the SMILES of each row (one molecule per row), for enumeration."""
 
-    def __init__(self, rows: Sequence[np.ndarray], name: str = "sequences"):
+    def __init__(self, rows: Sequence[np.ndarray], name: str = "sequences",
+                 texts: Sequence[str] | None = None):
         self.rows = list(rows)
         self.name = name
+        self.texts = list(texts) if texts is not None else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -483,10 +487,24 @@ class SequenceSource:
 
 def make_source(config: ml_collections.ConfigDict, tokenizer: BaseTokenizer) -> SequenceSource:
     corpus = read_corpus(config)
-    docs = tokenizer.encode_batch(corpus.texts)
     d = config.data
+    # A reloaded tokenizer or min_frequency > 1 can leave SMILES tokens out.
+    report_unknown_smiles(tokenizer, corpus.texts, corpus.origins,
+                          f"pretraining corpus data.source={d.source!r}", d.get("on_unknown", "warn"))
+    docs = tokenizer.encode_batch(corpus.texts)
     rows = build_sequences(docs, d.max_len, d.packing, d.too_long, corpus.origins)
-    return SequenceSource(rows, f"{d.source}:{d.path}" if d.path else d.source)
+    name = f"{d.source}:{d.path}" if d.path else d.source
+    if float(d.get("smiles_enumerate", 0.0)) == 0:
+        return SequenceSource(rows, name)
+    # Enumeration rewrites a row from its molecule: one whole SMILES per row.
+    if tokenizer.kind != "smiles" or d.packing != "doc" or d.too_long not in ("skip", "error"):
+        raise ConfigError(
+            f"config.data.smiles_enumerate={d.smiles_enumerate} needs a SMILES tokenizer, "
+            f"data.packing='doc' and data.too_long 'skip' or 'error' (one whole molecule per "
+            f"row); got tokenizer {tokenizer.kind!r}, packing {d.packing!r}, too_long "
+            f"{d.too_long!r}")
+    texts = [t for t, doc in zip(corpus.texts, docs) if len(doc) + 2 <= d.max_len]
+    return SequenceSource(rows, name, texts)
 
 
 # ---------------------------------------------------------------------------- transform
@@ -498,19 +516,34 @@ class TextPretrainTransform:
     Output: tokens int32 [T], padding_mask bool [T] (True = padding), mask bool
     [M, T] (positions the loss counts) and, for 1.0, inputs int32 [M, T] (the
     corrupted student input). Special tokens and padding are never masked.
+    With `data.smiles_enumerate` = p > 0 a row is first, with probability p,
+    replaced by a random SMILES of its molecule (`texts[index]`,
+    modalities/text/smiles.py), seeded by (seed, epoch, index).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, tokenizer: BaseTokenizer):
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer: BaseTokenizer,
+                 texts: Sequence[str] | None = None):
         self.config = config
         self.max_len = int(config.data.max_len)
         self.seed = int(config.seed)
         self.tok = tokenizer
         self.special = np.asarray(tokenizer.special_ids, np.int32)
+        self.enumerator = None
+        p = float(config.data.get("smiles_enumerate", 0.0))
+        if p != 0:
+            if texts is None:
+                raise ConfigError(f"config.data.smiles_enumerate={p}: the data source has no "
+                                  "SMILES per row to enumerate (set it to 0 for this source)")
+            self.enumerator = SmilesEnumerator(texts, tokenizer, self.max_len - 2, p,
+                                               config.data.smiles_enumerate_tries, self.seed)
 
     def __call__(self, element: dict[str, Any], epoch: int) -> dict[str, np.ndarray]:
         index = int(element["index"])
         row = np.asarray(element["tokens"], np.int32)
         t = self.max_len
+        ids = self.enumerator.draw(index, epoch) if self.enumerator is not None else None
+        if ids is not None:  # a random SMILES of the row's molecule, fitting the row
+            row = np.concatenate([[BOS_ID], ids, [EOS_ID]]).astype(np.int32)
         if row.size > t:  # only with data.too_long='crop'
             start = example_rng(self.seed, epoch, index, CROP_STREAM).integers(0, row.size - t + 1)
             row = row[start:start + t]
@@ -537,7 +570,7 @@ def pretrain_parts(config: ml_collections.ConfigDict, source=None):
         raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} != the tokenizer's "
                           f"{tok.vocab_size} ({config.tokenizer.path})")
     src = make_source(config, tok) if source is None else source
-    return src, TextPretrainTransform(config, tok)
+    return src, TextPretrainTransform(config, tok, getattr(src, "texts", None))
 
 
 def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,

