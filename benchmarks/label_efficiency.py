@@ -16,7 +16,10 @@ Each arm takes config overrides (`--pretrained_overrides`, `--scratch_overrides`
 `--overrides` for both, as `key=value,key=value`). The scratch arm builds the
 pretraining run's own architecture (the config saved with its checkpoint) unless
 `--scratch_overrides` sets `backbone`. Everything runs in one process, so each
-arm compiles once and every seed reuses it.
+arm compiles once and every seed reuses it. For SMILES regression and text
+classification the table also has the baselines of benchmarks/baselines.py
+(fingerprints + random forest / ridge, TF-IDF + logistic regression) on the
+same rows, fractions and seeds (`--nobaselines` leaves them out).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, _ROOT)
 
+import baselines  # noqa: E402  (benchmarks/baselines.py)
 from arms import label_efficiency_arms, run_grid  # noqa: E402  (benchmarks/arms.py, next to this script)
 from d2v_jax import checkpoint, errors, finetune  # noqa: E402
 from d2v_jax.config import load_config, parse_overrides  # noqa: E402
@@ -51,6 +55,10 @@ _SCRATCH_OVERRIDES = flags.DEFINE_string(
     "scratch_overrides", "optim.layer_decay=1.0",
     "key=value,... for the scratch arm (layer decay means nothing for random weights).")
 _TITLE = flags.DEFINE_string("title", None, "Plot/table title (default: the fine-tune experiment).")
+_BASELINES = flags.DEFINE_bool(
+    "baselines", True, "Add the rows of benchmarks/baselines.py (Morgan fingerprints + random "
+    "forest / ridge for SMILES regression, TF-IDF + logistic regression for text "
+    "classification) on the same splits, fractions and seeds; tasks without one skip it.")
 
 
 def machine_load() -> str:
@@ -168,9 +176,14 @@ def main(argv):
     runs = run_grid(arms, _FINETUNE.value, "data.label_fraction", fractions, seeds, workdir,
                     init_from, pretrained, report, tag="f")
     finetune_seconds = time.perf_counter() - t_ft
+    names = list(arms)
+    if _BASELINES.value:  # the pretrained arm's data fields: the same rows
+        extra = baselines.grid_rows(_FINETUNE.value, arms["pretrained"], fractions, seeds)
+        runs += extra
+        names += list(dict.fromkeys(r["arm"] for r in extra))
 
     headline = runs[0]["headline"]
-    summary = summarize(runs, list(arms), fractions)
+    summary = summarize(runs, names, fractions)
     meta = {"seeds": seeds, "num_test": runs[0]["num_test"], "pretrain_seconds": pretrain_seconds,
             "finetune_seconds": finetune_seconds, "total_seconds": time.perf_counter() - t0,
             "load_start": load_start, "load_end": machine_load(), "init_from": init_from,
