@@ -136,6 +136,32 @@ def test_padded_path_shapes_cudnn_gets():
     np.testing.assert_array_equal(seen[3][3], [9] * 3)
 
 
+def test_students_visible_padding_stays_right_padding():
+    """cuDNN gets key padding as lengths, which is right only for right padding.
+    The data pads at the end (text: tokens then PAD; audio: frames >= n), and
+    the 2.0 students gather their visible tokens in increasing position order,
+    so the gathered padding is right padding again. Text's and audio's sort
+    keys, random rows (numpy), the model's own selection functions."""
+    from d2v_jax.models import visible
+
+    rng = np.random.default_rng(0)
+    r, t, k = 64, 20, 8
+    n = rng.integers(k, t + 1, size=r)  # real tokens / frames per row
+    padding = np.arange(t)[None] >= n[:, None]
+    masked = (rng.random((r, t)) < 0.5) & ~padding
+    # text: visible 0, padding 1, masked 2 (TextModel._student_v2)
+    text_keys = np.where(masked, 2, np.where(padding, 1, 0))
+    # audio: masked or enough padded frames to make every row drop t - k (AudioModel._student_v2)
+    extra = (t - k) - masked.sum(1, keepdims=True)
+    audio_keys = masked | (padding & (np.cumsum(padding, 1) - 1 < extra))
+    for keys in (text_keys, audio_keys):
+        keep, _ = visible.split_indices(jnp.asarray(keys), k)
+        kpm = np.asarray(visible.gather(jnp.asarray(padding), keep))
+        lengths = (~kpm).sum(1)
+        np.testing.assert_array_equal(kpm, np.arange(k)[None] >= lengths[:, None])
+        assert kpm.any() and (lengths > 0).all()  # some kept rows do carry padding
+
+
 # ----------------------------------------------------------------------------- every experiment vs jax's cuDNN checks
 
 # Base-config sequence lengths and head dim (64), one narrow block, batch 2. The
