@@ -202,7 +202,8 @@ def load_audio(manifest: Manifest, i: int, sample_rate: int) -> np.ndarray:
         raise DataError(f"cannot read audio file {manifest.where(i)}: {e}") from e
     if audio.shape[0] == 0:
         raise DataError(f"audio file {manifest.where(i)} is empty")
-    audio = audio.mean(axis=1)  # mono
+    # mono: a mono file's one channel as is (a view; mean over one channel is a copy)
+    audio = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1)
     if rate != sample_rate:
         audio = speech_set.resample(audio, rate, sample_rate)
     return audio
@@ -211,8 +212,10 @@ def load_audio(manifest: Manifest, i: int, sample_rate: int) -> np.ndarray:
 def normalize(audio: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     """Zero mean, unit variance per utterance (fairseq `normalize: true`, i.e.
     F.layer_norm over the whole waveform)."""
-    audio = audio.astype(np.float32)
-    return (audio - audio.mean()) / np.sqrt(audio.var() + eps)
+    audio = np.asarray(audio, np.float32)  # no copy when already float32
+    out = audio - audio.mean()
+    out /= np.sqrt(audio.var() + eps)  # in place: one full-length temporary, not two
+    return out
 
 
 HOLDOUT_SOURCES = ("espeak_words", "audio_folder")
