@@ -12,6 +12,8 @@ the test split from `data.split_seed`, the label subset from
     the penalty chosen by leave-one-out on the training subset); RMSE and MAE.
   text classification (stdlib_docs, text_tsv): TF-IDF of word 1-2 grams +
     logistic regression; accuracy and macro-F1.
+  and for scale, the constant predictor: the training subset's mean target
+    (`train_mean`) or its most frequent class (`majority`).
 
   python benchmarks/baselines.py --finetune experiments/finetune.py:solubility \
       --fractions 0.05 --seeds 0,1,2 [--overrides data.path=mols.csv,...] [--out b.json]
@@ -66,8 +68,8 @@ def models_for(config) -> tuple[str, ...]:
         return ()
     from d2v_jax.modalities.text.labeled import SMILES_SOURCES
     if config.data.source in SMILES_SOURCES:
-        return ("rf_morgan", "ridge_morgan") if config.task == "regression" else ()
-    return ("tfidf_lr",) if config.task == "classification" else ()
+        return ("rf_morgan", "ridge_morgan", "train_mean") if config.task == "regression" else ()
+    return ("tfidf_lr", "majority") if config.task == "classification" else ()
 
 
 def morgan_fingerprints(smiles, radius: int, bits: int) -> np.ndarray:
@@ -114,6 +116,10 @@ def fit_predict(model: str, task: Task, train: np.ndarray, test: np.ndarray, see
                 opts: Options) -> np.ndarray:
     """Test-row predictions of baseline `model` fitted on the `train` rows."""
     y = task.labels[train]
+    if model == "train_mean":
+        return np.full(len(test), np.mean(y.astype(np.float64)))
+    if model == "majority":  # ties: the lowest class id
+        return np.full(len(test), np.argmax(np.bincount(y)))
     if model in ("rf_morgan", "ridge_morgan"):
         if "morgan" not in task.features:
             task.features["morgan"] = morgan_fingerprints(task.texts, opts.morgan_radius,
@@ -137,7 +143,8 @@ def fit_predict(model: str, task: Task, train: np.ndarray, test: np.ndarray, see
         x_train = vec.fit_transform(texts[train])
         clf = LogisticRegression(C=opts.lr_c, max_iter=opts.lr_max_iter)
         return clf.fit(x_train, y).predict(vec.transform(texts[test]))
-    raise ConfigError(f"unknown baseline {model!r}; expected rf_morgan, ridge_morgan or tfidf_lr")
+    raise ConfigError(f"unknown baseline {model!r}; expected rf_morgan, ridge_morgan, "
+                      "train_mean, tfidf_lr or majority")
 
 
 def metrics(task_kind: str, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -77,8 +77,10 @@ def test_forest_and_ridge_are_sklearn_on_those_rows(baselines, mols_csv):
     ridge = RidgeCV(alphas=opts.ridge_alphas).fit(x[train], y[train])
     got = {r["arm"]: r for r in runs}
     assert got["rf_morgan"]["train"] == train.tolist() and got["rf_morgan"]["test"] == test.tolist()
-    for arm, est in (("rf_morgan", rf), ("ridge_morgan", ridge)):
-        err = est.predict(x[test]) - y[test]
+    mean = np.full(len(test), y[train].mean())
+    for arm, pred in (("rf_morgan", rf.predict(x[test])), ("ridge_morgan", ridge.predict(x[test])),
+                      ("train_mean", mean)):
+        err = pred - y[test]
         np.testing.assert_allclose(got[arm]["metrics"]["rmse"], np.sqrt(np.mean(err ** 2)),
                                    rtol=1e-5)
         np.testing.assert_allclose(got[arm]["metrics"]["mae"], np.mean(np.abs(err)), rtol=1e-5)
@@ -101,8 +103,10 @@ def test_tfidf_logistic_regression_on_a_text_tsv(tmp_path, baselines):
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     clf = LogisticRegression(C=10.0, max_iter=2000).fit(vec.fit_transform(texts[pool]), labels[pool])
     preds = clf.predict(vec.transform(texts[test]))
-    assert [r["arm"] for r in runs] == ["tfidf_lr"] and runs[0]["test"] == test.tolist()
+    assert [r["arm"] for r in runs] == ["tfidf_lr", "majority"] and runs[0]["test"] == test.tolist()
     assert runs[0]["metrics"]["accuracy"] == pytest.approx(np.mean(preds == labels[test]))
+    majority = np.argmax(np.bincount(labels[pool]))
+    assert runs[1]["metrics"]["accuracy"] == pytest.approx(np.mean(labels[test] == majority))
 
 
 @pytest.mark.slow
@@ -117,7 +121,7 @@ def test_cli_table_and_json(tmp_path, mols_csv):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| rf_morgan | 50% (10) |" in proc.stdout and "| ridge_morgan | 100% (19) |" in proc.stdout
     saved = json.loads(out.read_text())
-    assert len(saved["runs"]) == 8 and saved["summary"]["rf_morgan"]["0.5"]["seeds"] == [0, 1]
+    assert len(saved["runs"]) == 12 and saved["summary"]["rf_morgan"]["0.5"]["seeds"] == [0, 1]
 
 
 def test_tasks_without_a_baseline_are_a_clear_error(baselines):
@@ -149,5 +153,5 @@ print(baselines.grid_rows({FINETUNE + ':mnist_5k'!r}, {{}}, [0.5], [0]))
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert ("| labels | pretrained rmse | scratch rmse | rf_morgan rmse | ridge_morgan rmse | "
-            "pretrained - scratch |") in out
+            "train_mean rmse | pretrained - scratch |") in out
     assert "| 50% (9) | 1.000 +- 0.000 | 1.000 +- 0.000 | " in out and out.rstrip().endswith("[]")
