@@ -78,6 +78,9 @@ def test_audio_folder_holdout_drops_exactly_the_finetune_test_files(tmp_path):
     assert len(test) == round(0.25 * 15) and kept | test == every
     assert every - kept == test  # held out = the fine-tune's test files, no more, no fewer
     assert finetune.held_out_of_pretraining(ft, pre, data) is True
+    spelt = _ft("audio_folder", **{"data.path": root + "/./", "data.test_fraction": 0.25,
+                                   "data.split_seed": 3})
+    assert finetune.held_out_of_pretraining(spelt, pre) is True  # the same folder
     other = _ft("audio_folder", **{"data.path": root, "data.test_fraction": 0.25,
                                    "data.split_seed": 4})
     assert finetune.held_out_of_pretraining(other, pre) is False

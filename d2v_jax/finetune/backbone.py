@@ -141,7 +141,7 @@ def held_out_of_pretraining(config: ml_collections.ConfigDict,
         asr = importlib.import_module(modalities.get(config).asr)
         return asr.held_out_of_pretraining(config, bconfig, data)
     d, b = config.data, bconfig.data
-    same = (b.get("source") == d.source and b.get("path", "") == d.get("path", "")
+    same = (b.get("source") == d.source and _same_path(b.get("path", ""), d.get("path", ""))
             and float(b.get("holdout_fraction", 0.0)) == float(d.test_fraction)
             and int(b.get("holdout_seed", -1)) == int(d.split_seed))
     # The fields that choose the rows, where both configs have them.
@@ -150,6 +150,13 @@ def held_out_of_pretraining(config: ml_collections.ConfigDict,
             same = b[key] == d[key]
     classes = tuple(d.get("classes", ()) or ())
     return bool(same and list(classes) == sorted(classes))
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Equal, or the same file / folder spelt differently (`images` and
+    `./images/`, relative to this process's working directory)."""
+    return a == b or (bool(a) and bool(b) and os.path.exists(a)
+                      and os.path.realpath(a) == os.path.realpath(b))
 
 
 # Which labeled sources each row-choosing field applies to (default: any).
