@@ -224,3 +224,34 @@ def test_every_experiment_passes_jax_cudnn_checks(family, monkeypatch):
     assert any(training for _, _, training in checks), checks
     for shape, _, _ in checks:
         assert shape[-1] == 64 and shape[1] % 2 == 0, shape
+
+
+@pytest.mark.parametrize("remat,fwd_calls", [("none", 1), ("save_dots", 2), ("full", 2),
+                                             ("save_bf16_dots", 1)])
+def test_remat_with_cudnn_attention_recomputes_the_flash_forward_or_not(remat, fwd_calls,
+                                                                      monkeypatch):
+    """A remat policy saves by primitive: jax's checkpoint_dots does not know the
+    fused attention, so the backward runs the flash forward again;
+    save_bf16_dots keeps its output and statistics (one forward per block)."""
+    import jax.extend
+
+    from d2v_jax.models.layers import CUDNN_ATTENTION_FWD, Encoder
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    enc = Encoder(depth=2, dim=128, num_heads=2, remat=remat, dtype=jnp.bfloat16,
+                  attention_impl="cudnn")
+    x, bias = jnp.zeros((2, 17, 128), jnp.bfloat16), jnp.zeros((1, 2, 17, 17))
+    params = jax.eval_shape(lambda: enc.init({"params": jax.random.key(0)}, x, bias,
+                                             deterministic=True))["params"]
+
+    def loss(p):
+        return jnp.sum(enc.apply({"params": p}, x, bias, deterministic=True)[0]
+                       .astype(jnp.float32))
+
+    def count(jaxpr, name):
+        return sum((e.primitive.name == name)
+                   + sum(count(j, name) for j in jax.extend.core.jaxprs_in_params(e.params))
+                   for e in jaxpr.eqns)
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+    assert count(jaxpr, CUDNN_ATTENTION_FWD) == fwd_calls
+    assert count(jaxpr, "dot_product_attention_bwd_wrapper") == 1

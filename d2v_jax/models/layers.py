@@ -377,12 +377,21 @@ class Block(nn.Module):
         return x, target
 
 
+# The primitive of jax's cuDNN flash-attention forward (jax 0.10); its outputs
+# are the attention output and the f32 softmax statistics [B, H, T].
+CUDNN_ATTENTION_FWD = "dot_product_attention_fwd_wrapper"
+
+
 def save_low_precision_dots(prim, *avals, **params) -> bool:
-    """Remat policy: save a matmul's output only when it is bf16/fp16. In a bf16
-    step those are the dense layers' outputs (qkv, proj, fc1, fc2) and the
-    attention's probs @ v; the XLA attention's logits q.k^T, a [B, H, T, T]
-    float32 product (`preferred_element_type=float32`), are recomputed. In a
-    float32 step nothing is saved (= "full")."""
+    """Remat policy: save a matmul's output only when it is bf16/fp16, and the
+    cuDNN attention's outputs. In a bf16 step those are the dense layers'
+    outputs (qkv, proj, fc1, fc2) and the attention's probs @ v; the XLA
+    attention's logits q.k^T, a [B, H, T, T] float32 product
+    (`preferred_element_type=float32`), are recomputed. With cuDNN the fused
+    forward's output and its [B, H, T] statistics are kept, so the backward does
+    not run the flash forward again. In a float32 step nothing is saved (= "full")."""
+    if prim.name == CUDNN_ATTENTION_FWD:
+        return True
     if prim is not jax.lax.dot_general_p:
         return False
     out = params.get("preferred_element_type") or jnp.result_type(*avals)
