@@ -200,15 +200,18 @@ def _scatters(jaxpr) -> list[tuple[str, tuple]]:
     return found
 
 
-def test_token_selection_backward_has_no_full_size_scatter():
-    """The student's gradient (image 2.0, 4 clones): the cloned [B*M, N, D] grid
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_token_selection_backward_has_no_full_size_scatter(modality):
+    """The student's gradient (image / text 2.0, 4 clones): the cloned [B*M, N, D] grid
     is scattered into only by the forward's two decoder-input writes (noise at
     the removed positions, encoder outputs at the kept ones). The backward adds
     none: with unique indices the gradient w.r.t. the encoder output is a gather
     (no id-scatter to resolve collisions), and the visible patches are gathered
     from the un-cloned patches, whose gradient scatter-adds into [B, N, D]."""
     b, m = 2, 4
-    config = tiny_config("image", **{"masking.num_clones": m})
+    config = tiny_config(modality, **{"masking.num_clones": m})
+    if modality == "text":
+        config.model.vocab_size = 300  # set by the tokenizer in a real run
     model = modalities.build_model(config)
     batch = modalities.dummy_batch(config, b)
     rngs = {"dropout": jax.random.key(0), "noise": jax.random.key(0)}
