@@ -74,8 +74,9 @@ class SmilesEnumerator:
         self.drawn = 0
         self.kept_canonical = 0
 
-    def _out_of_vocabulary(self, text: str) -> set[str]:
-        return {t for t in smiles_tokens(text) if t not in self.tokenizer.ids}
+    def _out_of_vocabulary(self, tokens: Sequence[str]) -> set[str]:
+        ids = self.tokenizer.ids
+        return {t for t in tokens if t not in ids}
 
     def _mol(self, index: int):
         mol = self._mols.get(index)
@@ -96,13 +97,12 @@ class SmilesEnumerator:
         if mol is None:  # validated upstream; a string RDKit cannot read stays as it is
             return None
         if index not in self._unknown:
-            self._unknown[index] = self._out_of_vocabulary(self.smiles[index])
+            self._unknown[index] = self._out_of_vocabulary(smiles_tokens(self.smiles[index]))
         for seed in rng.integers(1, 2**31 - 1, size=self.tries):
-            text = random_smiles(mol, int(seed))
-            tokens = smiles_tokens(text)
+            tokens = smiles_tokens(random_smiles(mol, int(seed)))
             if (len(tokens) <= self.max_tokens
-                    and self._out_of_vocabulary(text) <= self._unknown[index]):
+                    and self._out_of_vocabulary(tokens) <= self._unknown[index]):
                 self.drawn += 1
-                return self.tokenizer.encode(text)
+                return self.tokenizer.encode_tokens(tokens)
         self.kept_canonical += 1
         return None

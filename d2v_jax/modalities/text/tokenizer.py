@@ -200,7 +200,12 @@ class SmilesTokenizer(_TableTokenizer):
         return self._backoff[token]
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray([self.token_id(t) for t in smiles_tokens(text)], np.int32)
+        return self.encode_tokens(smiles_tokens(text))
+
+    def encode_tokens(self, tokens: Sequence[str]) -> np.ndarray:
+        """Ids of `smiles_tokens` output (backoff / <unk> for tokens not in the vocabulary)."""
+        ids = self.ids
+        return np.asarray([ids[t] if t in ids else self.token_id(t) for t in tokens], np.int32)
 
     @classmethod
     def train(cls, corpus: Iterable[str], min_frequency: int = 1) -> "SmilesTokenizer":
