@@ -22,9 +22,26 @@ _NORMS = ("instance", "layer", "batch", "none")
 _FINAL_NORMS = ("instance", "layer", "none")
 
 
+# The checkout holding d2v_jax/ and experiments/.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def load_config(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """`path/to/file.py[:arg]` -> locked ConfigDict, with dotted-key overrides."""
+    """`path/to/file.py[:arg]` -> locked ConfigDict, with dotted-key overrides.
+
+    A relative path that is not under the working directory is looked up under
+    the repository root too, so the experiment names the configs themselves
+    use (a fine-tune's `backbone = "experiments/molecules.py:tiny_v2"`) load
+    from any directory.
+    """
     path, _, arg = spec.partition(":")
+    if not os.path.isfile(path) and not os.path.isabs(path):
+        in_repo = os.path.join(_REPO_ROOT, path)
+        if os.path.isfile(in_repo):
+            path = in_repo
+        else:
+            raise ConfigFileError(f"config file {path!r} does not exist (looked in the working "
+                                  f"directory {os.getcwd()} and in {_REPO_ROOT})")
     if not os.path.isfile(path):
         raise ConfigFileError(f"config file {path!r} does not exist")
     mod_spec = importlib.util.spec_from_file_location("_d2v_experiment", path)

@@ -186,3 +186,14 @@ def test_freesolv_is_datamols_expt_column():
     config = load_config(f"{FINETUNE}:freesolv", {})
     assert (config.task, config.data.source, config.data.target_column) == (
         "regression", "freesolv", "expt")
+
+
+def test_a_packaged_tasks_backbone_loads_outside_the_checkout(tmp_path, monkeypatch):
+    """`backbone = "experiments/molecules.py:tiny_v2"` is relative: a user running
+    `--config /path/to/experiments/finetune.py:solubility` from elsewhere needs it."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(f"{FINETUNE}:solubility")
+    assert load_config(config.backbone).tokenizer.kind == "smiles"
+    with pytest.raises(FileNotFoundError, match=r"'experiments/nope\.py' does not exist \(looked "
+                                                r"in the working directory .* and in /"):
+        load_config("experiments/nope.py:tiny_v2")
