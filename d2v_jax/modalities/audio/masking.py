@@ -140,6 +140,31 @@ def block_mask_1d(
     return mask
 
 
+def _block_masks_1d(rng: np.random.Generator, num_frames: int, n: int, mask_ratio: float,
+                    block_len: int, prob_adjust: float, count: int) -> np.ndarray:
+    """`count` draws of `block_mask_1d` (checked arguments) [count, num_frames]:
+    the same calls on `rng` in the same order, so the same masks, with the
+    per-clone checks and set-up hoisted and the clamp a table look-up (the
+    clones' masks are most of the audio pipeline's per-clip CPU time)."""
+    target = num_masked_1d(n, mask_ratio)
+    num_centres = max(0, int(n * ((mask_ratio + prob_adjust) / block_len)))
+    lo = block_len // 2
+    # clamp[v + lo] = clip(v, 0, n - 1) for v = centre + offset in [-lo, n - 1 + block_len - lo).
+    clamp = np.clip(np.arange(-lo, n + block_len), 0, max(n - 1, 0))
+    steps = np.arange(block_len)  # offset + lo
+    out = np.zeros((count, num_frames), dtype=bool)
+    for i in range(count):
+        valid = out[i, :n]  # a view: padding frames stay False
+        if num_centres and n:
+            valid[clamp[rng.integers(0, n, size=num_centres)[:, None] + steps].reshape(-1)] = True
+        masked = int(np.count_nonzero(valid))
+        if masked > target:
+            valid[rng.choice(np.flatnonzero(valid), masked - target, replace=False)] = False
+        elif masked < target:
+            valid[rng.choice(np.flatnonzero(~valid), target - masked, replace=False)] = True
+    return out
+
+
 SEQUENCE_MASKERS = ("span", "block_1d")
 
 
@@ -162,6 +187,11 @@ def sequence_masks(rng: np.random.Generator, num_frames: int, num_valid: int,
                          f"{list(SEQUENCE_MASKERS)}")
     num_clones = check_int("num_clones", get_field(masking_cfg, "num_clones", 1), 1)
     ratio, span = get_field(masking_cfg, "ratio"), get_field(masking_cfg, "span")
+    if kind == "block_1d":
+        frames, n = _check_lengths(num_frames, num_valid)
+        return _block_masks_1d(rng, frames, n, check_ratio(ratio), check_int("block_len", span, 1),
+                               check_float("prob_adjust", get_field(masking_cfg, "prob_adjust", 0.05)),
+                               num_clones)
     out = np.empty((num_clones, int(num_frames)), dtype=bool)
     for i in range(num_clones):
         if kind == "span":
