@@ -164,3 +164,31 @@ def make_targets(layer_outputs: Sequence[jax.Array] | jax.Array, *, top_k: int,
     y = jnp.mean(_normalize(y, layer_norm, padding_mask, eps), axis=0)
     y = _normalize(y, final_norm, padding_mask, eps)
     return _zero_padded(y, _valid(padding_mask))
+
+
+def position_center(y: jax.Array, padding_mask: jax.Array | None = None, *,
+                    axis_name: str | None = None) -> jax.Array:
+    """Targets less their per-position mean over the batch (``target.position_center``).
+
+    Not in the papers: a guard against the positional collapse of small runs
+    (docs/label_efficiency.md). With learned absolute positions that the
+    teacher shares with the student (SPEC 4, fairseq ``ema_encoder_only``),
+    the student gains by making positions loud: the teacher's targets follow
+    at once and become predictable from position alone, a loop in which the
+    loss falls while the features lose their content. Removing the
+    component that position alone explains (the R^2 part that
+    ``losses.position_share`` measures) leaves nothing to gain from it.
+
+    ``y`` [B, T, D]; ``padding_mask`` [B, T], True = padded (left out of the
+    means, 0 in the output). With ``axis_name`` the means are over the global
+    batch (``psum``), so any device count centres alike.
+    """
+    y = jnp.asarray(y, jnp.float32)
+    valid = (jnp.ones(y.shape[:2] + (1,), bool) if padding_mask is None
+             else _valid(padding_mask))
+    count = jnp.sum(valid, axis=0, dtype=jnp.float32)  # [T, 1]
+    total = jnp.sum(jnp.where(valid, y, 0.0), axis=0)  # [T, D]
+    if axis_name is not None:
+        count, total = jax.lax.psum((count, total), axis_name)
+    mean = total / jnp.maximum(count, 1.0)
+    return jnp.where(valid, y - mean[None], 0.0)

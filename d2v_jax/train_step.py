@@ -160,14 +160,17 @@ def compute_grads(model: nn.Module, params: Any, ema_params: Any, batch: Batch, 
     def micro_step(mb, r):
         if batch_sharding is not None:
             mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
-        y, padding_mask = compute_targets(model, tparams, mb, config)
+        y_raw, padding_mask = compute_targets(model, tparams, mb, config)
+        y = (targets.position_center(y_raw, padding_mask, axis_name=axis_name)
+             if config.target.get("position_center", False) else y_raw)
         grad_fn = jax.value_and_grad(
             lambda p: student_loss(model, p, mb, y, config, r, norm=norm, axis_name=axis_name,
                                    with_stats=with_stats),
             has_aux=True)
         (loss, aux), grads = grad_fn(params)
-        if with_stats:
-            aux["target_pos_share"] = losses.position_share(y, padding_mask, axis_name=axis_name)
+        if with_stats:  # of the teacher's targets before any position centring
+            aux["target_pos_share"] = losses.position_share(y_raw, padding_mask,
+                                                            axis_name=axis_name)
         return loss, aux, grads
 
     if accum_steps == 1:

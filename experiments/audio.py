@@ -124,6 +124,9 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   t.layer_norm = "instance"  # over time, padded frames excluded
   t.final_norm = "none"
   t.eps = 1e-5
+  # Not in the papers: subtract the targets' per-position batch mean
+  # (targets.position_center), against the positional collapse of small runs.
+  t.position_center = False
 
   # --- loss (SPEC 3) ----------------------------------------------------------
   c.loss = l = ml_collections.ConfigDict()

@@ -141,6 +141,9 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   else:  # all main blocks, instance norm per layer, LN after averaging
     t.top_k = depth - 1 if tiny else (10 if size in ("small", "base") else 18)
     t.layer_norm, t.final_norm, t.eps = "instance", "layer", 1e-5
+  # Not in the papers: subtract the targets' per-position batch mean
+  # (targets.position_center), against the positional collapse of small runs.
+  t.position_center = False
 
   # --- loss (SPEC 3) ----------------------------------------------------------
   c.loss = l = ml_collections.ConfigDict()

@@ -122,6 +122,9 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
     t.top_k = depth
     t.layer_norm, t.final_norm = "instance", "none"
   t.eps = 1e-5
+  # Not in the papers: subtract the targets' per-position batch mean
+  # (targets.position_center), against the positional collapse of small runs.
+  t.position_center = False
 
   # --- loss (SPEC 3) --------------------------------------------------------------
   c.loss = l = ml_collections.ConfigDict()

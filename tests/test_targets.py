@@ -232,3 +232,30 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="padding_mask shape"):
         make_targets(x, top_k=1, layer_norm="none", final_norm="none",
                      padding_mask=np.zeros((B, T + 1), bool))
+
+
+def test_position_center_removes_the_per_position_batch_mean_of_valid_rows():
+    rng = np.random.default_rng(7)
+    y = rng.normal(size=(4, 5, 3)).astype(np.float32) + np.arange(5)[None, :, None]
+    pad = np.zeros((4, 5), bool)
+    pad[0, 3:] = True  # row 0 is padded from position 3 on
+    out = np.asarray(targets.position_center(y, pad))
+    for t in range(5):
+        rows = [b for b in range(4) if not pad[b, t]]
+        ref = y[rows, t] - y[rows, t].mean(axis=0)  # mean over the valid rows only
+        np.testing.assert_allclose(out[rows, t], ref, atol=1e-6)
+    assert np.all(out[pad] == 0.0)
+    # What is left has no per-position component: position explains none of it.
+    from d2v_jax import losses
+    assert float(losses.position_share(out, pad)) < 1e-10
+
+
+def test_position_center_over_devices_uses_the_global_batch():
+    rng = np.random.default_rng(8)
+    y = rng.normal(size=(6, 4, 2)).astype(np.float32) + np.arange(4)[None, :, None]
+    pad = rng.random((6, 4)) < 0.3
+    whole = np.asarray(targets.position_center(y, pad))
+    # 3 "devices" of 2 rows each (a named vmap stands in for the data axis).
+    split = jax.vmap(lambda a, p: targets.position_center(a, p, axis_name="data"),
+                     axis_name="data")(y.reshape(3, 2, 4, 2), pad.reshape(3, 2, 4))
+    np.testing.assert_allclose(np.asarray(split).reshape(6, 4, 2), whole, atol=1e-6)
