@@ -76,7 +76,8 @@ def run_one(item: dict, timeout: float) -> dict:
     t0 = time.perf_counter()
     cmd = [sys.executable] + item["argv"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              check=False)
         rc, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as e:
         rc = "timeout"
@@ -147,14 +148,14 @@ def main(argv=None):
     if args.only:
         keep = set(args.only.split(","))
         items = [i for i in items if i["name"] in keep]
-    sink = open(os.path.join(args.out, "gpu_check.jsonl"), "a") if args.out else None
+    sink = os.path.join(args.out, "gpu_check.jsonl") if args.out else None
 
     def emit(obj):
         line = json.dumps(obj)
         print(line, flush=True)
-        if sink:
-            sink.write(line + "\n")
-            sink.flush()
+        if sink:  # appended line by line: a run killed mid-way keeps what came before
+            with open(sink, "a") as f:
+                f.write(line + "\n")
 
     start = time.perf_counter()
     runs: dict[str, dict] = {}
@@ -179,8 +180,6 @@ def main(argv=None):
               + (" [smoke: CPU tiny configs, not a GPU verdict]" if args.smoke else ""),
               flush=True)
     print(f"gpu_check: {time.perf_counter() - start:.0f} s", flush=True)
-    if sink:
-        sink.close()
     return 0
 
 
