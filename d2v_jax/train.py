@@ -338,7 +338,7 @@ def _say(msg: str) -> None:
 
 
 def _log(config, writer, bar, clock, skipped, step, seen, device_metrics,
-         extra) -> dict[str, float]:
+         extra=None) -> dict[str, float]:
     """Writes one logged step's scalars (and returns them); the collapse guard.
     `extra`: host-side scalars of the same step (the online probe's)."""
     scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
@@ -349,7 +349,7 @@ def _log(config, writer, bar, clock, skipped, step, seen, device_metrics,
     clock.update(step=step, time=now, samples=seen)
     if nonfinite_mode(config) == "skip":
         scalars["skipped_updates"] = float(skipped)
-    scalars.update(extra)
+    scalars.update(extra or {})
     writer.write(step, scalars)
     postfix = {"loss": f"{scalars['loss']:.4f}", "tvar": f"{scalars['target_var']:.3f}"}
     if "target_pos_share" in scalars:
