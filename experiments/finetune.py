@@ -316,8 +316,12 @@ def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool, small: 
     # Randomized SMILES (modalities/text/smiles.py), training rows only: the
     # probability that an example is rewritten from a random start atom and
     # traversal (0 = canonical only); a draw longer than the row is redrawn up to
-    # smiles_enumerate_tries times, then the canonical SMILES is kept.
-    d.smiles_enumerate = 0.0
+    # smiles_enumerate_tries times, then the canonical SMILES is kept. On for the
+    # SMILES tasks: solubility from scratch at 5% labels, 3 seeds, 150 steps, RMSE
+    # 1.128 +- 0.168 with 0.5 vs 1.315 +- 0.197 without, lower on every seed
+    # (docs/label_efficiency.md). Off for probes (fixed inputs, as images' augment).
+    smiles = task in ("solubility", "freesolv", "smiles_csv")
+    d.smiles_enumerate = 0.5 if smiles and not probe else 0.0
     d.smiles_enumerate_tries = 5
     d.max_len = config_dict.placeholder(int)  # tokens per row; None = the backbone's
     # A longer text keeps its first tokens (truncate) or stops the run (error). The
