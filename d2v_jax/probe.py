@@ -36,7 +36,7 @@ import numpy as np
 
 from d2v_jax.config import load_config, parse_overrides
 from d2v_jax.data import labeled
-from d2v_jax.errors import ConfigError
+from d2v_jax.errors import ConfigError, UserError
 
 KINDS = ("knn", "linear")
 PARAMS = ("teacher", "student")
@@ -45,6 +45,12 @@ PARAMS = ("teacher", "student")
 def enabled(config: ml_collections.ConfigDict) -> bool:
     p = config.get("probe")
     return p is not None and bool(p.task) and int(p.every) > 0
+
+
+def will_run(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run of `train.num_steps` probes at least once (a smoke run
+    shorter than one period does not build the probe at all)."""
+    return enabled(config) and int(config.train.num_steps) >= int(config.probe.every)
 
 
 def due(config: ml_collections.ConfigDict, done: int, num_steps: int) -> bool:
@@ -139,7 +145,12 @@ class OnlineProbe:
                               f"scores {labeled.TASKS}")
         self.config = config
         self.classify = task.task == "classification"
-        data = backbone.make_labeled_data(task, config)
+        try:
+            data = backbone.make_labeled_data(task, config)
+        except UserError as e:  # say that the probe, not the corpus, read this data
+            raise type(e)(f"config.probe.task={p.task!r}: {e}",
+                          hint=e.hint or "set --config.probe.task='' to run without the "
+                          "online probe") from None
         rng = np.random.default_rng(int(p.seed))
         fit = rng.permutation(data.train_pool)[: int(p.num_train)]
         scored = np.sort(data.test)[: int(p.num_eval)]

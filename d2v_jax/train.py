@@ -189,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         _check_checkpoints(config, workdir, init_from, model, tx, plan)
         # The online probe's labeled split (read with the run's own tokenizer /
         # preprocessing), before anything is written: a bad probe.task fails here.
-        online_probe = probe.OnlineProbe(config) if probe.enabled(config) else None
+        online_probe = probe.OnlineProbe(config) if probe.will_run(config) else None
     errors.make_workdir(workdir)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
