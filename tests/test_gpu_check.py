@@ -72,16 +72,16 @@ def test_verdicts_apply_the_thresholds():
     assert v1["verdict"] == "PASS" and v1["peers_measured"] == 1
 
 
-@pytest.mark.slow  # three real step/peer runs on the CPU (tiny configs), ~1-3 min
+@pytest.mark.slow  # one real step run on the CPU (tiny config); the peers' lines are unit-tested above
 def test_smoke_mode_measures_and_prints_verdicts(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--smoke",
-                           "--only", "image_v2,image_v1,image_v1_peer_eager", "--steps", "2"],
+                           "--only", "image_v2", "--steps", "2"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=env,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = {r["check"]: r for r in _lines(proc.stdout) if "check" in r}
-    for name in ("image_v2", "image_v1", "image_v1_peer_eager"):
+    for name in ("image_v2",):
         assert runs[name]["rc"] == 0, runs[name]["stderr_tail"]
         assert runs[name]["result"]["samples_per_s"] > 0
     assert runs["image_v2"]["result"]["config"] == "experiments/image.py:tiny_v2"
@@ -89,5 +89,6 @@ def test_smoke_mode_measures_and_prints_verdicts(tmp_path):
                      if ln.split(" ")[0] in ("PASS", "FAIL", "MISSING")]
     assert len(verdict_lines) == 4
     assert verdict_lines[0].split(" ")[0] in ("PASS", "FAIL")  # measured
-    assert verdict_lines[2].startswith("MISSING audio_v2_base_mfu")  # not run (--only)
+    assert verdict_lines[1].startswith("MISSING image_v1")  # not run (--only)
+    assert verdict_lines[2].startswith("MISSING audio_v2_base_mfu")
     assert (tmp_path / "gpu_check.jsonl").exists()
