@@ -212,3 +212,60 @@ def test_v1_same_count_trims_per_official_gpu_batch():
     counts = b["mask"][:, 0].sum(-1).reshape(16, rows // 16)
     assert (counts == counts[:, :1]).all()  # one count per GPU's rows
     assert len(np.unique(counts[:, 0])) > 1  # ... not one for the whole batch
+
+
+def test_batch_rows_equal_an_independent_read_crop_normalize(tmp_path):
+    """Every row is soundfile's whole-file read, cropped at the start drawn from
+    SeedSequence([seed, epoch, index, 0]) and normalized as fairseq
+    ((x - mean) / sqrt(var + 1e-5)), bit for bit: mono WAV / FLAC files are
+    decoded straight into the batch (a seek to the crop), stereo, 8 kHz and
+    Ogg files go through the whole-file read."""
+    rng = np.random.default_rng(3)
+    specs = [("wav", "PCM_16", 1, 16000), ("flac", "PCM_16", 1, 16000), ("wav", "FLOAT", 1, 16000),
+             ("ogg", "VORBIS", 1, 16000), ("wav", "PCM_16", 2, 16000), ("wav", "PCM_16", 1, 8000)]
+    for i in range(18):
+        ext, sub, ch, rate = specs[i % len(specs)]
+        n = int(rng.integers(1500, 4001)) * rate // 16000  # <= max_sample_size
+        sf.write(str(tmp_path / f"u{i:02d}.{ext}"), rng.uniform(-0.5, 0.5, (n, ch)), rate, subtype=sub)
+    for pad in (True, False):
+        config = _config(**{"data.source": "audio_folder", "data.path": str(tmp_path),
+                            "data.min_sample_size": 800, "data.pad": pad})
+        src = A.AudioSource.from_config(config)
+        batcher = A.AudioBatcher(config, src, 0, 4)
+        fast = 0
+        for k in range(2 * batcher.plan.num_batches):  # two epochs
+            b = batcher(k)
+            size = b["audio"].shape[1]
+            for r, i in enumerate(b["index"]):
+                x, rate = sf.read(str(tmp_path / src.manifest.paths[i]), dtype="float32")
+                if x.ndim == 2:
+                    x = x.mean(axis=1)
+                if rate != 16000:  # resampled: compare with the whole-file loader
+                    x = A.load_audio(src.manifest, int(i), 16000)
+                else:
+                    fast += x.ndim == 1 and not src.manifest.paths[i].endswith(".ogg")
+                crop = min(len(x), size)
+                seq = np.random.SeedSequence([config.seed, k // batcher.plan.num_batches, int(i), 0])
+                start = int(np.random.default_rng(seq).integers(0, len(x) - crop + 1))
+                x = x[start:start + crop]
+                ref = (x - x.mean()) / np.sqrt(x.var() + 1e-5)
+                np.testing.assert_array_equal(b["audio"][r, :crop], ref)
+                assert not b["audio"][r, crop:].any() and b["padding_mask"][r].sum() == size - crop
+        assert fast > 8  # the decode-into-the-batch path was exercised
+
+
+def test_normalize_inplace_is_bit_identical():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 8, 9, 127, 128, 129, 1000, 8191, 8193, 50_001, 320_000):
+        x = rng.normal(rng.uniform(-1, 1), rng.uniform(1e-3, 3), n).astype(np.float32)
+        y = x.copy()
+        A.normalize_inplace(y)
+        np.testing.assert_array_equal(y, (x - x.mean()) / np.sqrt(x.var() + 1e-5))
+
+
+def test_read_into_names_a_file_shorter_than_its_manifest_line(tmp_path):
+    _write(str(tmp_path / "a.wav"), 3000)
+    (tmp_path / "train.tsv").write_text(f"{tmp_path}\na.wav\t3500\n")
+    src = A.AudioSource(A.read_manifest(str(tmp_path / "train.tsv")))
+    with pytest.raises(ValueError, match=r"a\.wav.*train\.tsv line 2\) has 3000 samples .* says 3500"):
+        src.read_into(0, 0, np.zeros(3000, np.float32))
