@@ -13,7 +13,7 @@ from jax._src.cudnn import fused_attention_stablehlo as fused
 
 from d2v_jax import modalities
 from d2v_jax.config import load_config, validate
-from d2v_jax.models.layers import padded_attention, resolve_attention_impl
+from d2v_jax.models.attention import padded_attention, resolve_attention_impl
 from d2v_jax.train_state import create_train_state
 from d2v_jax.train_step import make_train_step_fn
 
@@ -235,7 +235,8 @@ def test_remat_with_cudnn_attention_recomputes_the_flash_forward_or_not(remat, f
     save_bf16_dots keeps its output and statistics (one forward per block)."""
     import jax.extend
 
-    from d2v_jax.models.layers import CUDNN_ATTENTION_FWD, Encoder
+    from d2v_jax.models.attention import CUDNN_ATTENTION_FWD
+    from d2v_jax.models.layers import Encoder
 
     monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
     enc = Encoder(depth=2, dim=128, num_heads=2, remat=remat, dtype=jnp.bfloat16,

@@ -15,7 +15,7 @@ from d2v_jax.losses import regression_loss
 from d2v_jax.models import layers
 from d2v_jax.config import load_config
 from d2v_jax.modalities.audio import model as AM
-from d2v_jax.models.layers import alibi_bias, alibi_slopes
+from d2v_jax.models.attention import alibi_bias, alibi_slopes
 from d2v_jax.targets import make_targets
 from d2v_jax.train_state import teacher_params
 

@@ -38,9 +38,9 @@ from d2v_jax.modalities.audio import masking
 from d2v_jax.modalities.audio.frames import config_frame_count, frame_count
 from d2v_jax.models import visible
 from d2v_jax.models.decoder import ConvDecoder, GroupedConv, decoder_from_config, grouped_conv
-from d2v_jax.models.layers import (Encoder, alibi_bias, alibi_slopes, dense, dtype_of,
-                                   encoder_from_config, kernel, layer_norm, torch_default_bias,
-                                   torch_default_kernel)
+from d2v_jax.models.attention import alibi_bias, alibi_slopes
+from d2v_jax.models.layers import (Encoder, dense, dtype_of, encoder_from_config, kernel,
+                                   layer_norm, torch_default_bias, torch_default_kernel)
 
 TEACHER_MODULES = ("frontend", "context", "encoder")
 POS_CONV_KINDS = ("stack", "single")
