@@ -9,6 +9,7 @@ import pytest
 from d2v_jax.modalities.text import data
 from d2v_jax.config import load_config, validate
 from d2v_jax.modalities.text import data as text
+from d2v_jax.modalities.text import corpus as text_corpus
 from d2v_jax.modalities.text.tokenizer import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID
 
 from helpers import MOLECULES, TEXT, pretrain_dataset, write_text
@@ -16,9 +17,9 @@ from helpers import MOLECULES, TEXT, pretrain_dataset, write_text
 
 def test_text_files_line_and_blank_documents(tmp_path):
     p = write_text(tmp_path / "a.txt", "first doc\nsecond doc\n\nthird\n  \nfourth\nstill fourth\n")
-    assert text.read_text_files([p], "line").texts == [
+    assert text_corpus.read_text_files([p], "line").texts == [
         "first doc", "second doc", "third", "fourth", "still fourth"]
-    blank = text.read_text_files([p], "blank")
+    blank = text_corpus.read_text_files([p], "blank")
     assert blank.texts == ["first doc\nsecond doc", "third", "fourth\nstill fourth"]
     assert blank.origins == [f"{p}:1", f"{p}:4", f"{p}:6"]
 
@@ -26,39 +27,39 @@ def test_text_files_line_and_blank_documents(tmp_path):
 def test_non_utf8_line_is_named(tmp_path):
     p = write_text(tmp_path / "bad.txt", b"fine\nalso fine\n\xff\xfe broken\n")
     with pytest.raises(ValueError, match=r"bad\.txt:3: not valid UTF-8"):
-        text.read_text_files([p], "line")
+        text_corpus.read_text_files([p], "line")
 
 
 def test_empty_corpus_is_an_error(tmp_path):
     p = write_text(tmp_path / "empty.txt", "\n\n")
-    text._read_corpus.cache_clear()
+    text_corpus._read_corpus.cache_clear()
     with pytest.raises(ValueError, match="empty corpus: no documents in data.source='text'"):
-        text._read_corpus("text", p, "line", "smiles", "skip", True)
+        text_corpus._read_corpus("text", p, "line", "smiles", "skip", True)
     with pytest.raises(FileNotFoundError, match="no file matches"):
-        text._read_corpus("text", str(tmp_path / "nope*.txt"), "line", "smiles", "skip", True)
+        text_corpus._read_corpus("text", str(tmp_path / "nope*.txt"), "line", "smiles", "skip", True)
 
 
 def test_smiles_csv_invalid_rows_skip_and_count_or_stop(tmp_path):
     p = write_text(tmp_path / "mols.csv",
                    "id,smiles,label\n1,CCO,0.5\n2,C1CC,1.0\n3,C C,0\n4,c1ccccc1Cl,2\n")
-    corpus = text.read_smiles_files([p], "smiles", "skip", parse=True)
+    corpus = text_corpus.read_smiles_files([p], "smiles", "skip", parse=True)
     assert corpus.texts == ["CCO", "c1ccccc1Cl"] and corpus.skipped == 2
     assert corpus.origins == [f"{p}:2", f"{p}:5"]
     with pytest.raises(ValueError, match=r"mols\.csv:3: RDKit cannot parse SMILES 'C1CC'"):
-        text.read_smiles_files([p], "smiles", "error", parse=True)
+        text_corpus.read_smiles_files([p], "smiles", "error", parse=True)
     with pytest.raises(ValueError, match=r"no column 'smi'.*\['id', 'smiles', 'label'\]"):
-        text.read_smiles_files([p], "smi", "skip", parse=True)
+        text_corpus.read_smiles_files([p], "smi", "skip", parse=True)
     tsv = write_text(tmp_path / "mols.tsv", "smiles\tlabel\nCCN\t1\n")
-    assert text.read_smiles_files([tsv], "smiles", "error", parse=True).texts == ["CCN"]
+    assert text_corpus.read_smiles_files([tsv], "smiles", "error", parse=True).texts == ["CCN"]
 
 
 def test_fasta_records(tmp_path):
     p = write_text(tmp_path / "p.fasta", ">a desc\nMKV\nLA*\n>b\nACD\n>c\nAJK\n")
-    corpus = text.read_fasta_files([p], "skip")
+    corpus = text_corpus.read_fasta_files([p], "skip")
     assert corpus.texts == ["MKVLA", "ACD"] and corpus.skipped == 1
     with pytest.raises(ValueError, match=r"p\.fasta:6 \(c\): .*'J' at position 1"):
-        text.read_fasta_files([p], "error")
-    packaged = text.read_fasta_files([text.proteome_path()], "error")
+        text_corpus.read_fasta_files([p], "error")
+    packaged = text_corpus.read_fasta_files([text_corpus.proteome_path()], "error")
     assert len(packaged) == 2100
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from d2v_jax.modalities.text import tokenizer as tk
-from d2v_jax.modalities.text.data import chembl_corpus, python_docs_corpus
+from d2v_jax.modalities.text.corpus import chembl_corpus, python_docs_corpus
 
 
 @pytest.fixture(scope="module")

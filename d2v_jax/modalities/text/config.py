@@ -7,6 +7,7 @@ import ml_collections
 from d2v_jax.errors import check_field
 from d2v_jax.models.decoder import validate_decoder
 from d2v_jax.models.layers import validate_encoder
+from d2v_jax.modalities.text import corpus as text_corpus
 from d2v_jax.modalities.text import data as text_data
 from d2v_jax.modalities.text import masking as text_masking
 from d2v_jax.modalities.text import tokenizer
@@ -18,12 +19,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     m, k, d = config.model, config.masking, config.data
     check_field(config.tokenizer.kind in tokenizer.TOKENIZERS, "tokenizer.kind",
                 f"{config.tokenizer.kind!r} not in {sorted(tokenizer.TOKENIZERS)}")
-    check_field(d.source in text_data.SOURCES, "data.source", f"{d.source!r} not in {text_data.SOURCES}")
+    check_field(d.source in text_corpus.SOURCES, "data.source", f"{d.source!r} not in {text_corpus.SOURCES}")
     holdout = d.get("holdout_fraction", 0.0)
     check_field(0.0 <= holdout < 1.0, "data.holdout_fraction", f"{holdout} is not in [0, 1)")
-    check_field(holdout == 0 or d.source in text_data.LABELED_SOURCES, "data.holdout_fraction",
+    check_field(holdout == 0 or d.source in text_corpus.LABELED_SOURCES, "data.holdout_fraction",
                 f"{holdout} with data.source={d.source!r}: only a labeled set "
-                f"{text_data.LABELED_SOURCES} (the fine-tune's own file) has a test split to "
+                f"{text_corpus.LABELED_SOURCES} (the fine-tune's own file) has a test split to "
                 "hold out")
     check_field(d.packing in text_data.PACKINGS, "data.packing", f"{d.packing!r} not in {text_data.PACKINGS}")
     check_field(d.too_long in text_data.TOO_LONG, "data.too_long", f"{d.too_long!r} not in {text_data.TOO_LONG}")

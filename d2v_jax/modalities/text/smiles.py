@@ -44,6 +44,23 @@ def random_smiles(mol, seed: int) -> str:
         return Chem.MolToRandomSmilesVect(mol, 1, randomSeed=int(seed))[0]
 
 
+def check_smiles(smiles: str, parse: bool) -> str | None:
+    """None if `smiles` is valid, else the reason: the tokenizer regex must cover it
+    exactly and, with `parse`, RDKit must read it as a molecule."""
+    if not smiles:
+        return "empty SMILES"
+    try:
+        smiles_tokens(smiles)
+    except ValueError as e:
+        return str(e)
+    if parse:
+        from rdkit import Chem, RDLogger
+        RDLogger.DisableLog("rdApp.*")  # the reason is reported by us, once
+        if Chem.MolFromSmiles(smiles) is None:
+            return f"RDKit cannot parse SMILES {smiles!r}"
+    return None
+
+
 def check_enumerate(probability: float, tries: int, field: str = "data") -> None:
     if not 0.0 <= float(probability) <= 1.0:
         raise ConfigError(f"config.{field}.smiles_enumerate={probability} must be a probability "

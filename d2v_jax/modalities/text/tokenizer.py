@@ -369,3 +369,11 @@ def load_tokenizer(directory: str) -> BaseTokenizer:
     if tok.vocab_size != meta["vocab_size"]:
         raise DataError(f"{directory}: vocab size {tok.vocab_size} != {meta['vocab_size']} in {META_FILE}")
     return tok
+
+
+def tokenizer_for(config) -> BaseTokenizer:
+    """The run's tokenizer: the one at `config.tokenizer.path` (set by `data.prepare`)."""
+    if not config.tokenizer.path:
+        raise ValueError("config.tokenizer.path is unset: call d2v_jax.data.prepare(config, "
+                         "workdir) first (train.py does), which trains or reloads the tokenizer")
+    return load_tokenizer(config.tokenizer.path)
