@@ -47,13 +47,13 @@ def backbone_config_for(config: ml_collections.ConfigDict, init_from: str | None
             "scratch arm cannot silently differ from the pretrained one)",
             hint="pass --config.backbone=<a pretraining work dir> (that run's architecture "
                  f"and tokenizer, fresh weights) or an experiment, e.g. "
-                 f"--config.backbone={_EXAMPLE_BACKBONE.get(config.modality, '')}; or "
+                 f"--config.backbone={_example_backbone(config.modality)}; or "
                  "--init_from=<a pretraining work dir> for its weights too")
     if os.path.isdir(config.backbone):  # a pretraining run: its architecture, fresh weights
         bconfig = checkpoint.restore_config(config.backbone)
     else:
         bconfig = load_config(config.backbone)
-        if bconfig.modality == "text" and config.data.source in OWN_CORPUS_SOURCES:
+        if config.data.source in _own_corpus_sources(bconfig.modality):
             bconfig = _tokenize_finetune_data(config, bconfig)
     if bconfig.modality != config.modality:
         raise ConfigError(f"config.backbone={config.backbone!r} is a {bconfig.modality!r} model; "
@@ -61,18 +61,21 @@ def backbone_config_for(config: ml_collections.ConfigDict, init_from: str | None
     return None, bconfig
 
 
-_EXAMPLE_BACKBONE = {"image": "experiments/image.py:tiny_v2",
-                     "audio": "experiments/audio.py:tiny_v2",
-                     "text": "experiments/text.py:tiny_v2 (SMILES: experiments/molecules.py:tiny_v2)"}
-# Your own text / SMILES: a scratch backbone from an experiment file trains its
-# tokenizer on the fine-tune's file (its corpus names none, or another one).
-OWN_CORPUS_SOURCES = ("text_tsv", "smiles_csv")
+def _example_backbone(name: str) -> str:
+    """The modality's example experiment for a scratch backbone ('' if none)."""
+    return modalities.get(name).example_backbone if name in modalities.names() else ""
+
+
+def _own_corpus_sources(name: str) -> tuple[str, ...]:
+    """The fine-tuning sources a scratch backbone of modality `name` pretrains on
+    (`Modality.own_corpus_sources`)."""
+    return modalities.get(name).own_corpus_sources if name in modalities.names() else ()
 
 
 def _tokenize_finetune_data(config: ml_collections.ConfigDict,
                             bconfig: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`bconfig` with the fine-tune's labeled file as its corpus, the test rows
-    held out (modalities/text/data.py reads the fine-tuning sets), so a scratch
+    held out (modalities/text/corpus.py reads the fine-tuning sets), so a scratch
     backbone's tokenizer is trained on the fine-tune's own training rows."""
     bconfig = ml_collections.ConfigDict(bconfig.to_dict())
     d, b = config.data, bconfig.data
@@ -131,7 +134,7 @@ def held_out_of_pretraining(config: ml_collections.ConfigDict,
     """Whether the pretraining run kept this fine-tune's test split out: it
     pretrained on this very labeled set (same `data.source`, `path`, cache and
     columns: text / SMILES pretraining reads the fine-tuning sets as corpora,
-    modalities/text/data.py) with `data.holdout_fraction` / `holdout_seed` equal
+    modalities/text/corpus.py) with `data.holdout_fraction` / `holdout_seed` equal
     to our `data.test_fraction` / `split_seed` (data/pipeline.py), and our class
     ids in the sorted order that pretraining stratifies by. False when the
     corpus was another one (e.g. text tiny's pydoc topics, not the docstrings):

@@ -58,6 +58,12 @@ class Modality:
       asr: module path of the CTC speech-recognition hooks of `d2v_jax.finetune`
         (`asr_data`, `encode`, `mask_embedding`, `held_out_of_pretraining`; see
         modalities/audio/asr.py).
+      example_backbone: an experiment a scratch fine-tune can take as
+        `config.backbone`, named in the error hint when it sets none.
+      own_corpus_sources: fine-tuning `data.source`s (the user's own files)
+        that a scratch backbone from an experiment file pretrains on, the test
+        rows held out, so its `prepare` (text: the tokenizer) sees the
+        fine-tune's own training rows (finetune/backbone.py).
     """
 
     name: str
@@ -75,6 +81,8 @@ class Modality:
     hf: str | None = None
     fairseq: str | None = None
     asr: str | None = None
+    example_backbone: str = ""
+    own_corpus_sources: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.prepare_backbone is None:

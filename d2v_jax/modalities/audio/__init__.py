@@ -20,4 +20,5 @@ MODALITY = register(Modality(
     hf="d2v_jax.modalities.audio.hf",
     fairseq="d2v_jax.modalities.audio.fairseq",
     asr="d2v_jax.modalities.audio.asr",
+    example_backbone="experiments/audio.py:tiny_v2",
 ))

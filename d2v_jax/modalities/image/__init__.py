@@ -24,4 +24,5 @@ MODALITY = register(Modality(
     eval_data=transforms.eval_data,
     hf="d2v_jax.modalities.image.hf",
     fairseq="d2v_jax.modalities.image.fairseq",
+    example_backbone="experiments/image.py:tiny_v2",
 ))

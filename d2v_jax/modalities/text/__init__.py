@@ -25,4 +25,8 @@ MODALITY = register(Modality(
     labeled_parts=labeled.labeled_parts,
     hf="d2v_jax.modalities.text.hf",
     fairseq="d2v_jax.modalities.text.fairseq",
+    example_backbone="experiments/text.py:tiny_v2 (SMILES: experiments/molecules.py:tiny_v2)",
+    # Your own text / SMILES: a scratch backbone from an experiment file trains
+    # its tokenizer on the fine-tune's file (its corpus names none, or another one).
+    own_corpus_sources=("text_tsv", "smiles_csv"),
 ))
