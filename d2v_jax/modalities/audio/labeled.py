@@ -12,7 +12,7 @@ import numpy as np
 
 from d2v_jax.data.labeled import label_ids
 from d2v_jax.data.rng import example_rng
-from d2v_jax.modalities.audio import data as audio
+from d2v_jax.modalities.audio import files as audio
 from d2v_jax.modalities.audio.frames import config_frame_count
 from d2v_jax.modalities.audio import speech_set
 from d2v_jax.errors import ConfigError, DataError
