@@ -3,16 +3,14 @@ scikit-learn, its schedule, its config errors and its place in the train loop.""
 
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 from sklearn.linear_model import Ridge, RidgeClassifier
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
-from d2v_jax import metrics, probe
+from d2v_jax import probe
 from d2v_jax.config import load_config, validate
 from d2v_jax.errors import ConfigError
-from d2v_jax.train import train_and_evaluate
 
 from helpers import IMAGE, TEXT
 
@@ -113,24 +111,5 @@ def test_tiny_experiments_probe_their_packaged_task():
         assert os.path.isfile(config.probe.task.split(":")[0])  # absolute: any working dir
 
 
-@pytest.mark.slow  # a 4-step train run and the probe on its checkpoint
-def test_train_logs_probe_and_matches_offline_probe_of_the_checkpoint(tmp_path):
-    small = {"model.depth": 2, "target.top_k": 2, "decoder.layers": 1, "data.batch_size": 8,
-             "masking.num_clones": 2, "train.log_every": 1, "train.checkpoint_every": 2,
-             "data.prefetch": 1, "train.num_steps": 4, "probe.every": 2,
-             "probe.num_train": 60, "probe.num_eval": 30, "probe.k": 5}
-    config = _config(f"{IMAGE}:tiny_v2", **small)
-    workdir = str(tmp_path / "run")
-    train_and_evaluate(config, workdir)
-    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    probed = {r["step"]: r for r in rows if "probe_knn" in r}
-    assert sorted(probed) == [2, 4]
-    for r in probed.values():
-        assert 0.0 <= r["probe_knn"] <= 1.0 and 0.0 <= r["probe_linear"] <= 1.0
-    # The online number is the teacher of that step: the offline probe of the
-    # step-4 checkpoint computes the same.
-    section = ml_collections.ConfigDict(config.probe.to_dict())
-    offline = probe.run_offline(workdir, section, step=4)
-    assert offline["probe_knn"] == pytest.approx(probed[4]["probe_knn"])
-    assert offline["probe_linear"] == pytest.approx(probed[4]["probe_linear"])
-    assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
+# The probe inside the train loop (logged steps, equal to the offline probe of the
+# checkpoint): tests/test_train_e2e.py::test_train_writes_metrics_plot_checkpoints_and_resumes.

@@ -5,10 +5,11 @@ import os
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from d2v_jax import metrics, train
+from d2v_jax import metrics, probe, train
 from d2v_jax.config import load_config, validate
 from d2v_jax.train import train_and_evaluate
 
@@ -18,6 +19,8 @@ SMALL = {
     "model.depth": 2, "target.top_k": 2, "decoder.layers": 1, "data.batch_size": 8,
     "masking.num_clones": 2, "train.log_every": 2, "train.checkpoint_every": 2,
     "data.prefetch": 1,
+    # The online probe on a small split of mnist_5k at every logged step.
+    "probe.every": 2, "probe.num_train": 60, "probe.num_eval": 30, "probe.k": 5,
 }
 
 
@@ -37,6 +40,14 @@ def test_train_writes_metrics_plot_checkpoints_and_resumes(tmp_path):
             assert np.isfinite(r[key]), key
         assert r["samples_per_sec"] > 0
     assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
+    # The online probe ran at both logged steps; its step-4 numbers are the
+    # teacher of that step: the offline probe of the checkpoint computes the same.
+    for r in rows:
+        assert 0.0 <= r["probe_knn"] <= 1.0 and 0.0 <= r["probe_linear"] <= 1.0
+    section = ml_collections.ConfigDict(_config(4).probe.to_dict())
+    offline = probe.run_offline(workdir, section, step=4)
+    assert offline["probe_knn"] == pytest.approx(rows[-1]["probe_knn"])
+    assert offline["probe_linear"] == pytest.approx(rows[-1]["probe_linear"])
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps == [2, 4]  # keep_checkpoints = 2
