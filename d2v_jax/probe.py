@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from d2v_jax import checkpoint
+from d2v_jax import checkpoint, train_state
 from d2v_jax.config import load_config, parse_overrides
 from d2v_jax.data import labeled
 from d2v_jax.errors import ConfigError, UserError
@@ -60,11 +60,6 @@ def due(config: ml_collections.ConfigDict, done: int, num_steps: int) -> bool:
     every = int(config.probe.every)
     # At the end too, unless the run is shorter than one period (a smoke run).
     return done % every == 0 or (done == num_steps and done >= every)
-
-
-def teacher_params(params: dict, ema_params: dict) -> dict:
-    """The teacher's view: the student's params with the EMA subtrees in place (SPEC 4)."""
-    return {**params, **ema_params}
 
 
 def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int,
@@ -169,7 +164,11 @@ class OnlineProbe:
         """Scores the teacher (or student) features; adds `probe_seconds`."""
         t0 = time.perf_counter()
         p = self.config.probe
-        view = teacher_params(params, ema_params) if p.params == "teacher" else params
+        # The teacher's view (SPEC 4): EMA leaves in place, leaf by leaf (a
+        # partial `ema_params`, e.g. audio 1.0's shared conv positions, keeps
+        # the student's other leaves of the same module).
+        view = ({**params, **train_state.teacher_params(params, ema_params, self.config)}
+                if p.params == "teacher" else params)
         fx, sx = self.features(view, "fit"), self.features(view, "scored")
         fy, sy = self.labels["fit"], self.labels["scored"]
         out = {}
