@@ -13,6 +13,7 @@ from d2v_jax.config import load_config
 from d2v_jax.data import labeled
 from d2v_jax.errors import CheckpointError, ConfigError
 from d2v_jax.finetune.config import INIT_PARAMS
+from d2v_jax.train_state import teacher_params
 
 
 def load_pretrained(workdir: str, which: str = "student", step: int | None = None
@@ -28,7 +29,10 @@ def load_pretrained(workdir: str, which: str = "student", step: int | None = Non
     subtrees = ("params", "ema_params") if which == "teacher" else ("params",)
     restored, config = checkpoint.restore_params(workdir, step, subtrees=subtrees)
     if which == "teacher":
-        return {**restored["params"], **restored["ema_params"]}, config
+        # Leaf by leaf: a partial ema_params (audio 1.0 shares its conv
+        # positions) keeps the student's other leaves of the same module.
+        return {**restored["params"], **teacher_params(restored["params"],
+                                                       restored["ema_params"], config)}, config
     return restored, config
 
 
