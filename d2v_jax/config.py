@@ -91,6 +91,7 @@ def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
 
 PROBE_KINDS = ("knn", "linear")  # the online probe's (d2v_jax/probe.py)
 PROBE_PARAMS = ("teacher", "student")
+PROBE_POOLS = ("mean", "cls")  # FinetuneModel's pooling
 
 
 def _check_probe(config: ml_collections.ConfigDict) -> None:
@@ -102,6 +103,7 @@ def _check_probe(config: ml_collections.ConfigDict) -> None:
     check_field(bool(p.kinds) and not bad, "probe.kinds",
                 f"{tuple(p.kinds)}; expected a non-empty subset of {PROBE_KINDS}")
     check_field(p.params in PROBE_PARAMS, "probe.params", f"{p.params!r} not in {PROBE_PARAMS}")
+    check_field(p.pool in PROBE_POOLS, "probe.pool", f"{p.pool!r} not in {PROBE_POOLS}")
     check_field(int(p.every) >= 0, "probe.every", f"{p.every} must be >= 0 (0 = off)")
     check_field(int(p.num_train) >= 2 and int(p.num_eval) >= 1, "probe.num_train",
                 f"num_train={p.num_train} / num_eval={p.num_eval}: need at least 2 fitted "

@@ -33,6 +33,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from d2v_jax import checkpoint, train_state
 from d2v_jax.config import load_config, parse_overrides
@@ -116,7 +117,8 @@ def score(pred: np.ndarray, y: np.ndarray, classify: bool) -> float:
 
 
 class OnlineProbe:
-    """Builds the labeled split once; `__call__(state)` -> {'probe_knn', 'probe_linear'}."""
+    """Builds the labeled split once; `__call__(params, ema_params)` ->
+    {'probe_knn', 'probe_linear', 'probe_seconds'}."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         p = config.probe
@@ -139,13 +141,14 @@ class OnlineProbe:
         fit = rng.permutation(data.train_pool)[: int(p.num_train)]
         scored = np.sort(data.test)[: int(p.num_eval)]
         self.num_classes = data.num_classes
-        self.held_out = backbone.held_out_of_pretraining(task, config)
+        logging.info("online probe: %s, %d fitted / %d scored rows; scored rows held out of "
+                     "pretraining: %s", p.task, len(fit), len(scored),
+                     backbone.held_out_of_pretraining(task, config))
         bs = int(p.batch_size)
         self.batches = {"fit": labeled.eval_arrays(data, fit, bs),
                         "scored": labeled.eval_arrays(data, scored, bs)}
         self.labels = {"fit": data.labels[fit], "scored": data.labels[scored]}
-        pool = "cls" if p.pool == "cls" else "mean"
-        model = FinetuneModel(backbone_config=config, num_outputs=1, pool=pool, norm="none")
+        model = FinetuneModel(backbone_config=config, num_outputs=1, pool=p.pool, norm="none")
 
         def features(params, batch):
             inputs = {k: v for k, v in batch.items() if k not in ("label", "valid")}
