@@ -174,6 +174,33 @@ def test_espeak_builder_small(tmp_path):
             assert info.samplerate == 16000 and info.frames == m.lengths[i] > 1000
 
 
+def test_files_longer_than_max_sample_size_are_cropped_at_a_random_start(corpus):
+    # fairseq crops a too-long file at a uniformly random start (RawAudioDataset.crop_to_max_size);
+    # the window must range over the whole file, in both bucketing modes.
+    tmp, lengths = corpus
+    for pad, rows in ((True, 4), (False, 2)):  # without padding bucket 4000 holds 3 files
+        config = _config(**{"data.source": "manifest", "data.path": str(tmp), "data.pad": pad,
+                            "data.batch_size": rows})
+        src = A.AudioSource.from_config(config)
+        batcher = A.AudioBatcher(config, src, 0, rows)
+        starts = {}
+        for k in range(40):
+            b = batcher.plan.batch(k)
+            for i, start, crop in zip(b["index"], b["start"], b["crop"]):
+                if lengths[i] > 4000:  # 4500 and 5000
+                    assert crop == 4000 and 0 <= start <= lengths[i] - crop
+                    starts.setdefault(int(i), set()).add(start)
+        assert set(starts) == {9, 10}
+        for i, seen in starts.items():
+            assert len(seen) > 5 and max(seen) > (lengths[i] - 4000) // 2, (pad, i, seen)
+        # the row holds exactly that window of the file (normalized)
+        b, p = batcher(0), batcher.plan.batch(0)
+        for r, (i, start, crop) in enumerate(zip(p["index"], p["start"], p["crop"])):
+            want = src.read(int(i))[start:start + crop]
+            want = (want - want.mean()) / np.sqrt(want.var() + 1e-5)
+            np.testing.assert_allclose(b["audio"][r, :crop], want, atol=1e-4)
+
+
 def test_token_budget_rows_per_bucket_match_fairseq_max_tokens():
     # audio base_v2: max_tokens 1M samples per GPU x 8 GPUs. Per bucket of S
     # samples fairseq fits 1M // S rows on each of 8 GPUs; ours (global budget 8M,

@@ -207,7 +207,11 @@ class BatchPlan:
         self.buckets = check_buckets(config)
         self.pad = bool(d.pad)
         self.masking_cfg = config.masking.to_dict()
-        lengths = np.minimum(np.asarray(lengths, np.int64), d.max_sample_size)
+        # A file longer than max_sample_size is cropped to it at a random start:
+        # keep its full length for drawing that start (clipping it first made the
+        # window always the file's beginning).
+        self.full_lengths = np.asarray(lengths, np.int64)
+        lengths = np.minimum(self.full_lengths, d.max_sample_size)
         usable = lengths >= max(int(d.min_sample_size), 1)
         b = np.asarray(self.buckets)
         if self.pad:  # smallest bucket that holds the (cropped) example
@@ -267,7 +271,7 @@ class BatchPlan:
         starts, crops, masks = [], [], []
         for i in idx:
             crop = int(min(self.lengths[i], size))
-            full = int(self.lengths[i])  # the file may be longer than the crop limit
+            full = int(self.full_lengths[i])  # the file may be longer than the crop limit
             if full > crop:  # else the start is 0 (integers(0, 1)): no generator needed
                 rng = example_rng(self.seed, epoch, int(i), CROP_STREAM)
                 starts.append(int(rng.integers(0, full - crop + 1)))
