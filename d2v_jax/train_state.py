@@ -106,9 +106,17 @@ def init_params(config: ml_collections.ConfigDict, rng: jax.Array, model: nn.Mod
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
                        tx: optax.GradientTransformation | None = None,
                        model: nn.Module | None = None) -> TrainState:
-    """A fresh state: params from `rng`, the teacher a copy of the student."""
+    """A fresh state: params from `rng`, the teacher a copy of the student.
+
+    Compiled as one program: run op by op, a model's init is a couple of hundred
+    tiny compilations (8 s for the tiny ViT on a CPU, against under 1 s jitted).
+    The same random draws either way (jax's counter-based RNG)."""
     if tx is None:
         tx, _ = optim.make_optimizer(config)
+    return jax.jit(lambda r: _fresh_state(config, r, tx, model))(rng)
+
+
+def _fresh_state(config, rng, tx, model) -> TrainState:
     params = nn.unbox(init_params(config, rng, model))
     # A real copy: the state is donated, and a buffer may be donated only once.
     ema_params = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True),
