@@ -9,6 +9,8 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from d2v_jax.tensorboard import EventWriter
+
 
 class MetricWriter:
     """Appends one JSON object per logged step to `workdir/metrics.jsonl` and
@@ -22,8 +24,7 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             self._file = open(self.path, "a", buffering=1)
             if tensorboard:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+                self._tb = EventWriter(os.path.join(workdir, "tb"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:
@@ -32,8 +33,7 @@ class MetricWriter:
         row.update({k: float(v) for k, v in scalars.items()})
         self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, float(v), int(step))
+            self._tb.write(int(step), {k: float(v) for k, v in scalars.items()})
 
     def close(self) -> None:
         if self.active:
