@@ -59,6 +59,11 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   m.conv_strides = (5, 2, 2, 2, 2, 2, 2)
   m.conv_bias = False  # layer-norm mode convs have no bias
   m.feature_grad_mult = 1.0  # gradient scale into the conv extractor (0 freezes it)
+  # conv: the papers' raw-waveform convs. fbank (not in the papers): layer 0 is a
+  # fixed log-mel filterbank of conv_dims[0] bands, window conv_kernels[0], hop
+  # conv_strides[0] (e.g. dims (64, 64), kernels (400, 2), strides (160, 2): 64
+  # mels every 10 ms, then a learned conv to 20-ms frames).
+  m.frontend = "conv"
   m.dim = dim
   m.depth = depth
   m.num_heads = heads

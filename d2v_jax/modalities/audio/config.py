@@ -17,6 +17,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_field(n >= 1 and len(m.conv_kernels) == n and len(m.conv_strides) == n, "model.conv_dims",
                 f"conv_dims/conv_kernels/conv_strides have {n}/{len(m.conv_kernels)}/"
                 f"{len(m.conv_strides)} entries; they must be equally long and non-empty")
+    frontend = m.get("frontend", "conv")
+    check_field(frontend in ("conv", "fbank"), "model.frontend",
+                f"{frontend!r} is not 'conv' or 'fbank'")
+    check_field(frontend == "conv" or m.conv_kernels[0] >= 2, "model.conv_kernels",
+                f"model.frontend='fbank' reads conv_kernels[0]={m.conv_kernels[0]} as its "
+                "window in samples (e.g. 400 = 25 ms at 16 kHz)")
     check_field(m.pos_conv in ("stack", "single"), "model.pos_conv", f"{m.pos_conv!r} is not 'stack' or 'single'")
     check_field(m.get("pos_conv_zero_pad", "layer") in ("layer", "input"), "model.pos_conv_zero_pad",
                 f"{m.get('pos_conv_zero_pad')!r} is not 'layer' or 'input'")

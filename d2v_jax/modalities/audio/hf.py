@@ -91,6 +91,9 @@ def encoder_subtrees(config) -> tuple[str, ...]:
 def check_export(config) -> None:
     """A config HF Data2VecAudio cannot hold -> ConversionError naming the field."""
     m = config.model
+    if m.get("frontend", "conv") != "conv":
+        raise ConversionError("to_huggingface: HF Data2VecAudio reads raw waveforms with convs; "
+                              f"this config has model.frontend={m.frontend!r}")
     if m.alibi or m.pos_conv != "stack":
         raise ConversionError(
             f"to_huggingface: HF Data2VecAudio has no ALiBi and a stacked positional conv; "

@@ -65,9 +65,42 @@ def _grad_mult(x: jax.Array, mult: float) -> jax.Array:
     return x * mult + jax.lax.stop_gradient(x) * (1.0 - mult)
 
 
+FRONTENDS = ("conv", "fbank")
+
+
+def mel_filterbank(num_mels: int, n_fft: int, sample_rate: int) -> np.ndarray:
+    """[n_fft // 2 + 1, num_mels] triangular filters, equally spaced on the HTK
+    mel scale (2595 log10(1 + f / 700)) from 0 Hz to Nyquist, peak 1."""
+    mel = 2595.0 * np.log10(1.0 + np.array([0.0, sample_rate / 2.0]) / 700.0)
+    hz = 700.0 * (10.0 ** (np.linspace(mel[0], mel[1], num_mels + 2) / 2595.0) - 1.0)
+    bins = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
+    lo, mid, hi = hz[:-2, None], hz[1:-1, None], hz[2:, None]
+    up = (bins[None] - lo) / np.maximum(mid - lo, 1e-9)
+    down = (hi - bins[None]) / np.maximum(hi - mid, 1e-9)
+    return np.maximum(0.0, np.minimum(up, down)).T.astype(np.float32)
+
+
+def log_mel(wav: jax.Array, num_mels: int, window: int, hop: int, sample_rate: int) -> jax.Array:
+    """[B, S] -> [B, F, num_mels] log power of Hann-windowed frames of `window`
+    samples every `hop` (VALID: F = (S - window) // hop + 1, the conv arithmetic)."""
+    n_fft = 1 << (window - 1).bit_length()
+    frames = (wav.shape[-1] - window) // hop + 1
+    idx = np.arange(frames)[:, None] * hop + np.arange(window)[None]
+    x = wav.astype(jnp.float32)[..., idx] * np.hanning(window + 2)[1:-1].astype(np.float32)
+    power = jnp.square(jnp.abs(jnp.fft.rfft(x, n=n_fft, axis=-1)))
+    return jnp.log(power @ mel_filterbank(num_mels, n_fft, sample_rate) + 1e-6)
+
+
 class FeatureExtractor(nn.Module):
     """wav2vec 2.0 conv feature extractor (mode `layer_norm`), feature LayerNorm
-    and projection: [B, S] -> [B, T, D] (SPEC 7)."""
+    and projection: [B, S] -> [B, T, D] (SPEC 7).
+
+    `frontend='fbank'` (not in the papers; for tiny CPU runs, see
+    docs/label_efficiency.md): layer 0 is a fixed log-mel filterbank of
+    `conv_dims[0]` bands over Hann windows of `conv_kernels[0]` samples every
+    `conv_strides[0]`, LayerNorm-ed per frame; the learned convs follow. Its
+    frames change smoothly in time, where a raw-waveform conv at init follows
+    the waveform's phase."""
 
     conv_dims: tuple[int, ...]
     conv_kernels: tuple[int, ...]
@@ -76,12 +109,18 @@ class FeatureExtractor(nn.Module):
     conv_bias: bool = False
     feature_grad_mult: float = 1.0
     dtype: str = "float32"
+    frontend: str = "conv"
+    sample_rate: int = 16_000
 
     @nn.compact
     def __call__(self, wav: jax.Array) -> jax.Array:
         dtype = dtype_of(self.dtype)
         x = wav[..., None].astype(dtype)
         for i, (c, k, s) in enumerate(zip(self.conv_dims, self.conv_kernels, self.conv_strides)):
+            if i == 0 and self.frontend == "fbank":
+                x = log_mel(wav, c, k, s, self.sample_rate)
+                x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name="fbank_norm")(x).astype(dtype)
+                continue
             x = nn.Conv(c, (k,), strides=(s,), padding="VALID", use_bias=self.conv_bias,
                         dtype=dtype,
                         kernel_init=kernel((None, None, None), nn.initializers.kaiming_normal()),
@@ -340,11 +379,13 @@ class AudioData2Vec(nn.Module):
         return self.decoder(full)
 
 
-def feature_extractor(m: ml_collections.ConfigDict) -> FeatureExtractor:
-    """The conv feature extractor a `config.model` section describes."""
+def feature_extractor(m: ml_collections.ConfigDict, sample_rate: int = 16_000) -> FeatureExtractor:
+    """The feature extractor a `config.model` section describes (`sample_rate`:
+    config.data's, for the filterbank of `model.frontend='fbank'`)."""
     return FeatureExtractor(tuple(m.conv_dims), tuple(m.conv_kernels), tuple(m.conv_strides),
                             m.dim, conv_bias=m.conv_bias, feature_grad_mult=m.feature_grad_mult,
-                            dtype=m.dtype)
+                            dtype=m.dtype, frontend=m.get("frontend", "conv"),
+                            sample_rate=int(sample_rate))
 
 
 def build(config: ml_collections.ConfigDict) -> AudioData2Vec:
@@ -362,10 +403,10 @@ def build(config: ml_collections.ConfigDict) -> AudioData2Vec:
     encoder = encoder_from_config(m, dtype=dtype_of(m.dtype))
     common = dict(dropout_input=m.dropout_input, dtype=m.dtype)
     if config.version == "v1":
-        return AudioData2Vec("v1", feature_extractor(m), context, encoder, **common)
+        return AudioData2Vec("v1", feature_extractor(m, config.data.sample_rate), context, encoder, **common)
     d = config.decoder
     # grid (-1,): a 1-D decoder over whatever frame count the batch has.
     decoder = decoder_from_config(d, (-1,), m.dim, dtype_of(m.dtype))
-    return AudioData2Vec("v2", feature_extractor(m), context, encoder, decoder,
+    return AudioData2Vec("v2", feature_extractor(m, config.data.sample_rate), context, encoder, decoder,
                          decoder_input_dropout=d.input_dropout, mask_ratio=config.masking.ratio,
                          mask_noise_std=d.mask_noise_std, **common)
