@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from d2v_jax.errors import check_field
+from d2v_jax.modalities.audio.model import FRONTENDS
 from d2v_jax.models.decoder import validate_decoder
 from d2v_jax.models.layers import validate_encoder
 
@@ -18,8 +19,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"conv_dims/conv_kernels/conv_strides have {n}/{len(m.conv_kernels)}/"
                 f"{len(m.conv_strides)} entries; they must be equally long and non-empty")
     frontend = m.get("frontend", "conv")
-    check_field(frontend in ("conv", "fbank"), "model.frontend",
-                f"{frontend!r} is not 'conv' or 'fbank'")
+    check_field(frontend in FRONTENDS, "model.frontend",
+                f"{frontend!r} is not one of {FRONTENDS}")
     check_field(frontend == "conv" or m.conv_kernels[0] >= 2, "model.conv_kernels",
                 f"model.frontend='fbank' reads conv_kernels[0]={m.conv_kernels[0]} as its "
                 "window in samples (e.g. 400 = 25 ms at 16 kHz)")

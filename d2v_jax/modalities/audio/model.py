@@ -65,7 +65,7 @@ def _grad_mult(x: jax.Array, mult: float) -> jax.Array:
     return x * mult + jax.lax.stop_gradient(x) * (1.0 - mult)
 
 
-FRONTENDS = ("conv", "fbank")
+FRONTENDS = ("conv", "fbank")  # model.frontend: raw-waveform convs, or log-mel first
 
 
 def mel_filterbank(num_mels: int, n_fft: int, sample_rate: int) -> np.ndarray:
