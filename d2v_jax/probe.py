@@ -170,7 +170,7 @@ class OnlineProbe:
         # The teacher's view (SPEC 4): EMA leaves in place, leaf by leaf (a
         # partial `ema_params`, e.g. audio 1.0's shared conv positions, keeps
         # the student's other leaves of the same module).
-        view = ({**params, **train_state.teacher_params(params, ema_params, self.config)}
+        view = (train_state.teacher_view(params, ema_params, self.config)
                 if p.params == "teacher" else params)
         fx, sx = self.features(view, "fit"), self.features(view, "scored")
         fy, sy = self.labels["fit"], self.labels["scored"]

@@ -93,6 +93,13 @@ def teacher_params(params: Any, ema_params: Any, config: ml_collections.ConfigDi
     return traverse_util.unflatten_dict(flat)
 
 
+def teacher_view(params: Any, ema_params: Any, config: ml_collections.ConfigDict) -> dict:
+    """The whole parameter tree as the teacher sees it: `params` with
+    `teacher_params` in place of its teacher subtrees (modules the teacher does
+    not use, e.g. a 2.0 decoder, stay the student's)."""
+    return {**params, **teacher_params(params, ema_params, config)}
+
+
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array, model: nn.Module | None = None):
     """Boxed (logically partitioned) parameters; `nn.unbox` for the arrays."""
     model = model or modalities.build_model(config)

@@ -28,7 +28,7 @@ from d2v_jax.api import save_checkpoint
 from d2v_jax.convert import (ConversionError, from_fairseq, from_huggingface, make_train_state,
                              to_huggingface)
 from d2v_jax.convert.heads import HEAD_FILE, save_head
-from d2v_jax.train_state import teacher_params
+from d2v_jax.train_state import teacher_view
 
 
 def _hf_to_jax(args) -> str:
@@ -55,7 +55,7 @@ def _jax_to_hf(args) -> str:
                                              subtrees=("params", "ema_params"))
     params = both["params"]
     if args.teacher:  # the EMA subtrees; the rest (e.g. the final LayerNorm) is the student's
-        params = {**params, **teacher_params(params, both["ema_params"], config)}
+        params = teacher_view(params, both["ema_params"], config)
     model = to_huggingface(config, params)
     model.save_pretrained(args.out)
     return args.out

@@ -13,7 +13,7 @@ from d2v_jax.config import load_config
 from d2v_jax.data import labeled
 from d2v_jax.errors import CheckpointError, ConfigError
 from d2v_jax.finetune.config import INIT_PARAMS
-from d2v_jax.train_state import teacher_params
+from d2v_jax.train_state import teacher_view
 
 
 def load_pretrained(workdir: str, which: str = "student", step: int | None = None
@@ -31,8 +31,7 @@ def load_pretrained(workdir: str, which: str = "student", step: int | None = Non
     if which == "teacher":
         # Leaf by leaf: a partial ema_params (audio 1.0 shares its conv
         # positions) keeps the student's other leaves of the same module.
-        return {**restored["params"], **teacher_params(restored["params"],
-                                                       restored["ema_params"], config)}, config
+        return teacher_view(restored["params"], restored["ema_params"], config), config
     return restored, config
 
 
