@@ -45,6 +45,9 @@ _PRETRAINED_OVERRIDES = flags.DEFINE_string("pretrained_overrides", "", "key=val
 _SCRATCH_OVERRIDES = flags.DEFINE_string(
     "scratch_overrides", "encoder.feature_grad_mult=1.0,optim.freeze_finetune_updates=0",
     "key=value,... for the scratch arm.")
+# Scratch does not depend on the pretraining weights (only on its saved config), so
+# its runs can train while the pretraining run is still going.
+_ARMS = flags.DEFINE_list("arms", ["pretrained", "scratch"], "Which arms to fine-tune.")
 
 
 def _uptime() -> str:
@@ -61,12 +64,17 @@ def table(runs: list[dict], minutes: list[float], meta: dict) -> str:
         cell = {}
         for arm in ("pretrained", "scratch"):
             rows = [r for r in runs if r["arm"] == arm and r["minutes_asked"] == m]
+            if not rows:
+                cell[arm, "cer"] = cell[arm, "wer"] = (float("nan"), "-")
+                continue
             for k in ("cer", "wer"):
                 v = np.array([r["metrics"][k] for r in rows])
                 sd = f" +- {v.std(ddof=1):.3f}" if len(v) > 1 else ""
                 cell[arm, k] = (v.mean(), f"{v.mean():.3f}{sd}")
         got = [r["train_minutes"] for r in runs if r["minutes_asked"] == m]
-        lines.append(f"| {m:g} min ({np.mean(got):.1f} min, n={len(got) // 2}) | "
+        n = max(sum(r["arm"] == arm for r in runs if r["minutes_asked"] == m)
+                for arm in ("pretrained", "scratch"))
+        lines.append(f"| {m:g} min ({np.mean(got):.1f} min, n={n}) | "
                      f"{cell['pretrained', 'cer'][1]} | {cell['scratch', 'cer'][1]} | "
                      f"{cell['pretrained', 'cer'][0] / max(cell['scratch', 'cer'][0], 1e-9):.2f} | "
                      f"{cell['pretrained', 'wer'][1]} | {cell['scratch', 'wer'][1]} |")
@@ -105,8 +113,14 @@ def main(argv):
 
     arms = label_efficiency_arms(init_from, _OVERRIDES.value, _PRETRAINED_OVERRIDES.value,
                                  _SCRATCH_OVERRIDES.value)
-    base = load_config(_FINETUNE.value, arms["pretrained"])
-    pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
+    unknown = sorted(set(_ARMS.value) - set(arms))
+    if unknown:
+        raise app.UsageError(f"--arms: unknown {unknown}; expected some of {sorted(arms)}")
+    arms = {k: v for k, v in arms.items() if k in _ARMS.value}
+    pretrained = None
+    if "pretrained" in arms:
+        base = load_config(_FINETUNE.value, arms["pretrained"])
+        pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
     t_ft = time.perf_counter()
 
     def report(arm, m, seed, res):
