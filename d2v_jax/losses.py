@@ -13,6 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from d2v_jax.targets import per_position_mean
+
 
 def _psum(x: jax.Array, axis_name: str | None) -> jax.Array:
     return x if axis_name is None else jax.lax.psum(x, axis_name)
@@ -154,12 +156,8 @@ def position_share(y: jax.Array, padding_mask: jax.Array | None = None, *,
     y = jnp.asarray(y, jnp.float32)
     if y.ndim != 3:
         raise ValueError(f"position_share: y must be [B, T, D], got shape {y.shape}")
-    valid = (jnp.ones(y.shape[:2], bool) if padding_mask is None
-             else ~jnp.asarray(padding_mask, bool))[..., None]  # [B, T, 1]
-    count_t = _psum(jnp.sum(valid, axis=0, dtype=jnp.float32), axis_name)  # [T, 1]
-    sum_t = _psum(jnp.sum(jnp.where(valid, y, 0.0), axis=0), axis_name)  # [T, D]
-    grand = jnp.sum(sum_t, axis=0) / jnp.maximum(jnp.sum(count_t), 1.0)  # [D]
-    mean_t = sum_t / jnp.maximum(count_t, 1.0)
+    mean_t, count_t, valid = per_position_mean(y, padding_mask, axis_name=axis_name)
+    grand = jnp.sum(count_t * mean_t, axis=0) / jnp.maximum(jnp.sum(count_t), 1.0)  # [D]
     between = jnp.sum(count_t * jnp.square(mean_t - grand))
     total = _psum(jnp.sum(jnp.where(valid, jnp.square(y - grand), 0.0)), axis_name)
     return between / jnp.maximum(total, 1e-12)

@@ -184,11 +184,21 @@ def position_center(y: jax.Array, padding_mask: jax.Array | None = None, *,
     batch (``psum``), so any device count centres alike.
     """
     y = jnp.asarray(y, jnp.float32)
+    mean, _, valid = per_position_mean(y, padding_mask, axis_name=axis_name)
+    return jnp.where(valid, y - mean[None], 0.0)
+
+
+def per_position_mean(y: jax.Array, padding_mask: jax.Array | None = None, *,
+                      axis_name: str | None = None
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mean [T, D], count [T, 1], valid [B, T, 1]): each position's mean over the
+    batch's real (unpadded) rows, how many there were, and which rows are real.
+    With ``axis_name`` the sums are ``psum``-ed (the global batch). Shared by
+    ``position_center`` and ``losses.position_share``, which must agree on it."""
     valid = (jnp.ones(y.shape[:2] + (1,), bool) if padding_mask is None
              else _valid(padding_mask))
     count = jnp.sum(valid, axis=0, dtype=jnp.float32)  # [T, 1]
     total = jnp.sum(jnp.where(valid, y, 0.0), axis=0)  # [T, D]
     if axis_name is not None:
         count, total = jax.lax.psum((count, total), axis_name)
-    mean = total / jnp.maximum(count, 1.0)
-    return jnp.where(valid, y - mean[None], 0.0)
+    return total / jnp.maximum(count, 1.0), count, valid
