@@ -3,11 +3,12 @@ encoder vs the same encoder from scratch, at several amounts of transcribed
 audio (minutes), over seeds; CER and WER on held-out voices.
 
   python benchmarks/asr_efficiency.py --workdir runs/le_asr \
-      --minutes 10,30,74 --seeds 0,1,2
+      --minutes 2,10,74 --seeds 0,1,2
 
-Pretrains `--pretrain` on the unlabeled training audio of the espeak-ng sentence
-set (its train.tsv: the 5 training voices; the test voice is never heard)
-unless `--init_from` names a pretraining work dir. Every fine-tune runs in
+Pretrains `--pretrain` (with `--pretrain_overrides`; by default the log-mel
+tiny encoder for 3,000 steps) on the unlabeled training audio of the espeak-ng
+sentence set (its train.tsv: the 5 training voices; the test voice is never
+heard) unless `--init_from` names a pretraining work dir. Every fine-tune runs in
 this process (each arm compiles once); a finished run with the same config is
 reused. Writes `asr_efficiency.md` (the table), `results.json` and each run's
 results.json under runs/.
@@ -30,14 +31,18 @@ if _ROOT not in sys.path:
 
 from arms import label_efficiency_arms, run_grid  # noqa: E402
 from d2v_jax import checkpoint, finetune  # noqa: E402
-from d2v_jax.config import load_config  # noqa: E402
+from d2v_jax.config import load_config, parse_overrides  # noqa: E402
 from d2v_jax.modalities.audio import sentence_set  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_PRETRAIN = flags.DEFINE_string("pretrain", "experiments/audio.py:tiny_v2", "Pretraining experiment.")
+_PRETRAIN = flags.DEFINE_string("pretrain", "experiments/audio.py:tiny_v2_logmel",
+                                "Pretraining experiment.")
+_PRETRAIN_OVERRIDES = flags.DEFINE_string(
+    "pretrain_overrides", "train.num_steps=3000,ema.anneal_steps=3000",
+    "key=value,... for the pretraining run (passed as --config.key=value).")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Reuse this pretraining work dir.")
 _FINETUNE = flags.DEFINE_string("finetune", "experiments/finetune.py:asr_espeak", "CTC experiment.")
-_MINUTES = flags.DEFINE_list("minutes", ["10", "30", "74"], "Transcribed minutes per run.")
+_MINUTES = flags.DEFINE_list("minutes", ["2", "10", "74"], "Transcribed minutes per run.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Fine-tune seeds (subset, init, order).")
 _OVERRIDES = flags.DEFINE_string("overrides", "", "key=value,... for both arms.")
 _PRETRAINED_OVERRIDES = flags.DEFINE_string("pretrained_overrides", "", "key=value,... pretrained.")
@@ -98,14 +103,16 @@ def main(argv):
     init_from, pretrain_seconds = _INIT_FROM.value, 0.0
     if not init_from:
         init_from = os.path.join(workdir, "pretrain")
-        pconfig = load_config(_PRETRAIN.value)
+        poverrides = parse_overrides(_PRETRAIN_OVERRIDES.value)
+        pconfig = load_config(_PRETRAIN.value, poverrides)
         ckdir = checkpoint.checkpoint_dir(init_from)
         done = os.path.isdir(ckdir) and str(pconfig.train.num_steps) in os.listdir(ckdir)
         if not done:
             train_tsv = os.path.join(sentence_set.ensure_sentence_set(), "train.tsv")
             cmd = [sys.executable, "-m", "d2v_jax.train", f"--config={_PRETRAIN.value}",
                    f"--workdir={init_from}", "--config.data.source=manifest",
-                   f"--config.data.path={train_tsv}"]
+                   f"--config.data.path={train_tsv}"] + [
+                       f"--config.{k}={v}" for k, v in poverrides.items()]
             logging.info("pretraining: %s", " ".join(cmd))
             t = time.perf_counter()
             subprocess.run(cmd, check=True, cwd=_ROOT)

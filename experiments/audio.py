@@ -1,8 +1,15 @@
 r"""data2vec speech pretraining on raw 16 kHz waveforms, 1.0 or 2.0.
 
-`arg` is `<size>_<version>`, size in {tiny, base}, version in {v1, v2}:
+`arg` is `<size>_<version>[_logmel]`, size in {tiny, base}, version in {v1, v2}:
 
   python -m d2v_jax.train --config experiments/audio.py:tiny_v2 --workdir runs/a
+
+`_logmel` (not in the papers; the speech-recognition recipe of
+docs/label_efficiency.md) replaces the raw-waveform convs with a fixed 64-band
+log-mel filterbank every 10 ms and one learned conv to the same 20-ms frames,
+and centres the targets per position (`target.position_center`). On the tiny
+CPU runs the raw-waveform student falls to predicting the mean and its encoder
+output goes flat; with log-mel frames it learns.
 
 `tiny` trains on a small spoken-words set that espeak-ng synthesizes into a
 cache folder on first use (`d2v_jax/data/speech_set.py`; nothing is downloaded)
@@ -32,17 +39,22 @@ _SIZES = {
 }
 
 
-def _parse(arg: str) -> tuple[str, str]:
+_MEL_BANDS = 64  # the _logmel front-end: 64 log-mel bands of 25-ms windows every 10 ms
+
+
+def _parse(arg: str) -> tuple[str, str, bool]:
   parts = (arg or "tiny_v2").split("_")
-  if len(parts) != 2 or parts[0] not in _SIZES or parts[1] not in ("v1", "v2"):
+  if (len(parts) not in (2, 3) or parts[0] not in _SIZES or parts[1] not in ("v1", "v2")
+      or parts[2:] not in ([], ["logmel"])):
     raise ValueError(
-        f"experiments/audio.py: bad config arg {arg!r}; expected <size>_<version> with "
-        f"size in {sorted(_SIZES)} and version in ['v1', 'v2'], e.g. 'tiny_v2'.")
-  return parts[0], parts[1]
+        f"experiments/audio.py: bad config arg {arg!r}; expected <size>_<version>[_logmel] "
+        f"with size in {sorted(_SIZES)} and version in ['v1', 'v2'], e.g. 'tiny_v2' or "
+        "'tiny_v2_logmel'.")
+  return parts[0], parts[1], len(parts) == 3
 
 
 def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
-  size, version = _parse(arg)
+  size, version, logmel = _parse(arg)
   dim, depth, heads, conv = _SIZES[size]
   tiny, v1 = size == "tiny", version == "v1"
 
@@ -64,6 +76,11 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   # conv_strides[0] (e.g. dims (64, 64), kernels (400, 2), strides (160, 2): 64
   # mels every 10 ms, then a learned conv to 20-ms frames).
   m.frontend = "conv"
+  if logmel:  # 400-sample windows, 160-sample hop at 16 kHz; then 2x to 20-ms frames
+    m.frontend = "fbank"
+    m.conv_dims = (_MEL_BANDS, max(conv, _MEL_BANDS))
+    m.conv_kernels = (400, 2)
+    m.conv_strides = (160, 2)
   m.dim = dim
   m.depth = depth
   m.num_heads = heads
@@ -131,7 +148,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   t.eps = 1e-5
   # Not in the papers: subtract the targets' per-position batch mean
   # (targets.position_center), against the positional collapse of small runs.
-  t.position_center = False
+  t.position_center = logmel
 
   # --- loss (SPEC 3) ----------------------------------------------------------
   c.loss = l = ml_collections.ConfigDict()

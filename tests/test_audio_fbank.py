@@ -68,3 +68,19 @@ def test_fbank_frames_follow_the_conv_arithmetic_and_train():
     validate(config)
     with pytest.raises(ConfigError, match="model.frontend"):
         validate(load_config("experiments/audio.py:tiny_v2", {**FBANK, "model.frontend": "mel"}))
+
+
+def test_logmel_recipe_is_64_mels_every_10_ms_and_20_ms_frames():
+    config = load_config("experiments/audio.py:tiny_v2_logmel")
+    validate(config)
+    m = config.model
+    assert m.frontend == "fbank" and m.conv_dims[0] == 64 and config.target.position_center
+    # 25-ms windows every 10 ms at 16 kHz, then 2x: one frame per 20 ms, as the convs give.
+    assert (m.conv_kernels[0], m.conv_strides[0]) == (400, 160)
+    raw = load_config("experiments/audio.py:tiny_v2")
+    for n in (16000, 32000):
+        assert config_frame_count(config, n) == config_frame_count(raw, n) == n // 320 - 1
+    # Everything but the front-end and the centring is tiny_v2's.
+    assert config.model.dim == raw.model.dim and config.train.num_steps == raw.train.num_steps
+    with pytest.raises(ValueError, match=r"<size>_<version>\[_logmel\]"):
+        load_config("experiments/audio.py:tiny_v2_mel")
