@@ -193,7 +193,7 @@ def test_ctc_loss_of_a_padded_batch_equals_each_utterance_alone(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctc_finetune_smoke_run_through_the_cli(tmp_path):
+def test_ctc_finetune_smoke_run_through_the_cli(tmp_path, capsys):
     train = _write_folder(tmp_path / "train")
     test = _write_folder(tmp_path / "test", {k: TEXTS[k] for k in ("spk2/c", "spk2/d")})
     work = tmp_path / "run"
@@ -205,7 +205,9 @@ def test_ctc_finetune_smoke_run_through_the_cli(tmp_path):
     overrides = {"data.path": train, "data.test_path": test, "train.num_steps": 4,
                  "train.eval_every": 2, "data.batch_size": 2, "data.eval_batch_size": 2,
                  "data.buckets": "(6400,)", "optim.freeze_finetune_updates": 2,
-                 "backbone": f"{backbone}:tiny", "encoder.layerdrop": 0.5}
+                 "backbone": f"{backbone}:tiny", "encoder.layerdrop": 0.5,
+                 # 4,800 samples: 1-3 of the 4 utterances (13,700 samples) are drawn.
+                 "data.train_minutes": 4800 / RATE / 60}
     argv = ["finetune", "--config=experiments/finetune.py:asr_folder", f"--workdir={work}"]
     argv += [f"--config.{k}={v}" for k, v in overrides.items()]
     assert finetune_main(argv) == 0
@@ -222,6 +224,11 @@ def test_ctc_finetune_smoke_run_through_the_cli(tmp_path):
     hyps = [e["hypothesis"] for e in r["examples"]]
     assert r["metrics"]["cer"] == pytest.approx(ctc.cer(refs, hyps))
     assert r["metrics"]["wer"] == pytest.approx(ctc.wer(refs, hyps))
-    assert r["test_speakers"] == ["spk2"] and r["train_minutes"] == pytest.approx(
-        sum(LENGTHS.values()) / RATE / 60)
+    assert r["test_speakers"] == ["spk2"]
+    assert 4800 / RATE / 60 <= r["train_minutes"] < sum(LENGTHS.values()) / RATE / 60
+    assert r["train_pool_minutes"] == pytest.approx(sum(LENGTHS.values()) / RATE / 60)
+    # The start-up line reports the share drawn, not data.label_fraction (1.0 here).
+    assert r["num_train_pool"] == 4 and 1 <= r["num_labels"] <= 3
+    share = 100 * r["num_labels"] / 4
+    assert f"{r['num_labels']} labels ({share:.1f}% of 4)" in capsys.readouterr().out
     assert r["vocab"][:5] == ["<pad>", "<s>", "</s>", "<unk>", "|"]

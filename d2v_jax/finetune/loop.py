@@ -135,8 +135,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f.write(config.to_json_best_effort(indent=2))
     n = jax.device_count()
     if pretrained is None:  # the benchmark's many runs stay quiet
+        # The share actually drawn (data.train_minutes draws by minutes, not label_fraction).
+        share = 100 * len(data.train) / max(len(data.train_pool), 1)
         print(f"finetune: {config.mode} {config.task} on {config.data.source}, "
-              f"{len(data.train)} labels ({100 * config.data.label_fraction:.1f}% of "
+              f"{len(data.train)} labels ({share:.1f}% of "
               f"{len(data.train_pool)}), {len(data.test)} test, {steps} steps, init "
               f"{init_from or 'scratch'}; {n} {jax.default_backend()} device{'s' if n != 1 else ''}"
               f", runs on 1 (jit, no mesh)", flush=True)
