@@ -60,8 +60,7 @@ def main(argv):
     model = modalities.build_model(config)
     arms = {"pretrained": params,
             "random init": create_train_state(config, jax.random.PRNGKey(_SEED.value)).params}
-    features = jax.jit(lambda p, b: model.apply({"params": p}, b,
-                                                method=lambda m, b: m.frontend(b["audio"])))
+    features = jax.jit(lambda p, b: model.apply({"params": p}, b, method="features"))
     encode = jax.jit(lambda p, b: model.apply({"params": p}, b, method="encode"))
     rows = {(arm, part): [] for arm in arms for part in ("conv features", "encoder output")}
     for i in range(min(_NUM_CLIPS.value, len(man))):

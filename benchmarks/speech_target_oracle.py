@@ -70,8 +70,7 @@ def main(argv):
     model = modalities.build_model(config)
     if params is None:
         params = create_train_state(config, jax.random.PRNGKey(config.seed)).params
-    features = jax.jit(lambda p, b: model.apply({"params": p}, b,
-                                                method=lambda m, b: m.frontend(b["audio"])))
+    features = jax.jit(lambda p, b: model.apply({"params": p}, b, method="features"))
     teacher = jax.jit(lambda p, b: compute_targets(model, p, b, config))
     k, rows = FLAGS.context, {"neighbours": [], "own": [], "target": []}
     batches = iter(d2v_jax.make_dataset(config))

@@ -73,8 +73,8 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   m.feature_grad_mult = 1.0  # gradient scale into the conv extractor (0 freezes it)
   # conv: the papers' raw-waveform convs. fbank (not in the papers): layer 0 is a
   # fixed log-mel filterbank of conv_dims[0] bands, window conv_kernels[0], hop
-  # conv_strides[0] (e.g. dims (64, 64), kernels (400, 2), strides (160, 2): 64
-  # mels every 10 ms, then a learned conv to 20-ms frames).
+  # conv_strides[0] (the `_logmel` variant below: 64 mels every 10 ms, then a
+  # learned conv to 20-ms frames).
   m.frontend = "conv"
   if logmel:  # 400-sample windows, 160-sample hop at 16 kHz; then 2x to 20-ms frames
     m.frontend = "fbank"

@@ -244,3 +244,21 @@ def test_ema_scope_typo_is_an_error():
     config = _config("tiny_v1", **{"ema.shared": ("frontend", "context/pos_cnv*")})
     with pytest.raises(ValueError, match=r"ema.shared=.*\['context/pos_cnv\*'\] match no parameter"):
         ema_subtree(_param_tree(config, 0.0), config)
+
+
+def test_features_entry_point_is_the_frontend_with_padding_zeroed():
+    """`method="features"` (what the speech diagnostics read) is the conv
+    front-end's output of the whole clip, with the frames that the sample
+    padding mask makes padded set to 0 and the others untouched."""
+    config = _config()
+    model = modalities.build_model(config)
+    state = init_state(config, jax.random.PRNGKey(0))
+    batch = _batch(config, np.random.default_rng(1), [2600, 4000], 4000)
+    got = np.asarray(model.apply({"params": state.params}, batch, method="features"))
+    raw = np.asarray(AM.feature_extractor(config.model).apply(
+        {"params": state.params["frontend"]}, jnp.asarray(batch["audio"])))
+    n0 = _reference_frames(2600, config.model.conv_kernels, config.model.conv_strides)
+    assert got.shape == raw.shape == (2, AM.config_frame_count(config, 4000), config.model.dim)
+    assert (got[0, n0:] == 0).all() and np.abs(raw[0, n0:]).sum() > 0
+    np.testing.assert_allclose(got[0, :n0], raw[0, :n0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], raw[1], rtol=1e-6)

@@ -317,6 +317,11 @@ class AudioData2Vec(nn.Module):
         _, layers, pad = self._full(batch, deterministic=True)
         return {"layers": layers, "padding_mask": pad}
 
+    def features(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """The feature extractor's projected frames [B, T, D] (before the
+        positional encoder), 0 at padded frames."""
+        return self._features(batch)[0]
+
     def encode(self, batch: dict[str, jax.Array]) -> jax.Array:
         """Final hidden states [B, T, D] of the full input, 0 at padded frames."""
         h, _, pad = self._full(batch, deterministic=True)
