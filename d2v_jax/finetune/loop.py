@@ -101,6 +101,9 @@ def prepare(config: ml_collections.ConfigDict, init_from: str | None = None,
     state = FinetuneState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           batch_stats=batch_stats,
                           rng=jax.random.PRNGKey(config.seed) if is_ctc else None)
+    # Committed to the device, as the step's outputs are: an uncommitted first
+    # state (the optimizer's fresh counters) would compile the step a second time.
+    state = jax.device_put(state, jax.devices()[0])
     if is_ctc:  # decoding needs the vocabulary and the references
         predict_step = CTCPredict(predict_step, data.vocab, data.references(),
                                   config.eval.num_examples)
