@@ -59,10 +59,30 @@ def load_config(spec: str, overrides: dict | None = None) -> ml_collections.Conf
     return config
 
 
+def _split_top_level(text: str, sep: str = ",") -> list[str]:
+    """`text` split at each `sep` outside brackets and quotes, so that a tuple
+    value keeps its commas: "a=(1,2),b='x,y'" -> ["a=(1,2)", "b='x,y'"]."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def parse_overrides(text: str) -> dict:
-    """'a.b=1,c=x' -> {'a.b': 1, 'c': 'x'} (values parsed as Python literals when they are)."""
+    """'a.b=1,c=x,d=(1,2)' -> {'a.b': 1, 'c': 'x', 'd': (1, 2)} (values parsed as
+    Python literals when they are; commas inside brackets or quotes stay)."""
     out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    for item in filter(None, (s.strip() for s in _split_top_level(text))):
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not key=value",

@@ -183,6 +183,9 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   # python_docs | text | chembl | smiles | proteome | fasta (d2v_jax/data/text.py)
   dt.source = "python_docs" if tiny else "text"
   dt.path = ""  # file, glob or comma-separated list for text | smiles | fasta
+  # Packaged corpora read after data.source, e.g. ('chembl', 'freesolv'): each
+  # labeled one loses its held-out rows too (modalities/text/corpus.py).
+  dt.extra_sources = ()
   dt.doc_sep = "blank"  # text files: line (one document per line) | blank (paragraphs)
   dt.smiles_column = "smiles"
   # Fine-tuning sets as corpora (data.source text_tsv | stdlib_docs | smiles_csv |

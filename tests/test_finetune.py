@@ -252,6 +252,9 @@ def test_label_efficiency_scratch_arm_builds_the_pretraining_runs_architecture()
     assert arms["scratch"]["backbone"] == "experiments/image.py:tiny_v2"
     with pytest.raises(ValueError, match="'seed' is not key=value"):
         parse_overrides("seed")
+    # A tuple or a quoted value keeps its commas.
+    assert parse_overrides("data.extra_sources=('chembl','freesolv'),a.b=[1, 2],c='x,y',d=3") == {
+        "data.extra_sources": ("chembl", "freesolv"), "a.b": [1, 2], "c": "x,y", "d": 3}
 
 
 def test_benchmark_grid_names_runs_and_reuses_finished_ones(tmp_path, monkeypatch):

@@ -136,6 +136,62 @@ def test_holdout_needs_the_labeled_set_and_is_reported_only_when_true():
             validate(config)
 
 
+def test_extra_sources_hold_out_every_test_molecule_in_any_spelling(tmp_path):
+    """Your molecules + a packaged set (`data.extra_sources`): each labeled part
+    loses its own test rows, and no part keeps a molecule that is a test row of
+    either (FreeSolv writes most of MOLS otherwise, e.g. phenol c1ccc(cc1)O)."""
+    from rdkit import Chem
+
+    csv_path = _mols_csv(tmp_path)
+    pre = tiny_config("molecules", **{"data.source": "smiles_csv", "data.path": csv_path,
+                                      "data.extra_sources": ("freesolv",),
+                                      "data.holdout_fraction": 0.25, "data.holdout_seed": 1})
+    validate(pre)
+    pre = text_data.prepare(pre, str(tmp_path / "pre"))  # the tokenizer the fine-tunes read
+    corpus = text_data.read_corpus(pre)
+    ft_csv = _ft("smiles_csv", **{"data.path": csv_path, "data.target_column": "logp",
+                                  "data.test_fraction": 0.25, "data.split_seed": 1})
+    ft_fs = _ft("freesolv", **{"data.test_fraction": 0.25, "data.split_seed": 1,
+                               "data.too_long": "truncate"})  # the tiny test rows are short
+
+    def canon(smiles):
+        return Chem.MolToSmiles(Chem.MolFromSmiles(smiles))
+
+    expected, pools = [], []
+    test_keys = set()
+    for ft, (texts, _, origins) in ((ft_csv, text_labeled.read_smiles_targets([csv_path], "smiles",
+                                                                                "logp")),
+                                    (ft_fs, text_labeled.PACKAGED_SMILES["freesolv"]())):
+        test = set(make_labeled_data(ft, pre).test.tolist())
+        test_keys |= {canon(texts[i]) for i in test}
+        pools.append(len(texts) - len(test))
+        expected.append([(t, o) for i, (t, o) in enumerate(zip(texts, origins)) if i not in test])
+        assert finetune.held_out_of_pretraining(ft, pre) is True
+    expected = [(t, o) for part in expected for t, o in part if canon(t) not in test_keys]
+    assert list(zip(corpus.texts, corpus.origins)) == expected
+    # Both directions happen: csv pool rows that are FreeSolv test molecules, and
+    # FreeSolv pool rows that are csv test molecules, are gone.
+    assert pools[0] == len(MOLS) - 4
+    assert sum(o.startswith(csv_path) for _, o in expected) < pools[0]
+    assert sum(not o.startswith(csv_path) for _, o in expected) < pools[1]
+    # A fine-tune on the other split of the extra set was not held out.
+    other = _ft("freesolv", **{"data.test_fraction": 0.25, "data.split_seed": 2})
+    assert finetune.held_out_of_pretraining(other, pre) is False
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("smiles",), r"^config.data.extra_sources: \('smiles',\): each must be a packaged corpus"),
+    (("chembl", "chembl"), r"^config.data.extra_sources: \('chembl', 'chembl'\) repeats"),
+])
+def test_extra_sources_are_checked(extra, match):
+    config = load_config(f"{MOLECULES}:tiny_v2", {"data.extra_sources": extra})
+    with pytest.raises(errors.ConfigError, match=match):
+        validate(config)
+    # ChEMBL with a labeled extra set can hold out that set's test rows.
+    validate(load_config(f"{MOLECULES}:tiny_v2", {"data.extra_sources": ("freesolv",),
+                                                  "data.holdout_fraction": 0.2}))
+
+
 # --- 2. misspelt keys: one line naming the key and its nearest valid names -----------------
 
 

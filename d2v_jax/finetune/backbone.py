@@ -138,7 +138,8 @@ def held_out_of_pretraining(config: ml_collections.ConfigDict,
     pretrained on this very labeled set (same `data.source`, `path`, cache and
     columns: text / SMILES pretraining reads the fine-tuning sets as corpora,
     modalities/text/corpus.py) with `data.holdout_fraction` / `holdout_seed` equal
-    to our `data.test_fraction` / `split_seed` (data/pipeline.py), and our class
+    to our `data.test_fraction` / `split_seed` (data/pipeline.py; the set may be
+    one of its packaged `data.extra_sources`), and our class
     ids in the sorted order that pretraining stratifies by. False when the
     corpus was another one (e.g. text tiny's pydoc topics, not the docstrings):
     then nothing was held out, and nothing needed to be.
@@ -147,7 +148,10 @@ def held_out_of_pretraining(config: ml_collections.ConfigDict,
         asr = importlib.import_module(modalities.get(config).asr)
         return asr.held_out_of_pretraining(config, bconfig, data)
     d, b = config.data, bconfig.data
-    same = (b.get("source") == d.source and _same_path(b.get("path", ""), d.get("path", ""))
+    # data.source, or one of the packaged data.extra_sources (text / SMILES).
+    parts = [(b.get("source"), b.get("path", ""))] + [
+        (s, "") for s in tuple(b.get("extra_sources", ()) or ())]
+    same = (any(s == d.source and _same_path(p, d.get("path", "")) for s, p in parts)
             and float(b.get("holdout_fraction", 0.0)) == float(d.test_fraction)
             and int(b.get("holdout_seed", -1)) == int(d.split_seed))
     # The fields that choose the rows, where both configs have them.

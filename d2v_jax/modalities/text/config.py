@@ -22,7 +22,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_field(d.source in text_corpus.SOURCES, "data.source", f"{d.source!r} not in {text_corpus.SOURCES}")
     holdout = d.get("holdout_fraction", 0.0)
     check_field(0.0 <= holdout < 1.0, "data.holdout_fraction", f"{holdout} is not in [0, 1)")
-    check_field(holdout == 0 or d.source in text_corpus.LABELED_SOURCES, "data.holdout_fraction",
+    extra = tuple(d.get("extra_sources", ()) or ())
+    check_field(all(s in text_corpus.EXTRA_SOURCES for s in extra), "data.extra_sources",
+                f"{extra}: each must be a packaged corpus {text_corpus.EXTRA_SOURCES} (files go "
+                "in data.source / data.path)")
+    check_field(len(set(extra) | {d.source}) == len(extra) + 1, "data.extra_sources",
+                f"{extra} repeats a corpus (data.source={d.source!r})")
+    labeled_parts = [s for s in (d.source, *extra) if s in text_corpus.LABELED_SOURCES]
+    check_field(holdout == 0 or bool(labeled_parts), "data.holdout_fraction",
                 f"{holdout} with data.source={d.source!r}: only a labeled set "
                 f"{text_corpus.LABELED_SOURCES} (the fine-tune's own file) has a test split to "
                 "hold out")

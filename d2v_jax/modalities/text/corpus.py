@@ -23,6 +23,10 @@ Corpora (`data.source`):
                `data.split_seed` tests on (stratified by label for text_tsv and
                stdlib_docs, uniform for the regression sets), tokenizer included.
 `data.path` is a file, a glob, or several of them separated by commas.
+`data.extra_sources` adds packaged corpora to `data.source` (e.g. your molecules
+and ChEMBL: `data.source=smiles_csv`, `data.extra_sources=('chembl',)`); each
+labeled one is held out like `data.source`, and a document equal to any held-out
+row (canonical SMILES for molecules) is dropped from every part.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from d2v_jax.modalities.text.tokenizer import ProteinTokenizer
 # so that pretraining can hold a fine-tune's test rows out.
 LABELED_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility", "freesolv")
 SOURCES = ("python_docs", "chembl", "proteome", "text", "smiles", "fasta", *LABELED_SOURCES)
+# `data.extra_sources`: the packaged corpora (no data.path) that can join data.source.
+EXTRA_SOURCES = ("python_docs", "chembl", "proteome", "stdlib_docs", "solubility", "freesolv")
 
 
 @dataclasses.dataclass
@@ -242,15 +248,16 @@ def labeled_corpus(source: str, path: str, text_column: str, label_column: str,
     return Corpus(texts, origins, labels=[0] * len(texts), stratify=False)
 
 
-def without_held_out(config: ml_collections.ConfigDict, corpus: Corpus) -> Corpus:
-    """`corpus` less the rows a fine-tune on the same labeled set tests on
-    (`data.holdout_fraction` > 0; `data.pipeline.held_out_indices`)."""
+def _split_held_out(config: ml_collections.ConfigDict, corpus: Corpus, source: str
+                    ) -> tuple[Corpus, list[str]]:
+    """(the kept rows, the held-out texts) of one corpus; every row is kept
+    without a holdout."""
     fraction = check_holdout_fraction(config)
     if fraction == 0:
-        return corpus
+        return corpus, []
     if corpus.labels is None:
         raise ConfigError(
-            f"config.data.holdout_fraction={fraction}: data.source={config.data.source!r} is not "
+            f"config.data.holdout_fraction={fraction}: data.source={source!r} is not "
             "a labeled set, so it has no fine-tuning test split to hold out; pretrain on the "
             f"labeled set itself (data.source in {list(LABELED_SOURCES)}, data.path = the "
             "fine-tune's file) or set data.holdout_fraction=0")
@@ -258,9 +265,10 @@ def without_held_out(config: ml_collections.ConfigDict, corpus: Corpus) -> Corpu
     held = held_out_indices(config, ids, corpus.stratify)
     keep = np.setdiff1d(np.arange(len(corpus)), held)
     logging.info("data.holdout_fraction=%s: %d of %d rows of %s held out of pretraining",
-                 fraction, len(held), len(corpus), config.data.source)
-    return Corpus([corpus.texts[i] for i in keep], [corpus.origins[i] for i in keep],
-                  corpus.skipped, [corpus.labels[i] for i in keep], corpus.stratify)
+                 fraction, len(held), len(corpus), source)
+    return (Corpus([corpus.texts[i] for i in keep], [corpus.origins[i] for i in keep],
+                   corpus.skipped, [corpus.labels[i] for i in keep], corpus.stratify),
+            [corpus.texts[i] for i in held])
 
 
 def proteome_path() -> str:
@@ -269,7 +277,7 @@ def proteome_path() -> str:
                         "938293.PRJEB85.HG003687.faa")
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: str,
                  parse: bool, text_column: str = "text", label_column: str = "label") -> Corpus:
     if on_invalid not in ("skip", "error"):
@@ -299,11 +307,64 @@ def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: 
     return corpus
 
 
+def corpus_parts(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(source, path) of every corpus pretraining reads: `data.source` (with
+    `data.path`), then each packaged `data.extra_sources` entry."""
+    d = config.data
+    return [(d.source, d.path)] + [(s, "") for s in tuple(d.get("extra_sources", ()) or ())]
+
+
+def _same_document(kind: str):
+    """The key under which two documents are the same one: RDKit's canonical
+    SMILES for molecules (a test molecule is still held out when another set
+    writes it otherwise), else the text with its whitespace collapsed."""
+    if kind != "smiles":
+        return lambda text: " ".join(text.split())
+    from rdkit import Chem
+
+    def key(text: str) -> str:
+        mol = Chem.MolFromSmiles(text)
+        return Chem.MolToSmiles(mol) if mol is not None else text
+    return key
+
+
 def read_corpus(config: ml_collections.ConfigDict) -> Corpus:
     """The corpus that `config.data` names (cached: prepare and the pipeline share
-    it), less the held-out rows of a labeled set (`data.holdout_fraction`)."""
+    it): `data.source` then the packaged `data.extra_sources`, each labeled set
+    less its held-out rows (`data.holdout_fraction`). With several parts, a
+    document equal to any held-out one (`_same_document`) is dropped from every
+    part too, so no test row reaches pretraining through another set."""
+    parts = corpus_parts(config)
+    if check_holdout_fraction(config) and not any(s in LABELED_SOURCES for s, _ in parts):
+        _split_held_out(config, _read_part(config, *parts[0]), parts[0][0])  # raises: unlabeled
+    kept, held = [], []
+    for source, path in parts:
+        corpus = _read_part(config, source, path)
+        if source in LABELED_SOURCES:
+            corpus, out = _split_held_out(config, corpus, source)
+            held += out
+        kept.append(corpus)
+    if len(kept) == 1:
+        return kept[0]
+    if held:
+        key = _same_document(config.tokenizer.kind)
+        held_keys = {key(t) for t in held}
+        for i, c in enumerate(kept):
+            keep = [j for j, t in enumerate(c.texts) if key(t) not in held_keys]
+            if len(keep) < len(c):
+                logging.info("%s: %d documents equal to a held-out test row dropped",
+                             parts[i][0], len(c) - len(keep))
+                kept[i] = Corpus([c.texts[j] for j in keep], [c.origins[j] for j in keep],
+                                 c.skipped, None if c.labels is None else
+                                 [c.labels[j] for j in keep], c.stratify)
+    merged = _merge(kept)
+    logging.info("pretraining corpus: %s", ", ".join(f"{s} {len(c)}" for (s, _), c in
+                                                     zip(parts, kept)))
+    return merged
+
+
+def _read_part(config: ml_collections.ConfigDict, source: str, path: str) -> Corpus:
     d = config.data
-    corpus = _read_corpus(d.source, d.path, d.doc_sep, d.smiles_column, d.on_invalid,
-                          bool(d.validate_smiles), d.get("text_column", "text"),
-                          d.get("label_column", "label"))
-    return without_held_out(config, corpus)
+    return _read_corpus(source, path, d.doc_sep, d.smiles_column, d.on_invalid,
+                        bool(d.validate_smiles), d.get("text_column", "text"),
+                        d.get("label_column", "label"))

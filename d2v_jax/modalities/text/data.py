@@ -33,7 +33,7 @@ from absl import logging
 
 from d2v_jax.modalities.text import masking as text_masking
 from d2v_jax.data.rng import MASK_STREAM, example_rng
-from d2v_jax.modalities.text.corpus import read_corpus
+from d2v_jax.modalities.text.corpus import corpus_parts, read_corpus
 from d2v_jax.modalities.text.smiles import SmilesEnumerator
 from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
 from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, META_FILE, NUM_SPECIAL, PAD_ID, BaseTokenizer,
@@ -180,7 +180,7 @@ def make_source(config: ml_collections.ConfigDict, tokenizer: BaseTokenizer) -> 
                           f"pretraining corpus data.source={d.source!r}", d.get("on_unknown", "warn"))
     docs = tokenizer.encode_batch(corpus.texts)
     rows = build_sequences(docs, d.max_len, d.packing, d.too_long, corpus.origins)
-    name = f"{d.source}:{d.path}" if d.path else d.source
+    name = "+".join(f"{s}:{p}" if p else s for s, p in corpus_parts(config))
     if float(d.get("smiles_enumerate", 0.0)) == 0:
         return SequenceSource(rows, name)
     # Enumeration rewrites a row from its molecule: one whole SMILES per row.
