@@ -178,6 +178,10 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   # Backbone params that count as the top layer (BEiT gives its shared relative
   # position bias the head's lr).
   o.layer_decay_top = ("rel_pos_bias",)
+  # The encoder gets no updates for this many steps while the head fits on its
+  # features (wav2vec 2.0 / data2vec fine-tuning; "linear probe, then fine-tune",
+  # Kumar et al. 2022); the CTC tasks set it, 0 = off.
+  o.freeze_finetune_updates = 0
 
   # --- run ------------------------------------------------------------------------
   c.train = r = ml_collections.ConfigDict()

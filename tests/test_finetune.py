@@ -210,6 +210,25 @@ def test_finetune_updates_the_encoder(tiny_checkpoint, tmp_path):
     assert results["num_labels"] == 40 and results["init_params"] == "student"
 
 
+@pytest.mark.parametrize("task", ["mnist_5k", "solubility"])
+def test_freeze_finetune_updates_holds_the_encoder_of_any_task(task):
+    """optim.freeze_finetune_updates = 2: the encoder's updates are exactly zero
+    for the first two steps (the head's are not), then the encoder trains."""
+    config = _ft_config(task, **{"optim.freeze_finetune_updates": 2, "optim.warmup_steps": 0})
+    finetune.validate(config)
+    params = {"backbone": {"encoder": {"w": jnp.ones((3,))}}, "head": {"w": jnp.ones((3,))}}
+    tx, _ = finetune.make_optimizer(config, params, 2, 10)
+    state, grads = tx.init(params), jax.tree.map(jnp.ones_like, params)
+    moved = []
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        moved.append((bool(jnp.any(updates["backbone"]["encoder"]["w"] != 0)),
+                      bool(jnp.all(updates["head"]["w"] != 0))))
+    assert moved == [(False, True), (False, True), (True, True)]
+    with pytest.raises(ValueError, match=r"config\.optim\.freeze_finetune_updates"):
+        finetune.validate(_ft_config(task, **{"optim.freeze_finetune_updates": -1}))
+
+
 def test_config_errors_name_the_field(tiny_checkpoint):
     with pytest.raises(ValueError, match=r"config\.mode"):
         finetune.validate(_ft_config(mode="probe"))

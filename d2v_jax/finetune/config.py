@@ -46,8 +46,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                f"mask_length={k.mask_length} / mask_channel_length={k.mask_channel_length} < 1")
         _check(l.ctc_reduction in CTC_REDUCTIONS, "loss.ctc_reduction",
                f"{l.ctc_reduction!r} not in {CTC_REDUCTIONS}")
-        _check(config.optim.freeze_finetune_updates >= 0, "optim.freeze_finetune_updates",
-               f"{config.optim.freeze_finetune_updates} < 0")
+    freeze = config.optim.get("freeze_finetune_updates", 0)
+    _check(freeze >= 0, "optim.freeze_finetune_updates", f"{freeze} < 0")
     if config.task == "classification":
         _check(0 <= config.loss.label_smoothing < 1, "loss.label_smoothing",
                f"{config.loss.label_smoothing} is not in [0, 1)")
