@@ -54,6 +54,9 @@ _PRETRAINED_OVERRIDES = flags.DEFINE_string("pretrained_overrides", "", "key=val
 _SCRATCH_OVERRIDES = flags.DEFINE_string(
     "scratch_overrides", "optim.layer_decay=1.0",
     "key=value,... for the scratch arm (layer decay means nothing for random weights).")
+_ARMS = flags.DEFINE_list("arms", ["pretrained", "scratch"],
+                          "Which arms to fine-tune (e.g. one arm's variant: --arms pretrained "
+                          "--pretrained_overrides ...).")
 _TITLE = flags.DEFINE_string("title", None, "Plot/table title (default: the fine-tune experiment).")
 _BASELINES = flags.DEFINE_bool(
     "baselines", True, "Add the rows of benchmarks/baselines.py (Morgan fingerprints + random "
@@ -165,8 +168,14 @@ def main(argv):
     # 2. Fine-tune both arms; the checkpoint is read once per `init.params`.
     arms = label_efficiency_arms(init_from, _OVERRIDES.value, _PRETRAINED_OVERRIDES.value,
                                  _SCRATCH_OVERRIDES.value)
-    base = load_config(_FINETUNE.value, arms["pretrained"])
-    pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
+    unknown = sorted(set(_ARMS.value) - set(arms))
+    if unknown or not _ARMS.value:
+        raise errors.ConfigError(f"--arms: unknown {unknown}; expected some of {sorted(arms)}")
+    arms = {k: v for k, v in arms.items() if k in _ARMS.value}
+    pretrained = None
+    if "pretrained" in arms:
+        base = load_config(_FINETUNE.value, arms["pretrained"])
+        pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
     t_ft = time.perf_counter()
 
     def report(arm, f, seed, res):
@@ -177,8 +186,8 @@ def main(argv):
                     init_from, pretrained, report, tag="f")
     finetune_seconds = time.perf_counter() - t_ft
     names = list(arms)
-    if _BASELINES.value:  # the pretrained arm's data fields: the same rows
-        extra = baselines.grid_rows(_FINETUNE.value, arms["pretrained"], fractions, seeds)
+    if _BASELINES.value:  # the (first) arm's data fields: the same rows
+        extra = baselines.grid_rows(_FINETUNE.value, next(iter(arms.values())), fractions, seeds)
         runs += extra
         names += list(dict.fromkeys(r["arm"] for r in extra))
 
