@@ -329,8 +329,9 @@ def _same_document(kind: str):
 
 
 def read_corpus(config: ml_collections.ConfigDict) -> Corpus:
-    """The corpus that `config.data` names (cached: prepare and the pipeline share
-    it): `data.source` then the packaged `data.extra_sources`, each labeled set
+    """The corpus that `config.data` names (each part is read once: prepare and
+    the pipeline share `_read_corpus`'s cache): `data.source` then the packaged
+    `data.extra_sources`, each labeled set
     less its held-out rows (`data.holdout_fraction`). With several parts, a
     document equal to any held-out one (`_same_document`) is dropped from every
     part too, so no test row reaches pretraining through another set."""
