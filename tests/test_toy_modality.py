@@ -60,6 +60,7 @@ def test_toy_modality_pretrains_through_the_public_api(toy_config):
     assert count.tokens == {"teacher": 32, "student": 16, "decoder": 32} and count.model > 0
 
 
+@pytest.mark.slow  # the whole train loop: two compiled step variants and a checkpoint
 def test_toy_modality_runs_in_the_train_loop(toy_config, tmp_path):
     config = toy_config
     with config.unlocked():
