@@ -11,7 +11,7 @@ import json
 import os
 from typing import Callable
 
-from d2v_jax import finetune
+from d2v_jax import errors, finetune
 from d2v_jax.config import load_config, parse_overrides
 
 
@@ -22,6 +22,20 @@ def label_efficiency_arms(init_from: str, both: str, pretrained: str, scratch: s
     common = parse_overrides(both)
     return {"pretrained": {**common, **parse_overrides(pretrained)},
             "scratch": {"backbone": init_from, **common, **parse_overrides(scratch)}}
+
+
+def chosen_arms(arms: dict, names, finetune_config: str, init_from: str) -> tuple[dict, tuple | None]:
+    """The arms that `--arms` names (a misspelt one is a ConfigError naming the
+    valid ones), and the pretrained weights when the pretrained arm is among
+    them (read once for all its runs), else None."""
+    unknown = sorted(set(names) - set(arms))
+    if unknown or not names:
+        raise errors.ConfigError(f"--arms: unknown {unknown}; expected some of {sorted(arms)}")
+    arms = {k: v for k, v in arms.items() if k in names}
+    if "pretrained" not in arms:
+        return arms, None
+    base = load_config(finetune_config, arms["pretrained"])
+    return arms, finetune.load_pretrained(init_from, base.init.params, base.init.step)
 
 
 def finished_run(rundir: str, config) -> dict | None:

@@ -23,14 +23,14 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from arms import label_efficiency_arms, run_grid  # noqa: E402
-from d2v_jax import checkpoint, finetune  # noqa: E402
+from arms import chosen_arms, label_efficiency_arms, run_grid  # noqa: E402
+from d2v_jax import checkpoint, errors  # noqa: E402
 from d2v_jax.config import load_config, parse_overrides  # noqa: E402
 from d2v_jax.modalities.audio import sentence_set  # noqa: E402
 
@@ -120,14 +120,7 @@ def main(argv):
 
     arms = label_efficiency_arms(init_from, _OVERRIDES.value, _PRETRAINED_OVERRIDES.value,
                                  _SCRATCH_OVERRIDES.value)
-    unknown = sorted(set(_ARMS.value) - set(arms))
-    if unknown:
-        raise app.UsageError(f"--arms: unknown {unknown}; expected some of {sorted(arms)}")
-    arms = {k: v for k, v in arms.items() if k in _ARMS.value}
-    pretrained = None
-    if "pretrained" in arms:
-        base = load_config(_FINETUNE.value, arms["pretrained"])
-        pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
+    arms, pretrained = chosen_arms(arms, _ARMS.value, _FINETUNE.value, init_from)
     t_ft = time.perf_counter()
 
     def report(arm, m, seed, res):
@@ -153,4 +146,7 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    # A user error (bad flag, config key or value, data) is one `error:` line, exit 2
+    # (d2v_jax/errors.py); --debug shows its traceback.
+    sys.exit(errors.absl_main(None, lambda fv: main(sys.argv[:1]), None, doc=__doc__,
+                              flag_values=flags.FLAGS))

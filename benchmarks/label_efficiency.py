@@ -37,8 +37,8 @@ if _ROOT not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, _ROOT)
 
 import baselines  # noqa: E402  (benchmarks/baselines.py)
-from arms import label_efficiency_arms, run_grid  # noqa: E402  (benchmarks/arms.py, next to this script)
-from d2v_jax import checkpoint, errors, finetune  # noqa: E402
+from arms import chosen_arms, label_efficiency_arms, run_grid  # noqa: E402  (benchmarks/arms.py, next to this script)
+from d2v_jax import checkpoint, errors  # noqa: E402
 from d2v_jax.config import load_config, parse_overrides  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (pretraining, runs, table, plot).")
@@ -168,14 +168,7 @@ def main(argv):
     # 2. Fine-tune both arms; the checkpoint is read once per `init.params`.
     arms = label_efficiency_arms(init_from, _OVERRIDES.value, _PRETRAINED_OVERRIDES.value,
                                  _SCRATCH_OVERRIDES.value)
-    unknown = sorted(set(_ARMS.value) - set(arms))
-    if unknown or not _ARMS.value:
-        raise errors.ConfigError(f"--arms: unknown {unknown}; expected some of {sorted(arms)}")
-    arms = {k: v for k, v in arms.items() if k in _ARMS.value}
-    pretrained = None
-    if "pretrained" in arms:
-        base = load_config(_FINETUNE.value, arms["pretrained"])
-        pretrained = finetune.load_pretrained(init_from, base.init.params, base.init.step)
+    arms, pretrained = chosen_arms(arms, _ARMS.value, _FINETUNE.value, init_from)
     t_ft = time.perf_counter()
 
     def report(arm, f, seed, res):
