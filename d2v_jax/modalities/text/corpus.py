@@ -328,6 +328,14 @@ def _same_document(kind: str):
     return key
 
 
+@functools.lru_cache(maxsize=8)
+def _document_keys(texts: tuple[str, ...], kind: str) -> tuple[str, ...]:
+    """`_same_document` of each text, cached: prepare and the pipeline both read
+    the corpus, and canonicalizing every SMILES again costs seconds."""
+    key = _same_document(kind)
+    return tuple(key(t) for t in texts)
+
+
 def read_corpus(config: ml_collections.ConfigDict) -> Corpus:
     """The corpus that `config.data` names (each part is read once: prepare and
     the pipeline share `_read_corpus`'s cache): `data.source` then the packaged
@@ -348,10 +356,11 @@ def read_corpus(config: ml_collections.ConfigDict) -> Corpus:
     if len(kept) == 1:
         return kept[0]
     if held:
-        key = _same_document(config.tokenizer.kind)
-        held_keys = {key(t) for t in held}
+        kind = config.tokenizer.kind
+        held_keys = set(_document_keys(tuple(held), kind))
         for i, c in enumerate(kept):
-            keep = [j for j, t in enumerate(c.texts) if key(t) not in held_keys]
+            keys = _document_keys(tuple(c.texts), kind)
+            keep = [j for j, k in enumerate(keys) if k not in held_keys]
             if len(keep) < len(c):
                 logging.info("%s: %d documents equal to a held-out test row dropped",
                              parts[i][0], len(c) - len(keep))
