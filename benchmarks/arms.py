@@ -56,7 +56,7 @@ def run_grid(arms: dict, finetune_config: str, field: str, points, seeds, workdi
     """Fine-tunes every arm at every value of config `field` (a label fraction,
     minutes of transcribed audio) and seed into `<workdir>/runs/<arm>_<tag><point>_s<seed>`,
     reusing finished runs; `report(arm, point, seed, results)` after each.
-    Returns the runs' results, each with its `arm`."""
+    Returns the runs' results, each with its `arm` and whether it was `reused`."""
     runs = []
     for point in points:
         for seed in seeds:
@@ -64,12 +64,29 @@ def run_grid(arms: dict, finetune_config: str, field: str, points, seeds, workdi
                 config = load_config(finetune_config, {**overrides, "seed": seed, field: point})
                 rundir = os.path.join(workdir, "runs", f"{arm}_{tag}{point:g}_s{seed}")
                 res = finished_run(rundir, config)
-                if res is None:
+                reused = res is not None
+                if not reused:
                     mine = arm == "pretrained"
                     _, res = finetune.train_and_evaluate(
                         config, rundir, init_from if mine else None,
                         pretrained=pretrained if mine else None)
-                res["arm"] = arm
+                res["arm"], res["reused"] = arm, reused
                 report(arm, point, seed, res)
                 runs.append(res)
     return runs
+
+
+def reuse_meta(runs: list[dict]) -> dict:
+    """How many of `run_grid`'s runs an earlier invocation trained, and their own
+    wall time then (this invocation's fine-tuning time leaves them out)."""
+    reused = [r for r in runs if r.get("reused")]
+    return {"runs": len(runs), "runs_reused": len(reused),
+            "reused_seconds": float(sum(r.get("wall_seconds", 0.0) for r in reused))}
+
+
+def reuse_note(meta: dict) -> str:
+    """' (k of n runs reused: s s when they ran)' for a table's footnote, or ''."""
+    if not meta.get("runs_reused"):
+        return ""
+    return (f" ({meta['runs_reused']} of {meta['runs']} runs reused from an earlier invocation: "
+            f"{meta['reused_seconds']:.0f} s when they ran)")

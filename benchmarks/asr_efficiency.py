@@ -29,7 +29,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from arms import chosen_arms, label_efficiency_arms, run_grid  # noqa: E402
+from arms import chosen_arms, label_efficiency_arms, reuse_meta, reuse_note, run_grid  # noqa: E402
 from d2v_jax import checkpoint, errors  # noqa: E402
 from d2v_jax.config import load_config, parse_overrides  # noqa: E402
 from d2v_jax.modalities.audio import sentence_set  # noqa: E402
@@ -85,7 +85,7 @@ def table(runs: list[dict], minutes: list[float], meta: dict) -> str:
                      f"{cell['pretrained', 'wer'][1]} | {cell['scratch', 'wer'][1]} |")
     lines += ["", f"Seeds {meta['seeds']}; {meta['num_test']} test utterances by the held-out "
               f"voice(s) {meta['test_speakers']}. Pretraining {meta['pretrain_seconds']:.0f} s, "
-              f"fine-tuning {meta['finetune_seconds']:.0f} s, all told "
+              f"fine-tuning {meta['finetune_seconds']:.0f} s{reuse_note(meta)}, all told "
               f"{meta['total_seconds'] / 60:.1f} min.", "",
               f"Load at start: `{meta['load_start']}`  ", f"Load at end: `{meta['load_end']}`", ""]
     return "\n".join(lines)
@@ -132,7 +132,7 @@ def main(argv):
                     init_from, pretrained, report, tag="m")
     meta = {"seeds": seeds, "num_test": runs[0]["num_test"],
             "test_speakers": runs[0]["test_speakers"], "pretrain_seconds": pretrain_seconds,
-            "finetune_seconds": time.perf_counter() - t_ft,
+            "finetune_seconds": time.perf_counter() - t_ft, **reuse_meta(runs),
             "total_seconds": time.perf_counter() - t0, "load_start": load_start,
             "load_end": _uptime(), "init_from": init_from, "arms": arms,
             "command": " ".join([os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:])}

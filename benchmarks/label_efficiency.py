@@ -37,7 +37,7 @@ if _ROOT not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, _ROOT)
 
 import baselines  # noqa: E402  (benchmarks/baselines.py)
-from arms import chosen_arms, label_efficiency_arms, run_grid  # noqa: E402  (benchmarks/arms.py, next to this script)
+from arms import chosen_arms, label_efficiency_arms, reuse_meta, reuse_note, run_grid  # noqa: E402  (benchmarks/arms.py, next to this script)
 from d2v_jax import checkpoint, errors  # noqa: E402
 from d2v_jax.config import load_config, parse_overrides  # noqa: E402
 
@@ -106,7 +106,8 @@ def write_table(path: str, summary: dict, headline: str, title: str, meta: dict)
         lines.append(f"| {100 * f:g}% ({n}) | {' | '.join(cells)} | {delta} |")
     lines += ["", f"Mean +- sample std over seeds {meta['seeds']}; test split of {meta['num_test']} "
               f"examples fixed by data.split_seed. Pretraining {meta['pretrain_seconds']:.0f} s, "
-              f"fine-tuning {meta['finetune_seconds']:.0f} s, all told {meta['total_seconds']:.0f} s "
+              f"fine-tuning {meta['finetune_seconds']:.0f} s{reuse_note(meta)}, all told "
+              f"{meta['total_seconds']:.0f} s "
               f"({meta['total_seconds'] / 60:.1f} min).", "",
               f"Load at start: `{meta['load_start']}`  ", f"Load at end: `{meta['load_end']}`", ""]
     text = "\n".join(lines)
@@ -178,6 +179,7 @@ def main(argv):
     runs = run_grid(arms, _FINETUNE.value, "data.label_fraction", fractions, seeds, workdir,
                     init_from, pretrained, report, tag="f")
     finetune_seconds = time.perf_counter() - t_ft
+    reuse = reuse_meta(runs)  # the fine-tunes only, before the baselines' rows join
     names = list(arms)
     if _BASELINES.value:  # the (first) arm's data fields: the same rows
         extra = baselines.grid_rows(_FINETUNE.value, next(iter(arms.values())), fractions, seeds)
@@ -187,7 +189,7 @@ def main(argv):
     headline = runs[0]["headline"]
     summary = summarize(runs, names, fractions)
     meta = {"seeds": seeds, "num_test": runs[0]["num_test"], "pretrain_seconds": pretrain_seconds,
-            "finetune_seconds": finetune_seconds, "total_seconds": time.perf_counter() - t0,
+            "finetune_seconds": finetune_seconds, **reuse, "total_seconds": time.perf_counter() - t0,
             "load_start": load_start, "load_end": machine_load(), "init_from": init_from,
             "pretrain": _PRETRAIN.value, "finetune": _FINETUNE.value, "arms": arms,
             "command": " ".join([os.path.relpath(sys.argv[0], _ROOT)] + sys.argv[1:])}
