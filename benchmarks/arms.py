@@ -80,13 +80,14 @@ def reuse_meta(runs: list[dict]) -> dict:
     """How many of `run_grid`'s runs an earlier invocation trained, and their own
     wall time then (this invocation's fine-tuning time leaves them out)."""
     reused = [r for r in runs if r.get("reused")]
-    return {"runs": len(runs), "runs_reused": len(reused),
+    return {"num_runs": len(runs), "runs_reused": len(reused),
             "reused_seconds": float(sum(r.get("wall_seconds", 0.0) for r in reused))}
 
 
 def reuse_note(meta: dict) -> str:
-    """' (k of n runs reused: s s when they ran)' for a table's footnote, or ''."""
+    """' (k of n runs reused from an earlier invocation: s s when they ran)' for a
+    table's footnote, or '' when every run trained now."""
     if not meta.get("runs_reused"):
         return ""
-    return (f" ({meta['runs_reused']} of {meta['runs']} runs reused from an earlier invocation: "
+    return (f" ({meta['runs_reused']} of {meta['num_runs']} runs reused from an earlier invocation: "
             f"{meta['reused_seconds']:.0f} s when they ran)")

@@ -318,6 +318,6 @@ def test_benchmark_grid_names_runs_and_reuses_finished_ones(tmp_path, monkeypatc
     # The table's footnote says the fine-tuning time leaves the reused runs out,
     # and what they took when they ran: 4 runs of seed 0 (10 s) and 4 of seed 1 (11 s).
     meta = bench.reuse_meta(again)
-    assert meta == {"runs": 8, "runs_reused": 8, "reused_seconds": 84.0}
+    assert meta == {"num_runs": 8, "runs_reused": 8, "reused_seconds": 84.0}
     assert bench.reuse_note(meta) == (" (8 of 8 runs reused from an earlier invocation: "
                                       "84 s when they ran)")
