@@ -31,6 +31,10 @@ Tasks:
                 experimental hydration free energy (column expt, kcal/mol)
   smiles_csv    a CSV at --config.data.path with a `smiles` column and the target
                 column --config.data.target_column (regression)
+  amp           peptides: modlAMP's packaged antimicrobial peptides vs random UniProt
+                sequences (4,620 after removing repeats), 2 classes (AMP / UniProt);
+                the scratch backbone is the protein model (molecules.py:tiny_v2_protein).
+                Your own labeled proteins: text_tsv with a protein backbone
   asr_espeak    speech recognition (CTC over letters, WER / CER): espeak-ng speaking
                 600 standard-library docstring sentences; 300 sentences x 5 voices
                 (74 min) to fine-tune on, 60 others by a 6th voice (en-us+m3, also
@@ -71,7 +75,7 @@ import ml_collections
 from ml_collections import config_dict
 
 TASKS = ("mnist_5k", "image_folder", "espeak_words", "audio_folder", "stdlib_docs", "text_tsv",
-         "solubility", "freesolv", "smiles_csv", "asr_espeak", "asr_manifest", "asr_folder")
+         "solubility", "freesolv", "smiles_csv", "amp", "asr_espeak", "asr_manifest", "asr_folder")
 _ASR_TASKS = ("asr_espeak", "asr_manifest", "asr_folder")
 
 # Non-image tasks: modality, head kind, the scratch backbone. The packaged sets
@@ -86,8 +90,9 @@ _SEQUENCE_TASKS = {
     "solubility": ("text", "regression", "experiments/molecules.py:tiny_v2"),
     "freesolv": ("text", "regression", "experiments/molecules.py:tiny_v2"),
     "smiles_csv": ("text", "regression", ""),
+    "amp": ("text", "classification", "experiments/molecules.py:tiny_v2_protein"),
 }
-_PACKAGED = ("espeak_words", "stdlib_docs", "solubility", "freesolv")
+_PACKAGED = ("espeak_words", "stdlib_docs", "solubility", "freesolv", "amp")
 
 # Your data: no default scratch backbone; `<task>_small` selects the small-data recipe.
 _GENERIC = ("image_folder", "audio_folder", "text_tsv", "smiles_csv")
@@ -331,6 +336,10 @@ def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool, small: 
     smiles = task in ("solubility", "freesolv", "smiles_csv")
     d.smiles_enumerate = 0.5 if smiles and not probe else 0.0
     d.smiles_enumerate_tries = 5
+    # Test-time augmentation: each test molecule is also scored as this many random
+    # SMILES (fixed by split_seed, so every arm and seed sees the same strings) and
+    # the predictions are averaged with the canonical one's; 0 = canonical only.
+    d.smiles_test_views = 0
     d.max_len = config_dict.placeholder(int)  # tokens per row; None = the backbone's
     # A longer text keeps its first tokens (truncate) or stops the run (error). The
     # solubility SMILES all fit the tiny model's 96 tokens.

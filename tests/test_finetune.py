@@ -102,6 +102,46 @@ def test_metrics_match_sklearn():
     assert r["mae"] == pytest.approx(mean_absolute_error(y, p))
 
 
+def test_evaluate_averages_the_test_time_views():
+    """Several views of the same test rows: regression averages the predictions;
+    classification scores the normalized geometric mean of the views' softmax
+    probabilities, computed here directly with numpy."""
+    rng = np.random.default_rng(1)
+    n, views, classes = 7, 3, 4
+    outs = rng.normal(size=(views, n, classes))
+    labels = rng.integers(0, classes, n)
+
+    def batches(task):  # batches of 4 rows, the last padded (valid marks the real rows)
+        per_view = []
+        for v in range(views):
+            view = []
+            for start in range(0, n, 4):
+                rows = np.arange(start, start + 4) % n
+                view.append({"view": np.full(4, v), "row": rows, "label": labels[rows],
+                             "valid": np.arange(start, start + 4) < n})
+            per_view.append(view)
+        return per_view
+
+    def predict(params, batch_stats, b):
+        out = outs[b["view"], b["row"]]
+        return out if task == "classification" else out[:, 0]
+
+    task = "regression"
+    r = finetune.evaluate(predict, finetune.FinetuneState(0, {}, {}, {}), batches(task), task)
+    mean = outs[:, :, 0].mean(0)
+    assert r["rmse"] == pytest.approx(np.sqrt(np.mean((mean - labels) ** 2)))
+    task = "classification"
+    c = finetune.evaluate(predict, finetune.FinetuneState(0, {}, {}, {}), batches(task), task)
+    probs = np.exp(outs) / np.exp(outs).sum(-1, keepdims=True)
+    geo = np.prod(probs, axis=0) ** (1 / views)
+    geo /= geo.sum(-1, keepdims=True)
+    assert c["accuracy"] == pytest.approx(np.mean(geo.argmax(-1) == labels))
+    assert c["loss"] == pytest.approx(-np.mean(np.log(geo[np.arange(n), labels])))
+    one = finetune.evaluate(predict, finetune.FinetuneState(0, {}, {}, {}),
+                            batches(task)[:1], task)  # one view: the plain metrics
+    assert one == pytest.approx(finetune.classification_metrics(outs[0], labels), rel=1e-12)
+
+
 def test_layer_decay_scales_each_scanned_block():
     depth, decay = 3, 0.5
     params = {"backbone": {"frontend": {"cls_token": jnp.ones(4)},

@@ -93,6 +93,11 @@ def test_text_tsv_labels_tokens_and_the_exact_stratified_count(tsv, text_checkpo
         np.testing.assert_array_equal(ex["padding_mask"], np.arange(24) >= n)
         seen.add(n == 24)
     assert seen == {True, False}  # both truncated and padded rows were checked
+    assert data.num_eval_views == 1
+    config.data.smiles_test_views = 2  # random SMILES views of English text: refused
+    with pytest.raises(ValueError, match=r"smiles_test_views=2 needs a SMILES task; "
+                                         r"data\.source='text_tsv' is text"):
+        make_labeled_data(config, bconfig)
 
 
 def test_text_tsv_bad_input_names_the_file_line_and_column(tmp_path, text_checkpoint):

@@ -10,7 +10,7 @@ from helpers import FINETUNE, MOLECULES, TINY_MOLECULES, write_text
 from rdkit import Chem
 
 from d2v_jax.config import load_config
-from d2v_jax.data.labeled import labeled_data
+from d2v_jax.data.labeled import eval_arrays, labeled_data
 from d2v_jax.modalities.text import data as text_data
 from d2v_jax.modalities.text import labeled as text_labeled
 from d2v_jax.modalities.text import smiles as smiles_aug
@@ -172,6 +172,44 @@ def test_finetune_enumerates_training_rows_only(tmp_path):
         assert tr["tokens"][0] == tk.BOS_ID and tr["tokens"][n - 1] == tk.EOS_ID
         assert _canon(tok.decode(tr["tokens"][1:n - 1])) == _canon(MOLS[i])
         assert np.array_equal(tr["padding_mask"], tr["tokens"] == tk.PAD_ID)
+
+
+def test_test_time_views_are_fixed_random_smiles_of_each_test_molecule(tmp_path):
+    p = write_text(tmp_path / "m.csv", "smiles,y\n" + "".join(f"{s},{i}\n" for i, s in enumerate(MOLS)))
+    bconfig = text_data.prepare(load_config(f"{MOLECULES}:tiny_v2", {
+        **TINY_MOLECULES, "data.path": p, "data.max_len": 48, "model.max_positions": 48}),
+        str(tmp_path))
+    tok = text_data.tokenizer_for(bconfig)
+
+    def task(**overrides):
+        config = load_config(f"{FINETUNE}:smiles_csv", {
+            "data.path": p, "data.target_column": "y", "data.test_fraction": 0.4, **overrides})
+        return labeled_data(config, *text_labeled.labeled_parts(config, bconfig))
+
+    assert task().num_eval_views == 1  # off by default
+    data = task(**{"data.smiles_test_views": 3})
+    assert data.num_eval_views == 4
+    views = [eval_arrays(data, data.test, 8, v)[0] for v in range(4)]  # one batch, padded
+    assert views[0]["valid"].sum() == len(data.test) == 2
+    np.testing.assert_array_equal(views[0]["tokens"][:2], data.source.arrays["tokens"][data.test])
+    rewritten = 0
+    for v in views[1:]:
+        np.testing.assert_array_equal(v["label"], views[0]["label"])
+        for r, i in enumerate(data.test):
+            n = int((~v["padding_mask"][r]).sum())
+            assert v["tokens"][r, 0] == tk.BOS_ID and v["tokens"][r, n - 1] == tk.EOS_ID
+            assert _canon(tok.decode(v["tokens"][r, 1:n - 1])) == _canon(MOLS[i])
+            rewritten += not np.array_equal(v["tokens"][r], views[0]["tokens"][r])
+    assert rewritten >= 3
+    # Fixed by the split, not by the run's seed: every arm and seed scores the same strings.
+    other_seed = task(**{"data.smiles_test_views": 3, "seed": 5})
+    for v in range(4):
+        np.testing.assert_array_equal(eval_arrays(other_seed, data.test, 8, v)[0]["tokens"],
+                                      views[v]["tokens"])
+    with pytest.raises(ValueError, match=r"view 4 not in \[0, 4\)"):
+        eval_arrays(data, data.test, 8, 4)
+    with pytest.raises(ValueError, match=r"config\.data\.smiles_test_views=-1 must be >= 0"):
+        task(**{"data.smiles_test_views": -1})
 
 
 def test_freesolv_is_datamols_expt_column():

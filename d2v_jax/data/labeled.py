@@ -47,7 +47,10 @@ class LabeledData:
     """A labeled task: the source, its fixed test split and the used labels.
 
     `train_transform(element, epoch)` and `eval_transform(element)` map a source
-    record to one example of the model's batch dict plus "label".
+    record to one example of the model's batch dict plus "label". With test-time
+    augmentation the eval transform has `num_views` > 1 and
+    `eval_transform(element, view)` gives view 1, 2, ... (view 0 is the plain
+    input); evaluation averages the predictions over the views.
     """
 
     source: LabeledSource
@@ -60,6 +63,11 @@ class LabeledData:
     class_names: list[str] | None
     train_transform: Callable[[dict[str, Any], int], dict[str, Any]]
     eval_transform: Callable[[dict[str, Any]], dict[str, Any]]
+
+    @property
+    def num_eval_views(self) -> int:
+        """Test-time views per example (1 = the plain input only)."""
+        return int(getattr(self.eval_transform, "num_views", 1))
 
 
 def label_ids(names: Sequence[str], origins: Sequence[str], classes: Sequence[str] = (),
@@ -210,11 +218,19 @@ def train_dataset(data: LabeledData, batch_size: int, seed: int, *,
                                                 prefetch_buffer_size=prefetch_buffer_size))
 
 
-def eval_arrays(data: LabeledData, indices: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
+def eval_arrays(data: LabeledData, indices: np.ndarray, batch_size: int, view: int = 0
+                ) -> list[dict[str, np.ndarray]]:
     """The examples at `indices`, preprocessed without randomness, as batches of
     exactly `batch_size` rows (static shapes): the last one is padded by
-    repeating its first row, and `valid` [b] marks the real rows."""
-    rows = [_with_label(data.eval_transform(data.source[int(i)]), {"index": i}, data.labels)
+    repeating its first row, and `valid` [b] marks the real rows. `view` > 0:
+    that test-time view of each example (`LabeledData.num_eval_views`)."""
+    if not 0 <= view < data.num_eval_views:
+        raise ValueError(f"view {view} not in [0, {data.num_eval_views})")
+
+    def transform(element):
+        return data.eval_transform(element, view) if view else data.eval_transform(element)
+
+    rows = [_with_label(transform(data.source[int(i)]), {"index": i}, data.labels)
             for i in indices]
     batches = []
     for start in range(0, len(rows), batch_size):

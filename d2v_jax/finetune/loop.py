@@ -129,7 +129,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             eval_batches = data.eval_batches(config.data.eval_batch_size)
             batches = data.train_batches(config.data.batch_size, config.seed)
         else:
-            eval_batches = labeled.eval_arrays(data, data.test, config.data.eval_batch_size)
+            eval_batches = [labeled.eval_arrays(data, data.test, config.data.eval_batch_size, v)
+                             for v in range(data.num_eval_views)]
             batches = iter(labeled.train_dataset(data, config.data.batch_size, config.seed,
                                                  num_threads=config.data.num_threads))
         batches = itertools.chain([next(batches)], batches)
@@ -175,6 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "seed": int(config.seed), "label_fraction": float(config.data.label_fraction),
         "num_labels": int(len(data.train)), "num_train_pool": int(len(data.train_pool)),
         "num_test": int(len(data.test)), "split_seed": int(config.data.split_seed),
+        # predictions averaged over this many inputs per test example (test-time views)
+        "test_views": int(getattr(data, "num_eval_views", 1)),
         "class_names": data.class_names,  # label id i is class_names[i]
         "test_held_out_of_pretraining": (held_out_of_pretraining(config, run.backbone_config, data)
                                          if init_from else None),

