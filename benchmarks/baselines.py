@@ -12,6 +12,10 @@ the test split from `data.split_seed`, the label subset from
     the penalty chosen by leave-one-out on the training subset); RMSE and MAE.
   text classification (stdlib_docs, text_tsv): TF-IDF of word 1-2 grams +
     logistic regression; accuracy and macro-F1.
+  peptide / protein classification (amp): amino-acid composition and dipeptide
+    composition (the 20 + 400 frequencies of residues and residue pairs, the
+    usual AAC + DPC features of antimicrobial-peptide predictors) + a random
+    forest (500 trees, seeded) and + logistic regression (standardized features).
   and for scale, the constant predictor: the training subset's mean target
     (`train_mean`) or its most frequent class (`majority`).
 
@@ -60,15 +64,18 @@ class Options:
     tfidf_min_df: int = 1
     lr_c: float = 10.0  # inverse L2 strength of the logistic regression
     lr_max_iter: int = 2000
+    kmer_max: int = 2  # peptides: residue k-mer frequencies for k = 1..kmer_max (AAC, DPC)
 
 
 def models_for(config) -> tuple[str, ...]:
     """The baselines of a fine-tune config's task; () when it has none (images, speech)."""
     if config.modality != "text" or config.task not in HEADLINE:
         return ()
-    from d2v_jax.modalities.text.labeled import SMILES_SOURCES
+    from d2v_jax.modalities.text.labeled import PROTEIN_SOURCES, SMILES_SOURCES
     if config.data.source in SMILES_SOURCES:
         return ("rf_morgan", "ridge_morgan", "train_mean") if config.task == "regression" else ()
+    if config.data.source in PROTEIN_SOURCES:
+        return ("rf_kmer", "lr_kmer", "majority") if config.task == "classification" else ()
     return ("tfidf_lr", "majority") if config.task == "classification" else ()
 
 
@@ -80,6 +87,30 @@ def morgan_fingerprints(smiles, radius: int, bits: int) -> np.ndarray:
     gen = rdFingerprintGenerator.GetMorganGenerator(radius=int(radius), fpSize=int(bits))
     return np.stack([gen.GetFingerprintAsNumPy(Chem.MolFromSmiles(s)) for s in smiles]
                     ).astype(np.uint8)
+
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # the 20 standard residues
+
+
+def kmer_composition(sequences, k_max: int) -> np.ndarray:
+    """float32 [N, 20 + 20^2 + ... + 20^k_max]: for each k, the frequency of
+    every k-mer of standard residues among the sequence's k-mers (k = 1: amino-
+    acid composition, 2: dipeptide composition). K-mers with a non-standard
+    residue (X, B, U, ...) are not counted; a sequence shorter than k has zeros."""
+    index = {a: i for i, a in enumerate(AMINO_ACIDS)}
+    blocks = []
+    for k in range(1, int(k_max) + 1):
+        x = np.zeros((len(sequences), 20 ** k), np.float32)
+        for row, seq in enumerate(sequences):
+            codes = [index.get(a, -1) for a in seq]
+            n = len(codes) - k + 1
+            for start in range(max(n, 0)):
+                window = codes[start:start + k]
+                if min(window) >= 0:
+                    x[row, sum(c * 20 ** (k - 1 - j) for j, c in enumerate(window))] += 1
+            x[row] /= max(n, 1)
+        blocks.append(x)
+    return np.concatenate(blocks, axis=1)
 
 
 @dataclasses.dataclass
@@ -133,6 +164,21 @@ def fit_predict(model: str, task: Task, train: np.ndarray, test: np.ndarray, see
             from sklearn.linear_model import RidgeCV
             est = RidgeCV(alphas=opts.ridge_alphas)
         return est.fit(x[train], y.astype(np.float64)).predict(x[test])
+    if model in ("rf_kmer", "lr_kmer"):
+        if "kmer" not in task.features:
+            task.features["kmer"] = kmer_composition(task.texts, opts.kmer_max)
+        x = task.features["kmer"]
+        if model == "rf_kmer":
+            from sklearn.ensemble import RandomForestClassifier
+            est = RandomForestClassifier(n_estimators=opts.rf_trees, n_jobs=opts.rf_jobs,
+                                         random_state=seed)
+        else:
+            from sklearn.linear_model import LogisticRegression
+            from sklearn.pipeline import make_pipeline
+            from sklearn.preprocessing import StandardScaler
+            est = make_pipeline(StandardScaler(),
+                                LogisticRegression(C=opts.lr_c, max_iter=opts.lr_max_iter))
+        return est.fit(x[train], y).predict(x[test])
     if model == "tfidf_lr":
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
@@ -144,7 +190,7 @@ def fit_predict(model: str, task: Task, train: np.ndarray, test: np.ndarray, see
         clf = LogisticRegression(C=opts.lr_c, max_iter=opts.lr_max_iter)
         return clf.fit(x_train, y).predict(vec.transform(texts[test]))
     raise ConfigError(f"unknown baseline {model!r}; expected rf_morgan, ridge_morgan, "
-                      "train_mean, tfidf_lr or majority")
+                      "train_mean, tfidf_lr, rf_kmer, lr_kmer or majority")
 
 
 def metrics(task_kind: str, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -257,6 +303,8 @@ def _define_flags(fv, argv):
     flags.DEFINE_float("lr_c", d.lr_c, "Logistic regression inverse L2 strength.", flag_values=fv)
     flags.DEFINE_integer("lr_max_iter", d.lr_max_iter, "Logistic regression iterations.",
                          flag_values=fv)
+    flags.DEFINE_integer("kmer_max", d.kmer_max, "Peptides: residue k-mer frequencies for "
+                         "k = 1..n.", flag_values=fv)
 
 
 def _main(fv) -> int:
@@ -267,7 +315,7 @@ def _main(fv) -> int:
                    rf_trees=fv.rf_trees, rf_jobs=fv.rf_jobs,
                    ridge_alphas=tuple(float(a) for a in fv.ridge_alphas),
                    tfidf_ngrams=fv.tfidf_ngrams, tfidf_min_df=fv.tfidf_min_df, lr_c=fv.lr_c,
-                   lr_max_iter=fv.lr_max_iter)
+                   lr_max_iter=fv.lr_max_iter, kmer_max=fv.kmer_max)
     fractions = [float(f) for f in fv.fractions]
     seeds = [int(s) for s in fv.seeds]
     overrides = parse_overrides(fv.overrides)

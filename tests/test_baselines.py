@@ -1,5 +1,6 @@
 """benchmarks/baselines.py: the fine-tune's exact rows, and sklearn's numbers."""
 
+import collections
 import importlib.util
 import json
 import os
@@ -155,3 +156,37 @@ print(baselines.grid_rows({FINETUNE + ':mnist_5k'!r}, {{}}, [0.5], [0]))
     assert ("| labels | pretrained rmse | scratch rmse | rf_morgan rmse | ridge_morgan rmse | "
             "train_mean rmse | pretrained - scratch |") in out
     assert "| 50% (9) | 1.000 +- 0.000 | 1.000 +- 0.000 | " in out and out.rstrip().endswith("[]")
+
+
+def test_kmer_composition_by_hand(baselines):
+    AMINO_ACIDS = baselines.AMINO_ACIDS
+    x = baselines.kmer_composition(["ACA", "AXA", "W"], 2)
+    assert x.shape == (3, 20 + 400)
+    a, c, w = (AMINO_ACIDS.index(r) for r in "ACW")
+    expect = np.zeros((3, 420), np.float32)
+    expect[0, [a, c]] = [2 / 3, 1 / 3]                        # ACA: residues
+    expect[0, [20 + 20 * a + c, 20 + 20 * c + a]] = [1 / 2, 1 / 2]  # AC, CA
+    expect[1, a] = 2 / 3                                       # X is not counted, AX / XA neither
+    expect[2, w] = 1.0                                         # one residue: no pairs
+    np.testing.assert_allclose(x, expect, rtol=1e-6)
+
+
+def test_peptide_baselines_on_the_amp_splits(baselines):
+    """amp: AAC + DPC with a forest and a logistic regression, the majority class;
+    the fine-tune's exact split sizes, and the majority row checked by hand."""
+    from d2v_jax.modalities.text.labeled import amp_set
+
+    config = load_config(f"{FINETUNE}:amp", {"data.label_fraction": 0.05})
+    assert baselines.models_for(config) == ("rf_kmer", "lr_kmer", "majority")
+    runs = baselines.run(f"{FINETUNE}:amp", {}, [0.05], [0], baselines.Options(rf_trees=50))
+    by_arm = {r["arm"]: r for r in runs}
+    assert set(by_arm) == {"rf_kmer", "lr_kmer", "majority"}
+    assert all(r["num_labels"] == 185 and r["num_test"] == 924 for r in runs)
+    names = np.array(amp_set()[1])
+    task = baselines.read(config)
+    train, test = baselines.splits(task, config)
+    majority = collections.Counter(names[train]).most_common(1)[0][0]
+    assert by_arm["majority"]["metrics"]["accuracy"] == pytest.approx(np.mean(names[test] == majority))
+    # Residue composition separates antimicrobial peptides well (cationic, amphipathic).
+    assert by_arm["rf_kmer"]["metrics"]["accuracy"] > 0.75
+    assert by_arm["lr_kmer"]["metrics"]["accuracy"] > 0.7

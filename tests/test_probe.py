@@ -105,6 +105,7 @@ def test_probe_config_errors_name_the_field():
 def test_tiny_experiments_probe_their_packaged_task():
     for spec, task in ((f"{IMAGE}:tiny_v2", "mnist_5k"), (f"{TEXT}:tiny_v2", "stdlib_docs"),
                        ("experiments/molecules.py:tiny_v2", "solubility"),
+                       ("experiments/molecules.py:tiny_v2_protein", "amp"),
                        ("experiments/audio.py:tiny_v2", "espeak_words")):
         config = _config(spec)
         assert config.probe.task.endswith(f"finetune.py:{task}") and config.probe.every > 0

@@ -14,7 +14,7 @@ Corpora (`data.source`):
   smiles       CSV/TSV files at `data.path` with a `data.smiles_column` column (other
                columns, e.g. labels, are ignored in pretraining).
   fasta        FASTA files at `data.path`.
-  text_tsv, stdlib_docs, smiles_csv, solubility, freesolv
+  text_tsv, stdlib_docs, smiles_csv, solubility, freesolv, amp
                a fine-tuning set (experiments/finetune.py, modalities/text/labeled.py)
                read as the fine-tune reads it, one document per labeled row: its
                text / SMILES column (`data.text_column`, `data.smiles_column`).
@@ -52,10 +52,11 @@ from d2v_jax.modalities.text.tokenizer import ProteinTokenizer
 
 # The fine-tuning sets, read as pretraining corpora (one document per labeled row),
 # so that pretraining can hold a fine-tune's test rows out.
-LABELED_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility", "freesolv")
+LABELED_SOURCES = ("text_tsv", "stdlib_docs", "smiles_csv", "solubility", "freesolv", "amp")
 SOURCES = ("python_docs", "chembl", "proteome", "text", "smiles", "fasta", *LABELED_SOURCES)
 # `data.extra_sources`: the packaged corpora (no data.path) that can join data.source.
-EXTRA_SOURCES = ("python_docs", "chembl", "proteome", "stdlib_docs", "solubility", "freesolv")
+EXTRA_SOURCES = ("python_docs", "chembl", "proteome", "stdlib_docs", "solubility", "freesolv",
+                 "amp")
 
 
 @dataclasses.dataclass
@@ -228,8 +229,8 @@ def labeled_corpus(source: str, path: str, text_column: str, label_column: str,
         texts, names, origins = labeled.read_text_labels(files.paths(path, source), text_column,
                                                          label_column)
         return Corpus(list(texts), list(origins), labels=list(names))
-    if source == "stdlib_docs":
-        texts, names, origins = labeled.stdlib_docs()
+    if source in ("stdlib_docs", "amp"):
+        texts, names, origins = labeled.stdlib_docs() if source == "stdlib_docs" else labeled.amp_set()
         return Corpus(list(texts), list(origins), labels=list(names))
     if source in labeled.PACKAGED_SMILES:  # solubility, freesolv
         texts, _, origins = labeled.PACKAGED_SMILES[source]()
