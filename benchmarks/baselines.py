@@ -15,7 +15,10 @@ the test split from `data.split_seed`, the label subset from
   peptide / protein classification (amp): amino-acid composition and dipeptide
     composition (the 20 + 400 frequencies of residues and residue pairs, the
     usual AAC + DPC features of antimicrobial-peptide predictors) + a random
-    forest (500 trees, seeded) and + logistic regression (standardized features).
+    forest (500 trees, seeded) and + logistic regression (standardized features);
+    also for a text_tsv of protein sequences with `--sequences=protein` (which
+    benchmarks/label_efficiency.py sets when the pretraining run's tokenizer is
+    the protein one).
   and for scale, the constant predictor: the training subset's mean target
     (`train_mean`) or its most frequent class (`majority`).
 
@@ -65,16 +68,26 @@ class Options:
     lr_c: float = 10.0  # inverse L2 strength of the logistic regression
     lr_max_iter: int = 2000
     kmer_max: int = 2  # peptides: residue k-mer frequencies for k = 1..kmer_max (AAC, DPC)
+    # What the rows of a text classification task are: auto (by task: amp is
+    # peptides, text_tsv / stdlib_docs English) | protein (your text_tsv holds
+    # protein / peptide sequences: the k-mer baselines, not TF-IDF of words).
+    sequences: str = "auto"
 
 
-def models_for(config) -> tuple[str, ...]:
-    """The baselines of a fine-tune config's task; () when it has none (images, speech)."""
+SEQUENCES = ("auto", "protein")
+
+
+def models_for(config, sequences: str = "auto") -> tuple[str, ...]:
+    """The baselines of a fine-tune config's task; () when it has none (images, speech).
+    `sequences='protein'`: a text task's rows are protein sequences (`Options.sequences`)."""
+    if sequences not in SEQUENCES:
+        raise ConfigError(f"--sequences={sequences!r}; expected one of {SEQUENCES}")
     if config.modality != "text" or config.task not in HEADLINE:
         return ()
     from d2v_jax.modalities.text.labeled import PROTEIN_SOURCES, SMILES_SOURCES
     if config.data.source in SMILES_SOURCES:
         return ("rf_morgan", "ridge_morgan", "train_mean") if config.task == "regression" else ()
-    if config.data.source in PROTEIN_SOURCES:
+    if config.data.source in PROTEIN_SOURCES or sequences == "protein":
         return ("rf_kmer", "lr_kmer", "majority") if config.task == "classification" else ()
     return ("tfidf_lr", "majority") if config.task == "classification" else ()
 
@@ -124,10 +137,10 @@ class Task:
     features: dict = dataclasses.field(default_factory=dict)
 
 
-def read(config) -> Task:
+def read(config, sequences: str = "auto") -> Task:
     from d2v_jax.modalities.text.labeled import read_task
 
-    if not models_for(config):
+    if not models_for(config, sequences):
         raise ConfigError(f"benchmarks/baselines.py: no baseline for the {config.modality!r} "
                           f"{config.task!r} task {config.data.source!r}; baselines exist for "
                           "SMILES regression and text classification")
@@ -207,14 +220,14 @@ def run(finetune: str, overrides: dict, fractions, seeds, opts: Options | None =
     "headline", "train", "test", "wall_seconds"} (train / test: the row indices)."""
     opts = opts or Options()
     base = load_config(finetune, overrides)
-    task = read(base)
+    task = read(base, opts.sequences)
     runs = []
     for f in fractions:
         for seed in seeds:
             config = load_config(finetune, {**overrides, "seed": int(seed),
                                             "data.label_fraction": float(f)})
             train, test = splits(task, config)
-            for model in models_for(config):
+            for model in models_for(config, opts.sequences):
                 t = time.perf_counter()
                 preds = fit_predict(model, task, train, test, int(seed), opts)
                 res = {"arm": model, "label_fraction": float(f), "seed": int(seed),
@@ -232,7 +245,7 @@ def grid_rows(finetune: str, overrides: dict, fractions, seeds, opts: Options | 
               ) -> list[dict]:
     """`run`'s records for benchmarks/label_efficiency.py's grid, or [] for a
     task without a baseline (images, speech)."""
-    if not models_for(load_config(finetune, overrides)):
+    if not models_for(load_config(finetune, overrides), (opts or Options()).sequences):
         return []
     return run(finetune, overrides, fractions, seeds, opts,
                report=lambda r: logging.info("%s f=%g seed=%d: %s", r["arm"], r["label_fraction"],
@@ -305,6 +318,9 @@ def _define_flags(fv, argv):
                          flag_values=fv)
     flags.DEFINE_integer("kmer_max", d.kmer_max, "Peptides: residue k-mer frequencies for "
                          "k = 1..n.", flag_values=fv)
+    flags.DEFINE_enum("sequences", d.sequences, list(SEQUENCES), "What a text task's rows are: "
+                      "auto (by task) or protein (a text_tsv of protein / peptide sequences: "
+                      "the k-mer baselines).", flag_values=fv)
 
 
 def _main(fv) -> int:
@@ -315,7 +331,7 @@ def _main(fv) -> int:
                    rf_trees=fv.rf_trees, rf_jobs=fv.rf_jobs,
                    ridge_alphas=tuple(float(a) for a in fv.ridge_alphas),
                    tfidf_ngrams=fv.tfidf_ngrams, tfidf_min_df=fv.tfidf_min_df, lr_c=fv.lr_c,
-                   lr_max_iter=fv.lr_max_iter, kmer_max=fv.kmer_max)
+                   lr_max_iter=fv.lr_max_iter, kmer_max=fv.kmer_max, sequences=fv.sequences)
     fractions = [float(f) for f in fv.fractions]
     seeds = [int(s) for s in fv.seeds]
     overrides = parse_overrides(fv.overrides)

@@ -64,6 +64,20 @@ _BASELINES = flags.DEFINE_bool(
     "classification) on the same splits, fractions and seeds; tasks without one skip it.")
 
 
+def sequences_of(init_from: str, pretrained) -> str:
+    """'protein' when the pretraining run's tokenizer reads protein sequences (so
+    a text_tsv's baselines are the peptide k-mer ones), else 'auto'."""
+    if pretrained is not None:  # (params, the pretraining config)
+        config = pretrained[1].to_dict()
+    else:
+        try:
+            with open(os.path.join(init_from, "config.json")) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            config = {}
+    return "protein" if config.get("tokenizer", {}).get("kind") == "protein" else "auto"
+
+
 def machine_load() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
@@ -182,7 +196,9 @@ def main(argv):
     reuse = reuse_meta(runs)  # the fine-tunes only, before the baselines' rows join
     names = list(arms)
     if _BASELINES.value:  # the (first) arm's data fields: the same rows
-        extra = baselines.grid_rows(_FINETUNE.value, next(iter(arms.values())), fractions, seeds)
+        opts = baselines.Options(sequences=sequences_of(init_from, pretrained))
+        extra = baselines.grid_rows(_FINETUNE.value, next(iter(arms.values())), fractions, seeds,
+                                    opts)
         runs += extra
         names += list(dict.fromkeys(r["arm"] for r in extra))
 

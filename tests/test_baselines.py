@@ -190,3 +190,19 @@ def test_peptide_baselines_on_the_amp_splits(baselines):
     # Residue composition separates antimicrobial peptides well (cationic, amphipathic).
     assert by_arm["rf_kmer"]["metrics"]["accuracy"] > 0.75
     assert by_arm["lr_kmer"]["metrics"]["accuracy"] > 0.7
+
+
+def test_a_text_tsv_of_peptides_gets_the_kmer_baselines(tmp_path, baselines):
+    peptides = ["KWKLFKKIGAVLKVL", "GLFDIIKKIAESF", "ALWKTMLKKLGTMAL", "FLPLIGRVLSGIL",
+                "MSTNPKPQRKTKRNT", "MADQLTEEQIAEFKE", "MKVLAAGIVGLLLAA", "MSKGEELFTGVVPIL"]
+    path = write_text(tmp_path / "pep.tsv", "text\tlabel\n" + "".join(
+        f"{p}\t{'amp' if i < 4 else 'other'}\n" for i, p in enumerate(peptides)))
+    config = load_config(f"{FINETUNE}:text_tsv", {"data.path": path, "data.test_fraction": 0.25})
+    assert baselines.models_for(config) == ("tfidf_lr", "majority")  # English text by default
+    assert baselines.models_for(config, "protein") == ("rf_kmer", "lr_kmer", "majority")
+    runs = baselines.run(f"{FINETUNE}:text_tsv", {"data.path": path, "data.test_fraction": 0.25},
+                         [1.0], [0], baselines.Options(rf_trees=10, sequences="protein"))
+    assert [r["arm"] for r in runs] == ["rf_kmer", "lr_kmer", "majority"]
+    assert all(r["num_labels"] == 6 and r["num_test"] == 2 for r in runs)
+    with pytest.raises(ValueError, match=r"--sequences='dna'; expected one of \('auto', 'protein'\)"):
+        baselines.models_for(config, "dna")
