@@ -177,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "num_labels": int(len(data.train)), "num_train_pool": int(len(data.train_pool)),
         "num_test": int(len(data.test)), "split_seed": int(config.data.split_seed),
         # predictions averaged over this many inputs per test example (test-time views)
-        "test_views": int(getattr(data, "num_eval_views", 1)),
+        "test_views": getattr(data, "num_eval_views", 1),
         "class_names": data.class_names,  # label id i is class_names[i]
         "test_held_out_of_pretraining": (held_out_of_pretraining(config, run.backbone_config, data)
                                          if init_from else None),
