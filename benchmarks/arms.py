@@ -38,12 +38,23 @@ def chosen_arms(arms: dict, names, finetune_config: str, init_from: str) -> tupl
     return arms, finetune.load_pretrained(init_from, base.init.params, base.init.step)
 
 
+def _same_spelling(config: dict) -> dict:
+    """`config` with a `backbone` that names a run directory written as its real
+    path: `--init_from runs/x/pretrain` and `/abs/runs/x/pretrain` are one run."""
+    backbone = config.get("backbone")
+    if isinstance(backbone, str) and backbone and os.path.isdir(backbone):
+        return {**config, "backbone": os.path.realpath(backbone)}
+    return config
+
+
 def finished_run(rundir: str, config) -> dict | None:
     """The results of a finished run in `rundir` made with exactly `config`
-    (a rerun with more points or seeds only trains what is missing)."""
+    (a rerun with more points or seeds only trains what is missing); the scratch
+    arm's backbone directory may be spelt relative or absolute."""
     try:
         with open(os.path.join(rundir, "config.json")) as f:
-            same = json.load(f) == json.loads(config.to_json_best_effort())
+            same = (_same_spelling(json.load(f))
+                    == _same_spelling(json.loads(config.to_json_best_effort())))
         with open(os.path.join(rundir, "results.json")) as f:
             return json.load(f) if same else None
     except (OSError, ValueError):

@@ -329,7 +329,7 @@ def test_benchmark_grid_names_runs_and_reuses_finished_ones(tmp_path, monkeypatc
 
     def fake_train(config, rundir, init_from, pretrained=None):
         trained.append((os.path.basename(rundir), init_from, pretrained))
-        os.makedirs(rundir)
+        os.makedirs(rundir, exist_ok=True)  # a changed config trains over the old run
         with open(os.path.join(rundir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort())
         res = {"metrics": {"accuracy": config.data.label_fraction}, "seed": config.seed,
@@ -361,3 +361,18 @@ def test_benchmark_grid_names_runs_and_reuses_finished_ones(tmp_path, monkeypatc
     assert meta == {"num_runs": 8, "runs_reused": 8, "reused_seconds": 84.0}
     assert bench.reuse_note(meta) == (" (8 of 8 runs reused from an earlier invocation: "
                                       "84 s when they ran)")
+    # The scratch arm's backbone run dir, spelt relative one time and absolute the
+    # next (--init_from runs/x vs the default <abs workdir>/pretrain): the same run.
+    os.makedirs(tmp_path / "pre")
+    monkeypatch.chdir(tmp_path)
+    spelt = {"scratch": {"backbone": "pre"}}
+    args = (spelt, f"{FINETUNE}:mnist_5k", "data.label_fraction", [0.05], [0],
+            str(tmp_path / "w"), None, None)
+    bench.run_grid(*args, lambda *a: None, tag="f")
+    assert len(trained) == 1
+    again = bench.run_grid({"scratch": {"backbone": str(tmp_path / "pre")}}, *args[1:],
+                           lambda *a: None, tag="f")
+    assert len(trained) == 1 and again[0]["reused"]
+    other = bench.run_grid({"scratch": {"backbone": "experiments/image.py:tiny_v2"}}, *args[1:],
+                           lambda *a: None, tag="f")
+    assert len(trained) == 2 and not other[0]["reused"]  # another backbone trains again
