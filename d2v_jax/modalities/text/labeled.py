@@ -216,9 +216,9 @@ def modlamp_data_path(name: str) -> str:
 @functools.lru_cache(maxsize=1)
 def amp_set() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(sequences, class names, origins): modlAMP's `AMPvsUniProt.csv` (Mueller
-    et al. 2017, Bioinformatics 33:2753): 2,600 antimicrobial peptides (APD3 /
-    CAMP / DBAASP, class 'AMP') and 2,600 random UniProt sequences of the same
-    lengths (class 'UniProt'). The file has repeats (558 rows): each sequence is
+    et al. 2017, Bioinformatics 33:2753): 2,600 antimicrobial peptides (the
+    APD3 database, January 2016; class 'AMP') and 2,600 random UniProt
+    sequences of 10-50 residues (class 'UniProt'). The file has repeats (558 rows): each sequence is
     kept once, and the 22 that occur under both labels are dropped, so no test
     sequence is also a training sequence."""
     path = modlamp_data_path("AMPvsUniProt.csv")
