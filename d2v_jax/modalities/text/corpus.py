@@ -229,8 +229,8 @@ def labeled_corpus(source: str, path: str, text_column: str, label_column: str,
         texts, names, origins = labeled.read_text_labels(files.paths(path, source), text_column,
                                                          label_column)
         return Corpus(list(texts), list(origins), labels=list(names))
-    if source in ("stdlib_docs", "amp"):
-        texts, names, origins = labeled.stdlib_docs() if source == "stdlib_docs" else labeled.amp_set()
+    if source in labeled.PACKAGED_CLASSES:  # stdlib_docs, amp
+        texts, names, origins = labeled.PACKAGED_CLASSES[source][0]()
         return Corpus(list(texts), list(origins), labels=list(names))
     if source in labeled.PACKAGED_SMILES:  # solubility, freesolv
         texts, _, origins = labeled.PACKAGED_SMILES[source]()

@@ -252,6 +252,9 @@ PROTEIN_SOURCES = ("amp",)
 
 SMILES_SOURCES = ("smiles_csv", "solubility", "freesolv")
 PACKAGED_SMILES = {"solubility": solubility_set, "freesolv": freesolv_set}
+# Packaged class-name sets: source -> (reader of (texts, class names, origins),
+# what a class is called in errors).
+PACKAGED_CLASSES = {"stdlib_docs": (stdlib_docs, "family"), "amp": (amp_set, "class")}
 
 
 TOO_LONG = ("truncate", "error")
@@ -305,12 +308,10 @@ def read_task(config) -> tuple[list[str], np.ndarray, list[str] | None, list[str
         texts, names, origins = read_text_labels(_paths(config), d.text_column, d.label_column)
         labels, class_names = label_ids(names, origins, tuple(d.classes),
                                         f"label (column {d.label_column!r})")
-    elif d.source == "stdlib_docs":
-        texts, names, origins = stdlib_docs()
-        labels, class_names = label_ids(names, origins, tuple(d.classes), "family")
-    elif d.source == "amp":
-        texts, names, origins = amp_set()
-        labels, class_names = label_ids(names, origins, tuple(d.classes), "class")
+    elif d.source in PACKAGED_CLASSES:  # stdlib_docs, amp
+        reader, field = PACKAGED_CLASSES[d.source]
+        texts, names, origins = reader()
+        labels, class_names = label_ids(names, origins, tuple(d.classes), field)
     elif d.source == "smiles_csv":
         texts, labels, origins = read_smiles_targets(_paths(config), d.smiles_column,
                                                      d.target_column)
@@ -332,6 +333,13 @@ def labeled_parts(config, backbone_config):
         need = "SMILES" if smiles else "protein" if protein else "text or protein"
         raise ConfigError(f"config.data.source={d.source!r} needs a {need} tokenizer; the "
                           f"backbone's ({backbone_config.tokenizer.path}) is {tokenizer.kind!r}")
+    views = int(d.get("smiles_test_views", 0))
+    if views < 0:
+        raise ConfigError(f"config.data.smiles_test_views={views} must be >= 0 (0 = the "
+                          "canonical SMILES only)")
+    if views and not smiles:
+        raise ConfigError(f"config.data.smiles_test_views={views} needs a SMILES task; "
+                          f"data.source={d.source!r} is text")
     texts, labels, class_names, origins = read_task(config)
     if smiles:
         report_unknown_smiles(tokenizer, texts, origins, f"fine-tune data.source={d.source!r}",
@@ -348,13 +356,6 @@ def labeled_parts(config, backbone_config):
             texts, tokenizer, max_len - 2, d.smiles_enumerate, d.smiles_enumerate_tries,
             config.seed))
     eval_transform = _model_inputs
-    views = int(d.get("smiles_test_views", 0))
-    if views < 0:
-        raise ConfigError(f"config.data.smiles_test_views={views} must be >= 0 (0 = the "
-                          "canonical SMILES only)")
-    if views and not smiles:
-        raise ConfigError(f"config.data.smiles_test_views={views} needs a SMILES task; "
-                          f"data.source={d.source!r} is text")
     if views:
         # Seeded by the test split's seed, not the run's: every arm and seed of a
         # benchmark is scored on the same test strings.
