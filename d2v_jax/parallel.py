@@ -41,6 +41,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from d2v_jax import modalities, optim
+from d2v_jax.models.sharding import activation_sharding, mesh_spec
 from d2v_jax.train_state import TrainState, create_train_state, ema_subtree, init_params
 from d2v_jax.train_step import make_train_step_fn
 
@@ -58,7 +59,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("embed_out", "tensor"),
     ("mlp", "tensor"),
-    ("qkv", "tensor"),
+    # The fused q|k|v axis stays whole: tensor parallelism splits heads
+    # (models/layers.QKVProjection), which a contiguous cut of it would not.
+    ("qkv", None),
     ("heads", "tensor"),
     ("rel_pos", None),
 )
@@ -66,7 +69,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 # --- config -----------------------------------------------------------------------
 _MESH_DEFAULTS = {"data": -1, "fsdp": 1, "tensor": 1, "rules": ()}
-_PARALLEL_DEFAULTS = {"mode": "jit", "distributed": "auto"}
+_PARALLEL_DEFAULTS = {"mode": "jit", "distributed": "auto", "check_collectives": "warn"}
+CHECK_MODES = ("warn", "error", "off")
 
 
 def mesh_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -81,6 +85,9 @@ def parallel_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     out = {k: p.get(k, v) for k, v in _PARALLEL_DEFAULTS.items()}
     if out["mode"] not in MODES:
         raise ValueError(f"config.parallel.mode={out['mode']!r}; expected one of {MODES}")
+    if out["check_collectives"] not in CHECK_MODES:
+        raise ValueError(f"config.parallel.check_collectives={out['check_collectives']!r}; "
+                         f"expected one of {CHECK_MODES}")
     return out
 
 
@@ -132,45 +139,11 @@ def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], .
     return tuple(rules.items())
 
 
-def _mesh_spec(logical: P | None, shape: tuple[int, ...], mesh: Mesh,
-               rules: tuple[tuple[str, Any], ...]) -> P:
-    """Logical PartitionSpec -> mesh PartitionSpec for an array of `shape`.
-
-    A dimension whose size the mesh axes do not divide, or whose axes an earlier
-    dimension already uses, stays replicated: the alternative would be padding or
-    an invalid spec. Unknown logical names are an error naming them.
-    """
-    if logical is None:
-        return P()
-    table = dict(rules)
-    used: set[str] = set()
-    out = []
-    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
-        if name is None:
-            out.append(None)
-            continue
-        if name not in table:
-            raise ValueError(f"logical axis {name!r} has no rule; add it to parallel.DEFAULT_RULES "
-                             f"or config.mesh.rules (known: {sorted(table)})")
-        axes = table[name]
-        axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
-        size = math.prod(mesh.shape[a] for a in axes)
-        if not axes or dim % size:
-            out.append(None)
-            continue
-        used.update(axes)
-        out.append(axes[0] if len(axes) == 1 else axes)
-    while out and out[-1] is None:
-        out.pop()
-    return P(*out)
-
-
 def logical_to_shardings(logical_specs: Any, abstract: Any, mesh: Mesh,
                          rules: tuple[tuple[str, Any], ...]) -> Any:
     """A tree of NamedShardings for `abstract` (arrays or ShapeDtypeStructs)."""
     return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh, rules)),
+        lambda spec, x: NamedSharding(mesh, mesh_spec(spec, x.shape, mesh, rules)),
         logical_specs, abstract, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
@@ -254,6 +227,7 @@ class ParallelPlan:
     mesh: Mesh | None
     state_shardings: Any
     batch_sharding: NamedSharding | None
+    rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
 
     @property
     def axis_name(self) -> str | None:
@@ -277,8 +251,23 @@ class ParallelPlan:
             # psum runs over `data`, so nothing may vary along the other axes.
             step_fn = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P("data"), P()),
                                     out_specs=(P(), P()))
+        else:
+            step_fn = self.pin_activations(step_fn)
         return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding, replicated),
                        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+
+    def pin_activations(self, fn: Callable) -> Callable:
+        """`fn` traced with the models' activation pins active (jit over the
+        mesh only: `models/sharding.py`). A no-op wrapper for the other modes."""
+        if self.mode != "jit":
+            return fn
+
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            with activation_sharding(self.mesh, self.rules):
+                return fn(*args, **kwargs)
+
+        return traced
 
     def describe(self) -> str:
         """One line for the console: devices, mesh shape and mode."""
@@ -302,11 +291,12 @@ def make_plan(config: ml_collections.ConfigDict, model: nn.Module,
     if mode == "shard_map":
         _check_data_parallel(config, mode)
         return _shard_map_plan(config, mesh, model, tx)
-    return _jit_plan(mesh, state_shardings(config, mesh, tx, model))
+    return _jit_plan(mesh, state_shardings(config, mesh, tx, model), logical_rules(config))
 
 
-def _jit_plan(mesh: Mesh, shardings: Any) -> ParallelPlan:
-    return ParallelPlan("jit", mesh, shardings, batch_sharding(mesh))
+def _jit_plan(mesh: Mesh, shardings: Any, rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+              ) -> ParallelPlan:
+    return ParallelPlan("jit", mesh, shardings, batch_sharding(mesh), rules)
 
 
 def _shard_map_plan(config: ml_collections.ConfigDict, mesh: Mesh, model: nn.Module | None,
@@ -352,7 +342,7 @@ def replicated_shardings(tree: Any, mesh: Mesh) -> Any:
 def make_jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, shardings: TrainState,
                         **kwargs) -> Callable:
     """The main path: one jit over the mesh, state donated, in/out shardings fixed."""
-    plan = _jit_plan(mesh, shardings)
+    plan = _jit_plan(mesh, shardings, logical_rules(config))
     return plan.compile(make_train_step_fn(config, batch_sharding=plan.step_batch_sharding, **kwargs))
 
 
@@ -436,11 +426,20 @@ def memory_report(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, tu
             for part in ("params", "ema_params", "opt_state")}
 
 
+def with_tokenizer_vocab(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Text configs before their tokenizer exists: the model's vocabulary is
+    the tokenizer's target size (what a run's tokenizer sets it to)."""
+    if config.get("model", {}).get("vocab_size", 0) is None and "tokenizer" in config:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.model.vocab_size = int(config.tokenizer.vocab_size)
+    return config
+
+
 def _main(argv):
     """python -m d2v_jax.parallel --config experiments/image.py:base_v2 --config.mesh.fsdp=-1 ...
     prints the per-device state bytes (fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
     del argv
-    config = _CONFIG.value
+    config = with_tokenizer_vocab(_CONFIG.value)
     mesh = make_mesh(config)
     report = memory_report(config, mesh)
     print(f"mesh {dict(mesh.shape)} ({jax.device_count()} devices)")

@@ -57,7 +57,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from d2v_jax import checkpoint, errors, metrics, modalities, optim, parallel, probe
+from d2v_jax import (checkpoint, collectives, errors, metrics, modalities, optim, parallel,
+                     probe)
 from d2v_jax.config import validate
 # The run guards live in d2v_jax/guards.py; their names stay importable from here.
 from d2v_jax.guards import (PREEMPTED_EXIT_CODE, CollapseError, FiniteChecks, NonFiniteError,
@@ -248,6 +249,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             done = step + 1
             probe_due = online_probe is not None and probe.due(config, done, num_steps)
             logged = done % log_every == 0 or done == num_steps or probe_due
+            if clock["step"] is None:  # compiled ahead of time here, reused by the jit
+                line = collectives.check_collectives(config, plan, step_fns[logged],
+                                                     (state, batch, step_rng))
+                if line:
+                    _say(f"pretrain: {line}")
             if clock["step"] is None and step_fns[not logged] is not step_fns[logged]:
                 # The first step carries compilation: the other variant's too
                 # (ahead of time, where the step is a jit), so that it does not

@@ -47,6 +47,9 @@ def parallel() -> ml_collections.ConfigDict:
   pl = ml_collections.ConfigDict()
   pl.mode = "jit"  # jit (NamedSharding; main path) | pmap | shard_map (data parallel)
   pl.distributed = "auto"  # auto | on | off: jax.distributed.initialize()
+  # warn | error | off: read the compiled step's collectives on a multi-device
+  # mesh and warn (or stop) if it moves activations between batch shards.
+  pl.check_collectives = "warn"
   return pl
 
 

@@ -11,7 +11,8 @@ from scipy.special import erf
 from d2v_jax import modalities
 from d2v_jax.config import load_config
 from d2v_jax.models.decoder import ConvDecoder
-from d2v_jax.models.layers import Block, Encoder, relative_position_index, sincos_2d
+from d2v_jax.models.layers import Block, Encoder
+from d2v_jax.models.positions import relative_position_index, sincos_2d
 from d2v_jax.train_state import init_params
 
 D, H, T = 16, 4, 5

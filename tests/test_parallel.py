@@ -136,6 +136,7 @@ def _worker() -> dict:
         for name, s in [("fc1", sh.params["encoder"]["blocks"]["mlp"]["fc1"]["kernel"]),
                         ("fc2", sh.params["encoder"]["blocks"]["mlp"]["fc2"]["kernel"]),
                         ("qkv", sh.params["encoder"]["blocks"]["attn"]["qkv"]["kernel"]),
+                        ("proj", sh.params["encoder"]["blocks"]["attn"]["proj"]["kernel"]),
                         ("cls_token", sh.params["frontend"]["cls_token"])]}
     return report
 
@@ -191,7 +192,10 @@ def test_params_are_sharded_as_the_rules_say(eight_device_report):
     assert fsdp_per < 0.3 * fsdp_total, (fsdp_per, fsdp_total)
     t = eight_device_report["tensor_specs"]
     assert t["fc1"] == [None, "fsdp", "tensor"] and t["fc2"] == [None, "tensor", "fsdp"]
-    assert t["qkv"] == [None, "fsdp", "tensor"] and t["cls_token"] == ["fsdp"]
+    # The fused q|k|v axis is whole (tensor splits heads through its view,
+    # layers.QKVProjection); the output projection is row-parallel over heads.
+    assert t["qkv"] == [None, "fsdp"] and t["proj"] == [None, "tensor", "fsdp"]
+    assert t["cls_token"] == ["fsdp"]
 
 
 @pytest.mark.slow  # 4 train-step compilations

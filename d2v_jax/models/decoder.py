@@ -23,6 +23,7 @@ import numpy as np
 from d2v_jax.errors import check_field
 from d2v_jax.models.layers import (dense, dense_init, kernel, torch_default_bias,
                                    torch_default_kernel)
+from d2v_jax.models.sharding import batch_local, constrain
 
 CONV_IMPLS = ("xla", "einsum", "dense")
 INITS = ("torch", "normal")  # GroupedConv.init, ConvDecoder.proj_init
@@ -41,12 +42,18 @@ def grouped_conv(x: jax.Array, w: jax.Array, groups: int, impl: str = "xla") -> 
               backward to a slow path, and at the tiny decoder's shapes this is
               ~10x faster there than `xla` (einsum ~5x).
     """
-    ks = w.shape[:-2]
-    nd = len(ks)
     cin_g, cout = w.shape[-2:]
     if x.shape[-1] != cin_g * groups or cout % groups:
         raise ValueError(f"grouped_conv: input channels {x.shape[-1]} and output channels "
                          f"{cout} must both split into {groups} groups (kernel {w.shape})")
+    # Each device convolves its own rows with the whole kernel (models/sharding.py).
+    return batch_local(lambda x, w: _grouped_conv(x, w, groups, impl), x, w)
+
+
+def _grouped_conv(x: jax.Array, w: jax.Array, groups: int, impl: str) -> jax.Array:
+    ks = w.shape[:-2]
+    nd = len(ks)
+    cin_g, cout = w.shape[-2:]
     cout_g = cout // groups
     spatial = "DHW"[-nd:]
     dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
@@ -108,7 +115,7 @@ class GroupedConv(nn.Module):
         b = self.param("bias", kernel(("mlp",), b_init), (self.features,))
         x = x.astype(self.dtype)
         y = grouped_conv(x, jnp.asarray(w, self.dtype), self.groups, self.impl)
-        return y + jnp.asarray(b, self.dtype)
+        return constrain(y + jnp.asarray(b, self.dtype))
 
 
 class ConvDecoder(nn.Module):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2v_jax.errors import check_field
+from d2v_jax.models.sharding import constrain
 from d2v_jax.models.attention import (ATTENTION_IMPLS,  # noqa: F401 (config.py reads it here)
                                       padded_attention, resolve_attention_impl,
                                       save_low_precision_dots)
@@ -135,6 +136,39 @@ class DropPath(nn.Module):
         return jnp.where(draw, x / keep, 0).astype(x.dtype)
 
 
+class QKVProjection(nn.Module):
+    """The fused q/k/v projection: `kernel` [D, 3D] and `bias` [3D] as one
+    Linear(D, 3D) (the released layouts' `qkv` / the q, k, v projections
+    side by side, column blocks q | k | v, each head-major), applied as an
+    einsum over the kernel's [D, 3, H, hd] view.
+
+    The view is what lets tensor parallelism split *heads*: the fused axis
+    cut into contiguous pieces would split q | k | v, not heads, and every
+    block would gather its qkv activations. Stored, the fused axis is whole
+    (logical name `qkv`, replicated by the default rules); the view is
+    pinned to `heads` (a local slice, no communication), and so are the
+    outputs [B, T, 3, H, hd] (models/sharding.py)."""
+
+    dim: int
+    num_heads: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    init: Callable = dense_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        head_dim = self.dim // self.num_heads
+        w = self.param("kernel", kernel(("embed", "qkv"), self.init), (x.shape[-1], 3 * self.dim))
+        w = constrain(w.reshape(x.shape[-1], 3, self.num_heads, head_dim),
+                      ("embed", None, "heads", None))
+        x, w = x.astype(self.dtype), w.astype(self.dtype)
+        y = jnp.einsum("btd,dshk->btshk", x, w)
+        if self.use_bias:
+            b = self.param("bias", zeros(("qkv",)), (3 * self.dim,))
+            y = y + b.reshape(3, self.num_heads, head_dim).astype(self.dtype)
+        return constrain(y, ("batch", None, None, "heads", None))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
@@ -157,10 +191,9 @@ class Attention(nn.Module):
                  proj_init_scale=1.0):
         b, t, _ = x.shape
         head_dim = self.dim // self.num_heads
-        qkv = dense(3 * self.dim, ("embed", "qkv"), self.dtype, self.qkv_bias, name="qkv",
-                    init=self.init)(x)
-        q, k, v = jnp.split(qkv.reshape(b, t, 3, self.num_heads, head_dim), 3, axis=2)
-        q, k, v = (a[:, :, 0] for a in (q, k, v))  # [B, T, H, hd]
+        qkv = QKVProjection(self.dim, self.num_heads, self.qkv_bias, self.dtype, self.init,
+                            name="qkv")(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
         mask = None
         if key_padding_mask is not None:  # True = padded key -> may not be attended
             mask = ~key_padding_mask[:, None, None, :]
@@ -184,7 +217,8 @@ class Attention(nn.Module):
                 out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
                                                    implementation=impl)
         out = out.reshape(b, t, self.dim)
-        out = dense(self.dim, ("qkv", "embed"), self.dtype, name="proj",
+        # Row-parallel under tensor parallelism: the input axis is head-major.
+        out = dense(self.dim, ("heads", "embed"), self.dtype, name="proj",
                     init=scaled_init(self.init, proj_init_scale))(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
@@ -270,7 +304,7 @@ class Block(nn.Module):
         else:
             def drop_path(h, rate, deterministic):
                 return h
-        x_in = x
+        x = x_in = constrain(x)
 
         def scale(name, h):
             if self.layer_scale_init <= 0:
@@ -297,7 +331,8 @@ class Block(nn.Module):
         if self.layerdrop > 0 and not det:
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.layerdrop)
             x = jnp.where(keep, x, x_in)
-        return x, target
+        # The residual stream and the targets stay split by rows (models/sharding.py).
+        return constrain(x), constrain(target)
 
 
 # `model.remat`: what the scanned block keeps for the backward pass (jax.checkpoint
@@ -418,67 +453,3 @@ def validate_encoder(config) -> None:
     v = m.get("init_truncation", None)
     check_field(v is None or v > 0, "model.init_truncation",
                 f"{v} must be > 0 (in standard deviations) or None (untruncated)")
-
-
-def sincos_2d(grid: tuple[int, int], dim: int) -> np.ndarray:
-    """Fixed 2-D sin-cos position table [h*w, dim] (MAE / data2vec 2.0 images).
-
-    Half the channels encode the row, half the column; each half is
-    [sin(pos * w_k), cos(pos * w_k)] with w_k = 1 / 10000^(k / (dim/4)).
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos positions need model.dim divisible by 4, got {dim}")
-    h, w = grid
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-
-    def encode(pos):
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    gw, gh = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
-    # MAE's convention: the first half encodes the column (w), the second the row.
-    return np.concatenate([encode(gw), encode(gh)], axis=1).astype(np.float32)
-
-
-def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
-    """BEiT's [1+N, 1+N] index into a relative-position table with 3 extra
-    entries for cls->token, token->cls and cls->cls."""
-    h, w = grid
-    coords = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")).reshape(2, -1)
-    rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N]
-    rel = rel.transpose(1, 2, 0)
-    rel[:, :, 0] += h - 1
-    rel[:, :, 1] += w - 1
-    rel[:, :, 0] *= 2 * w - 1
-    n = h * w
-    num_rel = (2 * h - 1) * (2 * w - 1)
-    index = np.zeros((n + 1, n + 1), dtype=np.int32)
-    index[1:, 1:] = rel.sum(-1)
-    index[0, 0:] = num_rel
-    index[0:, 0] = num_rel + 1
-    index[0, 0] = num_rel + 2
-    return index
-
-
-class RelativePositionBias(nn.Module):
-    """BEiT's relative position bias: one table shared by all blocks (1.0
-    pretraining), or with `num_tables=L` one per block (BEiT fine-tuning,
-    HF `use_relative_position_bias`), stacked as [L, size, H]."""
-
-    grid: tuple[int, int]
-    num_heads: int
-    num_tables: int = 0  # 0: one shared table [size, H]; L: [L, size, H]
-
-    @nn.compact
-    def __call__(self) -> jax.Array:
-        h, w = self.grid
-        size = (2 * h - 1) * (2 * w - 1) + 3
-        lead = (self.num_tables,) if self.num_tables else ()
-        names = ((None,) if self.num_tables else ()) + ("rel_pos", "heads")
-        table = self.param(
-            "relative_position_bias_table", kernel(names, nn.initializers.zeros_init()),
-            lead + (size, self.num_heads))
-        index = relative_position_index(self.grid)
-        bias = table[..., index.reshape(-1), :].reshape(lead + index.shape + (self.num_heads,))
-        bias = jnp.moveaxis(bias, -1, -3)  # [..., H, 1+N, 1+N]
-        return bias[..., None, :, :, :]  # [1, H, 1+N, 1+N] or [L, 1, H, 1+N, 1+N]

@@ -32,6 +32,17 @@ def keep_indices(order: jax.Array, num_keep: int) -> jax.Array:
     return split_indices(order, num_keep)[0]
 
 
+def _row_gather(x: jax.Array, idx: jax.Array, sorted_: bool) -> jax.Array:
+    """x [T, ...] at idx [K] -> [K, ...] (one row; vmapped below)."""
+    return x.at[idx].get(mode="promise_in_bounds", indices_are_sorted=sorted_)
+
+
+def _row_set(full: jax.Array, idx: jax.Array, values: jax.Array) -> jax.Array:
+    """full [T, ...] with values [K, ...] written at the unique, sorted idx [K]."""
+    return full.at[idx].set(values, unique_indices=True, indices_are_sorted=True,
+                            mode="promise_in_bounds")
+
+
 def gather(x: jax.Array, keep: jax.Array, clones: int = 1) -> jax.Array:
     """x [R / clones, T, ...] at `keep` [R, K] -> [R, K, ...]; row r of `keep`
     reads row r // clones of `x`.
@@ -39,14 +50,22 @@ def gather(x: jax.Array, keep: jax.Array, clones: int = 1) -> jax.Array:
     `clones` > 1 gathers straight from the un-cloned input: the same values as
     gathering from `jnp.repeat(x, clones, axis=0)`, without materializing the
     clones, and the backward scatter-adds into x's [R / clones, T, ...] rather
-    than a [R, T, ...] buffer.
+    than a [R, T, ...] buffer. The M clones' indices of a sample are read as
+    one row of M*K indices, so the gather is vmapped over the sample axis: its
+    row axis is a *batching* dimension of the gather (and of its transpose, the
+    scatter-add), which the SPMD partitioner keeps split over the batch
+    devices. An explicit row index (x[r // M, keep[r]]) would be a general
+    2-D gather that the partitioner cannot split: it all-gathers the inputs.
     """
-    rows = (jnp.arange(keep.shape[0]) // clones)[:, None]
     if x.shape[0] * clones != keep.shape[0]:
         raise ValueError(f"visible.gather: x has {x.shape[0]} rows x {clones} clones but keep "
                          f"has {keep.shape[0]} rows")
+    k = keep.shape[1]
     # Indices come from an argsort of length T: always in bounds, so no clamping.
-    return x.at[rows, keep].get(mode="promise_in_bounds", indices_are_sorted=clones == 1)
+    # One clone's indices are sorted; M clones' concatenated are not.
+    out = jax.vmap(_row_gather, in_axes=(0, 0, None))(
+        x, keep.reshape(x.shape[0], clones * k), clones == 1)
+    return out.reshape((keep.shape[0], k) + x.shape[2:])
 
 
 def scatter_with_noise(h: jax.Array, keep: jax.Array, removed: jax.Array, std: float,
@@ -59,13 +78,11 @@ def scatter_with_noise(h: jax.Array, keep: jax.Array, removed: jax.Array, std: f
     overwritten). Both index sets are unique and sorted per row
     (`split_indices`), which the scatters promise: with unique indices the
     gradient w.r.t. `h` is a plain gather, not the id-scatter JAX builds to
-    resolve colliding updates.
+    resolve colliding updates. Vmapped over rows, so the row axis is a batching
+    dimension the partitioner keeps split (see `gather`).
     """
-    rows = jnp.arange(h.shape[0])[:, None]
     length = keep.shape[1] + removed.shape[1]
     noise = std * jax.random.normal(rng, removed.shape + h.shape[-1:], h.dtype)
     full = jnp.zeros((h.shape[0], length, h.shape[-1]), h.dtype)
-    full = full.at[rows, removed].set(noise, unique_indices=True, indices_are_sorted=True,
-                                      mode="promise_in_bounds")
-    return full.at[rows, keep].set(h, unique_indices=True, indices_are_sorted=True,
-                                   mode="promise_in_bounds")
+    full = jax.vmap(_row_set)(full, removed, noise)
+    return jax.vmap(_row_set)(full, keep, h)

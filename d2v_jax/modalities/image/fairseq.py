@@ -23,7 +23,7 @@ from d2v_jax.convert.common import (ConversionError, StateReader, base_config, c
 from d2v_jax.convert.fairseq_common import (ALT_BLOCK, FairseqConversion, apply_training_cfg,
                                             block_prefixes, blocks, cfg_get, drop_buffers,
                                             encoder_only_ema, heads_from, mlp_ratio, num_blocks, read, split_ema)
-from d2v_jax.models.layers import sincos_2d
+from d2v_jax.models.positions import sincos_2d
 from d2v_jax.train_state import ema_keys
 
 IMAGE = "modality_encoders.IMAGE."

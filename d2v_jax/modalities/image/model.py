@@ -27,9 +27,9 @@ import numpy as np
 from d2v_jax.modalities.image import masking
 from d2v_jax.models import visible
 from d2v_jax.models.decoder import ConvDecoder, decoder_from_config
-from d2v_jax.models.layers import (Encoder, RelativePositionBias, dense, dtype_of,
-                                   encoder_from_config, kernel, layer_norm, normal_init,
-                                   sincos_2d)
+from d2v_jax.models.layers import (Encoder, dense, dtype_of, encoder_from_config, kernel,
+                                   layer_norm, normal_init)
+from d2v_jax.models.positions import RelativePositionBias, sincos_2d
 
 TEACHER_MODULES = ("frontend", "encoder")
 

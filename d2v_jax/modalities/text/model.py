@@ -34,6 +34,7 @@ import numpy as np
 from d2v_jax.modalities.text import masking as text_masking
 from d2v_jax.models import visible
 from d2v_jax.models.decoder import ConvDecoder, decoder_from_config
+from d2v_jax.models.sharding import constrain
 from d2v_jax.models.layers import Encoder, dense, dtype_of, encoder_from_config, kernel, layer_norm
 
 TEACHER_MODULES = ("frontend", "encoder")
@@ -60,6 +61,19 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[
     return batch
 
 
+class TokenEmbed(nn.Embed):
+    """`nn.Embed` (same parameter, `embedding` [V, D]) whose lookup reads the
+    whole table on every device: under FSDP the table is all-gathered like any
+    other parameter and the lookup stays local to each device's rows. Left to
+    itself the partitioner looks the tokens up in the D-split table instead
+    and moves the activations (all-gather of the ids, all-to-all of the
+    embeddings; models/sharding.py)."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        table = constrain(jnp.asarray(self.embedding, self.dtype), ())
+        return constrain(jnp.take(table, inputs, axis=0))
+
+
 class TextFrontEnd(nn.Module):
     """Token + learned position embeddings, embedding LayerNorm, dropout."""
 
@@ -76,11 +90,12 @@ class TextFrontEnd(nn.Module):
         if t > self.max_positions:
             raise ValueError(f"sequence length {t} > model.max_positions={self.max_positions}")
         dtype = dtype_of(self.dtype)
-        embed = nn.Embed(self.vocab_size, self.dim, dtype=dtype, name="token_embed",
-                         embedding_init=kernel((None, "embed")))
+        embed = TokenEmbed(self.vocab_size, self.dim, dtype=dtype, name="token_embed",
+                           embedding_init=kernel((None, "embed")))
         pos = self.param("pos_embed", kernel((None, "embed")), (self.max_positions, self.dim))
+        # Rows stay split (models/sharding.py): the lookup reads the whole table.
         x = embed(tokens) + pos[:t].astype(dtype)
-        x = layer_norm(self.norm_eps, dtype, "emb_norm")(x)
+        x = constrain(layer_norm(self.norm_eps, dtype, "emb_norm")(x))
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
