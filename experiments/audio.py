@@ -94,8 +94,10 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   m.pos_conv_width = 38 if tiny else 95  # tiny: 2 layers of kernel 19
   m.pos_conv_depth = 2 if tiny else 5
   m.pos_conv_groups = 16 if not tiny else 4
-  # Padded frames zeroed after every positional conv layer ("layer"), or only
-  # at its input ("input": fairseq / Hugging Face, for converted checkpoints).
+  # Padded frames and the positional convs: zeroed at the input and after every
+  # layer ("layer": a clip's encoding does not depend on its batch's padding),
+  # at the input only ("input": wav2vec 2.0 / data2vec 1.0 / Hugging Face), or
+  # never ("none": fairseq data2vec 2.0). Converted checkpoints set theirs.
   m.pos_conv_zero_pad = "layer"
   m.conv_impl = "dense" if tiny else "xla"  # grouped conv kernel (see decoder.conv_impl)
   m.alibi = not v1  # 2.0: ALiBi attention bias with a learned per-head scale

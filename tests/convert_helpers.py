@@ -7,6 +7,7 @@ module's `pytest.importorskip` calls.
 
 import jax
 import numpy as np
+import omegaconf
 import torch
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -107,6 +108,32 @@ def fairseq_checkpoint(ema_layout="full", prenet=0, depth=DEPTH, cfg=None):
                       if k[0].isdigit()}
     model_cfg = {"num_heads": HEADS, "norm_eps": 1e-6, **(cfg or {})}
     return {"model": sd, "cfg": {"model": model_cfg}}
+
+
+# ----------------------------------------------------------------------------- file precisions
+def fp16_run_file(ckpt):
+    """The checkpoint a `common.fp16: true` run writes (every released recipe):
+    the trainer calls `model.half()`, so the student (a 2.0 image model's
+    sin-cos table too) lives in float16, and `Trainer.save_checkpoint` casts
+    it back with `utils.move_to_cpu` (float16 -> float32); the EMA teacher
+    (`_ema`, a dict of tensors) is kept in float32 (`ema_fp32`) and saved as
+    it is."""
+    sd = {k: ({n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v.half().float())
+          for k, v in ckpt["model"].items()}
+    return {"model": sd, "cfg": ckpt["cfg"]}
+
+
+def half_file(ckpt, dtype):
+    """A state dict left in half precision (a half-precision export): every
+    tensor, the teacher's too, in `dtype`."""
+    sd = {k: ({n: t.to(dtype) for n, t in v.items()} if isinstance(v, dict) else v.to(dtype))
+          for k, v in ckpt["model"].items()}
+    return {"model": sd, "cfg": ckpt["cfg"]}
+
+
+def with_omegaconf(ckpt):
+    """The cfg as older fairseq saved it: an omegaconf DictConfig, not a dict."""
+    return {"model": ckpt["model"], "cfg": omegaconf.OmegaConf.create(ckpt["cfg"])}
 
 
 # ----------------------------------------------------------------------------- fairseq audio/text

@@ -62,6 +62,39 @@ def _batch(config, rng, lengths, size, noise_in_padding=0.0):
     return {"audio": audio, "padding_mask": pad, "mask": masks}
 
 
+@pytest.mark.slow  # three encoders compiled for two shapes
+def test_pos_conv_zero_pad_modes():
+    """`model.pos_conv_zero_pad`, on a clip cut to 2,600 of 4,000 samples:
+    'layer' (pretraining's default) encodes it exactly as the clip alone and
+    ignores what the padding holds; 'input' (wav2vec 2.0 / data2vec 1.0)
+    ignores the padding's content, but its convs carry values into the padded
+    frames after their first layer, so the frames near the end differ from
+    the clip alone; 'none' (fairseq data2vec 2.0) lets the padded frames'
+    features into the convs: the padding's content reaches the real frames."""
+    rng = np.random.default_rng(5)
+    config = _config()
+    n = AM.config_frame_count(config, 2600)
+    zeros = _batch(config, rng, [2600, 4000], 4000)
+    noisy = dict(zeros, audio=np.where(zeros["padding_mask"], 3 * rng.standard_normal(
+        zeros["audio"].shape), zeros["audio"]).astype(np.float32))
+    alone = {"audio": zeros["audio"][:1, :2600], "padding_mask": zeros["padding_mask"][:1, :2600]}
+    params = init_state(config, jax.random.PRNGKey(0)).params
+    used = {k: params[k] for k in ("frontend", "context", "encoder")}
+    diffs = {}
+    for mode in ("layer", "input", "none"):
+        c = _config(**{"model.pos_conv_zero_pad": mode})
+        model = modalities.build_model(c)
+        enc = jax.jit(lambda p, b: model.apply({"params": p}, b, method="encode"))
+        a, z, o = (np.asarray(enc(used, b))[0, :n] for b in (alone, zeros, noisy))
+        diffs[mode] = (np.abs(z - a).max(), np.abs(o - z).max())
+    assert diffs["layer"][0] < 1e-5 and diffs["layer"][1] < 1e-5, diffs
+    assert diffs["input"][0] > 1e-3 and diffs["input"][1] < 1e-5, diffs
+    assert diffs["none"][0] > 1e-3 and diffs["none"][1] > 1e-3, diffs
+    with pytest.raises(Exception, match="pos_conv_zero_pad"):
+        from d2v_jax.config import validate
+        validate(_config(**{"model.pos_conv_zero_pad": "zero"}))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arg", ["tiny_v2", "tiny_v1"])
 def test_padding_changes_nothing(arg):

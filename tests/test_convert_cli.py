@@ -17,7 +17,8 @@ from d2v_jax import checkpoint
 from d2v_jax.convert import from_fairseq, from_huggingface
 from d2v_jax.convert.__main__ import main
 
-from convert_helpers import VISION, assert_same_params, fairseq_checkpoint, hidden, perturbed
+from convert_helpers import (VISION, assert_same_params, fairseq_checkpoint, fp16_run_file, hidden,
+                             perturbed, with_omegaconf)
 
 
 @pytest.mark.slow  # a convert CLI run
@@ -53,6 +54,27 @@ def test_fairseq_file_to_checkpoint(tmp_path):
     assert_same_params(params, both["params"])
     assert_same_params(ema_params, both["ema_params"])
     assert config.version == "v2" and config.decoder.groups == 4
+
+
+@pytest.mark.slow  # a convert CLI run
+def test_fairseq_fp16_run_file_with_omegaconf_cfg(tmp_path, capsys):
+    """The file a released recipe's run writes (`common.fp16`: the student's
+    float16 values in float32, float32 teacher, an omegaconf cfg, so
+    --trust_pickle): converted, the precision said, the params the file's."""
+    ckpt = with_omegaconf(fp16_run_file(fairseq_checkpoint("full")))
+    torch.save(ckpt, tmp_path / "fp16.pt")
+    args = ["fairseq-to-jax", "--checkpoint", str(tmp_path / "fp16.pt"), "--out",
+            str(tmp_path / "run")]
+    assert main(args) == 2  # the pickled cfg needs --trust_pickle
+    assert "--trust_pickle" in capsys.readouterr().err
+    assert main(args + ["--trust_pickle"]) == 0
+    assert ("student tensors float16 values stored as float32, teacher (_ema) float32"
+            in capsys.readouterr().err)
+    both, config = checkpoint.restore_params(str(tmp_path / "run"),
+                                             subtrees=("params", "ema_params"))
+    _, params, ema_params = from_fairseq(ckpt)
+    assert_same_params(params, both["params"])
+    assert_same_params(ema_params, both["ema_params"])
 
 
 def test_task_head_file_round_trips(tmp_path):

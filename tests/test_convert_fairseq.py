@@ -23,7 +23,8 @@ from d2v_jax.convert import ConversionError, from_fairseq
 from d2v_jax.models.decoder import ConvDecoder
 
 from convert_helpers import (CH, DEC_DIM, DEC_G, DEC_K, DEC_LAYERS, DEPTH, DIM, HEADS, I, PATCH,
-                             SIDE, fairseq_checkpoint)
+                             SIDE, fairseq_checkpoint, fp16_run_file, half_file,
+                             mae_sincos, with_omegaconf)
 
 
 def reference_encoder(sd, blocks_prefix, image, front=I):
@@ -160,3 +161,69 @@ def test_large_recipe_top_k_counts_main_blocks():
     bad = fairseq_checkpoint("full", prenet=2, depth=3, cfg={"average_top_k_layers": 4})
     with pytest.raises(ConversionError, match="counts main blocks, but there are 3"):
         from_fairseq(bad)
+
+
+# ----------------------------------------------------------------------------- file precisions
+def test_precision_of_a_file_is_read_from_its_values():
+    """float32 tensors holding float16 (or bfloat16) values are recognised as
+    such, by comparison with torch's own rounding; the check of a derived table
+    allows one unit in the last place of that precision, and no more."""
+    from d2v_jax.convert.common import close_at_precision, describe_precision, precision_of
+    torch.manual_seed(0)
+    exact = torch.randn(64, 32)
+    for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
+        rounded = exact.to(dtype)
+        assert precision_of(rounded.float().numpy(), "float32") == name
+        assert precision_of(rounded.float().numpy(), name) == name
+        assert close_at_precision(rounded.float().numpy(), exact.numpy(), name)
+        # Four units in the last place away (the bit pattern + 4): not the same table.
+        moved = (rounded.view(torch.int16) + 4).view(dtype).float().numpy()
+        assert not close_at_precision(moved, exact.numpy(), name)
+    assert precision_of(exact.numpy(), "float32") == "float32"
+    assert not close_at_precision(exact.half().float().numpy(), exact.numpy(), "float32")
+    assert describe_precision({"a": exact.half().float(), "b": torch.zeros(3)}) == (
+        "float16 values stored as float32")
+    assert describe_precision({"a": exact, "n": torch.arange(3)}) == "float32"
+    assert describe_precision({"a": exact.half()}) == "float16"
+
+
+@pytest.mark.slow  # compiles our encoder once for every file variant (same shapes)
+def test_every_precision_fairseq_saves_converts_and_matches():
+    """float32; an fp16 run's file (float16-rounded student in float32, float32
+    teacher); a state dict left in float16 / bfloat16; with a dict or an
+    omegaconf cfg. Each converts; params are the file's values as float32;
+    student and teacher outputs equal the independent forward, which uses the
+    exact sin-cos table that our model computes (fairseq's fp32 run would use
+    the file's rounded table: the gap is reported, and small). A table that is
+    not sin-cos is refused at every precision."""
+    base = fairseq_checkpoint("full")
+    files = {"float32": base, "fp16_run": with_omegaconf(fp16_run_file(base)),
+             "float16": half_file(base, torch.float16),
+             "bfloat16": with_omegaconf(half_file(base, torch.bfloat16))}
+    image = torch.randn(2, CH, PATCH * SIDE, PATCH * SIDE)
+    exact_table = torch.from_numpy(mae_sincos(DIM, SIDE)).float()[None]
+    key = f"{I}fixed_positional_encoder.positions"
+    encode = None
+    for name, ckpt in files.items():
+        config, params, ema_params = from_fairseq(ckpt)
+        sd = {k: v.float() for k, v in ckpt["model"].items() if k != "_ema"}
+        ema = {k: v.float() for k, v in ckpt["model"]["_ema"].items()}
+        w = params["encoder"]["blocks"]["mlp"]["fc1"]["kernel"][1]
+        np.testing.assert_array_equal(w, sd["blocks.1.mlp.fc1.weight"].numpy().T)
+        if encode is None:
+            model = modalities.build_model(config)
+            encode = jax.jit(lambda p, b: model.apply({"params": p}, b, method="encode"))
+        batch = {"image": np.transpose(image.numpy(), (0, 2, 3, 1))}
+        for ours, tensors in ((params, sd), (ema_params, ema)):
+            got = np.asarray(encode(ours, batch))
+            want = reference_encoder({**tensors, key: exact_table}, "blocks.", image)
+            np.testing.assert_allclose(got, want, atol=1e-4, err_msg=name)
+        gap = np.abs(np.asarray(encode(params, batch))
+                     - reference_encoder(sd, "blocks.", image)).max()
+        assert gap < (1e-4 if name == "float32" else 2e-3), (name, gap)
+        # The same file with the table's two halves swapped (rows <-> columns).
+        bad = dict(ckpt["model"])
+        table = bad[key]
+        bad[key] = torch.cat([table[..., DIM // 2:], table[..., :DIM // 2]], -1)
+        with pytest.raises(ConversionError, match="sin-cos.*precision"):
+            from_fairseq({"model": bad, "cfg": ckpt["cfg"]})

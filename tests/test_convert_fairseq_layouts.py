@@ -125,13 +125,18 @@ def decoder1d(sd, p, x, residual=True, proj_layers=1):
     return F.linear(h, sd[p + "proj.2.weight"], sd[p + "proj.2.bias"])
 
 
-def audio_v2_reference(sd, ema_or_sd, wav):
-    """Data2VecMultiModel(features_only), AUDIO, no padding: the student's local
-    features (the teacher has no extractor with ema_local_encoder=False)."""
+def audio_v2_reference(sd, ema_or_sd, wav, lengths=None):
+    """Data2VecMultiModel(features_only), AUDIO: the student's local features
+    (the teacher has no extractor with ema_local_encoder=False). With padding
+    (`lengths` in samples, the rest of each row zeros), as fairseq 2.0 runs it:
+    `convert_padding_mask` gives the frame padding, nothing zeroes the padded
+    frames before the positional convs (`contextualized_features` only zeroes
+    masked frames), and the blocks mask padded keys."""
     x = conv_extractor(sd, A + "local_encoder.conv_layers.", wav)
     x = F.layer_norm(x, (x.shape[-1],), sd[A + "project_features.1.weight"],
                      sd[A + "project_features.1.bias"], 1e-5)
     x = F.linear(x, sd[A + "project_features.2.weight"], sd[A + "project_features.2.bias"])
+    pad = None if lengths is None else frame_mask(lengths, x.shape[1])
     e = ema_or_sd
     convs = [(e[f"{A}relative_positional_encoder.{j}.0.weight"],
               e[f"{A}relative_positional_encoder.{j}.0.bias"]) for j in range(1, POS_DEPTH + 1)]
@@ -140,7 +145,7 @@ def audio_v2_reference(sd, ema_or_sd, wav):
                      e[A + "context_encoder.norm.bias"], 1e-5)
     bias = alibi(x.shape[1], e[A + "alibi_scale"])
     for i in range(DEPTH):
-        x = alt_block(x, e, f"blocks.{i}.", 1e-5, bias=bias)
+        x = alt_block(x, e, f"blocks.{i}.", 1e-5, bias=bias, key_pad=pad)
     return x
 
 
@@ -207,8 +212,22 @@ def encode(config, params, batch):
 
 
 # ----------------------------------------------------------------------------- audio
+def padded_wav(seed, length=250):
+    """Two clips of 400 samples, the second cut to `length` and zero-padded
+    as fairseq's collater pads: (wav, sample padding mask, lengths)."""
+    torch.manual_seed(seed)
+    wav = torch.randn(2, 400)
+    wav[1, length:] = 0
+    pad = np.zeros((2, 400), bool)
+    pad[1, length:] = True
+    return wav, pad, [400, length]
+
+
 @pytest.mark.slow  # compiles our encoder (~5 s on 2 shared cores)
 def test_audio_v2_student_teacher_decoder_match_fairseq():
+    """A padded batch, as fairseq 2.0 computes it: the converted config says
+    `pos_conv_zero_pad="none"`, and student, teacher and the fine-tuned CTC
+    model match at every real frame of both rows."""
     ckpt = audio_v2_checkpoint()
     config, params, ema_params = from_fairseq(ckpt)
     m = config.model
@@ -216,15 +235,19 @@ def test_audio_v2_student_teacher_decoder_match_fairseq():
     assert (m.conv_dims, m.conv_kernels, m.conv_strides) == ((16, 16), (10, 3), (5, 2))
     assert (config.target.top_k, config.target.layer_norm, config.masking.num_clones) == (
         2, "instance", 8)
+    assert m.pos_conv_zero_pad == "none"
     sd, ema = ckpt["model"], ckpt["model"]["_ema"]
-    torch.manual_seed(1)
-    wav = torch.randn(2, 400)
-    batch = {"audio": wav.numpy()}
+    wav, pad, lengths = padded_wav(1)
+    batch = {"audio": wav.numpy(), "padding_mask": pad}
     with torch.no_grad():
-        ref_s, ref_t = audio_v2_reference(sd, sd, wav), audio_v2_reference(sd, ema, wav)
-    np.testing.assert_allclose(encode(config, params, batch), ref_s.numpy(), atol=ATOL)
+        ref_s = audio_v2_reference(sd, sd, wav, lengths)
+        ref_t = audio_v2_reference(sd, ema, wav, lengths)
+    real = ~frame_mask(lengths, ref_s.shape[1]).numpy()
+    assert 0 < real[1].sum() < real[0].sum() == real.shape[1]
+    np.testing.assert_allclose(encode(config, params, batch)[real], ref_s.numpy()[real],
+                               atol=ATOL)
     got_t = encode(config, teacher_params(params, ema_params, config), batch)
-    np.testing.assert_allclose(got_t, ref_t.numpy(), atol=ATOL)
+    np.testing.assert_allclose(got_t[real], ref_t.numpy()[real], atol=ATOL)
     assert (ref_t - ref_s).abs().max().item() > 1e-2  # the teacher is the _ema tensors
     # The teacher shares the student's extractor (ema_local_encoder=False): not EMA.
     assert sorted(ema_params) == ["context", "encoder"] and config.ema.shared == ("frontend",)
@@ -232,9 +255,10 @@ def test_audio_v2_student_teacher_decoder_match_fairseq():
     head = {"w2v_encoder.proj.weight": torch.randn(12, DIM), "w2v_encoder.proj.bias": torch.randn(12)}
     out = from_fairseq(finetuned_v2(ckpt, "w2v_encoder.w2v_model.", "w2v_args", head))
     assert out.task == "ctc" and out.ema_params is None and "decoder" not in out.params
+    assert out.config.model.pos_conv_zero_pad == "none"
     logits = F.linear(ref_s, head["w2v_encoder.proj.weight"], head["w2v_encoder.proj.bias"])
-    np.testing.assert_allclose(apply_head("ctc", out.head, encode(out.config, out.params, batch)),
-                               logits.numpy(), atol=ATOL)
+    got = apply_head("ctc", out.head, encode(out.config, out.params, batch))
+    np.testing.assert_allclose(got[real], logits.numpy()[real], atol=ATOL)
     x = torch.randn(2, 39, DIM)
     dec = decoder_from_config(config.decoder, (-1,), DIM, jnp.float32)
     got = dec.apply({"params": params["decoder"]}, x.numpy())
@@ -277,6 +301,28 @@ def test_audio_v1_and_ctc_match_fairseq_with_padding():
         logits = F.linear(ref, csd["w2v_encoder.proj.weight"], csd["w2v_encoder.proj.bias"])
     got = apply_head("ctc", out.head, encode(config, params, batch))
     np.testing.assert_allclose(got[real], logits.numpy()[real], atol=ATOL)
+
+
+def test_every_audio_and_text_layout_converts_from_half_precision_files():
+    """The fp16-run file (float16 student values in float32, float32 `_ema`)
+    and a state dict left in float16 convert for every audio and text layout:
+    the params are the file's values as float32 (no derived table to check)."""
+    from convert_helpers import fp16_run_file, half_file
+    layouts = {"audio_v2": audio_v2_checkpoint(), "audio_v1": audio_v1_checkpoint(),
+               "audio_ctc": audio_ctc_checkpoint(), "text_v2": text_v2_checkpoint(),
+               "text_v1": text_v1_checkpoint(), "text_cls": text_cls_checkpoint()}
+    for name, ckpt in layouts.items():
+        for variant in (fp16_run_file(ckpt), half_file(ckpt, torch.float16)):
+            out = from_fairseq(variant)
+            flat = dict(jax.tree_util.tree_flatten_with_path(out.params)[0])
+            leaves = [np.asarray(v) for v in flat.values()]
+            assert all(x.dtype == np.float32 for x in leaves if x.dtype.kind == "f"), name
+            sd = variant["model"]
+            # One tensor mapped as is: a LayerNorm scale of the first block.
+            key = next(k for k in sd if k.endswith(("norm1.weight", "self_attn_layer_norm.weight")))
+            got = [v for p, v in flat.items() if "norm1" in jax.tree_util.keystr(p)
+                   and jax.tree_util.keystr(p).endswith("['scale']")][0]
+            np.testing.assert_array_equal(np.asarray(got)[0], sd[key].float().numpy(), err_msg=name)
 
 
 # ----------------------------------------------------------------------------- text

@@ -51,6 +51,11 @@ FP16_REASON = ("model.dtype=auto: bfloat16 compute on GPU/TPU (f32's exponent ra
 PAD_REASON = ("fairseq crops every utterance of a batch to the shortest one (no padding); we "
               "pad to a length bucket with a padding mask so fewer samples are thrown away "
               "and shapes stay static; data.pad=False crops as fairseq")
+ZERO_PAD_REASON = ("padded frames zeroed before and after every positional conv layer, so "
+                   "a clip's encoding does not depend on its batch's padding; fairseq meets "
+                   "no padding in pretraining (it crops batches), and converted checkpoints "
+                   "set the official value, so fine-tuning them sees fairseq's padding "
+                   "(tests/test_audio_model.py::test_pos_conv_zero_pad_modes)")
 ALL_DECAY = "plain `adam`: weight_decay applies to every parameter (SPEC 7)"
 COMPOSITE = ("`composite`: data2vec2.py sets weight_decay_scale 0 where len(shape) == 1, "
              "`.bias` or `alibi_scale`")
@@ -234,6 +239,9 @@ AUDIO_V1 = [
     ("model.pos_conv_depth", 5, f"{A1}: pos_conv_depth"),
     ("model.pos_conv_width", 95, f"{A1}: conv_pos"),
     ("model.pos_conv_groups", 16, f"{D2VA}: conv_pos_groups"),
+    ("model.pos_conv_zero_pad", "input",
+     "fairseq/models/wav2vec/wav2vec2.py TransformerEncoder.extract_features: padded frames "
+     "zeroed once, before pos_conv"),
     ("model.alibi", False, "1.0 has no ALiBi"),
     ("model.dropout", 0.1, f"{D2VA}: dropout"),
     ("model.attn_dropout", 0.1, f"{D2VA}: attention_dropout"),
@@ -285,6 +293,8 @@ AUDIO_V2 = [
     ("model.pos_conv_depth", 5, f"{V2A}: conv_pos_depth"),
     ("model.pos_conv_width", 95, f"{V2A}: conv_pos_width"),
     ("model.pos_conv_groups", 16, f"{V2A}: conv_pos_groups"),
+    ("model.pos_conv_zero_pad", "none",
+     f"{MOD}base.py contextualized_features: only masked frames are zeroed"),
     ("model.alibi", True, f"{V2A}: use_alibi_encoder, learned_alibi_scale_per_head"),
     ("model.norm_eps", 1e-5, f"{V2A}: norm_eps"),
     ("model.dropout", 0.1, f"{D2V2}: encoder_dropout, post_mlp_drop"),
@@ -449,6 +459,7 @@ DEVIATIONS = {
     ("*", "model.dtype"): FP16_REASON,
     ("audio.py:base_v1", "data.pad"): PAD_REASON,
     ("audio.py:base_v2", "data.pad"): PAD_REASON,
+    ("*", "model.pos_conv_zero_pad"): ZERO_PAD_REASON,
     # Documentation-only rows (no config field), keyed by their official text.
     ("*", "doc:1e-6"): ("the linear warm-up starts at 0, not at BEiT's warmup_lr 1e-6 (0.05% "
                         "of the peak lr, for the first warm-up steps only)"),

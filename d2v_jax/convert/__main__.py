@@ -27,6 +27,7 @@ from d2v_jax import checkpoint, errors
 from d2v_jax.api import save_checkpoint
 from d2v_jax.convert import (ConversionError, from_fairseq, from_huggingface, make_train_state,
                              to_huggingface)
+from d2v_jax.convert.common import describe_precision
 from d2v_jax.convert.heads import HEAD_FILE, save_head
 from d2v_jax.train_state import teacher_view
 
@@ -79,6 +80,12 @@ def _fairseq_to_jax(args) -> str:
                                f"{first}", hint=hint) from e
     out = from_fairseq(ckpt, num_heads=args.num_heads)
     config, params, ema_params = out
+    state = ckpt.get("model", ckpt)
+    student = {k: v for k, v in state.items() if k != "_ema"}
+    teacher = state.get("_ema") if isinstance(state.get("_ema"), dict) else None
+    print(f"convert fairseq-to-jax: student tensors {describe_precision(student)}"
+          + (f", teacher (_ema) {describe_precision(teacher)}" if teacher else "")
+          + "; converted to float32", file=sys.stderr, flush=True)
     path = save_checkpoint(args.out, make_train_state(config, params, ema_params), config)
     if out.head is not None:  # a fine-tuned model's task head (CTC, classification)
         save_head(os.path.join(args.out, HEAD_FILE), out.task, out.head)

@@ -78,6 +78,62 @@ def base_config(modality: str, arg: str) -> ml_collections.ConfigDict:
     return load_config(f"{path}:{arg}")
 
 
+def dtype_name(t: Any) -> str:
+    """The stored dtype of a torch tensor or array ('float16', 'bfloat16', ...)."""
+    dtype = t.dtype if hasattr(t, "dtype") else np.asarray(t).dtype
+    return str(dtype).removeprefix("torch.")
+
+
+def precision_of(stored: np.ndarray, stored_dtype: str) -> str:
+    """The precision a file's floats were last rounded to: the stored dtype,
+    or, for float32 tensors, 'float16' / 'bfloat16' when every value is
+    exactly a half-precision number. That is what a fairseq `common.fp16`
+    run saves: the student lives in float16 and `Trainer.save_checkpoint`
+    casts it back to float32 (`utils.move_to_cpu`)."""
+    if stored_dtype in ("float16", "bfloat16") or stored_dtype != "float32":
+        return stored_dtype
+    x = np.asarray(stored, np.float32)
+    # The coarser format first: bfloat16 values are (nearly always) float16
+    # values too, while float16's extra mantissa bits are rarely all zero.
+    as_bf16 = (x.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+    if np.array_equal(as_bf16, x):
+        return "bfloat16"
+    if np.array_equal(x.astype(np.float16).astype(np.float32), x):
+        return "float16"
+    return "float32"
+
+
+def describe_precision(state: Mapping[str, Any]) -> str:
+    """What precision a state dict's float tensors hold, taken together
+    (`precision_of`), in words: e.g. a fairseq fp16 run saves its student as
+    float16 values in float32 tensors."""
+    floats = [(to_numpy(v), dtype_name(v)) for v in state.values()
+              if hasattr(v, "dtype") and "float" in dtype_name(v)]
+    if not floats:
+        return "none (no float tensors)"
+    stored = sorted({d for _, d in floats})
+    if stored != ["float32"]:
+        return " + ".join(stored)
+    values = precision_of(np.concatenate([a.ravel() for a, _ in floats]), "float32")
+    return "float32" if values == "float32" else f"{values} values stored as float32"
+
+
+def close_at_precision(stored: np.ndarray, computed: np.ndarray, precision: str) -> bool:
+    """`stored` equals `computed` up to rounding to `precision`: within one unit
+    in the last place of that precision at each value (float16: 2^-10 of the
+    value's binade, bfloat16: 2^-7), or 1e-5 for float32. A table of other
+    values (not the same function) is far outside this."""
+    stored = np.asarray(stored, np.float64)
+    computed = np.asarray(computed, np.float64)
+    if stored.shape != computed.shape:
+        return False
+    bits = {"float16": 10, "bfloat16": 7}.get(precision)
+    if bits is None:
+        return bool(np.allclose(stored, computed, rtol=0, atol=1e-5))
+    binade = 2.0 ** np.floor(np.log2(np.maximum(np.abs(computed), 2.0 ** -14)))
+    return bool(np.all(np.abs(stored - computed) <= binade * 2.0 ** -bits))
+
+
 def to_numpy(t: Any) -> np.ndarray:
     """A torch tensor or array -> float32/int numpy (a copy, detached)."""
     if hasattr(t, "detach"):
@@ -98,6 +154,12 @@ class StateReader:
 
     def __contains__(self, key: str) -> bool:
         return key in self.state
+
+    def dtype(self, key: str) -> str:
+        """The dtype the file stores `key` in (`get` returns float32 for every float)."""
+        if key not in self.state:
+            raise ConversionError(f"{self.where}: missing tensor {key!r}")
+        return dtype_name(self.state[key])
 
     def get(self, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         if key not in self.state:

@@ -20,6 +20,7 @@ from d2v_jax.data import letters
 from d2v_jax.errors import ConfigError
 from d2v_jax.modalities.audio import data as audio
 from d2v_jax.modalities.audio import sentence_set, transcripts
+from d2v_jax.modalities.audio.model import zero_padded
 
 SOURCES = ("asr_espeak", "asr_manifest", "asr_folder")
 
@@ -99,9 +100,7 @@ def encode(backbone, batch: dict[str, jax.Array], *, deterministic: bool,
     on the projected features), dropout and layer-drop unless `deterministic`."""
     x = backbone.frontend(batch["audio"])
     pad = backbone.frame_padding(batch, x.shape[1])
-    if pad is not None:
-        x = jnp.where(pad[..., None], 0, x)
-    x = apply_mask(x, pad)
+    x = apply_mask(zero_padded(x, pad, backbone.context.pos_conv_zero_pad), pad)
     ctx = backbone.context
     x = ctx.norm(x + ctx.positions(x, pad), deterministic)
     bias = ctx.bias(jnp.arange(x.shape[1])[None])

@@ -25,8 +25,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"model.frontend='fbank' reads conv_kernels[0]={m.conv_kernels[0]} as its "
                 "window in samples (e.g. 400 = 25 ms at 16 kHz)")
     check_field(m.pos_conv in ("stack", "single"), "model.pos_conv", f"{m.pos_conv!r} is not 'stack' or 'single'")
-    check_field(m.get("pos_conv_zero_pad", "layer") in ("layer", "input"), "model.pos_conv_zero_pad",
-                f"{m.get('pos_conv_zero_pad')!r} is not 'layer' or 'input'")
+    check_field(m.get("pos_conv_zero_pad", "layer") in ("layer", "input", "none"),
+                "model.pos_conv_zero_pad",
+                f"{m.get('pos_conv_zero_pad')!r} is not 'layer', 'input' or 'none'")
     check_field(m.dim % m.pos_conv_groups == 0, "model.pos_conv_groups",
                 f"model.dim={m.dim} is not divisible by pos_conv_groups={m.pos_conv_groups}")
     v = m.get("prenet_dropout", m.dropout)

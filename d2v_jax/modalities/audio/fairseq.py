@@ -103,7 +103,9 @@ def _v2_config(state, cfg, num_heads) -> ml_collections.ConfigDict:
         m.pos_conv, m.pos_conv_depth, m.pos_conv_groups = "stack", pos_depth, dim // pw[1]
         # Our kernel is max(3, width // depth): width = k * depth gives k back.
         m.pos_conv_width = pw[2] * pos_depth
-        m.pos_conv_zero_pad = "input"
+        # data2vec 2.0 zeroes nothing before its positional convs (masked frames
+        # only, encoder_zero_mask): padded frames keep their features.
+        m.pos_conv_zero_pad = "none"
         m.alibi = AUDIO + "alibi_scale" in state
         m.drop_path = 0.0
         d = config.decoder

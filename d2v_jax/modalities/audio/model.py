@@ -170,6 +170,16 @@ class WeightNormConv(nn.Module):
         return _same_conv_even(conv, x, k)
 
 
+def zero_padded(x: jax.Array, padding: jax.Array | None, mode: str) -> jax.Array:
+    """The front-end's frames x [B,T,D] as the positional encoder gets them
+    (`model.pos_conv_zero_pad` = `mode`): padded frames zeroed ("layer",
+    "input"), or left as the conv front-end made them from the zero-padded
+    audio ("none", fairseq data2vec 2.0)."""
+    if padding is None or mode == "none":
+        return x
+    return jnp.where(padding[..., None], 0, x)
+
+
 class AudioContext(nn.Module):
     """Conv positional encoder, embedding LayerNorm, ALiBi scale (SPEC 6)."""
 
@@ -179,7 +189,11 @@ class AudioContext(nn.Module):
     pos_conv_width: int = 95
     pos_conv_depth: int = 5
     pos_conv_groups: int = 16
-    pos_conv_zero_pad: str = "layer"  # "layer" or "input" (fairseq / HF)
+    # Padded frames before / inside the positional convs (`model.pos_conv_zero_pad`):
+    # "layer" zeroes them in the input and after every conv layer (ours), "input"
+    # in the input only (wav2vec 2.0, data2vec 1.0, Hugging Face), "none" nowhere
+    # (fairseq data2vec 2.0: they carry the features of the zero-padded audio).
+    pos_conv_zero_pad: str = "layer"
     conv_impl: str = "xla"
     norm_eps: float = 1e-5
     dropout_rate: float = 0.0  # after the embedding LayerNorm (model.prenet_dropout)
@@ -213,10 +227,10 @@ class AudioContext(nn.Module):
                 (m.num_heads,))
 
     def positions(self, x: jax.Array, padding: jax.Array | None) -> jax.Array:
-        """The conv positional encoding of x [B,T,D] (added by the caller);
-        padded frames are zeroed after every layer so they carry nothing
-        (`model.pos_conv_zero_pad="layer"`), or, as fairseq and Hugging Face
-        do, only in the input x ("input"; the caller zeroes x)."""
+        """The conv positional encoding of x [B,T,D] (added by the caller, who
+        passes x through `zero_padded`); with `pos_conv_zero_pad="layer"` the
+        padded frames are zeroed again after every layer, so they carry nothing
+        into the real frames whatever the batch's padding."""
         every_layer = self.pos_conv_zero_pad == "layer"
         valid = None if padding is None or not every_layer else ~padding[..., None]
 
@@ -296,9 +310,7 @@ class AudioData2Vec(nn.Module):
     def _features(self, batch):
         x = self.frontend(batch["audio"])
         pad = self.frame_padding(batch, x.shape[1])
-        if pad is not None:
-            x = jnp.where(pad[..., None], 0, x)
-        return x, pad
+        return zero_padded(x, pad, self.context.pos_conv_zero_pad), pad
 
     def _context(self, x, pad, deterministic):
         return self.context.norm(x + self.context.positions(x, pad), deterministic)
@@ -319,7 +331,7 @@ class AudioData2Vec(nn.Module):
 
     def features(self, batch: dict[str, jax.Array]) -> jax.Array:
         """The feature extractor's projected frames [B, T, D] (before the
-        positional encoder), 0 at padded frames."""
+        positional encoder), 0 at padded frames unless `pos_conv_zero_pad="none"`."""
         return self._features(batch)[0]
 
     def encode(self, batch: dict[str, jax.Array]) -> jax.Array:

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from d2v_jax.convert.common import (ConversionError, StateReader, base_config, check_tree,
-                                    expected_params, stack)
+                                    close_at_precision, expected_params, precision_of, stack)
 from d2v_jax.convert.fairseq_common import (ALT_BLOCK, FairseqConversion, apply_training_cfg,
                                             block_prefixes, blocks, cfg_get, drop_buffers,
                                             encoder_only_ema, heads_from, mlp_ratio, num_blocks, read, split_ema)
@@ -105,12 +105,16 @@ def image_config(state: Mapping[str, Any], num_heads: int | None = None,
 def _frontend(r: StateReader, prefix: str, config, local: bool) -> dict[str, Any]:
     m = config.model
     grid = (m.image_size // m.patch_size,) * 2
-    pos = r.get(prefix + "fixed_positional_encoder.positions")
+    key = prefix + "fixed_positional_encoder.positions"
+    pos = r.get(key)
     # Our positions are computed (SPEC 7), so a checkpoint whose table differs
-    # cannot be represented: check rather than silently replace.
-    if not np.allclose(pos.reshape(-1, m.dim), sincos_2d(grid, m.dim), atol=1e-5):
-        raise ConversionError(f"fairseq state dict: {prefix}fixed_positional_encoder.positions "
-                              "is not the 2-D sin-cos table our model computes")
+    # cannot be represented: check rather than silently replace. The check
+    # allows the rounding of the precision the file was saved at: a fp16 run's
+    # student (every released recipe) holds the table rounded to float16.
+    precision = precision_of(pos, r.dtype(key))
+    if not close_at_precision(pos.reshape(-1, m.dim), sincos_2d(grid, m.dim), precision):
+        raise ConversionError(f"fairseq state dict: {key} is not the 2-D sin-cos table our "
+                              f"model computes (compared at the file's {precision} precision)")
     extra = r.get(prefix + "extra_tokens")
     if extra.shape != (1, 1, m.dim):
         raise ConversionError(f"fairseq state dict: {prefix}extra_tokens has shape {extra.shape}; "
