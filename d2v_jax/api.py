@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from d2v_jax.data import bad_samples
 from d2v_jax import checkpoint, modalities
 from d2v_jax.config import load_config, validate
 from d2v_jax.train_state import TrainState, create_train_state
@@ -45,7 +46,11 @@ def make_dataset(config: ml_collections.ConfigDict, **kwargs):
     the modality's pipeline (e.g. `process_index`, `process_count`, `source`).
     """
     validate(config)
-    return modalities.get(config).pretrain_dataset(config, **kwargs)
+    # The train loop's own pipeline also carries which unreadable samples it
+    # replaced (host-side fields, data/bad_samples.py); a user's loop gets the
+    # model's batch alone.
+    dataset = modalities.get(config).pretrain_dataset(config, **kwargs)
+    return dataset.map(lambda batch: bad_samples.host_fields(batch)[0])
 
 
 def _as_batch(config: ml_collections.ConfigDict, inputs: Any) -> Mapping[str, Any]:

@@ -64,6 +64,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """No (readable) checkpoint where one was asked for."""
 
 
+
 # --- the manager ------------------------------------------------------------------
 def checkpoint_dir(workdir: str) -> str:
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -105,6 +106,12 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None, 
         read_only=read_only,
         # what orbax sets for a read-only manager anyway, minus its warning saying so
         save_interval_steps=0 if read_only else 1,
+        # a save that a kill or a full disk interrupted leaves <step>.orbax-checkpoint-tmp*
+        cleanup_tmp_directories=not read_only,
+        # A read-only manager (the checks before a run writes) joins no barrier:
+        # each process decides alone whether a checkpoint dir exists to check,
+        # and one may see the dir another has just created.
+        save_root_metadata=not read_only,
     )
     return ocp.CheckpointManager(directory or checkpoint_dir(workdir), options=options,
                                  item_handlers=_handlers())

@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from d2v_jax import modalities
+from d2v_jax.data import bad_samples
 from d2v_jax.errors import ConfigError, ConfigFileError, check_field, missing_key_error
 from d2v_jax.models.layers import ATTENTION_IMPLS, DTYPE_NAMES, REMAT_POLICIES
 
@@ -149,6 +150,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     check_field(0 < k.ratio < 1, "masking.ratio", f"{k.ratio} is not in (0, 1)")
     check_field(k.num_clones >= 1, "masking.num_clones", f"{k.num_clones} < 1")
     check_field(config.data.batch_size >= 1, "data.batch_size", f"{config.data.batch_size} < 1")
+    bad_samples.settings(config)  # data.on_bad_sample, data.max_bad_fraction
     check_field(config.train.num_steps >= 1, "train.num_steps", f"{config.train.num_steps} < 1")
     check_field(0.0 < config.collapse.max_target_pos_share <= 1.0, "collapse.max_target_pos_share",
                 f"{config.collapse.max_target_pos_share} is not in (0, 1]")

@@ -20,8 +20,11 @@ shows the traceback of user errors too. Exit codes (docs/checkpoints.md):
     0   done
     1   a programming error (Python's traceback)
     2   a user error: bad config, data, checkpoint or flag; the run changed nothing
-    3   the run stopped itself: non-finite loss or representation collapse
+    3   the run stopped itself: non-finite loss, representation collapse, too
+        many unreadable samples
     42  preempted (SIGTERM): saved, requeue it (guards.PREEMPTED_EXIT_CODE)
+    43  a process of a multi-process run was lost: the others stopped; relaunch
+        to resume from the last checkpoint (guards.PEER_LOST_EXIT_CODE)
 """
 
 from __future__ import annotations
@@ -72,6 +75,23 @@ class DataError(UserError, ValueError):
 
 class DataNotFoundError(DataError, FileNotFoundError):
     """A data path (file, folder, glob) that matches nothing."""
+
+
+class BadSampleError(DataError):
+    """One sample that cannot be read (a corrupt or truncated file); `path`
+    names it. `data.on_bad_sample='skip'` replaces such samples during
+    training (d2v_jax/data/bad_samples.py); otherwise it is a DataError."""
+
+    def __init__(self, message: str, *, path: str = "", hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.path = str(path)
+
+    def __reduce__(self):  # crosses grain's worker processes
+        return (_bad_sample_error, (str(self), self.path, self.hint))
+
+
+def _bad_sample_error(message: str, path: str, hint: str | None) -> BadSampleError:
+    return BadSampleError(message, path=path, hint=hint)
 
 
 class CheckpointError(UserError):

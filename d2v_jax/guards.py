@@ -10,25 +10,40 @@
 - Representation collapse (SPEC 3, `config.collapse`): `collapse_check` finds
   it in a step's logged scalars, `apply_collapse_guard` warns or raises
   `CollapseError`.
+- A lost process of a multi-process run: `PeerWatchdog` stops the survivors
+  with `PEER_LOST_EXIT_CODE` (43), naming the lost one.
+- A checkpoint that cannot be written (a full disk): `writing_checkpoint`
+  turns orbax's failure into one `CheckpointWriteError` line.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging as logging_std
+import os
+import re
 import signal
+import sys
 import threading
-from typing import Callable
+import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax._src import distributed as jax_distributed
 import ml_collections
 from absl import logging
 
+from d2v_jax.errors import RunStopped
 from d2v_jax.train_state import TrainState
 
 # Exit status after a preemption save: distinct from success (0), errors (1),
 # usage errors (2) and deaths by signal (128 + n), so a launcher can requeue on it.
 PREEMPTED_EXIT_CODE = 42
+# Exit status of the surviving processes of a multi-process run that lost one:
+# nothing was saved at this step; a relaunch resumes from the last checkpoint.
+PEER_LOST_EXIT_CODE = 43
 NONFINITE_MODES = ("stop", "skip")
 
 
@@ -165,3 +180,157 @@ class PreemptionWatcher:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+# --- a lost process of a multi-process run --------------------------------------------
+class PeerWatchdog:
+    """Multi-process runs: notices a process that died without a word (SIGKILL,
+    a crashed node) and stops the others within a bounded time.
+
+    A collective that waits for a dead process never returns on most
+    backends (NCCL), and JAX's own heartbeat aborts only after
+    `heartbeat_timeout_seconds`, with a C++ check failure. Here each process
+    bumps a counter in the coordination service's key-value store every
+    `timeout / 6` s from a daemon thread (it beats through compilation and
+    long steps); a process whose counter has not moved for `timeout` s (or a
+    coordination service that no longer answers: process 0 is gone) is lost:
+    the watchdog logs which one and ends this process with
+    PEER_LOST_EXIT_CODE (os._exit: a hung collective cannot be unwound).
+    The last complete checkpoint is what a relaunch resumes from.
+    """
+
+    def __init__(self, timeout: float):
+        self.client = jax_distributed.global_state.client
+        self.me, self.count = jax.process_index(), jax.process_count()
+        self.timeout = float(timeout)
+        self.interval = max(self.timeout / 6.0, 0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="d2v-peer-watchdog", daemon=True)
+        self._thread.start()
+
+    def _key(self, p: int) -> str:
+        return f"d2v_jax/alive/{p}"
+
+    def _run(self) -> None:
+        beat, last_seen = 0, {}
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                beat += 1
+                self.client.key_value_set(self._key(self.me), str(beat), allow_overwrite=True)
+                values = {p: self._read(p) for p in range(self.count) if p != self.me}
+            except Exception as e:  # noqa: BLE001 - the coordination service is gone
+                if self._stop.is_set():
+                    return
+                self.lost(0, f"the coordination service (process 0) stopped answering: "
+                             f"{str(e).splitlines()[0][:200]}")
+                return
+            for p, value in values.items():
+                if p not in last_seen or last_seen[p][0] != value:
+                    last_seen[p] = (value, now)
+                elif now - last_seen[p][1] > self.timeout:
+                    self.lost(p, f"no heartbeat for {now - last_seen[p][1]:.0f} s")
+                    return
+            self._stop.wait(self.interval)
+
+    def _read(self, p: int) -> str | None:
+        """Process p's counter; None before its first beat (the key is absent)."""
+        try:
+            return self.client.key_value_try_get(self._key(p))
+        except Exception as e:  # noqa: BLE001 - jaxlib raises XlaRuntimeError
+            if "NOT_FOUND" in str(e):
+                return None
+            raise
+
+    def lost(self, process: int, why: str) -> None:
+        """Reports the lost process and ends this one (PEER_LOST_EXIT_CODE)."""
+        msg = (f"process {process} of {self.count} was lost ({why}): stopping process "
+               f"{self.me} with exit code {PEER_LOST_EXIT_CODE}; relaunch the job to resume "
+               "from the last checkpoint")
+        logging.error("%s", msg)
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        os._exit(PEER_LOST_EXIT_CODE)
+
+    def settle(self) -> None:
+        """After a failed collective: gives the watchdog the time it needs to
+        name a lost process (and end this one); returns if none was lost."""
+        self._thread.join(self.timeout + 2 * self.interval)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# --- a checkpoint that cannot be written ----------------------------------------------
+class CheckpointWriteError(RunStopped):
+    """A checkpoint could not be written (a full disk, an unwritable or
+    read-only work dir). The step being written is left as an orbax temporary
+    directory, never restored (and removed by the next run's manager); the
+    steps written before it are kept."""
+
+
+# Errors of a failed write: OSError from Python's writes, tensorstore's
+# status codes (the arrays) with the OS error text inside.
+_WRITE_FAILURE = re.compile(r"RESOURCE_EXHAUSTED|PERMISSION_DENIED|No space left|Read-only file "
+                            r"system|Permission denied|Disk quota|os_error_code")
+_OS_REASON = re.compile(r"Failed to write [^:]*: ([^\[\]\n]+?)\s*\[os_error_code|"
+                        r"\[Errno \d+\] ([^:\n]+)")
+
+
+def write_failure(error: BaseException, manager: Any, step: int
+                  ) -> CheckpointWriteError | None:
+    """`error` as a one-line CheckpointWriteError naming the checkpoints dir,
+    the step, the OS's reason and the last complete step kept, when it is a
+    failed write (else None). An async save's error surfaces at the next save
+    or wait; the step it belongs to is read from orbax's temporary path."""
+    chain, e = [], error
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(x) for x in chain)
+    if not (any(isinstance(x, OSError) for x in chain) or _WRITE_FAILURE.search(text)):
+        return None
+    found = re.search(r"/(\d+)\.orbax-checkpoint-tmp", text)
+    failed = int(found.group(1)) if found else int(step)
+    reason = next((m.group(1) or m.group(2) for m in [_OS_REASON.search(text)] if m), None)
+    if reason is None:
+        os_errors = [x for x in chain if isinstance(x, OSError)]
+        reason = (os_errors[0].strerror if os_errors and os_errors[0].strerror
+                  else str(chain[0]).splitlines()[0][:200])
+    try:
+        kept = [s for s in manager.all_steps(read=True) if s != failed]
+    except Exception:  # noqa: BLE001 - the directory itself may be unreadable
+        kept = []
+    last = (f"the last complete checkpoint, {manager.directory}/{max(kept)}, is kept and "
+            "restorable" if kept else "no earlier checkpoint was written")
+    return CheckpointWriteError(
+        f"cannot write checkpoint step {failed} to {manager.directory}: {reason.strip()}; {last}",
+        hint="free space or fix the work dir's permissions, then run the same command again")
+
+
+class _DropReportedWriteFailures(logging_std.Filter):
+    """orbax's write tasks log each failed write ("Task exception was never
+    retrieved") before the error reaches the loop, which reports it as one
+    `CheckpointWriteError` line: those log records are noise."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        text = f"{record.getMessage()} {exc or ''}"
+        return not ("never retrieved" in text and _WRITE_FAILURE.search(text))
+
+
+logging_std.getLogger("asyncio").addFilter(_DropReportedWriteFailures())
+
+
+@contextlib.contextmanager
+def writing_checkpoint(manager: Any, step: int):
+    """Turns a failed checkpoint write met inside (a save, or waiting for one)
+    into `CheckpointWriteError`; other errors pass as they are."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except Exception as e:
+        failure = write_failure(e, manager, step)
+        if failure is None:
+            raise
+        raise failure from e

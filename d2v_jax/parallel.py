@@ -69,7 +69,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 # --- config -----------------------------------------------------------------------
 _MESH_DEFAULTS = {"data": -1, "fsdp": 1, "tensor": 1, "rules": ()}
-_PARALLEL_DEFAULTS = {"mode": "jit", "distributed": "auto", "check_collectives": "warn"}
+_PARALLEL_DEFAULTS = {"mode": "jit", "distributed": "auto", "check_collectives": "warn",
+                      "peer_timeout_s": 60.0}
 CHECK_MODES = ("warn", "error", "off")
 
 
@@ -85,6 +86,8 @@ def parallel_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     out = {k: p.get(k, v) for k, v in _PARALLEL_DEFAULTS.items()}
     if out["mode"] not in MODES:
         raise ValueError(f"config.parallel.mode={out['mode']!r}; expected one of {MODES}")
+    if not float(out["peer_timeout_s"]) > 0:
+        raise ValueError(f"config.parallel.peer_timeout_s={out['peer_timeout_s']!r} must be > 0")
     if out["check_collectives"] not in CHECK_MODES:
         raise ValueError(f"config.parallel.check_collectives={out['check_collectives']!r}; "
                          f"expected one of {CHECK_MODES}")

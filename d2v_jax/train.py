@@ -60,23 +60,28 @@ from tqdm import tqdm
 from d2v_jax import (checkpoint, collectives, errors, metrics, modalities, optim, parallel,
                      probe)
 from d2v_jax.config import validate
+from d2v_jax.data import bad_samples
 # The run guards live in d2v_jax/guards.py; their names stay importable from here.
-from d2v_jax.guards import (PREEMPTED_EXIT_CODE, CollapseError, FiniteChecks, NonFiniteError,
-                            Preempted, PreemptionWatcher, apply_collapse_guard, collapse_check,
-                            guard_nonfinite, nonfinite_mode)
+from d2v_jax.guards import (PEER_LOST_EXIT_CODE, PREEMPTED_EXIT_CODE, CollapseError,
+                            FiniteChecks, NonFiniteError, PeerWatchdog, Preempted,
+                            PreemptionWatcher, apply_collapse_guard, collapse_check,
+                            guard_nonfinite, nonfinite_mode, writing_checkpoint)
 from d2v_jax.train_state import TrainState, create_train_state
 from d2v_jax.train_step import make_train_step_fn
 
-__all__ = ["PREEMPTED_EXIT_CODE", "CollapseError", "NonFiniteError", "Preempted",
+__all__ = ["PEER_LOST_EXIT_CODE", "PREEMPTED_EXIT_CODE", "CollapseError", "NonFiniteError", "Preempted",
            "PreemptionWatcher", "collapse_check", "guard_nonfinite", "device_prefetch",
            "abstract_train_state", "init_train_state", "restore_or_init", "make_step",
            "train_and_evaluate"]
 
 
 # --- input ------------------------------------------------------------------------
-def device_prefetch(iterator: Iterator, size: int, sharding: Any = None) -> Iterator[tuple[Any, Any]]:
-    """Yields (device batch, the iterator's state right after that batch),
-    keeping `size` batches in flight to the device (device_put is async)."""
+def device_prefetch(iterator: Iterator, size: int, sharding: Any = None
+                    ) -> Iterator[tuple[Any, Any, dict]]:
+    """Yields (device batch, the iterator's state right after that batch, the
+    batch's host-only fields: the unreadable samples it replaced,
+    `data/bad_samples.py`), keeping `size` batches in flight to the device
+    (device_put is async)."""
     get_state = getattr(iterator, "get_state", None)
     queue = collections.deque()
 
@@ -86,9 +91,10 @@ def device_prefetch(iterator: Iterator, size: int, sharding: Any = None) -> Iter
                 host = next(iterator)
             except StopIteration:
                 return
-            # [scale-out, issue 5] this process's rows -> the global sharded batch
+            host, fields = bad_samples.host_fields(host)
+            # this process's rows -> the global sharded batch
             device = jax.device_put(host) if sharding is None else parallel.global_batch(host, sharding)
-            queue.append((device, get_state() if get_state else None))
+            queue.append((device, get_state() if get_state else None, fields))
 
     enqueue(max(size, 1))
     while queue:
@@ -184,8 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             parallel.make_mesh(config)
         # [scale-out, issue 5] the mesh, shardings and step compilation, decided once.
         plan = parallel.make_plan(config, model, tx)
-        iterator = iter(entry.pretrain_dataset(
-            config, process_index=jax.process_index(), process_count=jax.process_count()))
+        dataset = entry.pretrain_dataset(
+            config, process_index=jax.process_index(), process_count=jax.process_count())
+        iterator = iter(dataset)
         _check_first_batch(iterator)
         _check_checkpoints(config, workdir, init_from, model, tx, plan)
         # The online probe's labeled split (read with the run's own tokenizer /
@@ -212,6 +219,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return state
 
     _trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+    # Unreadable samples replaced so far (data.on_bad_sample): counted on from
+    # what the resumed run had logged, each path listed once.
+    bad = bad_samples.BadSampleLog(
+        config, workdir, getattr(dataset, "num_examples", None),
+        bad_samples.restored_total(os.path.join(workdir, "metrics.jsonl"), start))
     batches = device_prefetch(iterator, config.data.prefetch, plan.batch_sharding)
     log_every = max(config.train.log_every, 1)
     # Two compiled variants: the statistics (variances, position share, norms)
@@ -244,9 +256,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     try:
         for step in range(start, num_steps):
-            batch, batch_state = next(batches)
+            batch, batch_state, bad_fields = next(batches)
             seen += jax.tree.leaves(batch)[0].shape[0]
             done = step + 1
+            bad.add(bad_fields, done)
             probe_due = online_probe is not None and probe.due(config, done, num_steps)
             logged = done % log_every == 0 or done == num_steps or probe_due
             if clock["step"] is None:  # compiled ahead of time here, reused by the jit
@@ -274,25 +287,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 last.update(_log(config, writer, bar, clock, finite.skipped, *pending))
                 pending = None
             if logged:
-                pending = (done, seen, step_metrics, {})
+                extra = {bad_samples.COUNT: bad.check(done * int(config.data.batch_size))}
+                pending = (done, seen, step_metrics, extra)
             if probe_due:  # a host sync, outside the step; its time is not the step's
                 pending[3].update(online_probe(state.params, state.ema_params))
                 clock["time"] += pending[3]["probe_seconds"]
             preempted = watcher.requested(done, manager)
             if (every and done % every == 0) or done == num_steps or preempted:
                 flush()  # never checkpoint a state that has not passed the guards
-                checkpoint.save(manager, done, state, config, data_iter)
+                with writing_checkpoint(manager, done):  # a full disk: one line
+                    checkpoint.save(manager, done, state, config, data_iter)
             bar.update(1)
             if preempted and done < num_steps:
-                manager.wait_until_finished()
+                with writing_checkpoint(manager, done):
+                    manager.wait_until_finished()
                 raise Preempted(done, f"{manager.directory}/{done}")
         flush()
     finally:
         watcher.close()
-        manager.wait_until_finished()  # a started save completes, even on error
-        manager.close()
-        writer.close()
-        bar.close()
+        try:
+            with writing_checkpoint(manager, start):
+                manager.wait_until_finished()  # a started save completes, even on error
+        finally:
+            manager.close()
+            try:
+                writer.close()
+            except OSError as e:  # e.g. the disk that failed the checkpoint: keep that error
+                logging.warning("could not close the metric files in %s: %s", workdir, e)
+            bar.close()
     if jax.process_index() == 0 and os.path.exists(writer.path):
         metrics.plot_loss(writer.path, os.path.join(workdir, "loss.png"))
     loss = f"final loss {last['loss']:.4f}" if "loss" in last else "no loss logged"
@@ -362,6 +384,8 @@ def _log(config, writer, bar, clock, skipped, step, seen, device_metrics,
         postfix["pos"] = f"{scalars['target_pos_share']:.2f}"
     if "probe_knn" in scalars:
         postfix["knn"] = f"{scalars['probe_knn']:.3f}"
+    if scalars.get(bad_samples.COUNT):
+        postfix["bad"] = int(scalars[bad_samples.COUNT])
     bar.set_postfix(**postfix, sps=f"{scalars['samples_per_sec']:.0f}")
     apply_collapse_guard(config, step, scalars)
     return scalars
@@ -395,13 +419,23 @@ def _run(fv: flags.FlagValues) -> int:
     # [scale-out, issue 5] multi-process start (SLURM, Cloud TPU, JAX_COORDINATOR_ADDRESS)
     # before anything touches the devices.
     with errors.config_errors():
-        distributed = parallel.parallel_config(fv.config)["distributed"]
-    parallel.maybe_initialize_distributed(distributed)
+        settings = parallel.parallel_config(fv.config)
+    parallel.maybe_initialize_distributed(settings["distributed"])
+    # Several processes: one that dies without a word stops the others
+    # (PEER_LOST_EXIT_CODE) instead of leaving them in a collective forever.
+    watchdog = (PeerWatchdog(settings["peer_timeout_s"]) if jax.process_count() > 1 else None)
     try:
         train_and_evaluate(fv.config, fv.workdir, init_from=fv.init_from)
     except Preempted as e:
         logging.warning("%s; exiting with code %d", e, PREEMPTED_EXIT_CODE)
         return PREEMPTED_EXIT_CODE
+    except jax.errors.JaxRuntimeError:
+        if watchdog is not None:  # a collective failed: a lost peer, or a real error
+            watchdog.settle()
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.close()
     return 0
 
 

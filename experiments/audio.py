@@ -224,6 +224,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   # tiny: a small set, per-clip work << a worker's start-up; base: "auto" (common.num_workers)
   dt.num_workers = common.num_workers(0 if tiny else "auto")
   dt.prefetch = 2
+  common.bad_samples(dt)  # data.on_bad_sample, data.max_bad_fraction
 
   # --- optimizer (SPEC 7) -----------------------------------------------------
   c.optim = o = ml_collections.ConfigDict()

@@ -18,6 +18,18 @@ def num_workers(value="auto") -> ml_collections.FieldReference:
   return ml_collections.FieldReference(value, field_type=object)
 
 
+def bad_samples(dt: ml_collections.ConfigDict) -> None:
+  """`data.on_bad_sample` / `data.max_bad_fraction` (docs/checkpoints.md): an
+  unreadable sample met during training (a truncated file, a file that is not
+  what its extension says) is replaced by the next readable one, counted
+  (metric `bad_samples`) and listed once in <workdir>/bad_samples.jsonl
+  ("skip": a run of days does not stop for one file), or stops the run naming
+  it ("error"). Past `max_bad_fraction` of the samples read (at least one
+  epoch's worth) the run stops either way: a broken mount must not hide."""
+  dt.on_bad_sample = "skip"  # skip | error
+  dt.max_bad_fraction = 1e-3
+
+
 def train(num_steps: int, *, log_every: int, checkpoint_every: int) -> ml_collections.ConfigDict:
   """`config.train`: length, logging and checkpoint retention of a run."""
   r = ml_collections.ConfigDict()
@@ -50,6 +62,10 @@ def parallel() -> ml_collections.ConfigDict:
   # warn | error | off: read the compiled step's collectives on a multi-device
   # mesh and warn (or stop) if it moves activations between batch shards.
   pl.check_collectives = "warn"
+  # Several processes: a process silent this long (killed, its node gone) is
+  # lost, and the others stop with exit code 43 instead of hanging in a
+  # collective; a relaunch resumes from the last checkpoint (docs/checkpoints.md).
+  pl.peer_timeout_s = 60.0
   return pl
 
 

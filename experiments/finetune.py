@@ -202,6 +202,12 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
     _sequence_task(c, task, probe, small)
   if task in _ASR_TASKS:
     _asr_task(c, task)
+  # An unreadable training example is replaced by the next readable one,
+  # counted and listed in <workdir>/bad_samples.jsonl (skip), or stops the run
+  # (error); past this fraction of the examples read, the run stops either way.
+  # The test set is always read whole and strictly (docs/checkpoints.md).
+  c.data.on_bad_sample = "skip"
+  c.data.max_bad_fraction = 1e-3
   return c
 
 

@@ -210,6 +210,7 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   # less than a worker's start-up repays; base: "auto" (common.num_workers).
   dt.num_workers = common.num_workers(0 if tiny else "auto")
   dt.prefetch = 2  # batches prefetched onto the device
+  common.bad_samples(dt)  # data.on_bad_sample, data.max_bad_fraction
   # random-resized-crop area: BEiT 1.0 (0.08, 1); fairseq 2.0 MaeImageDataset (0.2, 1)
   dt.crop_scale = (0.5, 1.0) if tiny else ((0.08, 1.0) if v1 else (0.2, 1.0))
   dt.crop_ratio = (3 / 4, 4 / 3)

@@ -216,6 +216,7 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   # 2.0: batch_size 4 x 16 GPUs = 64 rows of 512.
   dt.batch_size = 32 if tiny else (256 if v1 else 64)
   dt.num_workers = common.num_workers(0 if tiny else "auto")  # see experiments/common.py
+  common.bad_samples(dt)  # data.on_bad_sample, data.max_bad_fraction
   dt.prefetch = 2
 
   # --- optimizer (SPEC 7) -----------------------------------------------------------

@@ -8,16 +8,19 @@ wraps the ones a test takes as a fixture. Test modules never import each other.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import soundfile as sf
 from PIL import Image
 
-from d2v_jax import modalities
+from d2v_jax import checkpoint, modalities
 from d2v_jax.config import load_config
 from d2v_jax.train_state import create_train_state
 
@@ -184,3 +187,64 @@ def run_cli(module: str, *args, env=None, timeout=300) -> CliRun:
     proc = subprocess.run(cli_args(module, *args), cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     return CliRun(proc.returncode, proc.stdout, proc.stderr)
+
+
+# ----------------------------------------------------------------------------- runs stopped and resumed
+
+
+def env_with_cache(cache_dir):
+    return xla_env(None, JAX_COMPILATION_CACHE_DIR=cache_dir,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+def start(workdir, overrides, env, experiment=None, log=None):
+    """`python -m d2v_jax.train` on `experiment` (image tiny_v2) in the
+    background, its output appended to `log` (default `<workdir>.log`)."""
+    args = cli_args("train", f"--config={experiment or IMAGE + ':tiny_v2'}", f"--workdir={workdir}",
+                    *[f"--config.{k}={v}" for k, v in overrides.items()])
+    log = open(log or os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + ".log"),
+               "ab")
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def logged_steps(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
+def checkpoint_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def wait_for(cond, proc, what, timeout=240):
+    t0 = time.time()
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited ({proc.returncode}) before {what}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def finish(proc, timeout=240):
+    return proc.wait(timeout=timeout)
+
+
+def load_state(workdir, step):
+    """The saved TrainState as a flat {path: numpy array}, read onto this
+    process's device whatever device count saved it."""
+    tree, _ = checkpoint.restore_params(workdir, step,
+                                        subtrees=("step", "params", "ema_params", "opt_state"))
+    return {"/" + checkpoint.path_str(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}

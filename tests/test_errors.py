@@ -1,6 +1,7 @@
 """Fault handling and bad input: every error names the step, field, path, file
 or parameter that caused it."""
 
+import json
 import os
 
 import jax
@@ -158,14 +159,26 @@ def test_missing_and_empty_data_paths_are_named(tmp_path, image_folder):
         pretrain_dataset(_config(image_folder, **{"data.path": str(empty)}))
 
 
-def test_corrupt_image_file_is_named(tmp_path):
+def test_corrupt_image_file_is_named_or_replaced(tmp_path):
+    """data.on_bad_sample='error': the batch that reads a truncated file raises
+    naming it. 'skip': the file is replaced by the next one of the folder
+    (003.png read twice), and the batch says which file it replaced."""
     root = make_image_folder(tmp_path / "bad", n=4)
     victim = os.path.join(root, "a", "002.png")
     with open(victim, "r+b") as f:
         f.truncate(20)
-    config = _config(root, **{"data.batch_size": 4})
+    config = _config(root, **{"data.batch_size": 4, "data.on_bad_sample": "error"})
     with pytest.raises(Exception, match="002.png"):
         next(iter(pretrain_dataset(config)))
+    batch = next(iter(pretrain_dataset(_config(root, **{"data.batch_size": 4}))))
+    assert batch["bad_samples"].tolist().count(1) == 1 and batch["bad_samples"].sum() == 1
+    (entry,) = [e for e in batch["bad_log"] if e]
+    assert json.loads(entry)[0][0] == victim and "cannot decode" in json.loads(entry)[0][1]
+    # The replacement is 003.png with its own crop and masks (seeded by its
+    # index): two identical rows.
+    images = batch["image"].reshape(4, -1)
+    same = [(i, j) for i in range(4) for j in range(i + 1, 4) if (images[i] == images[j]).all()]
+    assert len(same) == 1 and (batch["mask"][same[0][0]] == batch["mask"][same[0][1]]).all()
 
 
 @pytest.mark.slow

@@ -7,9 +7,10 @@ Per modality x version, two subprocesses run `d2v_jax.train.main` (the
 imports, the data preparation and JAX's start-up are paid once per process:
 
 - 1 CPU device: the reference, 4 steps;
-- 8 fake CPU devices: DP-8, DP 2 x FSDP 4, FSDP 4 x tensor 2, pmap, shard_map
-  (4 steps each), and the resume chain FSDP-8 (steps 1-2, checkpoint) ->
-  DP 2 x FSDP 4 (step 3) -> DP-8 (step 4) in one work dir.
+- 8 fake CPU devices: FSDP 4 x tensor 2, pmap, shard_map (4 steps each), and
+  the resume chain FSDP-8 (steps 1-2, checkpoint) -> DP 2 x FSDP 4 (step 3)
+  -> DP-8 (step 4) in one work dir: every mesh of docs/scaling.md, each step
+  compared with the 1-device step.
 
 Every 8-device run sets `parallel.check_collectives=error`: a compiled step
 that all-gathers or all-to-alls activations between batch shards stops the
@@ -43,9 +44,8 @@ COMMON = {"train.num_steps": STEPS, "train.log_every": 1, "train.checkpoint_ever
           "decoder.input_dropout": 0.0, "decoder.mask_noise_std": 0.0}
 PER_MODALITY = {"image": {}, "text": {},
                 "audio": {"model.dropout_input": 0.0, "model.prenet_dropout": 0.0}}
-MESHES = {  # name -> overrides; each runs STEPS steps on 8 devices
-    "dp8": {"mesh.data": -1},
-    "dp2_fsdp4": {"mesh.data": 2, "mesh.fsdp": 4},
+MESHES = {  # name -> overrides; each runs STEPS steps on 8 devices (DP-8, FSDP-8 and
+    # DP 2 x FSDP 4 run in the resume chain below, each checked step by step)
     "fsdp4_tensor2": {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2},
     "pmap": {"parallel.mode": "pmap"},
     "shard_map": {"parallel.mode": "shard_map"},

@@ -9,83 +9,16 @@ import json
 import os
 import random
 import signal
-import subprocess
-import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from d2v_jax.train import PREEMPTED_EXIT_CODE
 
-from helpers import IMAGE, ROOT, cli_args, image_folder_run, make_image_folder, xla_env
+from helpers import (checkpoint_steps, env_with_cache, finish, image_folder_run, load_state,
+                     logged_steps, losses, make_image_folder, start, wait_for)
 
 NUM_STEPS, EVERY = 60, 10
-
-
-def env_with_cache(cache_dir):
-    return xla_env(None, JAX_COMPILATION_CACHE_DIR=cache_dir,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-
-
-def start(workdir, overrides, env):
-    args = cli_args("train", f"--config={IMAGE}:tiny_v2", f"--workdir={workdir}",
-                    *[f"--config.{k}={v}" for k, v in overrides.items()])
-    log = open(os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + ".log"), "ab")
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def logged_steps(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
-
-
-def checkpoint_steps(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
-
-
-def wait_for(cond, proc, what, timeout=240):
-    t0 = time.time()
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited ({proc.returncode}) before {what}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-
-def finish(proc, timeout=240):
-    return proc.wait(timeout=timeout)
-
-
-def load_state(workdir, step):
-    """The saved TrainState as a flat {path: numpy array} (restored as saved)."""
-    tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-    flat = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                walk(f"{prefix}/{i}", v)
-        elif node is not None:
-            flat[prefix] = np.asarray(node)
-
-    walk("", tree)
-    return flat
-
-
-def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
 @pytest.mark.slow  # four `python -m d2v_jax.train` processes

@@ -28,7 +28,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from d2v_jax.data import files
+from d2v_jax.data import bad_samples, files
 from d2v_jax.data.splits import label_subset, split_test
 from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
 
@@ -202,17 +202,25 @@ def _with_label(example: dict[str, Any], element: dict[str, Any], labels: np.nda
 
 
 def train_dataset(data: LabeledData, batch_size: int, seed: int, *,
-                  num_threads: int = 2, prefetch_buffer_size: int = 4) -> grain.IterDataset:
+                  num_threads: int = 2, prefetch_buffer_size: int = 4,
+                  on_bad_sample: str = "error") -> grain.IterDataset:
     """Endless shuffled batches of the used training labels, augmented with
-    per-example seeds (seed, epoch, index), so a rerun sees the same stream."""
+    per-example seeds (seed, epoch, index), so a rerun sees the same stream.
+    `on_bad_sample='skip'`: an unreadable example is replaced by the next
+    readable one of the training subset, with its own label
+    (d2v_jax/data/bad_samples.py)."""
     n = len(data.train)
     if n < 1:
         raise ConfigError("no training labels: raise config.data.label_fraction")
 
     def apply(position: int, element: dict[str, Any]) -> dict[str, Any]:
-        return _with_label(data.train_transform(element, position // n), element, data.labels)
+        example = _with_label(data.train_transform(element, position // n), element, data.labels)
+        return bad_samples.carry(element, example)
 
-    ds = grain.MapDataset.source(_Subset(data.source, data.train)).shuffle(seed=seed).repeat(None)
+    source = _Subset(data.source, data.train)
+    if on_bad_sample != "error":
+        source = bad_samples.ForgivingSource(source, on_bad_sample)
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     ds = ds.map_with_index(apply).batch(batch_size, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                 prefetch_buffer_size=prefetch_buffer_size))

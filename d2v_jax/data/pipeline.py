@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from d2v_jax.data import bad_samples
 from d2v_jax.data.splits import split_test
 from d2v_jax.errors import ConfigError, DataError
 
@@ -131,11 +132,13 @@ def map_pretrain_dataset(
     num_examples = len(src)
     if num_examples < 1:
         raise DataError(f"data source {src!r} is empty")
+    # An unreadable record is replaced by the next readable one (data.on_bad_sample).
+    src = bad_samples.wrap(src, config)
 
     def apply(position: int, element: dict[str, Any]) -> dict[str, Any]:
         # `position` counts examples in the global stream (all processes), so
         # the epoch, and with it the crop/mask seeds, is shard-independent.
-        return transform(element, position // num_examples)
+        return bad_samples.carry(element, transform(element, position // num_examples))
 
     ds = grain.MapDataset.source(src)
     # shuffle-then-repeat: repeat re-seeds the shuffle each epoch, so every
@@ -149,11 +152,14 @@ def map_pretrain_dataset(
     if process_count > 1:
         ds = ds[process_index::process_count]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
-    return with_workers(it, config)
+    return with_workers(it, config, num_examples)
 
 
-def with_workers(it: grain.IterDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
-    """`it` run by `data.num_workers` grain worker processes (resolved), or as is for 0."""
+def with_workers(it: grain.IterDataset, config: ml_collections.ConfigDict,
+                 num_examples: int | None = None) -> grain.IterDataset:
+    """`it` run by `data.num_workers` grain worker processes (resolved), or as
+    is for 0. `num_examples` (the source's size) is kept as an attribute: the
+    train loop's bad-sample limit counts at least one epoch of it."""
     workers = resolve_num_workers(config.data.num_workers)
     if workers > 0:
         # grain's workers read absl flags; outside `app.run` (notebooks, tests)
@@ -161,4 +167,5 @@ def with_workers(it: grain.IterDataset, config: ml_collections.ConfigDict) -> gr
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    it.num_examples = num_examples
     return it

@@ -6,6 +6,7 @@ import math
 
 import ml_collections
 
+from d2v_jax.data import bad_samples
 from d2v_jax.data import labeled
 from d2v_jax.errors import check_field
 
@@ -37,6 +38,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f"{config.data.eval_batch_size} < 1")
     _check(config.optim.schedule in SCHEDULES, "optim.schedule",
            f"{config.optim.schedule!r} is not one of {SCHEDULES}")
+    bad_samples.settings(config)  # data.on_bad_sample, data.max_bad_fraction
     if config.task == "ctc":
         k, l = config.masking, config.loss
         _check(0 <= k.mask_prob <= 1, "masking.mask_prob", f"{k.mask_prob} is not in [0, 1]")

@@ -19,7 +19,7 @@ from absl import logging
 
 from d2v_jax import errors
 from d2v_jax import metrics as metrics_lib
-from d2v_jax.data import labeled
+from d2v_jax.data import bad_samples, labeled
 from d2v_jax.finetune.backbone import (backbone_config_for, held_out_of_pretraining,
                                        make_labeled_data, prepare_backbone,
                                        with_encoder_overrides)
@@ -131,8 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         else:
             eval_batches = [labeled.eval_arrays(data, data.test, config.data.eval_batch_size, v)
                              for v in range(data.num_eval_views)]
-            batches = iter(labeled.train_dataset(data, config.data.batch_size, config.seed,
-                                                 num_threads=config.data.num_threads))
+            batches = iter(labeled.train_dataset(
+                data, config.data.batch_size, config.seed, num_threads=config.data.num_threads,
+                on_bad_sample=bad_samples.settings(config)[0]))
         batches = itertools.chain([next(batches)], batches)
     errors.make_workdir(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -150,15 +151,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
     history, pending = [], None
     log_every, eval_every = max(config.train.log_every, 1), config.train.eval_every
+    # Unreadable training examples replaced (data.on_bad_sample), counted and listed.
+    bad = bad_samples.BadSampleLog(config, workdir, len(data.train))
     t_train = time.perf_counter()
     for step in range(steps):
-        state, step_metrics = run.train_step(state, next(batches))
+        batch, bad_fields = bad_samples.host_fields(next(batches))
+        bad.add(bad_fields, step + 1)
+        state, step_metrics = run.train_step(state, batch)
         if pending is not None:  # fetched after the next step is dispatched
             _write(writer, *pending)
             pending = None
         done = step + 1
         if done % log_every == 0 or done == steps:
-            pending = (done, step_metrics)
+            count = bad.check(done * int(config.data.batch_size))
+            pending = (done, dict(step_metrics, bad_samples=count))
         if eval_every and done % eval_every == 0 and done < steps:
             history.append({"step": done, **evaluate(run.predict_step, state,
                                                      eval_batches, config.task)})
@@ -183,6 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                          if init_from else None),
         "num_steps": steps, "metrics": final, "headline": HEADLINE[config.task],
         "history": history, "train_seconds": train_time,
+        "bad_samples": bad.total,  # unreadable training examples replaced
         "wall_seconds": time.perf_counter() - t0,
     }
     if config.task == "ctc":

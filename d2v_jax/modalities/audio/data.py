@@ -29,6 +29,7 @@ are real. All randomness is seeded by (seed, epoch, example index, stream) or
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -37,12 +38,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from d2v_jax.data import bad_samples
 from d2v_jax.data.pipeline import (check_holdout_fraction, held_out_indices, local_batch_size,
                                    with_workers)
 from d2v_jax.modalities.audio import masking, speech_set
 from d2v_jax.data.rng import example_rng
 from d2v_jax.modalities.audio.frames import config_frame_count
-from d2v_jax.errors import ConfigError, DataError
+from d2v_jax.errors import BadSampleError, ConfigError, DataError
 
 # Manifests and file reading live in files.py; their names stay importable from here.
 from d2v_jax.modalities.audio.files import (  # noqa: F401
@@ -139,8 +141,10 @@ class AudioSource:
     def read(self, i: int) -> np.ndarray:
         audio = load_audio(self.manifest, i, self.sample_rate)
         if len(audio) < self.lengths[i]:
-            raise DataError(f"audio file {self.manifest.where(i)} has {len(audio)} samples "
-                            f"at {self.sample_rate} Hz but the manifest says {self.lengths[i]}")
+            raise BadSampleError(
+                f"audio file {self.manifest.where(i)} has {len(audio)} samples at "
+                f"{self.sample_rate} Hz but the manifest says {self.lengths[i]}",
+                path=self.manifest.full_path(i))
         return audio
 
     def read_into(self, i: int, start: int, out: np.ndarray) -> None:
@@ -152,18 +156,21 @@ class AudioSource:
             fast = (f.channels == 1 and f.samplerate == self.sample_rate
                     and f.format in EXACT_SEEK_FORMATS)
             if fast and 0 < f.frames:
+                path = self.manifest.full_path(i)
                 if f.frames < self.lengths[i]:  # as `read`
-                    raise DataError(
+                    raise BadSampleError(
                         f"audio file {self.manifest.where(i)} has {f.frames} samples at "
-                        f"{self.sample_rate} Hz but the manifest says {self.lengths[i]}")
+                        f"{self.sample_rate} Hz but the manifest says {self.lengths[i]}",
+                        path=path)
                 try:
                     f.seek(start)
                     got = len(f.read(len(out), dtype="float32", out=out))
                 except Exception as e:
-                    raise DataError(f"cannot read audio file {self.manifest.where(i)}: {e}") from e
+                    raise BadSampleError(f"cannot read audio file {self.manifest.where(i)}: {e}",
+                                         path=path) from e
                 if got != len(out):
-                    raise DataError(f"audio file {self.manifest.where(i)}: read {got} samples "
-                                    f"from {start}, expected {len(out)}")
+                    raise BadSampleError(f"audio file {self.manifest.where(i)}: read {got} "
+                                         f"samples from {start}, expected {len(out)}", path=path)
                 return
         out[:] = self.read(i)[start:start + len(out)]
 
@@ -304,6 +311,7 @@ class AudioBatcher:
         self.process_index = process_index
         self.process_count = int(config.data.batch_size) // int(local_batch)
         self.normalize = bool(config.data.normalize)
+        self.on_bad_sample = bad_samples.settings(config)[0]
 
     def __call__(self, k: int, _: Any = None) -> dict[str, np.ndarray]:
         p = self.plan.batch(k)
@@ -312,18 +320,48 @@ class AudioBatcher:
         rows = range(len(p["index"]))[sl]
         audio = np.zeros((len(rows), p["size"]), np.float32)
         padding = np.ones((len(rows), p["size"]), bool)
+        failed = {}  # row -> (path, error)
         for r_out, r in enumerate(rows):
             i, start, crop = int(p["index"][r]), p["start"][r], p["crop"][r]
             row = audio[r_out, :crop]  # decoded and normalized in place
-            if hasattr(self.source, "read_into"):
-                self.source.read_into(i, start, row)
-            else:  # any source with `read(i)` and `lengths`
-                row[:] = self.source.read(i)[start:start + crop]
+            try:
+                if hasattr(self.source, "read_into"):
+                    self.source.read_into(i, start, row)
+                else:  # any source with `read(i)` and `lengths`
+                    row[:] = self.source.read(i)[start:start + crop]
+            except BadSampleError as e:
+                if self.on_bad_sample == "error":
+                    raise
+                failed[r_out] = (e.path, str(e))
+                continue
             if self.normalize:
                 normalize_inplace(row)
             padding[r_out, :crop] = False
-        return {"audio": audio, "padding_mask": padding, "mask": p["mask"][sl],
-                "index": np.asarray(p["index"][sl], np.int32)}
+        out = {"audio": audio, "padding_mask": padding, "mask": np.array(p["mask"][sl]),
+               "index": np.asarray(p["index"][sl], np.int32),
+               bad_samples.COUNT: np.zeros(len(rows), np.int32),
+               bad_samples.LOG: np.full(len(rows), "", dtype=object)}
+        if failed:
+            self._replace(out, failed, k)
+        out[bad_samples.LOG] = out[bad_samples.LOG].astype(str)
+        return out
+
+    @staticmethod
+    def _replace(out: dict[str, np.ndarray], failed: dict[int, tuple[str, str]], k: int) -> None:
+        """Unreadable rows take the next readable row of the batch, cyclically
+        (data.on_bad_sample='skip'): the same bucket, so the same shapes; the
+        choice depends on the batch alone, so a resumed run repeats it."""
+        n = len(out["index"])
+        good = [r for r in range(n) if r not in failed]
+        if not good:
+            path, error = next(iter(failed.values()))
+            raise DataError(f"audio batch {k}: every one of its {n} rows is unreadable, e.g. {error}")
+        for r, (path, error) in failed.items():
+            src = next(g for g in good if g > r) if any(g > r for g in good) else good[0]
+            for key in ("audio", "padding_mask", "mask", "index"):
+                out[key][r] = out[key][src]
+            out[bad_samples.COUNT][r] = 1
+            out[bad_samples.LOG][r] = json.dumps([[path, error]])
 
 
 def make_pretrain_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
@@ -346,4 +384,4 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, *, process_index: i
     ds = ds.map_with_index(batcher)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=prefetch_buffer_size))
-    return with_workers(it, config)
+    return with_workers(it, config, len(src))

