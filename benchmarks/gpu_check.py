@@ -1,4 +1,4 @@
-r"""The issue-19 GPU check: every accelerator target on one GPU, most important
+r"""The GPU check: every accelerator target on one GPU, most important
 first, inside one time budget; one JSON line per run, one PASS/FAIL line per
 target. Run it through `benchmarks/gpu_check.sh` (wheels, caches, env).
 
@@ -31,7 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# The issue-19 targets (docs/performance.md).
+# The targets (docs/performance.md).
 TARGET_IMAGE_V2_MFU = 0.45
 TARGET_V1_OVER_PEER = 1.5
 TARGET_AUDIO_TEXT_MFU = 0.40

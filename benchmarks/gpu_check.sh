@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-19 GPU check in one command (benchmarks/gpu_check.py says what it runs).
+# The GPU check in one command (benchmarks/gpu_check.py says what it runs).
 #
 #   bash benchmarks/gpu_check.sh [--smoke | --dry_run] [--budget_s 420] [--only a,b]
 #

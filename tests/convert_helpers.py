@@ -137,7 +137,7 @@ def with_omegaconf(ckpt):
 
 
 # ----------------------------------------------------------------------------- fairseq audio/text
-# Key names and shapes of each released model's module tree (issue 17), written
+# Key names and shapes of each released model's module tree, written
 # from fairseq's modules: data2vec2.py + modalities/{audio,text}.py (2.0),
 # data2vec_audio.py + wav2vec2.py (audio 1.0, Wav2VecCtc), data2vec_text.py +
 # fairseq TransformerEncoder (text 1.0, RoBERTa-style).

@@ -1,4 +1,4 @@
-"""The layout's promises (issue 15, docs/architecture.md), checked on the source:
+"""The layout's promises (docs/architecture.md), checked on the source:
 
 - no import cycles between d2v_jax modules (module-level imports, a package's
   `__init__` counted as imported with any of its modules);

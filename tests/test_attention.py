@@ -1,4 +1,4 @@
-"""cuDNN flash attention (issue 19, docs/performance.md "cuDNN attention"):
+"""cuDNN flash attention (docs/performance.md "cuDNN attention"):
 `model.attention_impl` resolution, the padded/length-masked path cuDNN gets
 (equal to the plain masked attention), and a CPU check that every experiment
 family's attention calls pass jax's own cuDNN shape/dtype/layout checks.

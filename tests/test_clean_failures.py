@@ -1,4 +1,4 @@
-"""Clean failures (issue 21): every bad input to a command line ends in one
+"""Clean failures: every bad input to a command line ends in one
 `error:` line (and at most one `hint:` line) on stderr, exit code 2, no
 traceback; the work dir is byte-for-byte as it was and every checkpoint in
 it still loads. The CLIs' `main(argv)` run in-process (fast); one real

@@ -1,4 +1,4 @@
-"""`python -m d2v_jax.convert` on files (issue 8): HF folder -> our checkpoint
+"""`python -m d2v_jax.convert` on files: HF folder -> our checkpoint
 -> HF folder, and a fairseq .pt -> our checkpoint, read back by the checkpoint
 code the trainer's --init_from uses."""
 

@@ -1,4 +1,4 @@
-"""fairseq data2vec 2.0 image checkpoints -> params + ema_params (issue 8).
+"""fairseq data2vec 2.0 image checkpoints -> params + ema_params.
 
 The state dict is built with fairseq's key layout and random tensors
 (tests/convert_helpers.py); the reference forward is written directly in torch

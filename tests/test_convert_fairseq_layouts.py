@@ -1,4 +1,4 @@
-"""Every released fairseq data2vec audio and text layout converts (issue 17).
+"""Every released fairseq data2vec audio and text layout converts.
 
 State dicts carry the exact key names and shapes of each model's module tree
 (tests/convert_helpers.py, written from fairseq's modules) with random tensors.

@@ -1,4 +1,4 @@
-"""Hugging Face <-> d2v_jax conversion (issue 8).
+"""Hugging Face <-> d2v_jax conversion.
 
 Tiny randomly initialised transformers models built from configs (no
 downloads), with every weight perturbed so that zero-initialised tensors (layer
@@ -125,8 +125,8 @@ def test_audio_with_padding_matches_hf_and_round_trips(tmp_path):
     enc = from_huggingface(hf)
     assert enc.config.model.pos_conv_zero_pad == "input"
     out = enc(input_values=wav, attention_mask=mask)
-    # Positional calls: the first argument is the modality's own input (issue 17:
-    # it used to land in pixel_values and silently return garbage).
+    # Positional calls: the first argument is the modality's own input (not
+    # pixel_values, where it would silently return garbage).
     np.testing.assert_array_equal(enc(wav, mask), out)
     with pytest.raises(TypeError, match="input_values=..., not \\['pixel_values'\\]"):
         enc(pixel_values=wav)

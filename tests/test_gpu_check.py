@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh: the plan (most important first, each under a
-timeout), the PASS/FAIL arithmetic of the issue-19 targets, and (slow) a CPU
+timeout), the PASS/FAIL arithmetic of the GPU targets, and (slow) a CPU
 smoke run that produces the JSON and verdict lines from real runs."""
 
 from __future__ import annotations

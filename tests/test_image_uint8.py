@@ -1,4 +1,4 @@
-"""Images reach the device as uint8 and are normalized there (issue 19): the
+"""Images reach the device as uint8 and are normalized there: the
 host pipeline's batches are uint8, and the model's on-device normalization
 gives the same inputs, representations and loss as the old host float path
 (numpy `(x / 255 - mean) / std` on the same uint8 pixels)."""
@@ -43,7 +43,7 @@ def test_normalize_pixels_matches_the_definition():
 @pytest.mark.parametrize("arg,overrides", [("tiny_v1", {}), ("tiny_v2", RGB)])
 def test_uint8_batch_equals_the_host_float_path(arg, overrides):
     """The pipeline's uint8 batch through the model and the train step equals the
-    same pixels normalized on the host (the pre-issue-19 float32 batches)."""
+    same pixels normalized on the host (the float32 batches of a host-side normalization)."""
     config = load_config(f"{IMAGE}:{arg}", {**TINY_IMAGE, "data.batch_size": 2,
                                              "masking.num_clones": 2, **overrides})
     model = modalities.build_model(config)

@@ -1,4 +1,4 @@
-"""The pipelines' hoisted multi-clone mask loops (issue 19, input speed) draw
+"""The pipelines' hoisted multi-clone mask loops (input speed) draw
 exactly what one masker call per clone draws from the same generator."""
 
 from __future__ import annotations

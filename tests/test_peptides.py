@@ -1,4 +1,4 @@
-"""The packaged peptide task (`amp`, issue 18: a protein task from a package that
+"""The packaged peptide task (`amp`: a protein task from a package that
 ships labeled protein data): modlAMP's AMPvsUniProt.csv read independently here,
 its repeats and label conflicts, the protein backbone's rows, the pretraining
 holdout (the k-mer composition baselines: tests/test_baselines.py)."""

@@ -1,4 +1,4 @@
-"""Accelerator-performance properties checked on CPU (issue 19, docs/performance.md
+"""Accelerator-performance properties checked on CPU (docs/performance.md
 "Checked on CPU"): the compute dtype "auto", the bf16 step's matmuls, the
 token selection's scatter/gather and its backward, and no DropPath op at rate 0.
 
