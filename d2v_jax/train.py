@@ -188,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         with errors.config_errors():  # their checks name the optim.* / mesh.* field
             tx, schedule = optim.make_optimizer(config)
             parallel.make_mesh(config)
-        # [scale-out, issue 5] the mesh, shardings and step compilation, decided once.
+        # The mesh, shardings and step compilation, decided once.
         plan = parallel.make_plan(config, model, tx)
         dataset = entry.pretrain_dataset(
             config, process_index=jax.process_index(), process_count=jax.process_count())
@@ -416,7 +416,7 @@ def _define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
 def _run(fv: flags.FlagValues) -> int:
     # absl sets the root logger's level, which orbax, JAX and grain inherit.
     logging.set_verbosity(fv.log_level)
-    # [scale-out, issue 5] multi-process start (SLURM, Cloud TPU, JAX_COORDINATOR_ADDRESS)
+    # Multi-process start (SLURM, Cloud TPU, JAX_COORDINATOR_ADDRESS)
     # before anything touches the devices.
     with errors.config_errors():
         settings = parallel.parallel_config(fv.config)

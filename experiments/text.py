@@ -6,13 +6,20 @@ r"""data2vec text pretraining: a RoBERTa-style Transformer, data2vec 1.0 or 2.0.
 
 `tiny` trains on the English of CPython's packaged reference manual
 (`pydoc_data.topics`, no download) on a laptop CPU in minutes; `base` carries the
-numbers of SPEC.md (sections 2-7) and reads your corpus:
-`--config.data.source=text --config.data.path=/data/corpus/*.txt`.
+numbers of SPEC.md (sections 2-7) and the official recipe's data: RoBERTa's
+GPT-2 vocabulary over fairseq's preprocessed corpus (docs/text.md),
 
-A byte-level BPE tokenizer is trained on the corpus at the start of a run and
-saved in `<workdir>/tokenizer/` (`--config.tokenizer.path` reuses one);
-`model.vocab_size` is taken from it. `experiments/molecules.py` builds on
-`build_config` below for SMILES and proteins.
+  python -m d2v_jax.train --config experiments/text.py:base_v2 --workdir runs/base \
+      --config.data.source=fairseq --config.data.path=/data/bookwiki-bin \
+      --config.tokenizer.encoder_json=gpt2/encoder.json --config.tokenizer.vocab_bpe=gpt2/vocab.bpe
+
+or your raw text (`--config.data.source=text --config.data.path=/data/*.txt`;
+a large corpus is turned into shards once by `python -m d2v_jax.prepare`).
+
+The run's tokenizer is saved in `<workdir>/tokenizer/` (`--config.tokenizer.path`
+reuses one): a byte-level BPE trained on the corpus (tiny; base without GPT-2
+files), the GPT-2 one, or the shards' own; `model.vocab_size` is taken from it.
+`experiments/molecules.py` builds on `build_config` below for SMILES and proteins.
 """
 
 import os
@@ -58,12 +65,19 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   c.version = version
   c.seed = 0
 
-  # --- tokenizer (trained on the corpus, saved in the work dir) ---------------
+  # --- tokenizer (saved in the work dir) -----------------------------------------
   c.tokenizer = tk = ml_collections.ConfigDict()
-  tk.kind = "bpe"  # bpe (byte-level, Hugging Face tokenizers) | smiles | protein
-  tk.vocab_size = 2000 if tiny else 50265  # BPE target size (RoBERTa's 50k for base)
+  # bpe: byte-level BPE trained on the corpus (Hugging Face tokenizers) | gpt2:
+  # RoBERTa's vocabulary, GPT-2 BPE through a fairseq dict.txt (the files below;
+  # fairseq's ids) | smiles | protein | auto (base): gpt2 when its files or a
+  # fairseq data directory are given, else bpe.
+  tk.kind = "bpe" if tiny else "auto"
+  tk.vocab_size = 2000 if tiny else 50265  # bpe: target size (RoBERTa's 50k for base)
   tk.min_frequency = 2
   tk.path = ""  # "" = <workdir>/tokenizer; reloaded from there when present
+  tk.encoder_json = ""  # gpt2: GPT-2's encoder.json
+  tk.vocab_bpe = ""  # gpt2: GPT-2's vocab.bpe (the merges)
+  tk.dict = ""  # gpt2: fairseq dict.txt ("" = <data.path>/dict.txt with data.source=fairseq)
 
   # --- model (SPEC 6, 7) --------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
@@ -149,6 +163,10 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   # The teacher uses the student's embeddings (token, position, LN); only the
   # Transformer blocks are EMA (SPEC 4, fairseq ema_encoder_only).
   e.shared = ("frontend",)
+  # What the teacher's blocks read: 2.0 "student", the student's embeddings
+  # after its dropout (fairseq ema_encoder_only: extractor_out["local_features"]);
+  # 1.0 "clean", embedded again without dropout (the EMA model in eval mode).
+  e.teacher_input = "clean" if v1 else "student"
 
   # --- masking (SPEC 5), drawn in the input pipeline ------------------------------
   c.masking = k = ml_collections.ConfigDict()
@@ -180,13 +198,20 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
 
   # --- data -------------------------------------------------------------------------
   c.data = dt = ml_collections.ConfigDict()
-  # python_docs | text | chembl | smiles | proteome | fasta (d2v_jax/data/text.py)
+  # python_docs | text | chembl | smiles | proteome | fasta | fairseq
+  # (modalities/text/corpus.py); fairseq: a fairseq data directory (dict.txt +
+  # <split>.bin / .idx: fairseq-preprocess or python -m d2v_jax.prepare output),
+  # read from disk row by row.
   dt.source = "python_docs" if tiny else "text"
-  dt.path = ""  # file, glob or comma-separated list for text | smiles | fasta
+  dt.path = ""  # file, glob or comma-separated list; fairseq: the data directory
+  dt.split = "train"  # fairseq: the split's files (train.bin, train1.bin, ...)
   # Packaged corpora read after data.source, e.g. ('chembl', 'freesolv'): each
   # labeled one loses its held-out rows too (modalities/text/corpus.py).
   dt.extra_sources = ()
-  dt.doc_sep = "blank"  # text files: line (one document per line) | blank (paragraphs)
+  # text files: line (one document per line) | blank (paragraphs, lines joined) |
+  # fairseq (each line a record, a blank line ends the document: RoBERTa's layout,
+  # what fairseq-preprocess reads; complete_doc packs lines of one document).
+  dt.doc_sep = "blank" if tiny else "fairseq"
   dt.smiles_column = "smiles"
   # Fine-tuning sets as corpora (data.source text_tsv | stdlib_docs | smiles_csv |
   # solubility, one document per labeled row): the TSV/CSV columns, and the rows
@@ -208,13 +233,18 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   dt.smiles_enumerate = 0.0
   dt.smiles_enumerate_tries = 5
   dt.max_len = m.max_positions  # tokens per row, <s> and </s> included
-  # 2.0: fairseq sample_break_mode none = stream; 1.0: complete_doc, documents
-  # longer than a row split into rows (fairseq TokenBlockDataset).
-  dt.packing = "complete_doc" if v1 and not tiny else "stream"  # stream | complete_doc | doc
-  dt.too_long = "split" if v1 and not tiny else "error"  # complete_doc/doc: error | skip | split | crop
-  # 1.0: max_tokens 8192 per GPU x 16 GPUs = at most 256 rows of 512;
-  # 2.0: batch_size 4 x 16 GPUs = 64 rows of 512.
-  dt.batch_size = 32 if tiny else (256 if v1 else 64)
+  # fairseq sample_break_mode (modalities/text/blocks.py): 2.0 none = stream;
+  # 1.0 complete_doc (whole lines of one document per row). A line longer than
+  # a row is dropped, as fairseq's trainer drops it (too_long skip).
+  dt.packing = "complete_doc" if v1 and not tiny else "stream"  # stream | complete | complete_doc | doc
+  dt.too_long = "skip" if v1 and not tiny else "error"  # error | skip | split | crop
+  # 1.0: fairseq's token budget, max_tokens 8192 per GPU x 16 GPUs, spent per
+  # length bucket (modalities/text/batching.py); rows a multiple of 16 GPUs x
+  # required_batch_size_multiple 8 = 128 (256 rows of 512, 1,024 of 128).
+  # 2.0: batch_size 4 x 16 GPUs = 64 rows of 512. 0 = data.batch_size rows.
+  dt.max_tokens = 16 * 8192 if v1 and not tiny else 0
+  dt.buckets = (128, 256, 384, 512) if v1 and not tiny else ()  # row lengths of max_tokens
+  dt.batch_size = 32 if tiny else (128 if v1 else 64)
   dt.num_workers = common.num_workers(0 if tiny else "auto")  # see experiments/common.py
   common.bad_samples(dt)  # data.on_bad_sample, data.max_bad_fraction
   dt.prefetch = 2

@@ -1,4 +1,4 @@
-"""The base / large experiments are the official recipes (issue 16, SPEC 2-7).
+"""The base / large experiments are the official recipes (SPEC 2-7).
 
 Every row below is one recipe value: our config key, the official value and
 where it comes from, written from the official config files (fairseq
@@ -56,6 +56,15 @@ ZERO_PAD_REASON = ("padded frames zeroed before and after every positional conv 
                    "no padding in pretraining (it crops batches), and converted checkpoints "
                    "set the official value, so fine-tuning them sees fairseq's padding "
                    "(tests/test_audio_model.py::test_pos_conv_zero_pad_modes)")
+TOKENIZER_REASON = ("`auto`: `gpt2` (RoBERTa's vocabulary, fairseq's ids) as soon as its files "
+                    "(tokenizer.encoder_json / vocab_bpe / dict) or a fairseq data directory are "
+                    "given; without them (nothing is downloaded) a byte-level BPE is trained on "
+                    "your corpus")
+BUCKETS_REASON = ("static shapes under jit: a row is padded to the smallest of 4 lengths that "
+                  "holds it, not to its batch's longest row, and a batch of one length holds "
+                  "max_tokens // length rows (a multiple of 128, fairseq's count); rows are drawn "
+                  "at random within a length each epoch, where fairseq batches length-sorted "
+                  "neighbours (modalities/text/batching.py)")
 ALL_DECAY = "plain `adam`: weight_decay applies to every parameter (SPEC 7)"
 COMPOSITE = ("`composite`: data2vec2.py sets weight_decay_scale 0 where len(shape) == 1, "
              "`.bias` or `alibi_scale`")
@@ -206,7 +215,8 @@ IMAGE_V1 = [
     ("optim.warmup_steps", 6250, f"{BEIT}: --warmup_epochs 10 x 625 steps/epoch"),
     ("optim.end_lr_ratio", 1e-5 / 2e-3, f"{RUN}: min_lr 1e-5"),
     ("train.num_steps", 500_000, f"{BEIT}: --epochs 800 x 625 steps/epoch"),
-    (None, "1e-6", f"{RUN}: warmup_lr 1e-6 (warm-up start)"),
+    (None, "0", "beit/utils.py cosine_scheduler: start_warmup_value 0 (run_cyclical.py never "
+                "passes its warmup_lr)"),
     ("model.dtype", "fp16", "run_cyclical.py: apex/amp loss scaler"),
 ]
 
@@ -367,9 +377,17 @@ TEXT_V1 = [
     ("masking.leave_unmasked_prob", 0.0, f"{T1}: leave_unmasked_prob"),
     ("masking.random_token_prob", 0.0, f"{T1}: random_token_prob"),
     ("masking.mask_specials", True, "data/mask_tokens_dataset.py: draws over len(item)"),
-    ("data.max_len", 512, f"{T1}: tokens_per_sample"),
-    ("data.packing", "complete_doc", f"{T1}: sample_break_mode"),
-    ("data.batch_size", 256, f"{T1}: max_tokens 8192 / 512 x distributed_world_size 16"),
+    ("tokenizer.kind", "gpt2", f"{T1}: task.data, fairseq-preprocess'd with RoBERTa's GPT-2 BPE"),
+    ("data.doc_sep", "fairseq", "fairseq-preprocess: a record per line, an empty line ends a document"),
+    ("data.max_len", 512, f"{T1}: tokens_per_sample (blocks of 511, then <s>)"),
+    ("data.packing", "complete_doc", f"{T1}: sample_break_mode (TokenBlockDataset)"),
+    ("data.too_long", "skip", "trainer.py get_train_iterator: ignore_invalid_inputs=True drops "
+                              "blocks longer than max_positions"),
+    ("data.max_tokens", 16 * 8192, f"{T1}: max_tokens 8192 x distributed_world_size 16"),
+    ("data.batch_size", 128, "required_batch_size_multiple 8 (dataclass default) x 16 GPUs"),
+    ("data.buckets", "the batch's longest row",
+     "data_utils.batch_by_size: rows sorted by length, padded to the longest of the batch"),
+    ("ema.teacher_input", "clean", f"{D2VT}: the EMA model embeds target_tokens in eval mode"),
     ("optim.lr", 2e-4, f"{T1}: lr"),
     ("optim.b2", 0.98, f"{T1}: adam_betas"),
     ("optim.eps", 1e-6, f"{T1}: adam_eps"),
@@ -415,9 +433,15 @@ TEXT_V2 = [
     ("masking.ratio", 0.48, f"{V2T}: mask_prob"),
     ("masking.num_clones", 8, f"{V2T}: clone_batch"),
     ("masking.mask_specials", True, f"{MOD}base.py: random_masking over all L"),
+    ("tokenizer.kind", "gpt2", f"{V2T}: task.data bookwiki_aml-full-mmap2-bin (RoBERTa's BPE)"),
+    ("data.doc_sep", "fairseq", "fairseq-preprocess: a record per line, an empty line ends a document"),
     ("data.max_len", 512, f"{V2T}: tokens_per_sample"),
     ("data.packing", "stream", f"{V2T}: sample_break_mode none"),
+    ("data.max_tokens", 0, f"{V2T}: no max_tokens, a batch_size"),
     ("data.batch_size", 64, f"{V2T}: dataset.batch_size 4 x distributed_world_size 16"),
+    ("ema.teacher_input", "student", f"{D2V2}: ema_encoder_only, the teacher reads "
+                                     "extractor_out['local_features'] (after the local "
+                                     "encoder's dropout)"),
     ("optim.lr", 2e-4, f"{V2T}: lr"),
     ("optim.b2", 0.98, f"{V2T}: adam_betas"),
     ("optim.eps", 1e-6, f"{V2T}: adam_eps"),
@@ -460,9 +484,9 @@ DEVIATIONS = {
     ("audio.py:base_v1", "data.pad"): PAD_REASON,
     ("audio.py:base_v2", "data.pad"): PAD_REASON,
     ("*", "model.pos_conv_zero_pad"): ZERO_PAD_REASON,
+    ("*", "tokenizer.kind"): TOKENIZER_REASON,
+    ("text.py:base_v1", "data.buckets"): BUCKETS_REASON,
     # Documentation-only rows (no config field), keyed by their official text.
-    ("*", "doc:1e-6"): ("the linear warm-up starts at 0, not at BEiT's warmup_lr 1e-6 (0.05% "
-                        "of the peak lr, for the first warm-up steps only)"),
     ("image.py:large_v1", "doc:a second 800 epochs at EMA 0.9999"): (
         "we reproduce the first 800-epoch phase; continue from its checkpoint with "
         "--config.ema.start=0.9999 --config.ema.end=0.9999"),

@@ -95,9 +95,12 @@ def test_complete_doc_never_splits_and_too_long_policies():
                                          r"</s>, more than data.max_len=8"):
         text.build_sequences(long_docs, 8, "doc", "error", origins=["f:1", "f:2"])
     assert len(text.build_sequences(long_docs, 8, "doc", "skip")) == 1
+    # split: the document and its </s> in consecutive blocks of max_len - 1, each after <s>
     split = text.build_sequences(long_docs, 8, "doc", "split")
-    assert [r.size for r in split] == [5, 8, 6]
-    np.testing.assert_array_equal(np.concatenate([r[1:-1] for r in split[1:]]), long_docs[1])
+    assert [r.size for r in split] == [5, 8, 5]
+    assert all(r[0] == BOS_ID for r in split)
+    np.testing.assert_array_equal(np.concatenate([r[1:] for r in split[1:]]),
+                                  np.append(long_docs[1], EOS_ID))
     crop = text.build_sequences(long_docs, 8, "doc", "crop")
     assert crop[1].size == 12  # cut to a window per epoch by the transform
 
@@ -145,8 +148,8 @@ def test_crop_window_and_v2_exact_counts(tmp_path):
     config = _tiny(f"{MOLECULES}:tiny_v2_protein", **{"data.max_len": 32})
     config = data.prepare(config, str(tmp_path / "p"))
     src, transform = text.pretrain_parts(config)
-    row = next(r for r in src.rows if r.size > 40)
-    index = src.rows.index(row)
+    index = next(i for i in range(len(src)) if src[i]["tokens"].size > 40)
+    row = src[index]["tokens"]
     a = transform({"tokens": row, "index": index}, epoch=0)
     b = transform({"tokens": row, "index": index}, epoch=1)
     for out in (a, b):  # a contiguous window of the row, redrawn per epoch
@@ -162,7 +165,8 @@ def test_crop_window_and_v2_exact_counts(tmp_path):
                                                       "masking.mask_specials": False})
     config = data.prepare(config, str(tmp_path / "q"))
     src, transform = text.pretrain_parts(config)
-    row = np.r_[src.rows[0][:19], src.rows[0][-1]]  # <s>, 18 residues, </s>
+    first = src[0]["tokens"]
+    row = np.r_[first[:19], first[-1]]  # <s>, 18 residues, </s>
     assert row[0] < NUM_SPECIAL and row[-1] < NUM_SPECIAL
     masks = np.concatenate([transform({"tokens": row, "index": 0}, epoch=e)["mask"]
                             for e in range(20)])

@@ -12,7 +12,7 @@ from d2v_jax import metrics, modalities, targets
 from d2v_jax.config import load_config
 from d2v_jax.modalities.text.tokenizer import MASK_ID, NUM_SPECIAL, PAD_ID
 from d2v_jax.train_state import teacher_params
-from d2v_jax.train_step import student_loss
+from d2v_jax.train_step import compute_targets, student_loss
 
 from helpers import MOLECULES, TEXT, TINY_TEXT, init_state
 
@@ -159,3 +159,40 @@ def test_molecules_e2e_trains_with_the_tokenizer_saved_beside_the_run(tmp_path):
     assert state.params["frontend"]["token_embed"]["embedding"].shape == (vocab, 32)
     rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert np.isfinite(rows[-1]["loss"]) and rows[-1]["target_var"] > 0
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_teacher_input_is_the_students_embeddings_after_dropout_in_2_0(version):
+    """fairseq 2.0 (ema_encoder_only): the teacher's blocks read the student's
+    local features, dropout included; 1.0 embeds again without dropout. The
+    train step hands the teacher the student's dropout key."""
+    config = load_config(f"{TEXT}:tiny_{version}", {**SMALL, "model.vocab_size": VOCAB,
+                                                    "masking.num_clones": 2, "model.dropout": 0.3})
+    assert config.ema.teacher_input == ("student" if version == "v2" else "clean")
+    model = modalities.build_model(config)
+    params = init_state(config, jax.random.PRNGKey(0)).params
+    batch = _batch(version)
+    key = jax.random.PRNGKey(11)
+
+    @jax.jit
+    def run(params, batch):
+        d_rng, n_rng = jax.random.split(key)  # as student_loss splits the step's key
+
+        def frontend(method, rngs):
+            _, inter = model.apply({"params": params}, batch, method=method, rngs=rngs,
+                                   capture_intermediates=True)
+            return inter["intermediates"]["frontend"]["__call__"][0]
+
+        return (frontend("student", {"dropout": d_rng, "noise": n_rng}),
+                frontend("teacher", {"dropout": d_rng}), frontend("teacher", {}),
+                compute_targets(model, params, batch, config, key)[0],
+                compute_targets(model, params, batch, config)[0])
+
+    student, teacher, clean, y_step, y_clean = map(np.asarray, run(params, batch))
+    if version == "v2":
+        np.testing.assert_array_equal(teacher, student)
+        assert 0.2 < float((teacher == 0).mean()) < 0.4  # dropout 0.3 on the embeddings
+    else:
+        np.testing.assert_array_equal(teacher, clean)
+    assert not (clean == 0).any()
+    assert np.allclose(y_step, y_clean) == (version == "v1")

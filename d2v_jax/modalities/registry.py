@@ -60,6 +60,9 @@ class Modality:
         modalities/audio/asr.py).
       example_backbone: an experiment a scratch fine-tune can take as
         `config.backbone`, named in the error hint when it sets none.
+      shards: module path of the corpus -> shards writer of `python -m
+        d2v_jax.prepare` (`prepare_shards(config, out, workers=, chunk_mb=)`,
+        `attach_tokenizer(config, run_dir)`; text).
       own_corpus_sources: fine-tuning `data.source`s (the user's own files)
         that a scratch backbone from an experiment file pretrains on, the test
         rows held out, so its `prepare` (text: the tokenizer) sees the
@@ -83,6 +86,7 @@ class Modality:
     asr: str | None = None
     example_backbone: str = ""
     own_corpus_sources: tuple[str, ...] = ()
+    shards: str | None = None
 
     def __post_init__(self):
         if self.prepare_backbone is None:

@@ -1,16 +1,18 @@
-"""Token sequences: English text, SMILES and proteins (one model, three
+"""Token sequences: English text, SMILES and proteins (one model, four
 tokenizers), data2vec 1.0 (RoBERTa-style) and 2.0 (SPEC 2-7).
 
-A corpus (packaged or files) -> tokenizer trained once per run (`prepare`) ->
-packed rows -> BERT / span (1.0) or random (2.0) masks -> the encoder; `hf.py`
-maps Data2VecText.
+A corpus (packaged, files, or a fairseq data directory of shards) -> the run's
+tokenizer (`prepare`: trained, GPT-2 BPE files, or the shards') -> rows cut as
+fairseq's TokenBlockDataset (blocks.py) -> BERT / span (1.0) or random (2.0)
+masks -> batches of rows or of a token budget (batching.py) -> the encoder.
+`python -m d2v_jax.prepare` writes shards (prepare.py); `hf.py` maps
+Data2VecText, `fairseq.py` converts fairseq checkpoints.
 """
 
 import functools
 
-from d2v_jax.data.pipeline import map_pretrain_dataset
 from d2v_jax.modalities.registry import Modality, register
-from d2v_jax.modalities.text import config, data, flops, labeled, model
+from d2v_jax.modalities.text import batching, config, data, flops, labeled, model
 
 MODALITY = register(Modality(
     name="text",
@@ -18,7 +20,7 @@ MODALITY = register(Modality(
     teacher_modules=model.TEACHER_MODULES,
     dummy_batch=model.dummy_batch,
     validate=config.validate,
-    pretrain_dataset=functools.partial(map_pretrain_dataset, parts=data.pretrain_parts),
+    pretrain_dataset=functools.partial(batching.pretrain_dataset, parts=data.pretrain_parts),
     step_flops=flops.step_flops,
     prepare=data.prepare,
     prepare_backbone=data.prepare_backbone,
@@ -29,4 +31,5 @@ MODALITY = register(Modality(
     # Your own text / SMILES: a scratch backbone from an experiment file trains
     # its tokenizer on the fine-tune's file (its corpus names none, or another one).
     own_corpus_sources=("text_tsv", "smiles_csv"),
+    shards="d2v_jax.modalities.text.prepare",
 ))

@@ -79,14 +79,24 @@ class Corpus:
 # ----------------------------------------------------------------------------- reading
 
 
+DOC_SEPS = ("line", "blank", "fairseq")
+
+
 def split_documents(lines, doc_sep: str, path: str) -> Corpus:
-    """Plain-text lines -> documents: one per non-empty line (`line`) or runs of
-    lines separated by blank lines (`blank`)."""
-    if doc_sep not in ("line", "blank"):
-        raise ConfigError(f"config.data.doc_sep={doc_sep!r}; expected 'line' or 'blank'")
+    """Plain-text lines -> documents: one per non-empty line (`line`), runs of
+    lines separated by blank lines joined by newlines (`blank`), or, as
+    fairseq-preprocess reads RoBERTa's layout (`fairseq`), each line stripped
+    as one record and each blank line an empty one ("", a record of only
+    </s>: the end of a document for `data.packing='complete_doc'`)."""
+    if doc_sep not in DOC_SEPS:
+        raise ConfigError(f"config.data.doc_sep={doc_sep!r}; expected one of {DOC_SEPS}")
     corpus = Corpus([], [])
     current, start = [], 0
     for lineno, line in lines:
+        if doc_sep == "fairseq":
+            corpus.texts.append(line.strip())
+            corpus.origins.append(f"{path}:{lineno}")
+            continue
         if doc_sep == "line":
             if line.strip():
                 corpus.texts.append(line)
@@ -127,36 +137,60 @@ def _invalid(message: str, on_invalid: str, corpus: Corpus) -> None:
         logging.warning("skipping: %s", message)
 
 
+def csv_delimiter(path: str) -> str:
+    return "\t" if path.lower().endswith((".tsv", ".tab")) else ","
+
+
+def smiles_column(path: str, header_line: str, column: str) -> int:
+    """The index of `column` in a CSV header line (an error naming the file)."""
+    header = next(csv.reader(io.StringIO(header_line), delimiter=csv_delimiter(path)), [])
+    if column not in header:
+        raise DataError(f"{path}: no column {column!r} (config.data.smiles_column) in the "
+                        f"header {header}")
+    return header.index(column)
+
+
+def read_smiles_lines(lines, path: str, col: int, on_invalid: str, parse: bool,
+                      corpus: Corpus) -> Corpus:
+    """The SMILES in column `col` of CSV data lines (lineno, text), header excluded."""
+    lines = list(lines)
+    rows = csv.reader(io.StringIO("\n".join(text for _, text in lines)),
+                      delimiter=csv_delimiter(path))
+    for (lineno, _), row in zip(lines, rows):
+        if not row:
+            continue
+        smiles = row[col].strip() if col < len(row) else ""
+        reason = check_smiles(smiles, parse)
+        if reason:
+            _invalid(f"{path}:{lineno}: {reason}", on_invalid, corpus)
+            continue
+        corpus.texts.append(smiles)
+        corpus.origins.append(f"{path}:{lineno}")
+    return corpus
+
+
 def read_smiles_files(paths: Sequence[str], column: str, on_invalid: str, parse: bool) -> Corpus:
     """CSV (or .tsv / .tab: tab-separated) files with a header naming `column`."""
     corpus = Corpus([], [])
     for path in paths:
-        delimiter = "\t" if path.lower().endswith((".tsv", ".tab")) else ","
         lines = list(files.lines(path))
         if not lines:
             raise DataError(f"{path}: empty file (expected a header with a {column!r} column)")
-        rows = csv.reader(io.StringIO("\n".join(text for _, text in lines)), delimiter=delimiter)
-        header = next(rows)
-        if column not in header:
-            raise DataError(f"{path}: no column {column!r} (config.data.smiles_column) in the "
-                            f"header {header}")
-        col = header.index(column)
-        for (lineno, _), row in zip(lines[1:], rows):
-            if not row:
-                continue
-            smiles = row[col].strip() if col < len(row) else ""
-            reason = check_smiles(smiles, parse)
-            if reason:
-                _invalid(f"{path}:{lineno}: {reason}", on_invalid, corpus)
-                continue
-            corpus.texts.append(smiles)
-            corpus.origins.append(f"{path}:{lineno}")
+        col = smiles_column(path, lines[0][1], column)
+        read_smiles_lines(lines[1:], path, col, on_invalid, parse, corpus)
     return corpus
 
 
 def read_fasta_files(paths: Sequence[str], on_invalid: str) -> Corpus:
     """FASTA records; a trailing '*' (a translated stop codon) is dropped."""
     corpus = Corpus([], [])
+    for path in paths:
+        read_fasta_lines(files.lines(path), path, on_invalid, corpus)
+    return corpus
+
+
+def read_fasta_lines(lines, path: str, on_invalid: str, corpus: Corpus) -> Corpus:
+    """The FASTA records of lines (lineno, text) of `path` added to `corpus`."""
     check = ProteinTokenizer()
 
     def flush(path, lineno, name, seq):
@@ -174,21 +208,20 @@ def read_fasta_files(paths: Sequence[str], on_invalid: str) -> Corpus:
         corpus.texts.append(text)
         corpus.origins.append(where)
 
-    for path in paths:
-        name, seq, start = None, [], 0
-        for lineno, line in files.lines(path):
-            line = line.strip()
-            if line.startswith(">"):
-                if name is not None:
-                    flush(path, start, name, seq)
-                name, seq, start = line[1:].split()[0] if line[1:].split() else "", [], lineno
-            elif line:
-                if name is None:
-                    raise DataError(f"{path}:{lineno}: sequence before the first '>' header; "
-                                    "not a FASTA file?")
-                seq.append(line)
-        if name is not None:
-            flush(path, start, name, seq)
+    name, seq, start = None, [], 0
+    for lineno, line in lines:
+        line = line.strip()
+        if line.startswith(">"):
+            if name is not None:
+                flush(path, start, name, seq)
+            name, seq, start = line[1:].split()[0] if line[1:].split() else "", [], lineno
+        elif line:
+            if name is None:
+                raise DataError(f"{path}:{lineno}: sequence before the first '>' header; "
+                                "not a FASTA file?")
+            seq.append(line)
+    if name is not None:
+        flush(path, start, name, seq)
     return corpus
 
 
@@ -300,7 +333,7 @@ def _read_corpus(source: str, path: str, doc_sep: str, column: str, on_invalid: 
     else:
         raise ConfigError(f"config.data.source={source!r}; expected one of {SOURCES}")
     where = f"data.source={source!r}" + (f", data.path={path!r}" if path else "")
-    if not corpus.texts:
+    if not any(corpus.texts):
         raise DataError(f"empty corpus: no documents in {where}"
                         + (f" ({corpus.skipped} invalid records skipped)" if corpus.skipped else ""))
     if corpus.skipped:

@@ -18,7 +18,10 @@ Three layouts (docs/convert.md has the tables):
 
 Token ids are the checkpoint's fairseq dictionary ids (pad = 1 unless the
 position table says otherwise); positions start after the pad id as in
-fairseq, so a right-padded row's real tokens see the same positions.
+fairseq, so a right-padded row's real tokens see the same positions. The
+config's `tokenizer.kind` is `gpt2` (fairseq's id layout): fine-tuning or
+pretraining further reads the GPT-2 BPE files that `python -m d2v_jax.prepare
+--tokenizer_for=<converted dir>` checks against the vocabulary and saves there.
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ def _embeddings(r: StateReader, p: str, config, pad: int, scale: float = 1.0) ->
 def _text_model(config, vocab: int, dim: int, depth: int, heads: int, hidden: int,
                 positions: int, eps: float) -> None:
     with config.unlocked():
+        # fairseq dictionary ids (<s>=0 <pad>=1 </s>=2 <unk>=3 ... <mask>): the
+        # released checkpoints' vocabulary is RoBERTa's GPT-2 BPE + dict.txt,
+        # whose files `python -m d2v_jax.prepare --tokenizer_for` saves beside it.
+        config.tokenizer.kind = "gpt2"
         m = config.model
         m.vocab_size, m.dim, m.depth, m.num_heads = vocab, dim, depth, heads
         m.mlp_ratio = mlp_ratio(hidden, dim)

@@ -14,7 +14,9 @@ import numpy as np
 from d2v_jax.convert.common import (ConversionError, StateReader, base_config, hf_require,
                                     linear_out, norm_out, qkv, set_model, split_qkv, stack,
                                     unstack)
-from d2v_jax.modalities.text.tokenizer import PAD_ID
+from d2v_jax.modalities.text.vocab import BOS_ID, EOS_ID, PAD_ID
+
+FAIRSEQ_LAYOUT = (0, 1, 2)  # (bos, pad, eos) of a fairseq dictionary (gpt2 tokenizer)
 
 MODEL_TYPE = "data2vec-text"  # transformers config.model_type
 PREFIX = "data2vec_text."  # a task model's (e.g. ...ForSequenceClassification) encoder prefix
@@ -41,6 +43,8 @@ def config_from_hf(hf) -> ml_collections.ConfigDict:
                norm_eps=float(hf.layer_norm_eps), drop_path=0.0)
     with config.unlocked():
         config.data.max_len = min(config.data.max_len, config.model.max_positions)
+        if (hf.bos_token_id, hf.pad_token_id, hf.eos_token_id) == FAIRSEQ_LAYOUT:
+            config.tokenizer.kind = "gpt2"  # RoBERTa's vocabulary: fairseq dictionary ids
     hf_require(int(config.model.dim * config.model.mlp_ratio) == hf.intermediate_size,
              "intermediate_size", "must be hidden_size * a ratio that round-trips")
     return config
@@ -102,13 +106,16 @@ def to_hf(config, params, head=None, task=None):
         raise ConversionError(f"to_huggingface: task {task!r}; HF text task heads: "
                               "'classification'")
     d = m.dim
-    offset = PAD_ID + 1
+    # The tokenizer's id layout: fairseq's (gpt2: <s> 0, <pad> 1, </s> 2) or ours.
+    bos, pad, eos = (FAIRSEQ_LAYOUT if config.tokenizer.get("kind") == "gpt2"
+                     else (BOS_ID, PAD_ID, EOS_ID))
+    offset = pad + 1
     hf_config = Data2VecTextConfig(
         vocab_size=m.vocab_size, hidden_size=d, num_hidden_layers=m.depth,
         num_attention_heads=m.num_heads, intermediate_size=int(d * m.mlp_ratio),
         hidden_act="gelu", max_position_embeddings=m.max_positions + offset,
-        type_vocab_size=1, layer_norm_eps=m.norm_eps, pad_token_id=PAD_ID,
-        bos_token_id=PAD_ID + 1, eos_token_id=PAD_ID + 2, hidden_dropout_prob=0.0,
+        type_vocab_size=1, layer_norm_eps=m.norm_eps, pad_token_id=pad,
+        bos_token_id=bos, eos_token_id=eos, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0)
     f = params["frontend"]
     pos = np.asarray(f["pos_embed"])

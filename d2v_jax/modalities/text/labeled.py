@@ -15,7 +15,7 @@ from absl import logging
 from d2v_jax.data import files
 from d2v_jax.data.labeled import ArraySource, label_ids, read_table
 from d2v_jax.modalities.text.smiles import SmilesEnumerator, check_smiles
-from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID,
+from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, PAD_ID,
                                                report_unknown_smiles, tokenizer_for)
 from d2v_jax.errors import ConfigError, DataError
 
@@ -269,7 +269,9 @@ def encode_rows(tokenizer, texts: Sequence[str], max_len: int, too_long: str,
     if too_long not in TOO_LONG:
         raise ConfigError(f"config.data.too_long={too_long!r}; expected one of {TOO_LONG}")
     body = max_len - 2
-    tokens = np.full((len(texts), max_len), PAD_ID, np.int32)
+    # The tokenizer's id layout (gpt2: fairseq's <s>=0 <pad>=1 </s>=2 <unk>=3).
+    pad, bos, eos, unk = tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id
+    tokens = np.full((len(texts), max_len), pad, np.int32)
     num_long, num_unk = 0, 0
     for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
         if len(ids) > body:
@@ -278,16 +280,16 @@ def encode_rows(tokenizer, texts: Sequence[str], max_len: int, too_long: str,
                                 f"{max_len} - 2 (<s>, </s>); set data.too_long='truncate'")
             num_long += 1
             ids = ids[:body]
-        num_unk += int(np.sum(ids == UNK_ID))
-        tokens[i, 0] = BOS_ID
+        num_unk += int(np.sum(ids == unk))
+        tokens[i, 0] = bos
         tokens[i, 1:len(ids) + 1] = ids
-        tokens[i, len(ids) + 1] = EOS_ID
+        tokens[i, len(ids) + 1] = eos
     if num_long:
         logging.info("%d of %d texts longer than %d tokens were truncated", num_long, len(texts),
                      body)
     if num_unk:
         logging.warning("%d tokens are unknown to the tokenizer (<unk>)", num_unk)
-    return tokens, tokens == PAD_ID
+    return tokens, tokens == pad
 
 
 def _model_inputs(element: dict[str, Any], epoch: int | None = None) -> dict[str, Any]:

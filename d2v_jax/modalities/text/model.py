@@ -6,8 +6,11 @@ projection (`layers.Encoder`), as RoBERTa / fairseq data2vec text. Entry points
 for the train step (`method=`):
 
 - `teacher(batch)`: the full, unmasked `tokens` (SPEC 9: fairseq 1.0 feeds the
-  teacher pad-filled target tokens; here it sees the real input), deterministic;
-  returns the block FFN outputs [L, B, T, D] and the padding mask.
+  teacher pad-filled target tokens; here it sees the real input), deterministic
+  blocks; returns the block FFN outputs [L, B, T, D] and the padding mask. 2.0
+  (`ema.teacher_input='student'`): the embeddings carry the student's dropout
+  (the train step passes the student's dropout key), as fairseq's
+  `ema_encoder_only` teacher reads `extractor_out["local_features"]`.
 - `student(batch)`: 1.0 embeds the corrupted `inputs` (mask / random / kept tokens,
   drawn in the pipeline) and runs the whole sequence, then the two-layer head
   Linear(D, 2D) -> GELU -> Linear(2D, D) (SPEC 3). 2.0 encodes only the visible
@@ -109,6 +112,7 @@ class TextData2Vec(nn.Module):
     num_keep: int = 0  # 2.0: positions the student encodes per row (masking.num_keep)
     mask_noise_std: float = 0.01  # 2.0: the decoder's fill at removed positions
     decoder_input_dropout: float = 0.0  # 2.0: on the encoder outputs the decoder gets
+    teacher_student_input: bool = False  # the teacher reads the student's dropped-out embeddings
     dtype: str = "float32"
     # `encode` puts <s> first, RoBERTa's sequence representation.
     cls_first = True
@@ -129,14 +133,21 @@ class TextData2Vec(nn.Module):
     # -- entry points -------------------------------------------------------------
     def teacher(self, batch: dict[str, jax.Array]) -> dict[str, Any]:
         """{'layers': [L, B, T, D] block FFN outputs of the full sequence (SPEC 2),
-        'padding_mask': [B, T]}."""
+        'padding_mask': [B, T]}. The blocks run deterministically; with
+        `teacher_student_input` and a 'dropout' rng (the train step passes the
+        student's) the embeddings keep the student's dropout: fairseq 2.0's
+        `ema_encoder_only` teacher reads the student's local features."""
         padding = batch["padding_mask"]
-        _, layers = self._encode(batch["tokens"], padding, deterministic=True)
+        student_input = self.teacher_student_input and self.has_rng("dropout")
+        x = self.frontend(batch["tokens"], deterministic=not student_input)
+        _, layers = self.encoder(x, None, padding, deterministic=True)
         return {"layers": layers, "padding_mask": padding}
 
-    def encode(self, batch: dict[str, jax.Array]) -> jax.Array:
-        """Final hidden states [B, T, D] of the full sequence (<s> first)."""
-        return self._encode(batch["tokens"], batch["padding_mask"], deterministic=True)[0]
+    def encode(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
+        """Final hidden states [B, T, D] of the full sequence (<s> first);
+        `deterministic=False`: with dropout (fine-tuning)."""
+        return self._encode(batch["tokens"], batch["padding_mask"],
+                            deterministic=deterministic)[0]
 
     def student(self, batch: dict[str, jax.Array], *, deterministic: bool = False
                 ) -> dict[str, Any]:
@@ -182,11 +193,13 @@ def build(config: ml_collections.ConfigDict) -> TextData2Vec:
     frontend = TextFrontEnd(vocab_size=_vocab_size(config), max_positions=m.max_positions,
                             dim=m.dim, norm_eps=m.norm_eps, dropout=m.dropout, dtype=m.dtype)
     encoder = encoder_from_config(m, dtype=dtype_of(m.dtype))
+    student_input = config.ema.get("teacher_input", "clean") == "student"
     if config.version == "v1":
-        return TextData2Vec("v1", frontend, encoder, dtype=m.dtype)
+        return TextData2Vec("v1", frontend, encoder, teacher_student_input=student_input,
+                            dtype=m.dtype)
     decoder = decoder_from_config(config.decoder, (config.data.max_len,), m.dim,
                                   dtype_of(m.dtype))
     return TextData2Vec("v2", frontend, encoder, decoder, num_keep=text_masking.num_keep(config),
                         mask_noise_std=config.decoder.mask_noise_std,
                         decoder_input_dropout=config.decoder.get("input_dropout", 0.0),
-                        dtype=m.dtype)
+                        teacher_student_input=student_input, dtype=m.dtype)

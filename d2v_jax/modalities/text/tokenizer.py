@@ -1,51 +1,57 @@
 """Tokenizers for the sequence modalities: subword text, SMILES, protein residues.
 
-All three share one id layout: the five special tokens come first,
+Each maps text to ids (`encode(str) -> list[int]`, `encode_batch` for many);
+the model's vocabulary size is always `tokenizer.vocab_size` (set into
+`config.model.vocab_size` by the text modality's `prepare`), never a constant.
+Our three trained kinds put `<pad> <s> </s> <unk> <mask>` at ids 0-4
+(modalities/text/vocab.py); `gpt2` keeps fairseq's ids.
 
-    <pad>=0  <s>=1 (BOS)  </s>=2 (EOS)  <unk>=3  <mask>=4
-
-then the learned or fixed vocabulary. The model's vocabulary size is always
-`tokenizer.vocab_size` (set into `config.model.vocab_size` by
-`d2v_jax.data.prepare`), never a constant.
-
-- `SubwordTokenizer`: byte-level BPE (Hugging Face `tokenizers`, the RoBERTa
-  recipe) trained on the user's corpus; any UTF-8 text round-trips.
-- `SmilesTokenizer`: the regex of Schwaller et al. (Molecular Transformer, 2019):
-  bracket atoms (`[nH]`, `[C@@H]`, `[Na+]`, `[13CH3]`) are one token, `Cl`/`Br`
-  stay whole, bonds, branches and ring closures (`%10`, `%(123)`) are tokens. A
-  SMILES the regex cannot cover exactly is an error naming the character, so
-  "".join(smiles_tokens(s)) == s always holds. The vocabulary is the tokens seen in
-  the training corpus (>= min_frequency times) plus `SMILES_BASE_TOKENS`, the
-  organic-subset atoms and the syntax every SMILES may use. A bracket atom the
-  vocabulary lacks backs off to the nearest one it has (`smiles_backoff`: drop the
-  atom map, isotope, chirality, H count, charge, then the bare organic-subset atom:
-  `[13CH3]` -> `[CH3]` -> `[C]` -> `C`), anything else is <unk>;
-  `unknown_smiles_tokens` reports such tokens with counts and the SMILES they are in.
-- `ProteinTokenizer`: one token per residue over the IUPAC amino-acid letters.
+- `SubwordTokenizer` (`bpe`): byte-level BPE (Hugging Face `tokenizers`, the
+  RoBERTa recipe) trained on the user's corpus; any UTF-8 text round-trips.
+- `Gpt2Tokenizer` (`gpt2`, modalities/text/gpt2.py): RoBERTa's vocabulary,
+  GPT-2's `encoder.json` + `vocab.bpe` through a fairseq `dict.txt`: fairseq's ids.
+- `SmilesTokenizer` (`smiles`): the regex of Schwaller et al. (Molecular
+  Transformer, 2019): bracket atoms (`[nH]`, `[C@@H]`, `[Na+]`, `[13CH3]`) are one
+  token, `Cl`/`Br` stay whole, bonds, branches and ring closures (`%10`,
+  `%(123)`) are tokens. A SMILES the regex cannot cover exactly is an error
+  naming the character, so "".join(smiles_tokens(s)) == s always holds. The
+  vocabulary is the tokens seen in the training corpus (>= min_frequency times)
+  plus `SMILES_BASE_TOKENS`, the organic-subset atoms and the syntax every SMILES
+  may use. A bracket atom the vocabulary lacks backs off to the nearest one it
+  has (`smiles_backoff`: drop the atom map, isotope, chirality, H count, charge,
+  then the bare organic-subset atom: `[13CH3]` -> `[CH3]` -> `[C]` -> `C`),
+  anything else is <unk>; `unknown_smiles_tokens` reports such tokens with
+  counts and the SMILES they are in.
+- `ProteinTokenizer` (`protein`): one token per residue over the IUPAC letters.
 
 `save(directory)` writes the tokenizer beside the run; `load_tokenizer(directory)`
-reads any of the three back (pretraining resume, fine-tuning).
+reads any of them back (pretraining resume, fine-tuning); `load(config)` is the
+tokenizer a config trains with.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import re
 from collections.abc import Iterable, Sequence
 
+import ml_collections
 import numpy as np
 from absl import logging
 
 from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
+from d2v_jax.modalities.text.gpt2 import Gpt2Tokenizer
+from d2v_jax.modalities.text.vocab import (BOS, BOS_ID, EOS, EOS_ID, MASK, MASK_ID, META_FILE,
+                                           NUM_SPECIAL, PAD, PAD_ID, SPECIAL_TOKENS, UNK,
+                                           UNK_ID, BaseTokenizer)
 
-PAD, BOS, EOS, UNK, MASK = "<pad>", "<s>", "</s>", "<unk>", "<mask>"
-SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK)
-PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = range(len(SPECIAL_TOKENS))
-NUM_SPECIAL = len(SPECIAL_TOKENS)
-
-META_FILE = "d2v_tokenizer.json"
+__all__ = ["BOS", "BOS_ID", "EOS", "EOS_ID", "MASK", "MASK_ID", "META_FILE", "NUM_SPECIAL", "PAD",
+           "PAD_ID", "SPECIAL_TOKENS", "UNK", "UNK_ID", "BaseTokenizer", "Gpt2Tokenizer",
+           "ProteinTokenizer", "SmilesTokenizer", "SubwordTokenizer", "TOKENIZERS", "load",
+           "load_tokenizer", "smiles_tokens", "tokenizer_for", "train_tokenizer"]
 
 # Schwaller et al. 2019 (Molecular Transformer), the standard SMILES regex, plus
 # OpenSMILES' `%(nnn)` ring closures (RDKit writes them past %99).
@@ -74,36 +80,6 @@ _BACKOFF_ORDER = ("map", "isotope", "chiral", "hcount", "charge")
 PROTEIN_ALPHABET = "ACDEFGHIKLMNPQRSTVWYXBZUO"
 
 
-class BaseTokenizer:
-    """The shared interface: `encode(str) -> int32 ids` (no BOS/EOS), `decode`."""
-
-    kind = ""
-    pad_id, bos_id, eos_id, unk_id, mask_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID
-    special_ids = tuple(range(NUM_SPECIAL))
-
-    @property
-    def vocab_size(self) -> int:
-        raise NotImplementedError
-
-    def encode(self, text: str) -> np.ndarray:
-        raise NotImplementedError
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
-
-    def save(self, directory: str) -> None:
-        raise NotImplementedError
-
-    def _write_meta(self, directory: str, **extra) -> None:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, META_FILE), "w") as f:
-            json.dump({"kind": self.kind, "special_tokens": list(SPECIAL_TOKENS),
-                       "vocab_size": self.vocab_size, **extra}, f, indent=2)
-
-
 class _TableTokenizer(BaseTokenizer):
     """A tokenizer with an explicit token table (SMILES, protein)."""
 
@@ -124,8 +100,12 @@ class _TableTokenizer(BaseTokenizer):
     def split(self, text: str) -> list[str]:
         raise NotImplementedError
 
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray([self.ids.get(t, UNK_ID) for t in self.split(text)], np.int32)
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray([self.ids.get(t, UNK_ID) for t in self.split(text)], np.int32)
+                for text in texts]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([self.kind, self.tokens]).encode()).hexdigest()
 
     def token_id(self, token: str) -> int:
         """The id of a token of `split`'s output (<unk> if not in the vocabulary)."""
@@ -199,8 +179,8 @@ class SmilesTokenizer(_TableTokenizer):
                                          if t in self.ids), UNK_ID)
         return self._backoff[token]
 
-    def encode(self, text: str) -> np.ndarray:
-        return self.encode_tokens(smiles_tokens(text))
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode_tokens(smiles_tokens(text)) for text in texts]
 
     def encode_tokens(self, tokens: Sequence[str]) -> np.ndarray:
         """Ids of `smiles_tokens` output (backoff / <unk> for tokens not in the vocabulary)."""
@@ -321,9 +301,6 @@ class SubwordTokenizer(BaseTokenizer):
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, np.int32)
-
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         # Rust threads: the whole corpus in one call.
         out = self.hf.encode_batch(list(texts), add_special_tokens=False)
@@ -336,15 +313,22 @@ class SubwordTokenizer(BaseTokenizer):
         self._write_meta(directory)
         self.hf.save(os.path.join(directory, "tokenizer.json"))
 
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()
 
-TOKENIZERS = {"bpe": SubwordTokenizer, "smiles": SmilesTokenizer, "protein": ProteinTokenizer}
+
+TOKENIZERS = {"bpe": SubwordTokenizer, "gpt2": Gpt2Tokenizer, "smiles": SmilesTokenizer,
+              "protein": ProteinTokenizer}
+# Kinds trained on the corpus (gpt2 is read from its files).
+TRAINED = ("bpe", "smiles", "protein")
 
 
-def train_tokenizer(kind: str, corpus: Sequence[str], *, vocab_size: int,
+def train_tokenizer(kind: str, corpus: Iterable[str], *, vocab_size: int,
                     min_frequency: int) -> BaseTokenizer:
     """A new tokenizer of `kind` fitted to `corpus` (`vocab_size` is the BPE target)."""
-    if kind not in TOKENIZERS:
-        raise ConfigError(f"tokenizer.kind={kind!r}; expected one of {sorted(TOKENIZERS)}")
+    if kind not in TRAINED:
+        raise ConfigError(f"tokenizer.kind={kind!r} is not trained on a corpus; expected one of "
+                          f"{list(TRAINED)}")
     if kind == "bpe":
         return SubwordTokenizer.train(corpus, vocab_size, min_frequency)
     return TOKENIZERS[kind].train(corpus, min_frequency)
@@ -364,11 +348,84 @@ def load_tokenizer(directory: str) -> BaseTokenizer:
     elif kind in ("smiles", "protein"):
         with open(os.path.join(directory, "vocab.json")) as f:
             tok = TOKENIZERS[kind](json.load(f))
+    elif kind == "gpt2":
+        tok = Gpt2Tokenizer.load(directory)
     else:
         raise DataError(f"{meta_path}: unknown tokenizer kind {kind!r}; expected one of {sorted(TOKENIZERS)}")
     if tok.vocab_size != meta["vocab_size"]:
         raise DataError(f"{directory}: vocab size {tok.vocab_size} != {meta['vocab_size']} in {META_FILE}")
     return tok
+
+
+# --------------------------------------------------------------------- from a config
+
+DICT_FILE = "dict.txt"  # a fairseq data directory's dictionary
+SAVED = "tokenizer"  # the tokenizer folder of a run's work dir or of prepared shards
+KINDS = (*TOKENIZERS, "auto")
+
+
+def fairseq_dir(config: ml_collections.ConfigDict) -> str:
+    """`data.path` when `data.source='fairseq'`, else ''."""
+    d = config.data
+    return str(d.path) if d.get("source") == "fairseq" else ""
+
+
+def resolve_kind(config: ml_collections.ConfigDict) -> str:
+    """`tokenizer.kind`, with `auto` (the base text recipes) resolved: `gpt2` when
+    GPT-2 BPE files or a fairseq dict.txt are given, the kind of a prepared shard
+    folder's tokenizer, else `bpe` (trained on the corpus)."""
+    t = config.tokenizer
+    if t.kind != "auto":
+        return t.kind
+    if t.get("encoder_json") or t.get("vocab_bpe") or t.get("dict"):
+        return "gpt2"
+    data_dir = fairseq_dir(config)
+    if data_dir:
+        saved = os.path.join(data_dir, SAVED, META_FILE)
+        if os.path.isfile(saved):
+            with open(saved) as f:
+                return json.load(f).get("kind", "bpe")
+        if os.path.isfile(os.path.join(data_dir, DICT_FILE)):
+            return "gpt2"
+    return "bpe"
+
+
+def gpt2_from_config(config: ml_collections.ConfigDict) -> Gpt2Tokenizer:
+    """The GPT-2 tokenizer the config's files name; `tokenizer.dict` defaults to
+    the fairseq data directory's dict.txt (`data.source='fairseq'`)."""
+    t = config.tokenizer
+    dict_txt = t.get("dict", "") or ""
+    data_dir = fairseq_dir(config)
+    if not dict_txt and data_dir:
+        dict_txt = os.path.join(data_dir, DICT_FILE)
+    if not dict_txt:
+        raise ConfigError("config.tokenizer.dict is unset: tokenizer.kind='gpt2' maps GPT-2 ids "
+                          "through a fairseq dict.txt (RoBERTa's, or the one fairseq-preprocess "
+                          "wrote); give --config.tokenizer.dict=... and encoder_json / vocab_bpe")
+    return Gpt2Tokenizer(dict_txt, t.get("encoder_json", "") or "", t.get("vocab_bpe", "") or "")
+
+
+def load(config: ml_collections.ConfigDict) -> BaseTokenizer:
+    """The tokenizer a run of `config` trains with; `load(config).encode(text)`
+    gives the ids of `text` in its rows (without the row's <s> / </s>).
+
+    In order: the tokenizer saved at `config.tokenizer.path` (a run sets it to
+    `<workdir>/tokenizer`), the GPT-2 BPE files of `tokenizer.kind='gpt2'`
+    (or `auto` with files), the tokenizer of a prepared shard folder
+    (`data.source='fairseq'`). A trained kind (bpe, smiles, protein) needs a
+    saved one: run `d2v_jax.train` (or `python -m d2v_jax.prepare`) first."""
+    t = config.tokenizer
+    if t.get("path") and os.path.isfile(os.path.join(t.path, META_FILE)):
+        return load_tokenizer(t.path)
+    kind = resolve_kind(config)
+    if kind == "gpt2":
+        return gpt2_from_config(config)
+    data_dir = fairseq_dir(config)
+    if data_dir and os.path.isfile(os.path.join(data_dir, SAVED, META_FILE)):
+        return load_tokenizer(os.path.join(data_dir, SAVED))
+    raise ConfigError(f"config.tokenizer.path={t.get('path', '')!r} holds no tokenizer, and a "
+                      f"{kind!r} tokenizer is trained on the corpus by a run: point "
+                      "tokenizer.path at a run's <workdir>/tokenizer")
 
 
 def tokenizer_for(config) -> BaseTokenizer:
