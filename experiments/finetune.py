@@ -45,6 +45,12 @@ Tasks:
   asr_folder    speech recognition on folders of audio files, each with a .txt
                 transcript of the same name (--config.data.path, data.test_path)
 
+The papers' fine-tuning protocols, every value the official one (the
+recipe tables of docs/recipes.md; docs/finetuning.md): `imagenet_v2`,
+`imagenet_v2_large`, `imagenet_v1`, `glue_<task>` (cola, mnli, mrpc, qnli,
+qqp, rte, sst_2, sts_b) and `librispeech_<split>` (10m, 1h, 10h, 100h, 960h),
+defined in experiments/finetune_protocols.py.
+
 Speech recognition (`asr_*`, `config.task='ctc'`) follows the wav2vec 2.0 /
 data2vec fine-tuning recipe (fairseq examples/wav2vec/config/finetuning/base_10m):
 a linear CTC head on every frame, the conv feature extractor frozen
@@ -71,8 +77,17 @@ with `--config.data.holdout_fraction` / `holdout_seed` equal to this config's
 `test_held_out_of_pretraining` says whether it was (docs/label_efficiency.md).
 """
 
+import os
+import sys
+
 import ml_collections
 from ml_collections import config_dict
+
+# Experiment files are loaded by path: the official protocols live beside this one.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+  sys.path.insert(0, _HERE)
+import finetune_protocols  # noqa: E402
 
 TASKS = ("mnist_5k", "image_folder", "espeak_words", "audio_folder", "stdlib_docs", "text_tsv",
          "solubility", "freesolv", "smiles_csv", "amp", "asr_espeak", "asr_manifest", "asr_folder")
@@ -100,6 +115,8 @@ _GENERIC = ("image_folder", "audio_folder", "text_tsv", "smiles_csv")
 
 def _parse(arg):
   arg = arg or "mnist_5k"
+  if arg in finetune_protocols.PROTOCOLS:  # imagenet_v2, glue_rte, librispeech_10h, ...
+    return finetune_protocols.PROTOCOLS[arg], False, False
   probe = arg.endswith("_probe")
   task = arg[: -len("_probe")] if probe else arg
   small = task.endswith("_small") and task[: -len("_small")] in _GENERIC
@@ -107,12 +124,15 @@ def _parse(arg):
   if task not in TASKS:
     raise ValueError(f"experiments/finetune.py: bad config arg {arg!r}; expected <task>, "
                      f"<task>_probe, or <task>_small[_probe] for task in {list(_GENERIC)}, with "
-                     f"task in {list(TASKS)}, e.g. 'mnist_5k_probe' or 'image_folder_small'.")
+                     f"task in {list(TASKS)}, e.g. 'mnist_5k_probe' or 'image_folder_small'; "
+                     f"or an official protocol: {list(finetune_protocols.PROTOCOLS)}.")
   return task, probe, small
 
 
 def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   task, probe, small = _parse(arg)
+  if arg in finetune_protocols.PROTOCOLS:  # the papers' recipes, on the task's base config
+    return finetune_protocols.apply(get_config(task), arg)
   # The small-data recipe: mnist_5k's, and the generic tasks' `_small` variants.
   tiny = task == "mnist_5k" or small
 
@@ -149,7 +169,23 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   # (0.875: the ImageNet protocol). 1.0 = the whole image resized to S x S, no
   # border cut (small full-frame images; a non-square one is squeezed).
   d.eval_crop_ratio = 1.0 if small else 0.875
+  # image_folder: a folder of the same classes to test on (ImageNet's val/); "" =
+  # the test_fraction split of data.path.
+  d.test_path = ""
+  # timm RandAugment string (e.g. 'rand-m9-mstd0.5-inc1'), after crop and flip; "" = off.
+  d.rand_augment = ""
+  # timm random erasing: a box of the normalized image refilled (pixel: N(0, 1)
+  # per pixel; rand: per box; const: 0) with probability `prob`; 0 = off.
+  d.random_erasing = ml_collections.ConfigDict({"prob": 0.0, "mode": "pixel", "count": 1})
   d.num_threads = 2  # grain read threads (the machine has 2 cores)
+
+  # --- mixup / cutmix (timm Mixup, on the device; 0 alphas = off) ------------------
+  c.mixup = mx = ml_collections.ConfigDict()
+  mx.alpha = 0.0  # mixup Beta(alpha, alpha)
+  mx.cutmix_alpha = 0.0  # cutmix Beta(alpha, alpha)
+  mx.prob = 1.0  # a batch (pair, row) is mixed with this probability
+  mx.switch_prob = 0.5  # with both alphas > 0: cutmix with this probability
+  mx.mode = "batch"  # batch | pair | elem: one draw per batch, pair or row
 
   # --- head -----------------------------------------------------------------------
   c.head = h = ml_collections.ConfigDict()
@@ -159,6 +195,14 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   h.bn_momentum = 0.9  # running-statistics momentum of the batch norm
   h.init_std = 0.01  # truncated normal std of the output layer (MAE's probe; BEiT: 2e-5)
   h.num_outputs = config_dict.placeholder(int)  # None = number of classes (1 for regression)
+  # linear (pool -> norm -> Linear) | roberta (fairseq's RobertaClassificationHead on
+  # the first position: dropout, Linear(D, inner_dim), tanh, dropout, Linear)
+  h.kind = "linear"
+  # Output layer init: truncated_normal (flax, cut at 2 std) | normal (torch's
+  # trunc_normal_, untruncated at small std) | torch_linear (nn.Linear's default)
+  h.init = "truncated_normal"
+  h.dropout = 0.0  # the roberta head's pooler_dropout
+  h.inner_dim = config_dict.placeholder(int)  # the roberta head's width; None = model.dim
 
   # --- loss -----------------------------------------------------------------------
   c.loss = l = ml_collections.ConfigDict()
@@ -183,6 +227,20 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   # Backbone params that count as the top layer (BEiT gives its shared relative
   # position bias the head's lr).
   o.layer_decay_top = ("rel_pos_bias",)
+  # True: the front-end gets layer_decay ** (L + 1) (BEiT); False: lr x 1 (fairseq's
+  # data2vec 2.0 image fine-tune scales only the blocks).
+  o.layer_decay_frontend = True
+  # Front-end params stacked per block [L, ...] that take their block's scale
+  # (BEiT fine-tuning's per-block relative position tables).
+  o.layer_decay_per_block = ()
+  # Weight decay (d2v_jax/optim.py decay_mask): matrices (fairseq composite, BEiT:
+  # no decay on biases, norms, 1-D params) | all (fairseq's plain adam); params
+  # whose path has a name in decay_names decay anyway, in no_decay never.
+  o.decay_scope = "matrices"
+  o.decay_names = ()
+  o.no_decay = ()
+  o.warmup_init_ratio = 0.0  # the warm-up starts at lr x this (fairseq cosine: min_lr)
+  o.power = 1.0  # schedule='polynomial': fairseq polynomial_decay's exponent
   # The encoder gets no updates for this many steps while the head fits on its
   # features (wav2vec 2.0 / data2vec fine-tuning; "linear probe, then fine-tune",
   # Kumar et al. 2022); the CTC tasks set it, 0 = off.
@@ -198,6 +256,15 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   r.num_steps = config_dict.placeholder(int)  # set to override the rule above
   r.eval_every = 0  # 0 = evaluate only at the end
   r.log_every = 50
+  # True: in training the encoder runs with its dropout, drop path and layer-drop
+  # (fairseq and BEiT fine-tune in train mode: the official protocols); False:
+  # deterministic (the generic recipes).
+  r.stochastic_encoder = False
+
+  # --- evaluation -----------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.metrics = ()  # extra test metrics: mcc, f1, acc_and_f1, pearson, spearman, ...
+  c.eval.headline = ""  # the metric results.json leads with; "" = the task kind's
   if task in _SEQUENCE_TASKS:
     _sequence_task(c, task, probe, small)
   if task in _ASR_TASKS:
@@ -228,14 +295,22 @@ def _asr_task(c: ml_collections.ConfigDict, task: str) -> None:
   # of audio + .txt. asr_espeak: "" = the packaged set (built on first use).
   d.path = ""
   d.test_path = ""
+  # asr_manifest with data.path a folder of fairseq manifests: the training
+  # manifest's name and the evaluation sets' (the first is the headline; each
+  # reports wer_<name>, cer_<name>).
+  d.train_subset = "train"
+  d.eval_subsets = ()
   d.cache_dir = ""  # asr_espeak: "" = $D2V_JAX_CACHE or ~/.cache/d2v_jax
   # Transcribed audio used for fine-tuning: utterances drawn (with `seed`) until
   # this many minutes; None = data.label_fraction of the utterances.
   d.train_minutes = config_dict.placeholder(float)
   d.label_fraction = 1.0
   d.split_seed = 0  # unused: the test set is the data's own (other voices / speakers)
-  d.batch_size = 8
+  d.batch_size = 8  # rows per batch; with max_tokens, the row multiple
   d.eval_batch_size = 16
+  # Samples per update (fairseq max_tokens x GPUs x update_freq): a batch of bucket
+  # length S has (max_tokens // S) rows, a multiple of batch_size; 0 = batch_size rows.
+  d.max_tokens = 0
   # Padded waveform lengths (one compiled step each); () = num_buckets equal-count
   # quantiles of all utterance lengths, rounded up to bucket_multiple samples.
   d.buckets = ()
@@ -289,7 +364,6 @@ def _asr_task(c: ml_collections.ConfigDict, task: str) -> None:
   r.eval_every = 250 if tiny else 1000
   r.log_every = 25 if tiny else 200
 
-  c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = 8  # decoded test utterances (reference vs hypothesis) in results.json
 
 

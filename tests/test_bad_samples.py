@@ -216,3 +216,38 @@ def test_finetune_skips_a_bad_training_image(tmp_path):
     with pytest.raises(DataError, match="cannot decode"):
         loop.train_and_evaluate(config, str(tmp_path / "ft2"))
     assert not os.path.exists(tmp_path / "ft2")
+
+
+def test_ctc_training_rows_of_a_bad_clip_are_replaced_evaluation_is_strict(tmp_path):
+    """Speech recognition's own batches: an unreadable training utterance takes
+    the next readable row of its length bucket, labels included; the same
+    utterance in an evaluation set stops the run."""
+    from d2v_jax.data import letters
+    from d2v_jax.modalities.audio import transcripts
+    root = tmp_path / "clips"
+    texts = {"a": "hello world", "b": "don't stop", "c": "a cat sat", "d": "go"}
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for name, n in zip(texts, (4000, 2500, 6000, 1200)):
+        sf.write(root / f"{name}.wav", 0.1 * rng.normal(size=n), 16_000, subtype="PCM_16")
+        (root / f"{name}.txt").write_text(texts[name] + "\n")
+    victim = _truncated_flac(str(root / "c.wav"))
+    vocab = letters.Vocab()
+    t = transcripts.read_transcripts(str(root), 16_000, vocab)
+    data = transcripts.ASRData(t, t, vocab, np.arange(4), sample_rate=16_000, normalize=True,
+                               buckets=(3200, 6400))
+    data.on_bad_sample = "skip"
+    batches = data.train_batches(2, seed=0)
+    got = [next(batches) for _ in range(2)]  # one epoch: {b, d} at 3200, {a, c} at 6400
+    big = next(b for b in got if b["audio"].shape[1] == 6400)
+    assert big[bad_samples.COUNT].tolist().count(1) == 1
+    r = int(np.flatnonzero(big[bad_samples.COUNT])[0])
+    assert json.loads(big[bad_samples.LOG][r])[0][0] == victim
+    for key in ("audio", "labels", "label_paddings", "index"):
+        np.testing.assert_array_equal(big[key][r], big[key][1 - r])
+    with pytest.raises(BadSampleError, match="c.flac"):
+        data.eval_batches(2)
+    data.on_bad_sample = "error"
+    batches = data.train_batches(2, seed=0)
+    with pytest.raises(BadSampleError, match="c.flac"):
+        [next(batches) for _ in range(2)]

@@ -1,4 +1,4 @@
-"""Your own data (issue 18): class folders, TSV and CSV files a new user
+"""Your own data: class folders, TSV and CSV files a new user
 brings. Pretraining on the fine-tune's own folder / file holds out exactly the
 fine-tune's test rows; scratch runs build the architecture they are told (or
 refuse); the small-data recipes; the image eval crop and the audio crop

@@ -118,6 +118,30 @@ def carry(record: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def replace_rows(batch: dict[str, np.ndarray], failed: dict[int, tuple[str, str]],
+                 keys: tuple[str, ...]) -> None:
+    """For batch-level pipelines (audio's length buckets): each unreadable row
+    takes the next readable row of its batch, cyclically, in every field of
+    `keys` (the same bucket, so the same shapes; a choice of the batch alone,
+    so a resumed run repeats it), and the batch gains the `bad_samples` /
+    `bad_log` fields. An empty `failed` just adds the fields."""
+    n = len(batch[keys[0]])
+    batch[COUNT] = np.zeros(n, np.int32)
+    log = np.full(n, "", dtype=object)
+    if failed:
+        good = [r for r in range(n) if r not in failed]
+        if not good:
+            raise DataError(f"every one of the {n} rows of a batch is unreadable, e.g. "
+                            f"{next(iter(failed.values()))[1]}")
+        for r, (path, error) in failed.items():
+            src = next((g for g in good if g > r), good[0])
+            for key in keys:
+                batch[key][r] = batch[key][src]
+            batch[COUNT][r] = 1
+            log[r] = json.dumps([[path, error]])
+    batch[LOG] = log.astype(str)
+
+
 def host_fields(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the batch the devices get, the bad-sample fields kept on the host)."""
     if not any(k in batch for k in HOST_FIELDS):

@@ -63,6 +63,8 @@ class LabeledData:
     class_names: list[str] | None
     train_transform: Callable[[dict[str, Any], int], dict[str, Any]]
     eval_transform: Callable[[dict[str, Any]], dict[str, Any]]
+    # {name: positions in `test`} scored on their own too (MNLI matched / mismatched)
+    test_groups: dict[str, np.ndarray] | None = None
 
     @property
     def num_eval_views(self) -> int:
@@ -175,11 +177,17 @@ def labeled_data(config: ml_collections.ConfigDict, source: LabeledSource, label
     else:
         labels = labels.astype(np.float32)
         num_classes = None
-    pool, test = split_test(labels, config.data.test_fraction, config.data.split_seed, classify)
+    given = getattr(source, "splits", None)  # a task with its own train / dev files (GLUE)
+    if given is not None:
+        pool, test = np.asarray(given["train"]), np.asarray(given["test"])
+    else:
+        pool, test = split_test(labels, config.data.test_fraction, config.data.split_seed,
+                                classify)
     train = label_subset(labels, pool, config.data.label_fraction, config.seed, classify)
     return LabeledData(source=source, labels=labels, task=config.task, train=train, test=test,
                        train_pool=pool, num_classes=num_classes, class_names=class_names,
-                       train_transform=train_transform, eval_transform=eval_transform)
+                       train_transform=train_transform, eval_transform=eval_transform,
+                       test_groups=getattr(source, "test_groups", None))
 
 
 class _Subset:

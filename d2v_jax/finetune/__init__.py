@@ -24,8 +24,17 @@ letter vocabulary (`|` = word boundary), greedy decoding, WER and CER, the
 wav2vec 2.0 / data2vec fine-tuning recipe (frozen conv extractor, encoder
 frozen for `optim.freeze_finetune_updates`, time / channel masks, layer-drop,
 tri-stage lr); results.json also holds decoded test examples (`ctc`).
-Test metrics are on the split fixed by `data.split_seed`, at the last step (no
-model selection on the test set). Writes `workdir/results.json`,
+Test metrics are on the split fixed by `data.split_seed` (or the task's own
+test files: ImageNet's val/, GLUE's dev sets, LibriSpeech's evaluation sets),
+at the last step (no model selection on the test set); `eval.metrics` adds the
+GLUE ones (`metrics.py`: MCC, F1, Pearson, Spearman).
+
+The official protocols (`experiments/finetune.py:imagenet_v2`, `glue_rte`,
+`librispeech_10h`, ...; docs/finetuning.md) add: the image recipes' in-step
+augmentation (erasing noise, mixup / cutmix, soft targets; the train
+transform's `device_augment`), the encoder's dropout / drop path in training
+(`train.stochastic_encoder`), RoBERTa's classification head (`head.kind`),
+fairseq's polynomial schedule and weight-decay scopes. Writes `workdir/results.json`,
 `workdir/metrics.jsonl` and `workdir/finetune.png`.
 """
 

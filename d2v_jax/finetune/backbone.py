@@ -98,6 +98,10 @@ def prepare_backbone(bconfig: ml_collections.ConfigDict, init_from: str | None,
     return modalities.get(bconfig).prepare_backbone(bconfig, init_from, workdir)
 
 
+# Model fields a backbone config may lack (read with a default by the model).
+OPTIONAL_MODEL_FIELDS = ("final_norm",)
+
+
 def with_encoder_overrides(config: ml_collections.ConfigDict,
                            bconfig: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The backbone config with `config.encoder`'s fields (dropout, layer-drop,
@@ -107,7 +111,7 @@ def with_encoder_overrides(config: ml_collections.ConfigDict,
         return bconfig
     bconfig = ml_collections.ConfigDict(bconfig.to_dict())
     for key, value in config.encoder.items():
-        if key not in bconfig.model:
+        if key not in bconfig.model and key not in OPTIONAL_MODEL_FIELDS:
             raise ConfigError(f"config.encoder.{key}: the backbone's model has no field {key!r}")
         bconfig.model[key] = value
     return bconfig

@@ -89,23 +89,28 @@ def prepare(config: ml_collections.ConfigDict, init_from: str | None = None,
     if init_params is not None:
         params = load_backbone_into(params, init_params)
     # The seed and label fraction do not change the compiled program.
+    # The task's in-step augmentation (images: erasing noise, mixup / cutmix).
+    augment = getattr(getattr(data, "train_transform", None), "device_augment", None)
     cache_key = json.dumps([_without(config, ("seed",), ("data", "label_fraction"),
                                      ("data", "train_minutes")),
-                            bconfig.model.to_json_best_effort(), num_outputs, steps, target_stats])
+                            bconfig.model.to_json_best_effort(), num_outputs, steps, target_stats,
+                            repr(augment)])
     if cache_key not in _STEP_CACHE:
         tx, schedule = make_optimizer(config, params, bconfig.model.depth, steps)
-        _STEP_CACHE[cache_key] = (tx, *make_steps(config, model, tx, schedule, target_stats))
+        _STEP_CACHE[cache_key] = (tx, *make_steps(config, model, tx, schedule, target_stats,
+                                                  augment))
     tx, train_step, predict_step = _STEP_CACHE[cache_key]
     # Fresh buffers: the train step donates the state.
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
     state = FinetuneState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           batch_stats=batch_stats,
-                          rng=jax.random.PRNGKey(config.seed) if is_ctc else None)
+                          rng=jax.random.PRNGKey(config.seed))
     # Committed to the device, as the step's outputs are: an uncommitted first
     # state (the optimizer's fresh counters) would compile the step a second time.
     state = jax.device_put(state, jax.devices()[0])
     if is_ctc:  # decoding needs the vocabulary and the references
-        predict_step = CTCPredict(predict_step, data.vocab, data.references(),
+        predict_step = CTCPredict(predict_step, data.vocab,
+                                  {name: data.references(name) for name in data.eval_sets},
                                   config.eval.num_examples)
     return Run(config, bconfig, data, model, state, train_step, predict_step, steps, init_from)
 
@@ -126,7 +131,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         run = prepare(config, init_from, pretrained=pretrained, workdir=workdir)
         data, steps, state = run.data, run.num_steps, run.state
         if config.task == "ctc":  # length-bucketed transcribed speech
-            eval_batches = data.eval_batches(config.data.eval_batch_size)
+            eval_batches = {name: data.eval_batches(config.data.eval_batch_size, name)
+                            for name in data.eval_sets}
             batches = data.train_batches(config.data.batch_size, config.seed)
         else:
             eval_batches = [labeled.eval_arrays(data, data.test, config.data.eval_batch_size, v)
@@ -166,13 +172,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             count = bad.check(done * int(config.data.batch_size))
             pending = (done, dict(step_metrics, bad_samples=count))
         if eval_every and done % eval_every == 0 and done < steps:
-            history.append({"step": done, **evaluate(run.predict_step, state,
-                                                     eval_batches, config.task)})
+            history.append({"step": done, **_evaluate(run, state, eval_batches)})
     if pending is not None:
         _write(writer, *pending)
     writer.close()
     train_time = time.perf_counter() - t_train
-    final = evaluate(run.predict_step, state, eval_batches, config.task)
+    final = _evaluate(run, state, eval_batches)
     history.append({"step": steps, **final})
 
     results = {
@@ -187,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "class_names": data.class_names,  # label id i is class_names[i]
         "test_held_out_of_pretraining": (held_out_of_pretraining(config, run.backbone_config, data)
                                          if init_from else None),
-        "num_steps": steps, "metrics": final, "headline": HEADLINE[config.task],
+        "num_steps": steps, "metrics": final, "headline": headline(config),
         "history": history, "train_seconds": train_time,
         "bad_samples": bad.total,  # unreadable training examples replaced
         "wall_seconds": time.perf_counter() - t0,
@@ -199,6 +204,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     plot(workdir, results)
     logging.info("test %s", json.dumps(final))
     return state, results
+
+
+def headline(config: ml_collections.ConfigDict) -> str:
+    """The metric a run reports first: `eval.headline`, or the task kind's."""
+    return config.get("eval", {}).get("headline", "") or HEADLINE[config.task]
+
+
+def _evaluate(run: Run, state: FinetuneState, eval_batches) -> dict[str, float]:
+    """`steps.evaluate` with the config's extra metrics (`eval.metrics`) and the
+    data's test groups (MNLI's matched / mismatched)."""
+    metrics = tuple(run.config.get("eval", {}).get("metrics", ()))
+    return evaluate(run.predict_step, state, eval_batches, run.config.task, metrics=metrics,
+                    groups=getattr(run.data, "test_groups", None))
 
 
 def _prepare_backbone(config, bconfig, init_from, workdir):
@@ -220,9 +238,12 @@ def _prepare_backbone(config, bconfig, init_from, workdir):
 
 
 def _ctc_results(data, predict: CTCPredict) -> dict:
-    """The transcribed amounts and the decoded test examples of a CTC run."""
+    """The transcribed amounts and the decoded test examples of a CTC run
+    (`test_*`: the first evaluation set, the headline one)."""
     rate = data.sample_rate
-    return {"train_minutes": data.train_set.minutes(data.train, rate),
+    return {"eval_sets": {name: {"utterances": len(s), "minutes": s.minutes(None, rate)}
+                          for name, s in data.eval_sets.items()},
+            "train_minutes": data.train_set.minutes(data.train, rate),
             "train_pool_minutes": data.train_set.minutes(None, rate),
             "test_minutes": data.test_set.minutes(None, rate),
             "test_speakers": sorted(set(data.test_set.speakers)),

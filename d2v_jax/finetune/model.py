@@ -13,15 +13,41 @@ import jax.numpy as jnp
 import ml_collections
 
 from d2v_jax import modalities
-from d2v_jax.finetune import ctc
 from d2v_jax.errors import CheckpointError
+from d2v_jax.finetune import ctc
+from d2v_jax.finetune.config import HEAD_INITS
+
+
+def head_init(kind: str, std: float, fan_in: int):
+    """(kernel init, bias init) of an output layer: `truncated_normal` (flax's,
+    cut at 2 std), `normal` (torch's trunc_normal_(std) with its absolute +-2
+    bounds, i.e. untruncated for a small std: BEiT's and fairseq's image heads),
+    both with a zero bias; or `torch_linear` (PyTorch's nn.Linear default,
+    U(+-1/sqrt(fan_in)) for weight and bias: fairseq's RobertaClassificationHead,
+    which is built after the model's own init)."""
+    zeros = nn.initializers.zeros_init()
+    if kind == "truncated_normal":
+        return nn.initializers.truncated_normal(std), zeros
+    if kind == "normal":
+        return nn.initializers.normal(std), zeros
+    if kind == "torch_linear":
+        limit = 1.0 / float(fan_in) ** 0.5
+        return (nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype,
+                                                                         -limit, limit))
+    raise ValueError(f"config.head.init={kind!r}; expected one of {HEAD_INITS}")
 
 
 class FinetuneModel(nn.Module):
     """The pretraining model's `encode` (as `backbone`), pooled, then a head.
 
     `freeze_backbone` stops gradients at the features: a probe never
-    differentiates through the encoder.
+    differentiates through the encoder. `stochastic_encoder`: in training the
+    encoder runs with its dropout, drop path and layer-drop (fairseq's and
+    BEiT's fine-tuning run the model in train mode); otherwise deterministic.
+    Heads: `linear` (pool -> norm -> Linear: MAE / BEiT / data2vec image) or
+    `roberta` (fairseq's RobertaClassificationHead on the first position:
+    dropout -> Linear(D, D) -> tanh -> dropout -> Linear).
     """
 
     backbone_config: ml_collections.ConfigDict
@@ -31,9 +57,27 @@ class FinetuneModel(nn.Module):
     bn_momentum: float = 0.9
     init_std: float = 2e-5
     freeze_backbone: bool = False
+    stochastic_encoder: bool = False
+    kind: str = "linear"
+    init_kind: str = "truncated_normal"  # config.head.init
+    dropout: float = 0.0  # the roberta head's pooler_dropout
+    inner_dim: int | None = None
+
+    def _dense(self, features: int, fan_in: int, name: str) -> nn.Dense:
+        w, b = head_init(self.init_kind, self.init_std, fan_in)
+        return nn.Dense(features, name=name, kernel_init=w, bias_init=b)
 
     def setup(self):
         self.backbone = modalities.build_model(self.backbone_config)
+        dim = int(self.backbone_config.model.dim)
+        self.head_dropout = nn.Dropout(self.dropout)
+        if self.kind == "roberta":
+            inner = self.inner_dim or dim
+            self.dense = self._dense(inner, dim, "dense")
+            # fairseq's names (classification_heads.<name>.dense / out_proj), as
+            # a converted fine-tuned head has them (d2v_jax/convert/heads.py).
+            self.head = self._dense(self.num_outputs, inner, "out_proj")
+            return
         if self.norm == "layer":
             self.fc_norm = nn.LayerNorm(epsilon=1e-6, name="fc_norm")
         elif self.norm == "batch":
@@ -42,11 +86,13 @@ class FinetuneModel(nn.Module):
             # LayerNorm keeps; a linear head then needs huge weights.
             self.fc_norm = nn.BatchNorm(momentum=self.bn_momentum, epsilon=1e-6, use_bias=False,
                                         use_scale=False, name="fc_norm")
-        self.head = nn.Dense(self.num_outputs, name="head",
-                             kernel_init=nn.initializers.truncated_normal(self.init_std))
+        self.head = self._dense(self.num_outputs, dim, "head")
 
-    def features(self, batch: dict[str, jax.Array]) -> jax.Array:
-        h = self.backbone.encode(batch)  # [B, T, D]
+    def features(self, batch: dict[str, jax.Array], train: bool = False) -> jax.Array:
+        if train and self.stochastic_encoder:  # `encode(batch, deterministic=False)`
+            h = self.backbone.encode(batch, deterministic=False)
+        else:  # a modality whose `encode` takes only the batch fine-tunes deterministically
+            h = self.backbone.encode(batch)
         # Models with a CLS (or <s>) position put it first; others pool every position.
         cls_first = getattr(self.backbone, "cls_first", False)
         if self.pool == "cls":
@@ -68,7 +114,12 @@ class FinetuneModel(nn.Module):
         return jax.lax.stop_gradient(f) if self.freeze_backbone else f
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> jax.Array:
-        f = self.features(batch)
+        f = self.features(batch, train)
+        if self.kind == "roberta":
+            f = self.head_dropout(f, deterministic=not train)
+            f = jnp.tanh(self.dense(f.astype(jnp.float32)))
+            f = self.head_dropout(f, deterministic=not train)
+            return self.head(f)
         if self.norm == "layer":
             f = self.fc_norm(f)
         elif self.norm == "batch":
@@ -153,15 +204,26 @@ def build_model(config: ml_collections.ConfigDict, backbone_config: ml_collectio
     h = config.head
     return FinetuneModel(backbone_config, num_outputs, pool=h.pool, norm=h.norm,
                          bn_momentum=h.bn_momentum,
-                         init_std=h.init_std, freeze_backbone=config.mode == "linear_probe")
+                         init_std=h.init_std, freeze_backbone=config.mode == "linear_probe",
+                         stochastic_encoder=bool(config.train.get("stochastic_encoder", False)),
+                         kind=h.get("kind", "linear"),
+                         init_kind=h.get("init", "truncated_normal"),
+                         dropout=float(h.get("dropout", 0.0)), inner_dim=h.get("inner_dim"))
 
 
 def load_backbone_into(params: dict, pretrained: dict) -> dict:
     """`params` with its `backbone` subtree replaced by the matching subtrees of
     `pretrained` (exact arrays). The pretraining-only parts (decoder, prediction
-    head) are dropped; a missing key or a shape mismatch is an error naming it."""
+    head) are dropped; a missing key or a shape mismatch is an error naming it.
+    A shared relative position bias table [N, H] goes into every block's table
+    [L, N, H] when the fine-tune has one per block (BEiT's run_class_finetuning:
+    "Expand the shared relative position embedding to each transformer block")."""
     want = flax.traverse_util.flatten_dict(params["backbone"], sep="/")
-    have = flax.traverse_util.flatten_dict(pretrained, sep="/")
+    have = dict(flax.traverse_util.flatten_dict(pretrained, sep="/"))
+    for k, v in want.items():
+        if (k.endswith("relative_position_bias_table") and k in have
+                and tuple(have[k].shape) == tuple(v.shape[1:])):
+            have[k] = jnp.broadcast_to(jnp.asarray(have[k]), v.shape)
     missing = sorted(k for k in want if k not in have)
     if missing:
         raise CheckpointError(f"the pretrained checkpoint lacks encoder params {missing[:5]} "

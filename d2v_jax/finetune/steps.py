@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from d2v_jax.finetune import ctc
+from d2v_jax.finetune.metrics import extra_metrics
 
 
 @flax.struct.dataclass
@@ -23,11 +24,18 @@ class FinetuneState:
     params: Any
     opt_state: Any
     batch_stats: Any  # the head's BatchNorm statistics ({} without one)
-    rng: Any = None  # CTC: the key of the fine-tuning masks and dropout (folded with step)
+    rng: Any = None  # the key of dropout, masks and augmentation (folded with the step)
 
 
 def compute_loss(config: ml_collections.ConfigDict, outputs: jax.Array, labels: jax.Array,
-                 target_stats: tuple[float, float]) -> jax.Array:
+                 target_stats: tuple[float, float], soft_targets: jax.Array | None = None
+                 ) -> jax.Array:
+    """Cross-entropy (with `loss.label_smoothing`), or against `soft_targets`
+    [B, K] when the batch was mixed (timm's SoftTargetCrossEntropy: the mean
+    over rows of -sum_k t_k log softmax_k); regression: squared error on the
+    standardized targets."""
+    if soft_targets is not None:
+        return jnp.mean(optax.softmax_cross_entropy(outputs.astype(jnp.float32), soft_targets))
     if config.task == "classification":
         onehot = jax.nn.one_hot(labels, outputs.shape[-1])
         onehot = optax.smooth_labels(onehot, config.loss.label_smoothing)
@@ -37,16 +45,29 @@ def compute_loss(config: ml_collections.ConfigDict, outputs: jax.Array, labels: 
     return jnp.mean(jnp.square(outputs[:, 0] - y))
 
 
-def make_steps(config, model, tx, schedule, target_stats):
-    """(train_step, predict_step), jitted; the train state is donated."""
+def make_steps(config, model, tx, schedule, target_stats, augment=None):
+    """(train_step, predict_step), jitted; the train state is donated.
+
+    `augment` (the task's in-step augmentation, e.g. the image recipes' erasing
+    noise and mixup / cutmix: `(inputs, labels, num_classes, key) -> (inputs,
+    soft targets)`) runs first, from fold_in(state.rng, step), which also keys
+    the encoder's dropout / drop path and the head's dropout."""
     if config.task == "ctc":
         return make_ctc_steps(config, model, tx, schedule)
 
     def train_step(state: FinetuneState, batch):
+        k_aug, k_drop = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        labels, soft = batch["label"], None
+        if augment is not None:
+            inputs = {k: v for k, v in batch.items() if k != "label"}
+            inputs, soft = augment(inputs, labels, model.num_outputs, k_aug)
+            batch = {**inputs, "label": labels}
+
         def loss_fn(params):
             out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                        batch, train=True, mutable=["batch_stats"])
-            loss = compute_loss(config, out, batch["label"], target_stats)
+                                        batch, train=True, mutable=["batch_stats"],
+                                        rngs={"dropout": k_drop})
+            loss = compute_loss(config, out, labels, target_stats, soft)
             return loss, new_vars.get("batch_stats", {})
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -150,7 +171,7 @@ class CTCPredict:
 
     step: Any
     vocab: ctc.Vocab
-    references: list[str]
+    references: dict[str, list[str]]  # per evaluation set, utterance i's words
     num_examples: int = 8
     last_examples: list = dataclasses.field(default_factory=list)
 
@@ -158,10 +179,25 @@ class CTCPredict:
         return self.step(params, batch_stats, batch)
 
 
-def evaluate_ctc(predict: CTCPredict, state: FinetuneState, batches) -> dict[str, float]:
-    """Greedy-decodes every test utterance: corpus WER and CER, the mean CTC
-    loss of the utterances whose labels fit their frames; sets
-    `predict.last_examples`."""
+def evaluate_ctc(predict: CTCPredict, state: FinetuneState,
+                 batches: dict[str, list]) -> dict[str, float]:
+    """Greedy-decodes every utterance of each evaluation set ({name: batches},
+    the first is the headline one): corpus WER and CER and the mean CTC loss of
+    the utterances whose labels fit their frames, as `wer`, `cer`, `loss` for
+    the first set and `wer_<name>`, `cer_<name>`, `loss_<name>` for each set
+    when there are several; sets `predict.last_examples` (of the first set)."""
+    out = {}
+    for k, (name, set_batches) in enumerate(batches.items()):
+        m, examples = _decode_set(predict, state, set_batches, predict.references[name])
+        if k == 0:
+            out.update(m)
+            predict.last_examples = examples
+        if len(batches) > 1:
+            out.update({f"{key}_{name}": v for key, v in m.items()})
+    return out
+
+
+def _decode_set(predict: CTCPredict, state: FinetuneState, batches, references):
     hyps, losses = {}, []
     for b in batches:
         ids, loss = predict(state.params, state.batch_stats,
@@ -172,18 +208,23 @@ def evaluate_ctc(predict: CTCPredict, state: FinetuneState, batches) -> dict[str
             if loss[r] < 1e4:  # optax's stand-in for an impossible alignment is ~1e5
                 losses.append(float(loss[r]))
     order = sorted(hyps)
-    refs, hs = [predict.references[i] for i in order], [hyps[i] for i in order]
-    predict.last_examples = [{"index": i, "reference": r, "hypothesis": h}
-                             for i, r, h in zip(order[:predict.num_examples], refs, hs)]
+    refs, hs = [references[i] for i in order], [hyps[i] for i in order]
+    examples = [{"index": i, "reference": r, "hypothesis": h}
+                for i, r, h in zip(order[:predict.num_examples], refs, hs)]
     return {"wer": ctc.wer(refs, hs), "cer": ctc.cer(refs, hs),
-            "loss": float(np.mean(losses)) if losses else float("nan")}
+            "loss": float(np.mean(losses)) if losses else float("nan")}, examples
 
 
-def evaluate(predict_step, state: FinetuneState, batches, task: str) -> dict[str, float]:
-    """Test metrics. CTC: `batches` of utterances. Otherwise one list of batches
-    per test-time view (`labeled.eval_arrays(..., view)`, the same examples in the
-    same order); with several views the predictions are averaged: regression
-    outputs, and class log-probabilities (a normalized geometric mean)."""
+def evaluate(predict_step, state: FinetuneState, batches, task: str, *,
+             metrics: tuple[str, ...] = (), groups: dict[str, np.ndarray] | None = None
+             ) -> dict[str, float]:
+    """Test metrics. CTC: {set name: batches of utterances}. Otherwise one list
+    of batches per test-time view (`labeled.eval_arrays(..., view)`, the same
+    examples in the same order); with several views the predictions are
+    averaged: regression outputs, and class log-probabilities (a normalized
+    geometric mean). `metrics` adds the named ones of finetune/metrics.py;
+    `groups` {name: positions in the test order} adds every metric of each
+    group as `<metric>_<name>` (MNLI's matched / mismatched dev sets)."""
     if task == "ctc":
         return evaluate_ctc(predict_step, state, batches)
     views = []
@@ -199,6 +240,12 @@ def evaluate(predict_step, state: FinetuneState, batches, task: str) -> dict[str
             outs = outs - np.logaddexp.reduce(outs, axis=-1, keepdims=True)
         views.append(outs)
     outs, labels = np.mean(views, axis=0), np.concatenate(labels)
-    if task == "classification":
-        return classification_metrics(outs, labels)
-    return regression_metrics(outs, labels)
+
+    def score(o, y):
+        m = classification_metrics(o, y) if task == "classification" else regression_metrics(o, y)
+        return {**m, **extra_metrics(metrics, o, y, task)}
+
+    out = score(outs, labels)
+    for name, positions in (groups or {}).items():
+        out.update({f"{k}_{name}": v for k, v in score(outs[positions], labels[positions]).items()})
+    return out

@@ -29,7 +29,6 @@ are real. All randomness is seeded by (seed, epoch, example index, stream) or
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -338,30 +337,10 @@ class AudioBatcher:
                 normalize_inplace(row)
             padding[r_out, :crop] = False
         out = {"audio": audio, "padding_mask": padding, "mask": np.array(p["mask"][sl]),
-               "index": np.asarray(p["index"][sl], np.int32),
-               bad_samples.COUNT: np.zeros(len(rows), np.int32),
-               bad_samples.LOG: np.full(len(rows), "", dtype=object)}
-        if failed:
-            self._replace(out, failed, k)
-        out[bad_samples.LOG] = out[bad_samples.LOG].astype(str)
+               "index": np.asarray(p["index"][sl], np.int32)}
+        # Unreadable rows take the next readable row of the batch (data.on_bad_sample).
+        bad_samples.replace_rows(out, failed, ("audio", "padding_mask", "mask", "index"))
         return out
-
-    @staticmethod
-    def _replace(out: dict[str, np.ndarray], failed: dict[int, tuple[str, str]], k: int) -> None:
-        """Unreadable rows take the next readable row of the batch, cyclically
-        (data.on_bad_sample='skip'): the same bucket, so the same shapes; the
-        choice depends on the batch alone, so a resumed run repeats it."""
-        n = len(out["index"])
-        good = [r for r in range(n) if r not in failed]
-        if not good:
-            path, error = next(iter(failed.values()))
-            raise DataError(f"audio batch {k}: every one of its {n} rows is unreadable, e.g. {error}")
-        for r, (path, error) in failed.items():
-            src = next(g for g in good if g > r) if any(g > r for g in good) else good[0]
-            for key in ("audio", "padding_mask", "mask", "index"):
-                out[key][r] = out[key][src]
-            out[bad_samples.COUNT][r] = 1
-            out[bad_samples.LOG][r] = json.dumps([[path, error]])
 
 
 def make_pretrain_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,

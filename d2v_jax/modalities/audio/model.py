@@ -334,9 +334,10 @@ class AudioData2Vec(nn.Module):
         positional encoder), 0 at padded frames unless `pos_conv_zero_pad="none"`."""
         return self._features(batch)[0]
 
-    def encode(self, batch: dict[str, jax.Array]) -> jax.Array:
-        """Final hidden states [B, T, D] of the full input, 0 at padded frames."""
-        h, _, pad = self._full(batch, deterministic=True)
+    def encode(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
+        """Final hidden states [B, T, D] of the full input, 0 at padded frames;
+        `deterministic=False`: with dropout and layer-drop (fine-tuning)."""
+        h, _, pad = self._full(batch, deterministic=deterministic)
         return h if pad is None else jnp.where(pad[..., None], 0, h)
 
     def student(self, batch: dict[str, jax.Array], *, deterministic: bool = False

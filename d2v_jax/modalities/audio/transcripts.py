@@ -18,8 +18,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from d2v_jax.data import bad_samples
 from d2v_jax.data import letters
-from d2v_jax.errors import DataError, DataNotFoundError
+from d2v_jax.errors import BadSampleError, DataError, DataNotFoundError
 from d2v_jax.modalities.audio import data as audio
 
 
@@ -147,38 +148,66 @@ def auto_buckets(lengths: np.ndarray, count: int, multiple: int) -> tuple[int, .
 
 
 class ASRData:
-    """Train and test utterances, the used training subset, the vocabulary and
-    the batch makers. Audio is read once and kept in memory (normalized per
-    utterance when the backbone was pretrained so)."""
+    """Train utterances, the evaluation sets ({name: utterances}, the first is
+    `test_set`, the headline), the used training subset, the vocabulary and the
+    batch makers. Audio is read once and kept in memory (normalized per
+    utterance when the backbone was pretrained so).
 
-    def __init__(self, train_set: Transcribed, test_set: Transcribed, vocab: letters.Vocab,
-                 train: np.ndarray, *, sample_rate: int, normalize: bool,
-                 buckets: tuple[int, ...]) -> None:
-        self.train_set, self.test_set, self.vocab = train_set, test_set, vocab
+    `max_tokens` (samples per update, 0 = off): fairseq's token budget, a
+    batch of bucket length S has max(batch_size, (max_tokens // S) //
+    batch_size * batch_size) rows (`batch_size` as the row multiple), one
+    static shape per bucket; otherwise every batch has `batch_size` rows."""
+
+    def __init__(self, train_set: Transcribed, test_set: Transcribed | dict[str, Transcribed],
+                 vocab: letters.Vocab, train: np.ndarray, *, sample_rate: int, normalize: bool,
+                 buckets: tuple[int, ...], max_tokens: int = 0) -> None:
+        self.eval_sets = dict(test_set) if isinstance(test_set, dict) else {"test": test_set}
+        self.train_set, self.vocab = train_set, vocab
+        self.test_set = next(iter(self.eval_sets.values()))
+        self._sets = (train_set, *self.eval_sets.values())
+        self._index = {name: 1 + k for k, name in enumerate(self.eval_sets)}
         self.train_pool = np.arange(len(train_set))
         self.train = np.asarray(train)
-        self.test = np.arange(len(test_set))
+        self.test = np.arange(len(self.test_set))
         self.sample_rate, self.normalize = int(sample_rate), normalize
+        self.max_tokens = int(max_tokens or 0)
         self.buckets = tuple(int(b) for b in buckets)
-        longest = int(max(train_set.manifest.lengths.max(), test_set.manifest.lengths.max()))
+        longest = int(max(s.manifest.lengths.max() for s in self._sets))
         if self.buckets[-1] < longest:
             raise DataError(f"config.data.buckets={self.buckets}: the longest utterance has "
                             f"{longest} samples; the last bucket must hold it")
-        self.max_label_len = max(max(len(u) for u in s.units) for s in (train_set, test_set))
+        self.max_label_len = max(max(len(u) for u in s.units) for s in self._sets)
         self.class_names = list(vocab.tokens)  # output i of the head is unit i
         self._cache: dict[tuple[int, int], np.ndarray] = {}
+        # An unreadable training utterance: replaced by the next readable row of
+        # its batch ("skip"), or stops the run ("error"); data/bad_samples.py.
+        self.on_bad_sample = "error"
 
     @property
     def num_classes(self) -> int:
         return len(self.vocab)
 
-    def references(self) -> list[str]:
-        return self.test_set.words
+    def references(self, name: str | None = None) -> list[str]:
+        """The words of each utterance of evaluation set `name` (None: the first)."""
+        return self._sets[self._which(name)].words
+
+    def _which(self, name: str | None) -> int:
+        if name is None:
+            return 1
+        if name not in self._index:
+            raise KeyError(f"no evaluation set {name!r}; have {list(self.eval_sets)}")
+        return self._index[name]
+
+    def rows_for(self, size: int, batch_size: int) -> int:
+        """Rows of a training batch of bucket length `size` (see the class doc)."""
+        if not self.max_tokens:
+            return batch_size
+        return max(batch_size, (self.max_tokens // size) // batch_size * batch_size)
 
     def _audio(self, which: int, i: int) -> np.ndarray:
         key = (which, int(i))
         if key not in self._cache:
-            s = (self.train_set, self.test_set)[which]
+            s = self._sets[which]
             wav = audio.load_audio(s.manifest, int(i), self.sample_rate)
             self._cache[key] = audio.normalize(wav) if self.normalize else wav.astype(np.float32)
         return self._cache[key]
@@ -188,25 +217,37 @@ class ASRData:
 
     def _batch(self, which: int, rows: Sequence[int], size: int, valid: Sequence[float]
                ) -> dict[str, np.ndarray]:
-        s = (self.train_set, self.test_set)[which]
+        s = self._sets[which]
         b = len(rows)
         wav = np.zeros((b, size), np.float32)
         pad = np.ones((b, size), bool)
         labels = np.full((b, self.max_label_len), self.vocab.blank, np.int32)
         label_pad = np.ones((b, self.max_label_len), np.float32)
+        failed = {}  # row -> (path, error): training rows only (evaluation reads strictly)
         for r, i in enumerate(rows):
-            x = self._audio(which, i)[:size]
+            try:
+                x = self._audio(which, i)[:size]
+            except BadSampleError as e:
+                if which != 0 or self.on_bad_sample == "error":
+                    raise
+                failed[r] = (e.path, str(e))
+                continue
             wav[r, :len(x)], pad[r, :len(x)] = x, False
             u = s.units[int(i)]
             labels[r, :len(u)], label_pad[r, :len(u)] = u, 0.0
-        return {"audio": wav, "padding_mask": pad, "labels": labels, "label_paddings": label_pad,
-                "valid": np.asarray(valid, np.float32), "index": np.asarray(rows, np.int32)}
+        out = {"audio": wav, "padding_mask": pad, "labels": labels, "label_paddings": label_pad,
+               "valid": np.asarray(valid, np.float32), "index": np.asarray(rows, np.int32)}
+        if which == 0:
+            bad_samples.replace_rows(out, failed, ("audio", "padding_mask", "labels",
+                                                   "label_paddings", "index"))
+        return out
 
     def train_batches(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         """Endless training batches: each epoch (seeded by seed and epoch) groups
         the used utterances by length bucket, shuffles each bucket, cuts it into
-        batches (a bucket's last, short batch is filled with other utterances of
-        the same bucket) and shuffles the batch order."""
+        batches of `rows_for(bucket)` rows (a bucket's last, short batch is
+        filled with other utterances of the same bucket) and shuffles the batch
+        order."""
         lengths = self.train_set.manifest.lengths[self.train]
         sizes = np.array([self._bucket(n) for n in lengths])
         epoch = 0
@@ -216,20 +257,24 @@ class ASRData:
             for size in sorted(set(sizes.tolist())):
                 members = self.train[sizes == size]
                 members = members[rng.permutation(len(members))]
-                for start in range(0, len(members), batch_size):
-                    rows = members[start:start + batch_size]
-                    if len(rows) < batch_size:
-                        rows = np.concatenate([rows, rng.choice(members, batch_size - len(rows))])
+                rows_per = self.rows_for(size, batch_size)
+                for start in range(0, len(members), rows_per):
+                    rows = members[start:start + rows_per]
+                    if len(rows) < rows_per:
+                        rows = np.concatenate([rows, rng.choice(members, rows_per - len(rows))])
                     plan.append((size, rows))
             for k in rng.permutation(len(plan)):
                 size, rows = plan[k]
-                yield self._batch(0, rows, size, np.ones(batch_size))
+                yield self._batch(0, rows, size, np.ones(len(rows)))
             epoch += 1
 
-    def eval_batches(self, batch_size: int) -> list[dict[str, np.ndarray]]:
-        """Every test utterance once, in length order, by bucket; a bucket's
-        last batch is padded with filler rows (valid = 0)."""
-        lengths = self.test_set.manifest.lengths
+    def eval_batches(self, batch_size: int, name: str | None = None
+                     ) -> list[dict[str, np.ndarray]]:
+        """Every utterance of evaluation set `name` (None: the first) once, in
+        length order, by bucket; a bucket's last batch is padded with filler
+        rows (valid = 0)."""
+        which = self._which(name)
+        lengths = self._sets[which].manifest.lengths
         sizes = np.array([self._bucket(n) for n in lengths])
         out = []
         for size in sorted(set(sizes.tolist())):
@@ -238,5 +283,5 @@ class ASRData:
                 rows = members[start:start + batch_size]
                 valid = np.r_[np.ones(len(rows)), np.zeros(batch_size - len(rows))]
                 rows = np.r_[rows, np.repeat(rows[:1], batch_size - len(rows))]
-                out.append(self._batch(1, rows, size, valid))
+                out.append(self._batch(which, rows, size, valid))
         return out

@@ -201,10 +201,11 @@ class ImageData2Vec(nn.Module):
         _, layer_targets = self._encode(x, deterministic=True, final_norm=False)
         return {"layers": layer_targets[:, :, 1:], "padding_mask": None}
 
-    def encode(self, batch: dict[str, jax.Array]) -> jax.Array:
-        """Final hidden states [B, 1+N, D] of the full image (CLS first)."""
+    def encode(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
+        """Final hidden states [B, 1+N, D] of the full image (CLS first);
+        `deterministic=False`: with dropout and drop path (fine-tuning)."""
         x = self.frontend.with_cls(self.frontend.patches(batch["image"]))
-        return self._encode(x, deterministic=True)[0]
+        return self._encode(x, deterministic=deterministic)[0]
 
     def student(self, batch: dict[str, jax.Array], *, deterministic: bool = False
                 ) -> dict[str, Any]:

@@ -177,20 +177,25 @@ def resize_center_crop(
     crop_fraction: float = 0.875,
     interpolation: str = DEFAULT_INTERPOLATION,
 ) -> np.ndarray:
-    """Eval resize: shorter side to size / crop_fraction, then a centered size x size crop.
-    crop_fraction 1.0: the whole image resized to size x size (no border cut; a
-    non-square image is squeezed rather than cropped)."""
+    """Eval resize: shorter side to int(size / crop_fraction), then a centered
+    size x size crop, with torchvision's arithmetic (`Resize(int)`: the longer
+    side int(short * long / short_in); `CenterCrop`: offsets int(round(d / 2))),
+    as fairseq's and BEiT's eval transforms (Resize(256) + CenterCrop(224) at
+    crop_fraction 224 / 256). crop_fraction 1.0: the whole image resized to
+    size x size (no border cut; a non-square image is squeezed rather than cropped)."""
     image = _check_image(image, "resize_center_crop")
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"resize_center_crop: crop_fraction={crop_fraction} is not in (0, 1]")
     height, width, channels = _hwc(image)
     if crop_fraction == 1:
         return _from_pil(_to_pil(image).resize((size, size), _resample(interpolation)), channels)
-    factor = size / crop_fraction / min(height, width)
-    new_h = max(size, int(round(height * factor)))
-    new_w = max(size, int(round(width * factor)))
+    short = int(size / crop_fraction)
+    if height <= width:
+        new_h, new_w = short, int(short * width / height)
+    else:
+        new_h, new_w = int(short * height / width), short
     pil = _to_pil(image).resize((new_w, new_h), _resample(interpolation))
-    top, left = (new_h - size) // 2, (new_w - size) // 2
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return _from_pil(pil.crop((left, top, left + size, top + size)), channels)
 
 

@@ -14,6 +14,7 @@ from absl import logging
 
 from d2v_jax.data import files
 from d2v_jax.data.labeled import ArraySource, label_ids, read_table
+from d2v_jax.modalities.text import glue
 from d2v_jax.modalities.text.smiles import SmilesEnumerator, check_smiles
 from d2v_jax.modalities.text.tokenizer import (BOS_ID, EOS_ID, PAD_ID,
                                                report_unknown_smiles, tokenizer_for)
@@ -325,9 +326,11 @@ def read_task(config) -> tuple[list[str], np.ndarray, list[str] | None, list[str
 def labeled_parts(config, backbone_config):
     """(source, labels, class names, train transform, eval transform) of a text task."""
     d = config.data
+    if d.source == glue.SOURCE:  # GLUE's own files or fairseq's preprocessed folders
+        return glue.labeled_parts(config, backbone_config)
     if d.source not in TEXT_SOURCES:
         raise ConfigError(f"config.data.source={d.source!r} is not a text task; expected one of "
-                          f"{TEXT_SOURCES}")
+                          f"{TEXT_SOURCES + (glue.SOURCE,)}")
     tokenizer = tokenizer_for(backbone_config)
     smiles, protein = d.source in SMILES_SOURCES, d.source in PROTEIN_SOURCES
     # text_tsv takes a text or a protein backbone (your own labeled sequences).
