@@ -141,6 +141,9 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   d.projection_layers = 1
   d.projection_ratio = 2.0
   d.proj_init = "torch"  # torch | normal
+  # The convs: torch = PyTorch's Conv default (fairseq never re-inits them) | normal
+  # = N(0, 0.02) weights, zero bias.
+  d.conv_init = "torch"
 
   # --- targets (SPEC 2): FFN outputs of the top K blocks, instance norm each --
   c.target = t = ml_collections.ConfigDict()

@@ -126,6 +126,9 @@ def get_config(arg: str = "tiny_v2") -> ml_collections.ConfigDict:
   d.projection_layers = 1
   d.projection_ratio = 2.0
   d.proj_init = "torch"  # torch | normal
+  # The convs: torch = PyTorch's Conv default (fairseq never re-inits them) | normal
+  # = N(0, 0.02) weights, zero bias.
+  d.conv_init = "torch"
   d.input_dropout = 0.0
   # xla (grouped conv; GPU/TPU) | einsum | dense. XLA:CPU's grouped-conv backward
   # is slow; the tiny CPU configs use the block-diagonal dense form (same params).

@@ -123,6 +123,9 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   d.projection_layers = 2
   d.projection_ratio = 2.0
   d.proj_init = "normal"  # torch | normal
+  # The convs: torch = PyTorch's Conv default (fairseq never re-inits them) | normal
+  # = N(0, 0.02) weights, zero bias.
+  d.conv_init = "torch"
   d.input_dropout = 0.0 if tiny else 0.1
   d.conv_impl = "dense" if tiny else "xla"  # groups=1: every impl is one plain conv
   d.mask_noise_std = 0.01

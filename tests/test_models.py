@@ -437,6 +437,32 @@ def test_image_inits_follow_beit_and_data2vec2():
     np.testing.assert_allclose(qkv.std(), 0.02, rtol=0.03)
 
 
+@pytest.mark.parametrize("arg", ["image.py:tiny_v2", "audio.py:tiny_v2", "text.py:tiny_v2"])
+def test_decoder_conv_init_is_a_config_field(arg):
+    """`decoder.conv_init=normal` (the pre-fairseq init, kept for ablations)
+    reaches every modality's decoder: N(0, 0.02) conv weights and zero bias;
+    the default is PyTorch's Conv default; a typo is refused by name."""
+    from d2v_jax.errors import ConfigError
+    from d2v_jax.models.decoder import decoder_from_config
+    for init in ("torch", "normal"):
+        config = load_config(f"experiments/{arg}", {"decoder.conv_init": init,
+                                                    "decoder.dim": 64, "decoder.groups": 1})
+        d = config.decoder
+        dec = decoder_from_config(d, (64,), 8, jnp.float32)
+        params = nn.unbox(jax.jit(dec.init)(jax.random.key(0), jnp.zeros((1, 64, config.model.dim))))
+        conv = np.asarray(params["params"]["conv_0"]["kernel"])
+        bias = np.asarray(params["params"]["conv_0"]["bias"])
+        bound = 1 / np.sqrt(d.kernel * config.model.dim)
+        if init == "normal":
+            np.testing.assert_allclose(conv.std(), 0.02, rtol=0.05)
+            assert not bias.any()
+        else:
+            assert 0.95 * bound < np.abs(conv).max() <= bound and np.abs(bias).max() > 0
+    from d2v_jax.config import validate
+    with pytest.raises(ConfigError, match="decoder.conv_init"):
+        validate(load_config(f"experiments/{arg}", {"decoder.conv_init": "xavier"}))
+
+
 def test_recipe_configs_select_the_official_inits():
     for arg in ("base_v1", "large_v1"):
         m = load_config(f"experiments/image.py:{arg}").model

@@ -26,7 +26,7 @@ from d2v_jax.models.layers import (dense, dense_init, kernel, torch_default_bias
 from d2v_jax.models.sharding import batch_local, constrain
 
 CONV_IMPLS = ("xla", "einsum", "dense")
-INITS = ("torch", "normal")  # GroupedConv.init, ConvDecoder.proj_init
+INITS = ("torch", "normal")  # decoder.conv_init (GroupedConv.init), decoder.proj_init
 
 
 def grouped_conv(x: jax.Array, w: jax.Array, groups: int, impl: str = "xla") -> jax.Array:
@@ -192,7 +192,8 @@ def decoder_from_config(d, grid: Sequence[int], out_dim: int, dtype: Any) -> Con
                        conv_impl=d.conv_impl, dtype=dtype,
                        projection_layers=d.get("projection_layers", 1),
                        projection_ratio=d.get("projection_ratio", 2.0),
-                       proj_init=d.get("proj_init", "torch"))
+                       proj_init=d.get("proj_init", "torch"),
+                       conv_init=d.get("conv_init", "torch"))
 
 
 def validate_decoder(config) -> None:
@@ -208,5 +209,7 @@ def validate_decoder(config) -> None:
                 f"{d.get('projection_ratio')} must be > 0")
     check_field(d.get("proj_init", "torch") in INITS, "decoder.proj_init",
                 f"{d.get('proj_init')!r} not in {INITS}")
+    check_field(d.get("conv_init", "torch") in INITS, "decoder.conv_init",
+                f"{d.get('conv_init')!r} not in {INITS}")
     v = d.get("input_dropout", 0.0)
     check_field(0.0 <= v < 1.0, "decoder.input_dropout", f"{v} is not in [0, 1)")
