@@ -3,7 +3,7 @@ the teacher's pooled features on a small labeled split.
 
 A falling loss says the student predicts its targets; it does not say the
 targets carry anything a downstream task needs. The failure this catches is
-the one that went unnoticed for images and text here (docs/label_efficiency.md):
+the one that went unnoticed for images and text here (docs/results.md, tiny recipes):
 the teacher's outputs became a function of *position* (the loss fell, the
 variance stayed up) while the features lost the content. Every
 `probe.every` steps the teacher (`ema_params` over `params`, SPEC 4) encodes a

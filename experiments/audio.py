@@ -5,7 +5,7 @@ r"""data2vec speech pretraining on raw 16 kHz waveforms, 1.0 or 2.0.
   python -m d2v_jax.train --config experiments/audio.py:tiny_v2 --workdir runs/a
 
 `_logmel` (not in the papers; the speech-recognition recipe of
-docs/label_efficiency.md) replaces the raw-waveform convs with a fixed 64-band
+docs/results.md) replaces the raw-waveform convs with a fixed 64-band
 log-mel filterbank every 10 ms and one learned conv to the same 20-ms frames,
 and centres the targets per position (`target.position_center`). On the tiny
 CPU runs the raw-waveform student falls to predicting the mean and its encoder

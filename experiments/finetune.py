@@ -221,7 +221,7 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
   # Block i of L gets lr * layer_decay ** (L - i), the front-end layer_decay ** (L + 1),
   # the head 1 (BEiT / data2vec fine-tuning). 1.0 disables the decay. The 4-block
   # mnist_5k encoder, pretrained for minutes, fine-tunes better without it
-  # (docs/label_efficiency.md: 78.9% vs 74.2% with 0.75 at 5% labels): its lower
+  # (docs/results.md, tiny recipes: 78.9% vs 74.2% with 0.75 at 5% labels): its lower
   # blocks still have much to learn.
   o.layer_decay = 1.0 if probe else (1.0 if tiny else 0.65)
   # Backbone params that count as the top layer (BEiT gives its shared relative
@@ -285,7 +285,7 @@ def _asr_task(c: ml_collections.ConfigDict, task: str) -> None:
   span down to a CPU run."""
   tiny = task == "asr_espeak"
   c.modality, c.task = "audio", "ctc"
-  # tiny: the log-mel front-end, on which pretraining pays (docs/label_efficiency.md).
+  # tiny: the log-mel front-end, on which pretraining pays (docs/results.md).
   c.backbone = ("experiments/audio.py:tiny_v2_logmel" if tiny
                 else "experiments/audio.py:base_v2")
 
@@ -356,7 +356,7 @@ def _asr_task(c: ml_collections.ConfigDict, task: str) -> None:
   o.clip_norm = 0.0
   o.layer_decay = 1.0
   # tiny: CTC leaves its blank plateau only after a few hundred steps (at 300 both
-  # arms of docs/label_efficiency.md still emit blanks); its tables use 1,000.
+  # arms still emit blanks only: docs/results.md, tiny recipes); its tables use 1,000.
   o.freeze_finetune_updates = 50 if tiny else 10_000
 
   r = c.train
@@ -412,7 +412,7 @@ def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool, small: 
     # smiles_enumerate_tries times, then the canonical SMILES is kept. On for the
     # SMILES tasks: solubility from scratch at 5% labels, 3 seeds, 150 steps, RMSE
     # 1.128 +- 0.168 with 0.5 vs 1.315 +- 0.197 without, lower on every seed
-    # (docs/label_efficiency.md). Off for probes (fixed inputs, as images' augment).
+    # (docs/results.md, tiny recipes). Off for probes (fixed inputs, as images' augment).
     smiles = task in ("solubility", "freesolv", "smiles_csv")
     d.smiles_enumerate = 0.5 if smiles and not probe else 0.0
     d.smiles_enumerate_tries = 5
@@ -426,7 +426,7 @@ def _sequence_task(c: ml_collections.ConfigDict, task: str, probe: bool, small: 
     d.too_long = "error" if kind == "regression" else "truncate"
   c.data = d
   c.optim.warmup_steps = 20 if tiny else 2000
-  # The tiny packaged tasks fine-tune better without layer decay (docs/label_efficiency.md:
+  # The tiny packaged tasks fine-tune better without layer decay (docs/results.md:
   # espeak_words 94.9% vs 77.5% with 0.75 at 100% of the labels, 33.6% vs 30.8% at 5%).
   c.optim.layer_decay = 1.0 if probe else (1.0 if tiny else 0.65)
   c.train.epochs = 30 if tiny else 10

@@ -142,7 +142,7 @@ def build_config(size: str, version: str) -> ml_collections.ConfigDict:
   # Not in the papers: subtract the targets' per-position batch mean
   # (targets.position_center), against the positional collapse of small runs.
   # tiny: on; without it the tiny text run's targets became 0.94 position by
-  # step 200 and its probe fell below random features (docs/label_efficiency.md).
+  # step 200 and its probe fell below random features (docs/results.md).
   t.position_center = tiny
 
   # --- loss (SPEC 3) --------------------------------------------------------------

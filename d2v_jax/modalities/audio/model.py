@@ -96,7 +96,7 @@ class FeatureExtractor(nn.Module):
     and projection: [B, S] -> [B, T, D] (SPEC 7).
 
     `frontend='fbank'` (not in the papers; for tiny CPU runs, see
-    docs/label_efficiency.md): layer 0 is a fixed log-mel filterbank of
+    docs/results.md): layer 0 is a fixed log-mel filterbank of
     `conv_dims[0]` bands over Hann windows of `conv_kernels[0]` samples every
     `conv_strides[0]`, LayerNorm-ed per frame; the learned convs follow. Its
     frames change smoothly in time, where a raw-waveform conv at init follows

@@ -65,7 +65,7 @@ def normalize_pixels(image: jax.Array, mean, std) -> jax.Array:
 # positions at the start: with few input pixels per patch (p*p*C small) a 0.02
 # normal makes patch content ~8x quieter than the sin-cos table, and a teacher
 # whose outputs are then mostly position never learns content (positional
-# collapse, docs/label_efficiency.md). Kernel [p, p, C, D]; fans over (p, p, C) and D.
+# collapse, docs/results.md, tiny recipes). Kernel [p, p, C, D]; fans over (p, p, C) and D.
 PATCH_EMBED_INITS = {
     # data2vec 2.0 / MAE: xavier_uniform_ on the [D, p*p*C] view of the weight.
     "xavier": nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
