@@ -129,7 +129,7 @@ def save_checkpoint(workdir: str, state: TrainState, config: ml_collections.Conf
     manager = checkpoint.make_manager(workdir, config)
     step = int(jax.device_get(state.step))
     checkpoint.save(manager, step, state, config)
-    manager.wait_until_finished()
+    checkpoint.wait(manager, step)
     manager.close()
     return os.path.join(checkpoint.checkpoint_dir(workdir), str(step))
 

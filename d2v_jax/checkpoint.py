@@ -43,6 +43,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
+from d2v_jax.checkpoint_writes import CheckpointWriteError, error_chain, writing  # noqa: F401
 from d2v_jax.errors import CheckpointError
 
 STATE, DATA_ITER, CONFIG = "state", "data_iter", "config"
@@ -155,11 +156,23 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     """Starts an async save of `state` (+ data iterator, config) as `step`.
 
     Returns once the arrays are copied to host; the state may then be donated.
+    A failed write (this one's, or the previous save's surfacing now) raises
+    `CheckpointWriteError`.
     """
     items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_json(config))}
     if data_iter is not None:
         items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
-    manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    with writing(manager, step):  # a full disk (here or in the previous async save): one line
+        manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+
+def wait(manager: ocp.CheckpointManager, step: int | None = None) -> None:
+    """Waits for a started save to finish; a failed write is a `CheckpointWriteError`
+    (`step`: the step to name when orbax's error does not say which)."""
+    if step is None:
+        step = manager.latest_step() or 0
+    with writing(manager, step):
+        manager.wait_until_finished()
 
 
 # --- compatibility ----------------------------------------------------------------
@@ -215,10 +228,7 @@ def unreadable_reason(error: BaseException, step_dir: str, part: str) -> str:
     """`<file>: <reason>` for an unreadable step, from the innermost error of
     the chain (orbax wraps TensorStore's readable error in one whose message is
     an object repr). `part` is what was being read: 'metadata' or 'arrays'."""
-    chain, e = [], error
-    while e is not None and all(e is not c for c in chain):
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = error_chain(error)
     readable = [c for c in chain if str(c) and "<bound method" not in str(c)
                 and "TensorStore(" not in str(c)]
     root = readable[-1] if readable else chain[-1]
@@ -435,4 +445,3 @@ def restore_config(path: str, step: int | None = None) -> ml_collections.ConfigD
 
 def abstract_like(state: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-

@@ -65,7 +65,7 @@ from d2v_jax.data import bad_samples
 from d2v_jax.guards import (PEER_LOST_EXIT_CODE, PREEMPTED_EXIT_CODE, CollapseError,
                             FiniteChecks, NonFiniteError, PeerWatchdog, Preempted,
                             PreemptionWatcher, apply_collapse_guard, collapse_check,
-                            guard_nonfinite, nonfinite_mode, writing_checkpoint)
+                            guard_nonfinite, nonfinite_mode)
 from d2v_jax.train_state import TrainState, create_train_state
 from d2v_jax.train_step import make_train_step_fn
 
@@ -295,19 +295,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             preempted = watcher.requested(done, manager)
             if (every and done % every == 0) or done == num_steps or preempted:
                 flush()  # never checkpoint a state that has not passed the guards
-                with writing_checkpoint(manager, done):  # a full disk: one line
-                    checkpoint.save(manager, done, state, config, data_iter)
+                checkpoint.save(manager, done, state, config, data_iter)  # a full disk: one line
             bar.update(1)
             if preempted and done < num_steps:
-                with writing_checkpoint(manager, done):
-                    manager.wait_until_finished()
+                checkpoint.wait(manager, done)
                 raise Preempted(done, f"{manager.directory}/{done}")
         flush()
     finally:
         watcher.close()
         try:
-            with writing_checkpoint(manager, start):
-                manager.wait_until_finished()  # a started save completes, even on error
+            checkpoint.wait(manager, start)  # a started save completes, even on error
         finally:
             manager.close()
             try:
