@@ -84,14 +84,7 @@ class BadSampleError(DataError):
 
     def __init__(self, message: str, *, path: str = "", hint: str | None = None):
         super().__init__(message, hint=hint)
-        self.path = str(path)
-
-    def __reduce__(self):  # crosses grain's worker processes
-        return (_bad_sample_error, (str(self), self.path, self.hint))
-
-
-def _bad_sample_error(message: str, path: str, hint: str | None) -> BadSampleError:
-    return BadSampleError(message, path=path, hint=hint)
+        self.path = str(path)  # pickled with the instance's __dict__ (grain's workers)
 
 
 class CheckpointError(UserError):

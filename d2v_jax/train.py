@@ -220,10 +220,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     _trim_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     # Unreadable samples replaced so far (data.on_bad_sample): counted on from
-    # what the resumed run had logged, each path listed once.
-    bad = bad_samples.BadSampleLog(
-        config, workdir, getattr(dataset, "num_examples", None),
-        bad_samples.restored_total(os.path.join(workdir, "metrics.jsonl"), start))
+    # what the resumed run had logged, each path listed once. The logged count
+    # is the global one: process 0 carries it, the others start at 0, so the
+    # sum over processes continues the uninterrupted run's.
+    restored = (bad_samples.restored_total(os.path.join(workdir, "metrics.jsonl"), start)
+                if jax.process_index() == 0 else 0)
+    bad = bad_samples.BadSampleLog(config, workdir, getattr(dataset, "num_examples", None),
+                                   restored)
     batches = device_prefetch(iterator, config.data.prefetch, plan.batch_sharding)
     log_every = max(config.train.log_every, 1)
     # Two compiled variants: the statistics (variances, position share, norms)

@@ -83,10 +83,12 @@ import sys
 import ml_collections
 from ml_collections import config_dict
 
-# Experiment files are loaded by path: the official protocols live beside this one.
+# Experiment files are loaded by path: the official protocols and the shared
+# sections (common.py) live beside this one.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
   sys.path.insert(0, _HERE)
+import common  # noqa: E402
 import finetune_protocols  # noqa: E402
 
 TASKS = ("mnist_5k", "image_folder", "espeak_words", "audio_folder", "stdlib_docs", "text_tsv",
@@ -269,12 +271,9 @@ def get_config(arg: str = "mnist_5k") -> ml_collections.ConfigDict:
     _sequence_task(c, task, probe, small)
   if task in _ASR_TASKS:
     _asr_task(c, task)
-  # An unreadable training example is replaced by the next readable one,
-  # counted and listed in <workdir>/bad_samples.jsonl (skip), or stops the run
-  # (error); past this fraction of the examples read, the run stops either way.
-  # The test set is always read whole and strictly (docs/checkpoints.md).
-  c.data.on_bad_sample = "skip"
-  c.data.max_bad_fraction = 1e-3
+  # Unreadable training examples as in pretraining; the test set is always read
+  # whole and strictly (docs/checkpoints.md).
+  common.bad_samples(c.data)
   return c
 
 
