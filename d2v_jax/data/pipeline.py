@@ -103,6 +103,48 @@ def local_batch_size(config: ml_collections.ConfigDict, process_count: int) -> i
     return global_batch // process_count
 
 
+def bucket_rows(max_tokens: int, length: int, multiple: int) -> int:
+    """Rows of a token-budget batch of `length`-token examples (SPEC 7):
+    `(max_tokens // length) // multiple * multiple`, the most rows of `length`
+    that fit in `max_tokens`, rounded down to a multiple of `multiple`."""
+    if length < 1 or multiple < 1:
+        raise ValueError(f"bucket_rows: length={length} and multiple={multiple} must be >= 1")
+    return (int(max_tokens) // int(length)) // int(multiple) * int(multiple)
+
+
+def bucketed_epoch(seed: int, epoch: int, stream: int, bucket: np.ndarray,
+                   rows: tuple[int, ...], index_dtype: Any = None) -> list[np.ndarray]:
+    """An epoch of length-bucketed batches: one permutation of the examples
+    (`bucket[i]` = example i's bucket, -1 = unused), each bucket's members in
+    that order cut into batches of `rows[b]` (the remainder dropped), the
+    batches in random order. A pure function of (seed, epoch, stream), so every
+    process plans the same global batches. `index_dtype` narrows the indices
+    (a large corpus' plan)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(stream)]))
+    perm = rng.permutation(len(bucket))
+    if index_dtype is not None:
+        perm = perm.astype(index_dtype)
+    batches = []
+    for b, n_rows in enumerate(rows):
+        members = perm[bucket[perm] == b]
+        n = len(members) // n_rows * n_rows
+        batches.extend(members[:n].reshape(-1, n_rows))
+    return [batches[j] for j in rng.permutation(len(batches))]
+
+
+def batch_number_dataset(batcher: Callable[[int, Any], dict], num_batches: int,
+                         config: ml_collections.ConfigDict, num_examples: int, *,
+                         num_threads: int = 4, prefetch_buffer_size: int = 8) -> grain.IterDataset:
+    """Endless batches from `batcher(k)` = global batch k, a pure function of k:
+    a lazy random-access dataset over batch numbers, so the iterator's
+    checkpoint state is a position; run by `with_workers`."""
+    ds = grain.MapDataset.range(num_batches).repeat(None)
+    ds = ds.map_with_index(batcher)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=prefetch_buffer_size))
+    return with_workers(it, config, num_examples)
+
+
 def map_pretrain_dataset(
     config: ml_collections.ConfigDict,
     parts: Callable[[ml_collections.ConfigDict, Any], tuple[Any, Callable]],

@@ -38,8 +38,8 @@ import numpy as np
 from absl import logging
 
 from d2v_jax.data import bad_samples
-from d2v_jax.data.pipeline import (check_holdout_fraction, held_out_indices, local_batch_size,
-                                   with_workers)
+from d2v_jax.data.pipeline import (batch_number_dataset, bucket_rows, bucketed_epoch,
+                                   check_holdout_fraction, held_out_indices, local_batch_size)
 from d2v_jax.modalities.audio import masking, speech_set
 from d2v_jax.data.rng import example_rng
 from d2v_jax.modalities.audio.frames import config_frame_count
@@ -189,15 +189,6 @@ def check_buckets(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return buckets
 
 
-def bucket_rows(max_tokens: int, length: int, multiple: int) -> int:
-    """Rows of a token-budget batch of `length`-sample examples (SPEC 7):
-    `(max_tokens // length) // multiple * multiple`, the most rows of `length`
-    that fit in `max_tokens` samples, rounded down to a multiple of `multiple`."""
-    if length < 1 or multiple < 1:
-        raise ValueError(f"bucket_rows: length={length} and multiple={multiple} must be >= 1")
-    return (int(max_tokens) // int(length)) // int(multiple) * int(multiple)
-
-
 class BatchPlan:
     """Which examples form global batch k, their crops, bucket and masks.
 
@@ -254,14 +245,7 @@ class BatchPlan:
     @functools.lru_cache(maxsize=2)
     def epoch(self, epoch: int) -> list[np.ndarray]:
         """The epoch's batches (index arrays), each from one bucket, in random order."""
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(epoch), BATCH_STREAM]))
-        perm = rng.permutation(len(self.lengths))
-        batches = []
-        for i in range(len(self.buckets)):
-            members = perm[self.bucket[perm] == i]
-            n = len(members) // self.rows[i] * self.rows[i]
-            batches.extend(members[:n].reshape(-1, self.rows[i]))
-        return [batches[j] for j in rng.permutation(len(batches))]
+        return bucketed_epoch(self.seed, epoch, BATCH_STREAM, self.bucket, self.rows)
 
     def _frames(self, num_samples: int) -> int:
         if num_samples not in self._frame_counts:
@@ -357,10 +341,5 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, *, process_index: i
     batcher = AudioBatcher(config, src, process_index, local)
     logging.info("audio: %d examples, %d batches per epoch, buckets %s", len(src),
                  batcher.plan.num_batches, batcher.plan.buckets)
-    # A lazy random-access dataset over global batch numbers: the iterator's
-    # checkpoint state is a position, and batch k is a pure function of k.
-    ds = grain.MapDataset.range(batcher.plan.num_batches).repeat(None)
-    ds = ds.map_with_index(batcher)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=prefetch_buffer_size))
-    return with_workers(it, config, len(src))
+    return batch_number_dataset(batcher, batcher.plan.num_batches, config, len(src),
+                                num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)

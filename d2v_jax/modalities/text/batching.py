@@ -30,16 +30,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from d2v_jax.data.pipeline import local_batch_size, map_pretrain_dataset, with_workers
+from d2v_jax.data.pipeline import (batch_number_dataset, bucket_rows, bucketed_epoch,
+                                   local_batch_size, map_pretrain_dataset)
 from d2v_jax.errors import DataError, check_field
 
 BATCH_STREAM = 4  # the epoch's row permutation and batch order
-
-
-def bucket_rows(max_tokens: int, length: int, multiple: int) -> int:
-    """The most rows of `length` tokens within `max_tokens`, rounded down to a
-    multiple of `multiple`."""
-    return (int(max_tokens) // int(length)) // int(multiple) * int(multiple)
 
 
 def buckets_of(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -90,15 +85,8 @@ class BudgetPlan:
 
     @functools.lru_cache(maxsize=2)
     def epoch(self, epoch: int) -> list[np.ndarray]:
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(epoch), BATCH_STREAM]))
-        perm = rng.permutation(len(self.bucket)).astype(np.int32 if len(self.bucket) < 2**31
-                                                        else np.int64)
-        batches = []
-        for b, rows in enumerate(self.rows):
-            members = perm[self.bucket[perm] == b]
-            n = len(members) // rows * rows
-            batches.extend(members[:n].reshape(-1, rows))
-        return [batches[j] for j in rng.permutation(len(batches))]
+        return bucketed_epoch(self.seed, epoch, BATCH_STREAM, self.bucket, self.rows,
+                              np.int32 if len(self.bucket) < 2**31 else np.int64)
 
     def batch(self, k: int) -> tuple[int, np.ndarray, int]:
         """(epoch, row indices, bucket length) of global batch k."""
@@ -138,8 +126,5 @@ def pretrain_dataset(config: ml_collections.ConfigDict, *, parts, process_index:
     local_batch_size(config, process_count)  # data.batch_size divides over the processes
     src, transform = parts(config, source)
     batcher = BudgetBatcher(config, src, transform, process_index, process_count)
-    ds = grain.MapDataset.range(batcher.plan.num_batches).repeat(None)
-    ds = ds.map_with_index(batcher)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=prefetch_buffer_size))
-    return with_workers(it, config, len(src))
+    return batch_number_dataset(batcher, batcher.plan.num_batches, config, len(src),
+                                num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
