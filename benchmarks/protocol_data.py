@@ -178,14 +178,15 @@ def write_librispeech(out: str, cache_dir: str = "") -> str:
             with open(os.path.join(tmp, f"{stem}.{ext}"), "w") as f:
                 f.write("\n".join(body) + "\n")
 
-    write("train", *read("train"))
+    train = read("train")
+    write("train", *train)
     root, rows, ltr, wrd = read("test")
     for k, stem in enumerate(("dev_other", "dev_clean", "test_clean", "test_other")):
         part = slice(k * len(rows) // 4, (k + 1) * len(rows) // 4)
         write(stem, root, rows[part], ltr[part], wrd[part])
     # fairseq's dict.ltr.txt layout: `<symbol> <count>`, by frequency
     counts = {}
-    for line in read("train")[2]:
+    for line in train[2]:
         for u in line.split():
             counts[u] = counts.get(u, 0) + 1
     with open(os.path.join(tmp, "dict.ltr.txt"), "w") as f:

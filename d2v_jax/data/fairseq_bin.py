@@ -138,7 +138,7 @@ class IndexedTokens:
 
     def __del__(self):
         fd = getattr(self, "_fd", None)
-        if fd is not None:
+        if fd is not None and os is not None:  # `os` is gone at interpreter shutdown
             os.close(fd)
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ import ml_collections
 from d2v_jax.data import bad_samples
 from d2v_jax.data import labeled
 from d2v_jax.errors import check_field
+from d2v_jax.optim import DECAY_SCOPES
 
 MODES = ("finetune", "linear_probe")
 POOLS = ("mean", "cls")
@@ -21,7 +22,6 @@ CTC_REDUCTIONS = ("sentence", "token")
 # Heads: pool -> norm -> Linear (MAE / BEiT), or fairseq's RobertaClassificationHead.
 HEAD_KINDS = ("linear", "roberta")
 HEAD_INITS = ("truncated_normal", "normal", "torch_linear")
-DECAY_SCOPES = ("matrices", "all")
 
 
 _check = check_field  # ConfigError (a ValueError): `config.<field>: <msg>`

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from d2v_jax.finetune import ctc
-from d2v_jax.finetune.metrics import extra_metrics
+from d2v_jax.finetune.metrics import binary_f1, extra_metrics
 
 
 @flax.struct.dataclass
@@ -90,15 +90,7 @@ def make_steps(config, model, tx, schedule, target_stats, augment=None):
 def macro_f1(labels: np.ndarray, preds: np.ndarray) -> float:
     """Unweighted mean of per-class F1 over the classes that occur in `labels`
     or `preds` (sklearn's `f1_score(average='macro')`; 0 where undefined)."""
-    classes = np.union1d(labels, preds)
-    f1 = []
-    for c in classes:
-        tp = np.sum((preds == c) & (labels == c))
-        fp = np.sum((preds == c) & (labels != c))
-        fn = np.sum((preds != c) & (labels == c))
-        denom = 2 * tp + fp + fn
-        f1.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(f1))
+    return float(np.mean([binary_f1(labels, preds, c) for c in np.union1d(labels, preds)]))
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

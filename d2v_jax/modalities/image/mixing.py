@@ -16,12 +16,13 @@ Every draw is from the step's key; shapes are static (boxes are masks).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from d2v_jax.errors import ConfigError
+from d2v_jax.modalities.image.model import normalize_pixels
 
 MIX_MODES = ("batch", "pair", "elem")
 
@@ -54,8 +55,7 @@ class Mixing:
 
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
     """timm `mixup_target`'s one-hot: off = smoothing / K, on = 1 - smoothing + off."""
-    off = smoothing / num_classes
-    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), smoothing)
 
 
 def sample_params(key: jax.Array, batch_size: int, m: Mixing) -> dict[str, jax.Array]:
@@ -140,13 +140,6 @@ def mix(x: jax.Array, targets: jax.Array, lam: jax.Array, cutmix: jax.Array,
     return mixed, targets
 
 
-def normalize(image: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-    """uint8 [..., C] -> float32 (x / 255 - mean) / std (the model's `normalize_pixels`)."""
-    mean = jnp.asarray(mean, jnp.float32).reshape(-1)
-    std = jnp.asarray(std, jnp.float32).reshape(-1)
-    return (image.astype(jnp.float32) * jnp.float32(1 / 255) - mean) / std
-
-
 def erase(key: jax.Array, x: jax.Array, boxes: jax.Array, mode: str = "pixel") -> jax.Array:
     """Fills each (top, left, h, w) box of `boxes` [B, K, 4] (h = 0: none) of the
     normalized images x [B, H, W, C]: `pixel` with N(0, 1) per pixel and
@@ -183,7 +176,7 @@ class DeviceAugment:
                  ) -> tuple[dict, jax.Array]:
         batch = dict(batch)
         boxes = batch.pop("erase_box", None)
-        x = normalize(batch[self.input_key], self.mean, self.std)
+        x = normalize_pixels(batch[self.input_key], self.mean, self.std)
         k_erase, k_mix, k_box = jax.random.split(key, 3)
         if boxes is not None:
             x = erase(k_erase, x, boxes, self.erase_mode)

@@ -305,6 +305,8 @@ class GlueSource(ArraySource):
 
 
 def model_inputs(element: dict, epoch: int | None = None) -> dict:
+    """Text rows (GLUE's and the other text tasks') go to the model as they are
+    (no augmentation)."""
     del epoch
     return {k: v for k, v in element.items() if k != "index"}
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from d2v_jax.data.fairseq_bin import Dictionary, read_dictionary
 from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
-from d2v_jax.modalities.text.vocab import META_FILE, BaseTokenizer
+from d2v_jax.modalities.text.vocab import BaseTokenizer
 
 ENCODER_FILE, MERGES_FILE, DICT_FILE = "encoder.json", "vocab.bpe", "dict.txt"
 # fairseq's Dictionary.finalize pads the symbol count with these.
@@ -217,10 +217,3 @@ def _byte_level_bpe(encoder: dict[str, int], merges: list[tuple[str, str]]):
     tok.decoder = decoders.ByteLevel()
     return tok
 
-
-def is_gpt2_dir(directory: str) -> bool:
-    meta = os.path.join(directory, META_FILE)
-    if not os.path.isfile(meta):
-        return False
-    with open(meta) as f:
-        return json.load(f).get("kind") == Gpt2Tokenizer.kind

@@ -293,12 +293,6 @@ def encode_rows(tokenizer, texts: Sequence[str], max_len: int, too_long: str,
     return tokens, tokens == pad
 
 
-def _model_inputs(element: dict[str, Any], epoch: int | None = None) -> dict[str, Any]:
-    """Text / SMILES rows go to the model as they are (no augmentation)."""
-    del epoch
-    return {k: v for k, v in element.items() if k != "index"}
-
-
 def read_task(config) -> tuple[list[str], np.ndarray, list[str] | None, list[str]]:
     """(texts, labels, class names or None, origins) of a text task, in the row
     order its fine-tune (and benchmarks/baselines.py) index them."""
@@ -355,12 +349,12 @@ def labeled_parts(config, backbone_config):
                           f"{backbone_config.model.max_positions}] of the backbone")
     tokens, padding = encode_rows(tokenizer, texts, max_len, d.too_long, origins)
     source = ArraySource(d.source, tokens=tokens, padding_mask=padding)
-    train_transform = _model_inputs
+    train_transform = glue.model_inputs
     if smiles and float(d.get("smiles_enumerate", 0.0)) != 0:
         train_transform = EnumeratedRows(SmilesEnumerator(
             texts, tokenizer, max_len - 2, d.smiles_enumerate, d.smiles_enumerate_tries,
             config.seed))
-    eval_transform = _model_inputs
+    eval_transform = glue.model_inputs
     if views:
         # Seeded by the test split's seed, not the run's: every arm and seed of a
         # benchmark is scored on the same test strings.
@@ -385,7 +379,7 @@ class EnumeratedRows:
         self.enumerator = enumerator
 
     def __call__(self, element: dict[str, Any], epoch: int | None = None) -> dict[str, Any]:
-        out = _model_inputs(element)
+        out = glue.model_inputs(element)
         ids = self.enumerator.draw(int(element["index"]), int(epoch or 0))
         return out if ids is None else _with_ids(out, ids)
 
@@ -401,7 +395,7 @@ class EnumeratedViews:
         self.enumerator, self.num_views = enumerator, 1 + int(views)
 
     def __call__(self, element: dict[str, Any], view: int = 0) -> dict[str, Any]:
-        out = _model_inputs(element)
+        out = glue.model_inputs(element)
         if not view:
             return out
         ids = self.enumerator.draw(int(element["index"]), int(view))

@@ -43,6 +43,7 @@ import numpy as np
 from absl import logging
 
 from d2v_jax.errors import ConfigError, DataError, DataNotFoundError
+from d2v_jax.modalities.text import shards
 from d2v_jax.modalities.text.gpt2 import Gpt2Tokenizer
 from d2v_jax.modalities.text.vocab import (BOS, BOS_ID, EOS, EOS_ID, MASK, MASK_ID, META_FILE,
                                            NUM_SPECIAL, PAD, PAD_ID, SPECIAL_TOKENS, UNK,
@@ -359,15 +360,13 @@ def load_tokenizer(directory: str) -> BaseTokenizer:
 
 # --------------------------------------------------------------------- from a config
 
-DICT_FILE = "dict.txt"  # a fairseq data directory's dictionary
-SAVED = "tokenizer"  # the tokenizer folder of a run's work dir or of prepared shards
 KINDS = (*TOKENIZERS, "auto")
 
 
 def fairseq_dir(config: ml_collections.ConfigDict) -> str:
     """`data.path` when `data.source='fairseq'`, else ''."""
     d = config.data
-    return str(d.path) if d.get("source") == "fairseq" else ""
+    return str(d.path) if d.get("source") == shards.SOURCE else ""
 
 
 def resolve_kind(config: ml_collections.ConfigDict) -> str:
@@ -381,11 +380,11 @@ def resolve_kind(config: ml_collections.ConfigDict) -> str:
         return "gpt2"
     data_dir = fairseq_dir(config)
     if data_dir:
-        saved = os.path.join(data_dir, SAVED, META_FILE)
-        if os.path.isfile(saved):
-            with open(saved) as f:
+        saved = shards.saved_tokenizer_dir(data_dir)
+        if saved:
+            with open(os.path.join(saved, META_FILE)) as f:
                 return json.load(f).get("kind", "bpe")
-        if os.path.isfile(os.path.join(data_dir, DICT_FILE)):
+        if os.path.isfile(os.path.join(data_dir, shards.DICT_FILE)):
             return "gpt2"
     return "bpe"
 
@@ -397,7 +396,7 @@ def gpt2_from_config(config: ml_collections.ConfigDict) -> Gpt2Tokenizer:
     dict_txt = t.get("dict", "") or ""
     data_dir = fairseq_dir(config)
     if not dict_txt and data_dir:
-        dict_txt = os.path.join(data_dir, DICT_FILE)
+        dict_txt = os.path.join(data_dir, shards.DICT_FILE)
     if not dict_txt:
         raise ConfigError("config.tokenizer.dict is unset: tokenizer.kind='gpt2' maps GPT-2 ids "
                           "through a fairseq dict.txt (RoBERTa's, or the one fairseq-preprocess "
@@ -421,8 +420,9 @@ def load(config: ml_collections.ConfigDict) -> BaseTokenizer:
     if kind == "gpt2":
         return gpt2_from_config(config)
     data_dir = fairseq_dir(config)
-    if data_dir and os.path.isfile(os.path.join(data_dir, SAVED, META_FILE)):
-        return load_tokenizer(os.path.join(data_dir, SAVED))
+    saved = shards.saved_tokenizer_dir(data_dir) if data_dir else ""
+    if saved:
+        return load_tokenizer(saved)
     raise ConfigError(f"config.tokenizer.path={t.get('path', '')!r} holds no tokenizer, and a "
                       f"{kind!r} tokenizer is trained on the corpus by a run: point "
                       "tokenizer.path at a run's <workdir>/tokenizer")
